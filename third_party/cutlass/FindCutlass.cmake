@@ -28,11 +28,12 @@ unset(Cutlass_INCLUDE_DIR CACHE)
 find_path(Cutlass_INCLUDE_DIR NAMES cute/tensor.hpp cutlass/cutlass.h
           PATHS ${_ff_cutlass_candidates} NO_DEFAULT_PATH)
 
+list(JOIN _ff_cutlass_candidates ", " _ff_cutlass_looked_in)
 include(FindPackageHandleStandardArgs)
 find_package_handle_standard_args(Cutlass
   REQUIRED_VARS Cutlass_INCLUDE_DIR
   REASON_FAILURE_MESSAGE
-    "CUTLASS/CuTe headers not found (looked in: '${_ff_cutlass_candidates}'). Install the build requirement `pip install nvidia-cutlass==4.2.0.0`, or pass -DCUTLASS_DIR=<cutlass checkout or its include/> (pip: -Ccmake.define.CUTLASS_DIR=...), or set the CUTLASS_DIR environment variable.")
+    "CUTLASS/CuTe headers not found (looked in: ${_ff_cutlass_looked_in}). Install the build requirement `pip install nvidia-cutlass==4.2.0.0`, or pass -DCUTLASS_DIR=<cutlass checkout or its include/> (pip: -Ccmake.define.CUTLASS_DIR=...), or set the CUTLASS_DIR environment variable.")
 
 if(Cutlass_FOUND AND NOT TARGET flashformer::cutlass)
   add_library(flashformer::cutlass INTERFACE IMPORTED)
