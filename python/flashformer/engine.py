@@ -1,0 +1,260 @@
+"""`Engine`: load a checkpoint directory, then generate, stream and chat.
+
+The engine owns the request loop (validation, sampling, stop conditions, detokenization, timing)
+and drives the model through a `Backend`: `prefill` fills the KV cache from the prompts and
+`decode` runs one step for the whole batch. `select_backend` is the one place that picks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from .config import ModelSpec, load_spec
+from .reference import ReferenceBackend
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+from .weights import Weights, load_weights, resolve_dtype
+
+BACKENDS = ("auto", "reference", "megakernel")
+
+
+class Backend(Protocol):
+    """What the engine needs from a decoder. The KV cache is one tensor
+    [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] in the model dtype."""
+
+    name: str
+    kv_cache: torch.Tensor
+
+    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Write prompt b (1-D token ids on the device) into cache row b from position 0;
+        return the logits of each prompt's last position, [B, vocab] fp32."""
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for cache rows 0..B-1: token[b] at positions[b] (int64 [B] on the device);
+        append its K/V and return next-token logits [B, vocab] fp32."""
+
+
+def select_backend(name: str, spec: ModelSpec, device: torch.device) -> type:
+    """The backend class that will decode `spec` on `device`; "auto" picks the best available."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "megakernel":
+        raise RuntimeError(
+            f"the compiled megakernel backend is not available for {spec.architecture} on {device} "
+            "(it is not implemented yet); use backend='reference' or 'auto'"
+        )
+    return ReferenceBackend
+
+
+@dataclass
+class RequestMetrics:
+    """Timings of one request, in seconds."""
+
+    time_to_first_token: float  # from the start of generate (or of the stream) to the first token, prefill included
+    per_token_latency: float  # mean time per output token after the first (0.0 with one token)
+    total_time: float
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str  # "" when the checkpoint has no tokenizer
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS, a stop token or string) or "length"
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class StreamDelta:
+    """What one step added to request `index`; the last delta of a request has its finish_reason."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    output: RequestOutput | None = None  # the whole request, on its last delta
+
+
+class _Request:
+    """The state of one prompt while it generates: tokens, text, stop conditions, timings."""
+
+    def __init__(self, index, prompt, prompt_ids, params: SamplingParams, tokenizer, eos_ids, device):
+        self.index, self.prompt, self.prompt_ids, self.params = index, prompt, prompt_ids, params
+        self.tokenizer = tokenizer
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.generator = params.generator(device)
+        self.token_ids: list[int] = []
+        self.text, self.emitted = "", 0
+        self.finish_reason: str | None = None
+        self.times: list[float] = []
+        self.start = 0.0
+
+    def add(self, token: int, now: float, cache_full: bool) -> StreamDelta:
+        self.token_ids.append(token)
+        self.times.append(now)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        if self.tokenizer is not None:
+            self.text = self.tokenizer.decode(self.token_ids)
+            cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+            if cuts:
+                self.text, self.finish_reason = self.text[: min(cuts)], "stop"
+        if self.finish_reason is None and (len(self.token_ids) == self.params.max_tokens or cache_full):
+            self.finish_reason = "length"
+        end = len(self.text)
+        if self.finish_reason is None:
+            # Hold back what may still change: an incomplete UTF-8 character, the start of a stop string.
+            end -= max((len(s) - 1 for s in self.params.stop), default=0)
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        delta = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted += len(delta)
+        output = self.output() if self.finish_reason else None
+        return StreamDelta(self.index, delta, [token], self.finish_reason, output)
+
+    def output(self) -> RequestOutput:
+        n = len(self.times)
+        metrics = RequestMetrics(
+            time_to_first_token=self.times[0] - self.start,
+            per_token_latency=(self.times[-1] - self.times[0]) / (n - 1) if n > 1 else 0.0,
+            total_time=self.times[-1] - self.start,
+        )
+        return RequestOutput(self.prompt, self.prompt_ids, self.text, self.token_ids, self.finish_reason, metrics)
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, weights: Weights, backend: Backend, tokenizer: Tokenizer | None,
+                 max_batch_size: int, max_seq_len: int):
+        self.spec, self.weights, self.backend, self.tokenizer = spec, weights, backend, tokenizer
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.device = weights.embed.device
+        eos = spec.eos_token_ids
+        if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = (tokenizer.eos_token_id,)
+        self.eos_token_ids = eos
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device | None = None,
+        max_batch_size: int = 1,
+        max_seq_len: int = 4096,
+        backend: str = "auto",
+        progress: bool = True,
+    ) -> Engine:
+        """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files)."""
+        model_dir = Path(path)
+        spec = load_spec(model_dir)
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        spec.check_max_seq_len(max_seq_len)
+        torch_dtype = resolve_dtype(dtype)
+        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        backend_cls = select_backend(backend, spec, device)
+        tokenizer = Tokenizer.load(model_dir)
+        weights = load_weights(model_dir, spec, dtype=torch_dtype, device=device, progress=progress)
+        return cls(spec, weights, backend_cls(spec, weights, max_batch_size, max_seq_len), tokenizer,
+                   max_batch_size, max_seq_len)
+
+    def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
+        """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""
+        requests = self._requests(prompts, prompt_token_ids, sampling)
+        for _ in self._run(requests):
+            pass
+        return [r.output() for r in requests]
+
+    def stream(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> Iterator[StreamDelta]:
+        """Like generate, but yield each request's new text and token ids as they are produced."""
+        return self._run(self._requests(prompts, prompt_token_ids, sampling))
+
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None) -> RequestOutput:
+        """Answer one conversation ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""
+        return self.generate(prompt_token_ids=[self._chat_ids(messages)], sampling=sampling)[0]
+
+    def chat_stream(self, messages: list[dict], sampling: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        return self.stream(prompt_token_ids=[self._chat_ids(messages)], sampling=sampling)
+
+    def _chat_ids(self, messages) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.json")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
+        return self.tokenizer.encode_chat(messages)
+
+    def _requests(self, prompts, prompt_token_ids, sampling) -> list[_Request]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts (strings) or prompt_token_ids (lists of token ids)")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompts must be strings; pass token ids as prompt_token_ids")
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: pass prompt_token_ids instead of prompts")
+            ids = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            ids = list(prompt_token_ids)
+            if ids and all(isinstance(t, int) for t in ids):
+                ids = [ids]
+            prompts = [None] * len(ids)
+        if not ids:
+            raise ValueError("no prompts given")
+        if len(ids) > self.max_batch_size:
+            raise ValueError(f"{len(ids)} prompts exceed max_batch_size={self.max_batch_size} "
+                             "(set max_batch_size in Engine.from_pretrained)")
+        params = self._sampling(sampling, len(ids))
+        for i, p in enumerate(ids):
+            self._check_prompt(i, p)
+        return [_Request(i, prompts[i], list(p), params[i], self.tokenizer, self.eos_token_ids, self.device)
+                for i, p in enumerate(ids)]
+
+    def _sampling(self, sampling, n: int) -> list[SamplingParams]:
+        if sampling is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling, SamplingParams):
+            return [sampling] * n
+        if isinstance(sampling, Sequence) and len(sampling) == n and all(isinstance(s, SamplingParams) for s in sampling):
+            return list(sampling)
+        raise ValueError(f"sampling must be a SamplingParams or a list of {n} SamplingParams, got {sampling!r}")
+
+    def _check_prompt(self, i: int, ids) -> None:
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt {i} must be a list of int token ids, got {ids!r:.80}")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, too long for max_seq_len={self.max_seq_len} "
+                             f"(at most {self.max_seq_len - 1}, leaving room for output)")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (vocab_size={self.spec.vocab_size})")
+
+    def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
+        """Prefill, then sample and decode until every request has finished."""
+        device, start = self.device, perf_counter()
+        for r in requests:
+            r.start = start
+        logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
+        positions = [len(r.prompt_ids) for r in requests]  # where each row's newest token goes
+        tokens = [0] * len(requests)
+        while True:
+            for b, r in enumerate(requests):
+                if r.finish_reason is None:
+                    tokens[b] = sample(logits[b], r.params, r.generator)
+                    yield r.add(tokens[b], perf_counter(), cache_full=positions[b] + 1 >= self.max_seq_len)
+            if all(r.finish_reason is not None for r in requests):
+                return
+            # A finished row keeps its slot in the batch: it re-decodes its last token at a parked
+            # position, which only rewrites its own (dead) cache entry.
+            step = [min(p, self.max_seq_len - 1) for p in positions]
+            logits = self.backend.decode(torch.tensor(tokens, device=device), torch.tensor(step, device=device))
+            positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]

@@ -1,0 +1,138 @@
+"""The pure-PyTorch decoder: the semantic ground truth for the megakernel.
+
+One `forward` serves prefill and decode: it appends the keys/values of `tokens` to the static KV
+cache `[layers, 2, batch, kv_heads, max_seq, head_dim]` (DESIGN.md §2) at each row's own
+positions, then attends over everything that row has cached. The math follows HF transformers:
+matmuls in the weights' dtype, RMSNorm in fp32 cast back before the weight, RoPE tables in fp32
+cast to the model dtype, rotate_half (non-interleaved) RoPE, softmax in fp32 (inside SDPA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelSpec, RopeSpec
+from .weights import LayerWeights, Weights
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, computed exactly as HF transformers does."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_context = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context / rope.low_freq_factor
+        high_freq_wavelen = old_context / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(spec: ModelSpec, max_seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_seq_len, head_dim] in fp32, halves repeated (rotate_half layout)."""
+    inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
+    freqs = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, 1, T, D] in x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Transformer:
+    """A Llama-family decoder over packed `Weights`, owning the KV cache and the RoPE tables."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
+        self.spec, self.weights = spec, weights
+        device, dtype = weights.embed.device, weights.embed.dtype
+        shape = (spec.num_layers, 2, max_batch_size, spec.num_kv_heads, max_seq_len, spec.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.cos, self.sin = rope_tables(spec, max_seq_len, device)
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor, row0: int = 0) -> torch.Tensor:
+        """tokens [B, T] at positions start[b] .. start[b] + T - 1 of cache rows row0 .. row0 + B - 1.
+
+        Returns the final-normed hidden states [B, T, hidden] in the model dtype.
+        """
+        B, T = tokens.shape
+        positions = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+        length = int(positions.max()) + 1
+        mask = torch.arange(length, device=tokens.device) <= positions[:, :, None]  # (B, T, length)
+        dtype = self.weights.embed.dtype
+        cos, sin = self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)  # (B,1,T,D)
+        x = F.embedding(tokens, self.weights.embed)
+        eps = self.spec.rms_norm_eps
+        for i, layer in enumerate(self.weights.layers):
+            cache = self.kv_cache[i, :, row0 : row0 + B, :, :length]  # (2, B, kv_heads, length, D)
+            x = x + self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask)
+            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
+        return rms_norm(x, self.weights.final_norm, eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()
+
+    def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask) -> torch.Tensor:
+        spec = self.spec
+        B, T, _ = x.shape
+        q, k, v = F.linear(x, layer.wqkv, layer.bqkv).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = q.view(B, T, spec.num_heads, spec.head_dim)
+        k = k.view(B, T, spec.num_kv_heads, spec.head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, spec.rms_norm_eps), rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        rows = torch.arange(B, device=x.device)[:, None]
+        cache[0, rows, :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, D) into the cache
+        cache[1, rows, :, positions] = v.view(B, T, spec.num_kv_heads, spec.head_dim)
+        group = spec.num_heads // spec.num_kv_heads
+        keys, values = cache[0].repeat_interleave(group, dim=1), cache[1].repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=spec.head_dim**-0.5)
+        return F.linear(out.transpose(1, 2).reshape(B, T, spec.q_size), layer.wo, layer.bo)
+
+    def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+
+
+class ReferenceBackend:
+    """The decode backend in plain PyTorch (see `flashformer.engine.Backend` for the interface)."""
+
+    name = "reference"
+
+    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
+        self.model = Transformer(spec, weights, max_batch_size, max_seq_len)
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.model.kv_cache
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Prompt b (1-D token ids) fills cache row b from position 0; returns last-position logits
+        [B, vocab] in fp32. Rows are prefilled one by one, so ragged prompts need no padding."""
+        start = torch.zeros(1, dtype=torch.long, device=self.kv_cache.device)
+        last = [self.model.forward(p[None], start, row0=b)[:, -1] for b, p in enumerate(prompts)]
+        return self.model.logits(torch.cat(last))
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for cache rows 0 .. B-1: tokens[b] at positions[b]; returns logits [B, vocab] fp32."""
+        return self.model.logits(self.model.forward(tokens[:, None], positions))[:, 0]

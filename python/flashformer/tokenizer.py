@@ -1,0 +1,94 @@
+"""tokenizer.json through the `tokenizers` package, and HF-style chat templates through jinja2."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(model_dir: Path, config: dict) -> str | None:
+    """The default chat template: tokenizer_config.json's, else chat_template.jinja / .json."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    if template is None and (model_dir / "chat_template.json").is_file():
+        template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+    return template
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _HFTokenizer, config: dict, chat_template: str | None):
+        self._tok = tokenizer
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.chat_template = chat_template
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Tokenizer | None:
+        """The checkpoint's tokenizer, or None when it has no tokenizer.json."""
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            tokenizer = _HFTokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception on bad files
+            raise ValueError(f"{path} could not be loaded: {exc}") from exc
+        config_path = model_dir / "tokenizer_config.json"
+        config = {}
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+        return cls(tokenizer, config, _chat_template(model_dir, config))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self._tok.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json)")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise ValueError(f"the checkpoint's chat template failed: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat; the template writes its own special tokens, as in HF."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)

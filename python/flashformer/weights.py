@@ -1,0 +1,214 @@
+"""Safetensors checkpoints (one file or sharded), streamed tensor by tensor to the target device.
+
+Each tensor is read by `safe_open(..., device=...)` straight onto the device, cast to the model
+dtype and copied into its final (packed) place, so neither host RAM nor the device ever holds a
+second full copy of the model. q|k|v and gate|up are packed here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import ModelSpec
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer. Matrices are [out_features, in_features], as in nn.Linear."""
+
+    attn_norm: torch.Tensor  # [hidden]
+    wqkv: torch.Tensor  # [(n_heads + 2 * n_kv_heads) * head_dim, hidden]: q rows, then k, then v
+    wo: torch.Tensor  # [hidden, n_heads * head_dim]
+    mlp_norm: torch.Tensor  # [hidden]
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows, then up
+    w_down: torch.Tensor  # [hidden, intermediate]
+    bqkv: torch.Tensor | None = None  # [(n_heads + 2 * n_kv_heads) * head_dim]
+    bo: torch.Tensor | None = None  # [hidden]
+    q_norm: torch.Tensor | None = None  # [head_dim], Qwen3
+    k_norm: torch.Tensor | None = None  # [head_dim], Qwen3
+    b_gate_up: torch.Tensor | None = None  # [2 * intermediate]
+    b_down: torch.Tensor | None = None  # [hidden]
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor  # [vocab, hidden]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the very tensor `embed` when the checkpoint ties them
+    layers: list[LayerWeights] = field(default_factory=list)
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head is self.embed
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a checkpoint tensor goes: field `attr` (of layer `layer`, or of Weights when None),
+    whose full shape is `shape`, at rows `rows` when it is one part of a packed tensor."""
+
+    layer: int | None
+    attr: str
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+
+    @property
+    def part_shape(self) -> tuple[int, ...]:
+        return self.shape if self.rows is None else (self.rows[1] - self.rows[0], *self.shape[1:])
+
+
+def _layer_slots(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int] | None]]:
+    """Checkpoint name suffix (after `model.layers.{i}.`) -> (LayerWeights field, full shape, rows)."""
+    h, d, inter, q, kv = spec.hidden_size, spec.head_dim, spec.intermediate_size, spec.q_size, spec.kv_size
+    slots = {
+        "input_layernorm.weight": ("attn_norm", (h,), None),
+        "post_attention_layernorm.weight": ("mlp_norm", (h,), None),
+        "self_attn.o_proj.weight": ("wo", (h, q), None),
+        "mlp.down_proj.weight": ("w_down", (h, inter), None),
+    }
+    packed = [  # (weight field, bias field, has bias, {checkpoint name: rows}) in packing order
+        ("wqkv", "bqkv", spec.qkv_bias, {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv}),
+        ("w_gate_up", "b_gate_up", spec.mlp_bias, {"mlp.gate_proj": inter, "mlp.up_proj": inter}),
+    ]
+    for weight, bias, has_bias, parts in packed:
+        total, start = sum(parts.values()), 0
+        for name, n in parts.items():
+            rows, start = (start, start + n), start + n
+            slots[f"{name}.weight"] = (weight, (total, h), rows)
+            if has_bias:
+                slots[f"{name}.bias"] = (bias, (total,), rows)
+    if spec.o_bias:
+        slots["self_attn.o_proj.bias"] = ("bo", (h,), None)
+    if spec.mlp_bias:
+        slots["mlp.down_proj.bias"] = ("b_down", (h,), None)
+    if spec.qk_norm:
+        slots["self_attn.q_norm.weight"] = ("q_norm", (d,), None)
+        slots["self_attn.k_norm.weight"] = ("k_norm", (d,), None)
+    return slots
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index or the single model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {exc}") from exc
+        files = {name: model_dir / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"shard {shard.name} listed in {index.name} is missing from {model_dir}")
+        return files
+    if single.is_file():
+        with _open(single, "cpu") as f:
+            return {name: single for name in f.keys()}
+    other = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
+    hint = f" (found {', '.join(other)}: only safetensors checkpoints are supported)" if other else ""
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}{hint}")
+
+
+def _open(path: Path, device: str):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(f"{path} is truncated or not a valid safetensors file: {exc}") from exc
+
+
+def _slots(spec: ModelSpec, names) -> dict[str, _Slot]:
+    """Checkpoint tensor name -> destination, for every tensor the model needs (lm_head if present)."""
+    vocab, h = (spec.vocab_size, spec.hidden_size), (spec.hidden_size,)
+    slots = {"model.embed_tokens.weight": _Slot(None, "embed", vocab), "model.norm.weight": _Slot(None, "final_norm", h)}
+    if "lm_head.weight" in names:
+        slots["lm_head.weight"] = _Slot(None, "lm_head", vocab)
+    for suffix, (attr, shape, rows) in _layer_slots(spec).items():
+        for i in range(spec.num_layers):
+            slots[f"model.layers.{i}.{suffix}"] = _Slot(i, attr, shape, rows)
+    return slots
+
+
+def load_weights(
+    model_dir: str | Path,
+    spec: ModelSpec,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Weights:
+    """Stream the checkpoint in `model_dir` onto `device` as `dtype`, packing fused matrices.
+
+    The output embedding is tied to the input one exactly when the checkpoint has no lm_head.weight.
+    """
+    model_dir, device = Path(model_dir), torch.device(device)
+    files = checkpoint_files(model_dir)
+    slots = _slots(spec, files)
+    missing = sorted(set(slots) - set(files), key=_natural)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"checkpoint in {model_dir} is missing tensor {missing[0]}{more}")
+    by_file: dict[Path, list[str]] = {}
+    for name in slots:
+        by_file.setdefault(files[name], []).append(name)
+    top: dict[str, torch.Tensor] = {}
+    layers: list[dict[str, torch.Tensor]] = [{} for _ in range(spec.num_layers)]
+    with tqdm(total=len(slots), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for path in sorted(by_file):
+            with _open(path, str(device)) as f:
+                for name in by_file[path]:
+                    slot = slots[name]
+                    shape = tuple(_tensor_shape(f, name, path))
+                    if shape != slot.part_shape:
+                        raise ValueError(
+                            f"tensor {name} in {path.name} has shape {shape}, expected {slot.part_shape} from config.json"
+                        )
+                    tensor = _get(f, name, path).to(dtype)
+                    dest = top if slot.layer is None else layers[slot.layer]
+                    if slot.rows is None:
+                        dest[slot.attr] = tensor
+                    else:
+                        if slot.attr not in dest:
+                            dest[slot.attr] = torch.empty(slot.shape, dtype=dtype, device=device)
+                        dest[slot.attr][slot.rows[0] : slot.rows[1]].copy_(tensor)
+                    bar.update()
+    return Weights(
+        embed=top["embed"],
+        final_norm=top["final_norm"],
+        lm_head=top.get("lm_head", top["embed"]),
+        layers=[LayerWeights(**layer) for layer in layers],
+    )
+
+
+def _tensor_shape(f, name: str, path: Path):
+    try:
+        return f.get_slice(name).get_shape()
+    except Exception as exc:
+        raise ValueError(f"tensor {name} is not in {path.name} (as its index says) or is unreadable: {exc}") from exc
+
+
+def _get(f, name: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as exc:
+        raise ValueError(f"{path.name} is truncated or corrupt: reading tensor {name} failed: {exc}") from exc
+
+
+def _natural(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

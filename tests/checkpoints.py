@@ -1,0 +1,110 @@
+"""Tiny random checkpoints (HF transformers, saved with save_pretrained) and a tiny tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 320
+MAX_SEQ_LEN = 96
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+_TEXT = (
+    "the quick brown fox jumps over the lazy dog. a tiny model reads a tiny story about kernels, "
+    "tokens and caches; every layer streams its weights once. hello world! how are you today? "
+) * 4
+
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+               bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+
+# name -> (transformers config class name, model class name, config kwargs, save kwargs).
+# initializer_range 0.2 (not HF's 0.02) gives logits of order 1, so greedy top-2 margins are clear.
+ARCHS = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, attention_bias=True, mlp_bias=True,
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64),
+    ), dict(max_shard_size="40KB")),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="linear", factor=2.0),
+    ), {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+    ), {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
+    ), {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    ), {}),
+}
+
+
+def hf_model(arch: str, seed: int | None = None):
+    """A random HF model of one of ARCHS, in fp32 eval mode, with random norms and biases too
+    (HF initialises those to ones and zeros, which would leave them untested)."""
+    import transformers
+
+    config_cls, model_cls, kwargs, _ = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**_COMMON, **kwargs, initializer_range=0.2)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    return model
+
+
+def save_checkpoint(model, path: Path, arch: str, tokenizer: bool = True) -> Path:
+    model.save_pretrained(path, **ARCHS[arch][3])
+    if tokenizer:
+        save_tokenizer(path)
+    return path
+
+
+def make_checkpoint(path: Path, arch: str, tokenizer: bool = True):
+    """Build a random model of `arch`, save it to `path`; returns (HF model, path)."""
+    model = hf_model(arch)
+    return model, save_checkpoint(model, path, arch, tokenizer)
+
+
+def save_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer (any text encodes) of at most VOCAB ids, with a BOS post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TEXT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def random_prompt(length: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,)).tolist()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """HF's greedy continuation of exactly n tokens (EOS does not stop it)."""
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
