@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}  # used when config.json has no 'architectures'
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -141,10 +143,15 @@ def _sliding_window(cfg: dict, architecture: str) -> int | None:
 
 def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpec:
     """Validate a parsed config.json (and generation_config.json) and build the ModelSpec."""
-    if cfg.get("quantization_config") is not None:
-        method = cfg["quantization_config"].get("quant_method", "?") if isinstance(cfg["quantization_config"], dict) else "?"
-        raise ValueError(f"config.json has a quantization_config (quant_method {method!r}); quantized checkpoints are not supported")
+    quantization = cfg.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise ValueError(
+            f"config.json has a quantization_config (quant_method {method!r}); quantized checkpoints are not supported"
+        )
     architectures = cfg.get("architectures")
+    if architectures is None and cfg.get("model_type") in MODEL_TYPES:
+        architectures = [MODEL_TYPES[cfg["model_type"]]]
     if not isinstance(architectures, list) or not architectures:
         raise ValueError(f"config.json field 'architectures' must be a non-empty list, got {architectures!r}")
     supported = [a for a in architectures if a in ARCHITECTURES]
