@@ -14,7 +14,8 @@ VOCAB = 320
 MAX_SEQ_LEN = 96
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
     "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -24,30 +25,80 @@ _TEXT = (
     "tokens and caches; every layer streams its weights once. hello world! how are you today? "
 ) * 4
 
-_COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
-               bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+_COMMON = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=256,
+)
 
 # name -> (transformers config class name, model class name, config kwargs, save kwargs).
 # initializer_range 0.2 (not HF's 0.02) gives logits of order 1, so greedy top-2 margins are clear.
 ARCHS = {
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, attention_bias=True, mlp_bias=True,
-        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=64),
-    ), dict(max_shard_size="40KB")),
-    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
-        rope_scaling=dict(rope_type="linear", factor=2.0),
-    ), {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
-        num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
-    ), {}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0,
-    ), {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    ), {}),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        dict(max_shard_size="40KB"),
+    ),
+    "llama_tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        ),
+        {},
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            sliding_window=None,
+        ),
+        {},
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+        ),
+        {},
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+        ),
+        {},
+    ),
 }
 
 
@@ -88,8 +139,12 @@ def save_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([_TEXT], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(path / "tokenizer.json"))
@@ -105,6 +160,7 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """HF's greedy continuation of exactly n tokens (EOS does not stop it)."""
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()

@@ -18,8 +18,9 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(path):
-    return Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=128,
-                                  progress=False)
+    return Engine.from_pretrained(
+        path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=128, progress=False
+    )
 
 
 def test_help_lists_the_subcommands(capsys):

@@ -21,8 +21,9 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(path):
-    return Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=3, max_seq_len=MAX_SEQ_LEN,
-                                  progress=False)
+    return Engine.from_pretrained(
+        path, dtype="float32", device="cpu", max_batch_size=3, max_seq_len=MAX_SEQ_LEN, progress=False
+    )
 
 
 def test_generate_from_strings(engine):
@@ -101,15 +102,17 @@ def test_chat_template_from_chat_template_jinja(path, tmp_path):
     (ckpt / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     tokenizer = Tokenizer.load(ckpt)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=False) == (
-        "<s><|user|>x</s>")
+        "<s><|user|>x</s>"
+    )
 
 
 def test_stop_token_ids(engine):
     prompt = random_prompt(6)
     tokens = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0].token_ids
     stop = tokens[4]
-    output = engine.generate(prompt_token_ids=[prompt], sampling=SamplingParams(max_tokens=24, stop_token_ids=[stop],
-                                                                                 ignore_eos=True))[0]
+    output = engine.generate(
+        prompt_token_ids=[prompt], sampling=SamplingParams(max_tokens=24, stop_token_ids=[stop], ignore_eos=True)
+    )[0]
     assert output.token_ids == tokens[: tokens.index(stop) + 1]
     assert output.finish_reason == "stop"
 
@@ -132,16 +135,23 @@ def test_eos_from_generation_config_stops_unless_ignored(path, tmp_path):
 def test_stop_strings_cut_the_text(engine):
     prompt = "the lazy dog"
     full = engine.generate(prompt, sampling=GREEDY)[0]
-    stop = next((full.text[i : i + 3] for i in range(1, len(full.text)) if "\ufffd" not in full.text[i : i + 3]
-                 and len(full.text[i : i + 3]) == 3), None)
+    stop = next(
+        (
+            full.text[i : i + 3]
+            for i in range(1, len(full.text))
+            if "\ufffd" not in full.text[i : i + 3] and len(full.text[i : i + 3]) == 3
+        ),
+        None,
+    )
     assert stop, "the greedy continuation decodes to too little clean text to pick a stop string from"
     output = engine.generate(prompt, sampling=SamplingParams(max_tokens=24, stop=stop, ignore_eos=True))[0]
     assert output.finish_reason == "stop"
     assert output.text == full.text[: full.text.index(stop)]
     assert stop not in output.text
     assert output.token_ids == full.token_ids[: len(output.token_ids)]
-    streamed = "".join(d.text for d in engine.stream(prompt, sampling=SamplingParams(max_tokens=24, stop=[stop],
-                                                                                     ignore_eos=True)))
+    streamed = "".join(
+        d.text for d in engine.stream(prompt, sampling=SamplingParams(max_tokens=24, stop=[stop], ignore_eos=True))
+    )
     assert streamed == output.text
 
 
@@ -172,8 +182,10 @@ def test_seeded_sampling_is_reproducible(engine):
 def test_top_k_1_and_tiny_top_p_are_greedy(engine):
     prompt = random_prompt(5)
     greedy = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0].token_ids
-    for params in (SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True),
-                   SamplingParams(max_tokens=24, temperature=1.5, top_p=1e-6, ignore_eos=True)):
+    for params in (
+        SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=1.5, top_p=1e-6, ignore_eos=True),
+    ):
         assert engine.generate(prompt_token_ids=[prompt], sampling=params)[0].token_ids == greedy
 
 

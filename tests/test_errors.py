@@ -33,8 +33,9 @@ def sharded(pristine, tmp_path):
 
 @pytest.fixture(scope="module")
 def engine(pristine):
-    return Engine.from_pretrained(pristine / "single", dtype="float32", device="cpu", max_batch_size=2,
-                                  max_seq_len=32, progress=False)
+    return Engine.from_pretrained(
+        pristine / "single", dtype="float32", device="cpu", max_batch_size=2, max_seq_len=32, progress=False
+    )
 
 
 def load(path, **kwargs):
@@ -103,9 +104,14 @@ def test_unknown_rope_type(ckpt):
 
 
 def test_llama3_rope_missing_a_field(ckpt):
-    edit_config(ckpt, rope_parameters=None, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                          "high_freq_factor": 4.0})
-    with pytest.raises(ValueError, match="rope_scaling is missing the required field 'original_max_position_embeddings'"):
+    edit_config(
+        ckpt,
+        rope_parameters=None,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    )
+    with pytest.raises(
+        ValueError, match="rope_scaling is missing the required field 'original_max_position_embeddings'"
+    ):
         load(ckpt)
 
 
@@ -137,7 +143,9 @@ def test_no_weights(ckpt):
 def test_missing_shard(sharded):
     shard = sorted(sharded.glob("model-*.safetensors"))[2]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"):
+    with pytest.raises(
+        FileNotFoundError, match=f"shard {shard.name} listed in model.safetensors.index.json is missing"
+    ):
         load(sharded)
 
 
@@ -183,7 +191,9 @@ def test_corrupt_safetensors(ckpt):
 
 def test_shape_mismatch(ckpt):
     edit_config(ckpt, intermediate_size=96)
-    with pytest.raises(ValueError, match=r"mlp.down_proj.weight in model.safetensors has shape \(64, 128\), expected \(64, 96\)"):
+    with pytest.raises(
+        ValueError, match=r"mlp.down_proj.weight in model.safetensors has shape \(64, 128\), expected \(64, 96\)"
+    ):
         load(ckpt)
 
 
@@ -209,7 +219,9 @@ def test_prompt_longer_than_max_seq_len(engine):
 
 
 def test_token_id_outside_the_vocabulary(engine):
-    with pytest.raises(ValueError, match=f"prompt 1: token id {VOCAB} is outside the vocabulary \\(vocab_size={VOCAB}\\)"):
+    with pytest.raises(
+        ValueError, match=f"prompt 1: token id {VOCAB} is outside the vocabulary \\(vocab_size={VOCAB}\\)"
+    ):
         engine.generate(prompt_token_ids=[[1, 2], [3, VOCAB]])
     with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
         engine.generate(prompt_token_ids=[[-1]])
@@ -231,17 +243,20 @@ def test_more_prompts_than_max_batch_size(engine):
         engine.generate(["a", "b", "c"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_tokens=0), "max_tokens must be an int >= 1, got 0"),
-    (dict(max_tokens=2.5), "max_tokens must be an int >= 1, got 2.5"),
-    (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-    (dict(top_k=0), "top_k must be -1 or >= 1, got 0"),
-    (dict(seed="x"), "seed must be an int or None"),
-    (dict(stop_token_ids=[-3]), "stop_token_ids must be ints >= 0"),
-    (dict(stop=[""]), "stop must be non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_tokens=0), "max_tokens must be an int >= 1, got 0"),
+        (dict(max_tokens=2.5), "max_tokens must be an int >= 1, got 2.5"),
+        (dict(temperature=-0.1), "temperature must be >= 0, got -0.1"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(top_k=0), "top_k must be -1 or >= 1, got 0"),
+        (dict(seed="x"), "seed must be an int or None"),
+        (dict(stop_token_ids=[-3]), "stop_token_ids must be ints >= 0"),
+        (dict(stop=[""]), "stop must be non-empty strings"),
+    ],
+)
 def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(ValueError, match="invalid SamplingParams: " + message):
         SamplingParams(**kwargs)

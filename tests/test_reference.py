@@ -23,8 +23,9 @@ GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
 @pytest.fixture(scope="module", params=list(ARCHS))
 def case(request, tmp_path_factory):
     model, path = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
-    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=3,
-                                    max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = Engine.from_pretrained(
+        path, dtype="float32", device="cpu", max_batch_size=3, max_seq_len=MAX_SEQ_LEN, progress=False
+    )
     return request.param, model, engine, path
 
 
@@ -152,8 +153,9 @@ def test_bf16_cuda_parity(arch, tmp_path):
 
 def check_bf16_parity(arch, tmp_path, device):
     model, path = make_checkpoint(tmp_path, arch)
-    engine = Engine.from_pretrained(path, dtype="bfloat16", device=device, max_batch_size=3,
-                                    max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = Engine.from_pretrained(
+        path, dtype="bfloat16", device=device, max_batch_size=3, max_seq_len=MAX_SEQ_LEN, progress=False
+    )
     tokens = random_prompt(48)
     ref = hf_logits(model.to(device), tokens)[15:]
     hf16 = model.to(torch.bfloat16)  # in place: from here on `model` is bf16 too

@@ -29,22 +29,33 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=args.seed)
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
 
 
 def _engine(args, max_batch_size: int = 1):
     from .engine import Engine
 
-    return Engine.from_pretrained(args.model_dir, dtype=args.dtype, device=args.device, max_batch_size=max_batch_size,
-                                  max_seq_len=args.max_seq_len, backend=args.backend, progress=sys.stderr.isatty())
+    return Engine.from_pretrained(
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=max_batch_size,
+        max_seq_len=args.max_seq_len,
+        backend=args.backend,
+        progress=sys.stderr.isatty(),
+    )
 
 
 def _report(output) -> None:
     m = output.metrics
-    print(f"[{len(output.token_ids)} tokens, finish_reason={output.finish_reason}, "
-          f"time to first token {m.time_to_first_token * 1e3:.1f} ms, "
-          f"{m.per_token_latency * 1e3:.2f} ms/token]", file=sys.stderr)
+    print(
+        f"[{len(output.token_ids)} tokens, finish_reason={output.finish_reason}, "
+        f"time to first token {m.time_to_first_token * 1e3:.1f} ms, "
+        f"{m.per_token_latency * 1e3:.2f} ms/token]",
+        file=sys.stderr,
+    )
 
 
 def _generate(args) -> int:
@@ -96,7 +107,9 @@ def _add_generate(sub) -> None:
     _add_model_args(parser)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("-p", "--prompt", action="append", help="a prompt; repeat for a batch")
-    group.add_argument("--token-ids", help="one prompt as token ids ('1 2 3' or '1,2,3'), for checkpoints without a tokenizer")
+    group.add_argument(
+        "--token-ids", help="one prompt as token ids ('1 2 3' or '1,2,3'), for checkpoints without a tokenizer"
+    )
     _add_sampling_args(parser)
     parser.set_defaults(run=_generate)
 

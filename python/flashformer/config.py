@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}  # used when config.json has no 'architectures'
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}  # used when config.json has no 'architectures'
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -128,7 +132,9 @@ def _rope(cfg: dict) -> RopeSpec:
         factor=factor,
         low_freq_factor=_field(params, "low_freq_factor", float, where=where),
         high_freq_factor=_field(params, "high_freq_factor", float, where=where),
-        original_max_position_embeddings=_field(params, "original_max_position_embeddings", int, minimum=1, where=where),
+        original_max_position_embeddings=_field(
+            params, "original_max_position_embeddings", int, minimum=1, where=where
+        ),
     )
 
 
@@ -170,7 +176,9 @@ def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpe
     heads = _field(cfg, "num_attention_heads", int, minimum=1)
     kv_heads = _field(cfg, "num_key_value_heads", int, heads, minimum=1)
     if heads % kv_heads:
-        raise ValueError(f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        raise ValueError(
+            f"config.json: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
     if cfg.get("head_dim") is None and hidden % heads:
         raise ValueError(f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
     head_dim = _field(cfg, "head_dim", int, hidden // heads, minimum=2)

@@ -129,8 +129,15 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec, weights: Weights, backend: Backend, tokenizer: Tokenizer | None,
-                 max_batch_size: int, max_seq_len: int):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Weights,
+        backend: Backend,
+        tokenizer: Tokenizer | None,
+        max_batch_size: int,
+        max_seq_len: int,
+    ):
         self.spec, self.weights, self.backend, self.tokenizer = spec, weights, backend, tokenizer
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.device = weights.embed.device
@@ -162,8 +169,14 @@ class Engine:
         backend_cls = select_backend(backend, spec, device)
         tokenizer = Tokenizer.load(model_dir)
         weights = load_weights(model_dir, spec, dtype=torch_dtype, device=device, progress=progress)
-        return cls(spec, weights, backend_cls(spec, weights, max_batch_size, max_seq_len), tokenizer,
-                   max_batch_size, max_seq_len)
+        return cls(
+            spec,
+            weights,
+            backend_cls(spec, weights, max_batch_size, max_seq_len),
+            tokenizer,
+            max_batch_size,
+            max_seq_len,
+        )
 
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
         """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""
@@ -186,8 +199,9 @@ class Engine:
     def _chat_ids(self, messages) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.json")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in messages):
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
             raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
         return self.tokenizer.encode_chat(messages)
 
@@ -209,20 +223,28 @@ class Engine:
         if not ids:
             raise ValueError("no prompts given")
         if len(ids) > self.max_batch_size:
-            raise ValueError(f"{len(ids)} prompts exceed max_batch_size={self.max_batch_size} "
-                             "(set max_batch_size in Engine.from_pretrained)")
+            raise ValueError(
+                f"{len(ids)} prompts exceed max_batch_size={self.max_batch_size} "
+                "(set max_batch_size in Engine.from_pretrained)"
+            )
         params = self._sampling(sampling, len(ids))
         for i, p in enumerate(ids):
             self._check_prompt(i, p)
-        return [_Request(i, prompts[i], list(p), params[i], self.tokenizer, self.eos_token_ids, self.device)
-                for i, p in enumerate(ids)]
+        return [
+            _Request(i, prompts[i], list(p), params[i], self.tokenizer, self.eos_token_ids, self.device)
+            for i, p in enumerate(ids)
+        ]
 
     def _sampling(self, sampling, n: int) -> list[SamplingParams]:
         if sampling is None:
             return [SamplingParams()] * n
         if isinstance(sampling, SamplingParams):
             return [sampling] * n
-        if isinstance(sampling, Sequence) and len(sampling) == n and all(isinstance(s, SamplingParams) for s in sampling):
+        if (
+            isinstance(sampling, Sequence)
+            and len(sampling) == n
+            and all(isinstance(s, SamplingParams) for s in sampling)
+        ):
             return list(sampling)
         raise ValueError(f"sampling must be a SamplingParams or a list of {n} SamplingParams, got {sampling!r}")
 
@@ -232,11 +254,15 @@ class Engine:
         if not ids:
             raise ValueError(f"prompt {i} is empty")
         if len(ids) >= self.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens, too long for max_seq_len={self.max_seq_len} "
-                             f"(at most {self.max_seq_len - 1}, leaving room for output)")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens, too long for max_seq_len={self.max_seq_len} "
+                f"(at most {self.max_seq_len - 1}, leaving room for output)"
+            )
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (vocab_size={self.spec.vocab_size})")
+            raise ValueError(
+                f"prompt {i}: token id {bad[0]} is outside the vocabulary (vocab_size={self.spec.vocab_size})"
+            )
 
     def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
         """Prefill, then sample and decode until every request has finished."""

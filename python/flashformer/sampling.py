@@ -33,16 +33,26 @@ class SamplingParams:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        check(is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        check(
+            is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}"
+        )
         check(
             isinstance(self.temperature, (int, float)) and self.temperature >= 0,
             f"temperature must be >= 0, got {self.temperature!r}",
         )
-        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), f"top_k must be -1 or >= 1, got {self.top_k!r}")
-        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(
+            is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
+            f"top_k must be -1 or >= 1, got {self.top_k!r}",
+        )
+        check(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"
+        )
         check(self.seed is None or is_int(self.seed), f"seed must be an int or None, got {self.seed!r}")
         stop_ids = tuple(self.stop_token_ids or ())
-        check(all(is_int(t) and t >= 0 for t in stop_ids), f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        check(
+            all(is_int(t) and t >= 0 for t in stop_ids),
+            f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}",
+        )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         check(all(isinstance(s, str) and s for s in stop), f"stop must be non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop_token_ids", stop_ids)

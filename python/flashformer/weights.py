@@ -136,7 +136,10 @@ def _open(path: Path, device: str):
 def _slots(spec: ModelSpec, names) -> dict[str, _Slot]:
     """Checkpoint tensor name -> destination, for every tensor the model needs (lm_head if present)."""
     vocab, h = (spec.vocab_size, spec.hidden_size), (spec.hidden_size,)
-    slots = {"model.embed_tokens.weight": _Slot(None, "embed", vocab), "model.norm.weight": _Slot(None, "final_norm", h)}
+    slots = {
+        "model.embed_tokens.weight": _Slot(None, "embed", vocab),
+        "model.norm.weight": _Slot(None, "final_norm", h),
+    }
     if "lm_head.weight" in names:
         slots["lm_head.weight"] = _Slot(None, "lm_head", vocab)
     for suffix, (attr, shape, rows) in _layer_slots(spec).items():
@@ -176,8 +179,9 @@ def load_weights(
                     slot = slots[name]
                     shape = tuple(_tensor_shape(f, name, path))
                     if shape != slot.part_shape:
+                        expected = slot.part_shape
                         raise ValueError(
-                            f"tensor {name} in {path.name} has shape {shape}, expected {slot.part_shape} from config.json"
+                            f"tensor {name} in {path.name} has shape {shape}, expected {expected} from config.json"
                         )
                     tensor = _get(f, name, path).to(dtype)
                     dest = top if slot.layer is None else layers[slot.layer]
