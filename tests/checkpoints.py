@@ -102,15 +102,13 @@ ARCHS = {
 }
 
 
-def hf_model(arch: str, seed: int | None = None):
+def hf_model(arch: str):
     """A random HF model of one of ARCHS, in fp32 eval mode, with random norms and biases too
     (HF initialises those to ones and zeros, which would leave them untested)."""
     import transformers
 
     config_cls, model_cls, kwargs, _ = ARCHS[arch]
     config = getattr(transformers, config_cls)(**_COMMON, **kwargs, initializer_range=0.2)
-    if seed is not None:
-        torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -119,17 +117,12 @@ def hf_model(arch: str, seed: int | None = None):
     return model
 
 
-def save_checkpoint(model, path: Path, arch: str, tokenizer: bool = True) -> Path:
-    model.save_pretrained(path, **ARCHS[arch][3])
-    if tokenizer:
-        save_tokenizer(path)
-    return path
-
-
-def make_checkpoint(path: Path, arch: str, tokenizer: bool = True):
-    """Build a random model of `arch`, save it to `path`; returns (HF model, path)."""
+def make_checkpoint(path: Path, arch: str):
+    """Build a random model of `arch` and save it with a tokenizer to `path`; returns (HF model, path)."""
     model = hf_model(arch)
-    return model, save_checkpoint(model, path, arch, tokenizer)
+    model.save_pretrained(path, **ARCHS[arch][3])
+    save_tokenizer(path)
+    return model, path
 
 
 def save_tokenizer(path: Path) -> None:
