@@ -157,3 +157,18 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=0, do_sample=False, pad_token_id=0
     )
     return out[0, len(prompt) :].tolist()
+
+
+def make_llama_checkpoint(path: Path, config: dict) -> Path:
+    """Save a random LlamaForCausalLM with `config` (a config.json dict) to `path`, without a
+    tokenizer; norms random around 1, initializer_range 0.1 so logits are of order 1."""
+    import transformers
+
+    kwargs = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs, initializer_range=0.1)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(path)
+    return path

@@ -1,5 +1,9 @@
 // Host-side tests of what the core states without a GPU.
+#include <tuple>
+
 #include "check.hpp"
+#include "flashformer/kernel_config.hpp"
+#include "flashformer/schedule.hpp"
 #include "flashformer/tma_limits.hpp"
 
 using flashformer::tma_2d_problem;
@@ -27,6 +31,55 @@ FF_TEST(tma_limits_are_the_hardware_ones) {
   static_assert(flashformer::kTmaMaxBoxDim == 256);
   static_assert(flashformer::kSwizzleBytes == 128);
   FF_CHECK(flashformer::kSwizzleAtomAlignBytes == 8 * flashformer::kSwizzleBytes);  // 8 rows x 128 B
+}
+
+// Layers of the real models; the tiny test configs use 2.
+static int layers_of(const flashformer::ModelDims& d) {
+  const std::string name = d.name;
+  return name == "llama-3.2-1b" ? 16 : name == "llama-3.2-3b" ? 28 : name == "llama-3.1-8b" ? 32 : 2;
+}
+
+FF_TEST(schedule_is_sound_for_every_config_at_132_and_114_sms) {
+  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs)
+    for (int sms : {132, 114}) {
+      const flashformer::Schedule s = flashformer::build_schedule(d, sms, layers_of(d));
+      const std::vector<std::string> problems = flashformer::schedule_problems(s);
+      for (const std::string& p : problems) std::printf("  %s @ %d SMs: %s\n", d.name, sms, p.c_str());
+      FF_CHECK(problems.empty());
+    }
+}
+
+FF_TEST(real_models_balance_weight_bytes_within_5_percent) {
+  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs) {
+    if (std::string(d.name).rfind("tiny", 0) == 0) continue;  // fewer rows than SMs: balance is moot
+    for (int sms : {132, 114}) {
+      const double imbalance = flashformer::byte_imbalance(flashformer::build_schedule(d, sms, layers_of(d)));
+      std::printf("  %s @ %d SMs: largest SM streams %.4fx the mean\n", d.name, sms, imbalance);
+      FF_CHECK(imbalance <= 1.05);
+    }
+  }
+}
+
+FF_TEST(schedule_problems_catches_a_broken_split) {
+  flashformer::Schedule s = flashformer::build_schedule(flashformer::kCompiledConfigs[0], 8, 2);
+  s.split[1 * flashformer::kNumOps + int(flashformer::Op::kDown)][3] += 1;  // SM 2 takes one unit too many
+  s.split[0 * flashformer::kNumOps + int(flashformer::Op::kQkv)].back() -= 1;  // a unit nobody produces
+  const std::vector<std::string> problems = flashformer::schedule_problems(s);
+  bool qkv = false, down = false;
+  for (const std::string& p : problems) qkv |= p.rfind("qkv of layer 0", 0) == 0, down |= p.rfind("down of layer 1", 0) == 0;
+  FF_CHECK(qkv && down);
+}
+
+template <class T>
+static void check_smem_plan() {
+  using Plan = flashformer::SmemPlan<T>;
+  std::printf("  %s: %d ring stages, %d bytes of shared memory\n", T::kName, Plan::kStages, Plan::kTotalBytes);
+  FF_CHECK(Plan::kTotalBytes <= flashformer::kSmemLimit);
+  FF_CHECK(Plan::kStages >= 4);
+}
+
+FF_TEST(shared_memory_plan_fits_227_kb_for_every_config) {
+  std::apply([](auto... t) { (check_smem_plan<decltype(t)>(), ...); }, flashformer::CompiledConfigTypes{});
 }
 
 int main() { return fftest::run_all(); }

@@ -7,6 +7,7 @@ and drives the model through a `Backend`: `prefill` fills the KV cache from the 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -39,15 +40,25 @@ class Backend(Protocol):
         append its K/V and return next-token logits [B, vocab] fp32."""
 
 
-def select_backend(name: str, spec: ModelSpec, device: torch.device) -> type:
-    """The backend class that will decode `spec` on `device`; "auto" picks the best available."""
+def select_backend(
+    name: str, spec: ModelSpec, device: torch.device, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1
+) -> type:
+    """The backend class that will decode `spec` on `device`. "auto" takes the megakernel where
+    it can run (a Hopper GPU, bf16, a compiled config) and warns on a GPU where it cannot;
+    "megakernel" raises RuntimeError saying why it cannot run."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    if name == "reference":
+        return ReferenceBackend
+    from .megakernel import MegakernelBackend, unavailable_reason
+
+    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size)
+    if reason is None:
+        return MegakernelBackend
     if name == "megakernel":
-        raise RuntimeError(
-            f"the compiled megakernel backend is not available for {spec.architecture} on {device} "
-            "(it is not implemented yet); use backend='reference' or 'auto'"
-        )
+        raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
+    if torch.device(device).type == "cuda":
+        warnings.warn(f"decoding with the reference backend: the megakernel cannot run this model ({reason})", stacklevel=3)
     return ReferenceBackend
 
 
@@ -166,7 +177,7 @@ class Engine:
         spec.check_max_seq_len(max_seq_len)
         torch_dtype = resolve_dtype(dtype)
         device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        backend_cls = select_backend(backend, spec, device)
+        backend_cls = select_backend(backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size)
         tokenizer = Tokenizer.load(model_dir)
         weights = load_weights(model_dir, spec, dtype=torch_dtype, device=device, progress=progress)
         return cls(

@@ -216,3 +216,34 @@ def _get(f, name: str, path: Path) -> torch.Tensor:
 
 def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def random_weights(spec: ModelSpec, *, dtype: torch.dtype, device, std: float = 0.02, seed: int | None = None) -> Weights:
+    """Random weights of `spec`'s shapes made directly on `device` (benchmarks and tests of real
+    shapes without a checkpoint). Norm weights are drawn around 1; biases and q/k norms are not
+    made (the shape must be a plain Llama one). Never zeros: zeros hide unwritten outputs."""
+    if spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm:
+        raise ValueError("random_weights makes plain Llama-shaped weights: no biases, no q/k norm")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+
+    def matrix(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, device=device, generator=gen) * std).to(dtype)
+
+    def norm() -> torch.Tensor:
+        return (1 + 0.1 * torch.randn(spec.hidden_size, device=device, generator=gen)).to(dtype)
+
+    qkv_rows = spec.q_size + 2 * spec.kv_size
+    layers = [
+        LayerWeights(
+            attn_norm=norm(),
+            wqkv=matrix(qkv_rows, spec.hidden_size),
+            wo=matrix(spec.hidden_size, spec.q_size),
+            mlp_norm=norm(),
+            w_gate_up=matrix(2 * spec.intermediate_size, spec.hidden_size),
+            w_down=matrix(spec.hidden_size, spec.intermediate_size),
+        )
+        for _ in range(spec.num_layers)
+    ]
+    embed = matrix(spec.vocab_size, spec.hidden_size)
+    return Weights(embed=embed, final_norm=norm(), lm_head=embed, layers=layers)

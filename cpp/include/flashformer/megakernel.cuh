@@ -1,0 +1,118 @@
+// The persistent decode-step kernel: one CTA per SM, launched cooperatively. Warps
+// [0, kConsumerWarps) compute, the last warp streams weights through the ring. Both roles walk
+// the same task order (for_each_task), so the producer's stages arrive in the order the
+// consumers take them, and the producer runs ahead across op and layer boundaries.
+#pragma once
+
+#include "flashformer/kernel_config.hpp"
+#include "flashformer/ops/attention.cuh"
+#include "flashformer/ops/context.cuh"
+#include "flashformer/ops/embed.cuh"
+#include "flashformer/ops/lm_head_argmax.cuh"
+#include "flashformer/ops/qkv_rope_kv_append.cuh"
+#include "flashformer/ops/residual_add.cuh"
+#include "flashformer/ops/silu_mul.cuh"
+#include "flashformer/sync.cuh"
+
+namespace flashformer {
+
+// Calls fn(Op, layer, first unit, end unit) for this SM's share of every op of the step, in
+// order; stops early when fn returns false.
+template <class Fn>
+__device__ void for_each_task(const MegakernelParams& p, Fn&& fn) {
+  auto run = [&](Op op, int layer) {
+    const int* begin = p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+    return fn(op, layer, begin[blockIdx.x], begin[blockIdx.x + 1]);
+  };
+  if (!run(Op::kEmbed, 0)) return;
+  for (int layer = 0; layer < p.n_layers; ++layer)
+    for (Op op : {Op::kQkv, Op::kAttention, Op::kOProj, Op::kGateUp, Op::kDown})
+      if (!run(op, layer)) return;
+  run(Op::kLmHead, p.n_layers - 1);
+}
+
+// Dispatch an op id to its struct: f(OpType{}) with OpType one of the op structs.
+template <class T, class F>
+__device__ bool with_op(Op op, F&& f) {
+  switch (op) {
+    case Op::kEmbed: return f(EmbedOp<T>{});
+    case Op::kQkv: return f(QkvOp<T>{});
+    case Op::kAttention: return f(AttentionOp<T>{});
+    case Op::kOProj: return f(OProjOp<T>{});
+    case Op::kGateUp: return f(GateUpOp<T>{});
+    case Op::kDown: return f(DownOp<T>{});
+    default: return f(LmHeadOp<T>{});
+  }
+}
+
+// Ops that publish their own completion (last-finisher reductions); the rest signal once per CTA.
+constexpr bool signals_itself(Op op) { return op == Op::kAttention || op == Op::kLmHead; }
+
+template <class T>
+__device__ void run_producer(Producer<T>& pr) {
+  for_each_task(pr.p, [&](Op op, int layer, int u0, int u1) {
+    if (u0 == u1) return true;
+    return with_op<T>(op, [&](auto o) { return decltype(o)::produce(pr, layer, u0, u1); });
+  });
+}
+
+template <class T>
+__device__ void run_consumers(Consumer<T>& c) {
+  const MegakernelParams& p = c.p;
+  for_each_task(p, [&](Op op, int layer, int u0, int u1) {
+    if (u0 == u1) return true;  // nothing to do, nothing to wait for
+    if (op != Op::kEmbed) {
+      const bool first_layer_qkv = op == Op::kQkv && layer == 0;
+      const Op dep = first_layer_qkv ? Op::kEmbed : dependency_of(op);
+      const int dep_layer = (op == Op::kQkv && !first_layer_qkv) ? layer - 1 : first_layer_qkv ? 0 : layer;
+      if (c.tid == 0) c.flags[0] = !wait_counter(c.counter(dep_layer, dep), c.target(dep), p, int(op), layer);
+      c.sync();  // the wait's outcome (and, through thread 0's acquire, the inputs) for everyone
+      if (c.flags[0]) return false;
+    }
+    if (!with_op<T>(op, [&](auto o) { return decltype(o)::consume(c, layer, u0, u1); })) return false;
+    if (!signals_itself(op)) {
+      c.sync();  // this CTA's outputs of the op are written
+      const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
+      if (c.tid == 0 && !hooked) signal_counter(c.counter(layer, op));
+    }
+    return true;
+  });
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ MegakernelParams p) {
+  using Plan = SmemPlan<T>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  // (kRingBytes) ring | (kUnionBytes) activations / attention scratch | (kReduceBytes) | misc
+  uint8_t* misc = smem + Plan::kRingBytes + Plan::kUnionBytes + Plan::kReduceBytes;
+  WeightRing<Plan::kStages> ring{smem, reinterpret_cast<uint64_t*>(misc),
+                                 reinterpret_cast<uint64_t*>(misc) + Plan::kStages};
+  int* flags = reinterpret_cast<int*>(misc + 2 * Plan::kStages * sizeof(uint64_t));
+  float* rinv = reinterpret_cast<float*>(flags + 2);
+
+  if (threadIdx.x == 0) ring.init();
+  __syncthreads();  // barriers initialized before any role touches them
+
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (warp_role(warp) == WarpRole::kProducer) {
+    if (lane == 0) {
+      Producer<T> pr{p, ring, {}};
+      run_producer(pr);
+    }
+    return;
+  }
+  Consumer<T> c{p,
+                ring,
+                {},
+                reinterpret_cast<bf16_t*>(smem + Plan::kRingBytes),
+                reinterpret_cast<float*>(smem + Plan::kRingBytes),
+                reinterpret_cast<float*>(smem + Plan::kRingBytes + Plan::kUnionBytes),
+                flags,
+                rinv,
+                int(threadIdx.x),
+                warp,
+                lane};
+  run_consumers(c);
+}
+
+}  // namespace flashformer

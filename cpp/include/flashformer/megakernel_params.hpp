@@ -1,0 +1,66 @@
+// Everything one decode-step launch reads: device pointers (owned by Python) and run-time
+// sizes. Host-visible, so the engine fills it without CUDA device code.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "flashformer/schedule.hpp"
+
+namespace flashformer {
+
+using bf16_t = __nv_bfloat16;
+
+// Matmul weights are in fragment order (weight_layout.cuh), norms plain [hidden].
+struct LayerWeights {
+  const bf16_t* qkv;       // [q|k|v rows, hidden], RoPE pairs adjacent in each 16-row block
+  const bf16_t* o;         // [hidden, heads * head_dim]
+  const bf16_t* gate_up;   // [2 * intermediate, hidden], 8 gate rows then their 8 up rows
+  const bf16_t* down;      // [hidden, intermediate]
+  const bf16_t* attn_norm; // [hidden]
+  const bf16_t* mlp_norm;  // [hidden]
+};
+
+// Why a step stopped early (written once, by the first SM that gave up).
+enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
+
+// Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in engine.cpp).
+struct Scratch {
+  float* x;                // [kMaxBatch][hidden] residual stream, fp32
+  float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
+  bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
+  bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
+  float* attn_part;        // [kMaxBatch][heads][chunks][head_dim + 2]: o, m, l per chunk
+  float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits)
+  unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
+  int* error;              // [4]: StepError, op, layer, SM
+};
+
+struct MegakernelParams {
+  const LayerWeights* layers;  // device array [n_layers]
+  int n_layers;
+  const bf16_t* embed;         // [vocab, hidden] row-major
+  const bf16_t* final_norm;    // [hidden]
+  const bf16_t* lm_head;       // [vocab, hidden] in fragment order
+  const float* rope_cos;       // [max_seq, head_dim / 2]
+  const float* rope_sin;       // [max_seq, head_dim / 2]
+  float rms_eps;
+  bf16_t* kv_cache;            // [n_layers][2][max_batch][kv_heads][max_seq][head_dim]
+  int max_batch;
+  int max_seq;
+  int batch;                   // rows decoded this step, 1..kMaxBatch
+  const int32_t* tokens;       // [batch] input token of each row
+  const int32_t* positions;    // [batch] position (KV slot) of that token
+  int32_t* next_tokens;        // [batch] greedy (arg-max) next token
+  float* logits;               // [batch][vocab] fp32, or nullptr
+  Scratch scratch;
+  const int* schedule;         // [n_layers][kNumOps][num_sms + 1] unit ranges (schedule.hpp)
+  int op_signals[kNumOps];     // arrivals that complete an op in one step
+  int attn_chunks;
+  unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
+  unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
+  int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)
+};
+
+}  // namespace flashformer

@@ -1,0 +1,152 @@
+// Split-KV flash-decoding attention. Units are (kv head, sequence chunk) pairs; the chunk length
+// follows this step's longest context. Each unit writes partial (o, m, l) for the q heads of its
+// group and every batch row; the last unit of a kv head to finish merges the chunks into the
+// O projection's B fragments and signals the op. Scores use exp2 (q is pre-scaled by log2 e).
+#pragma once
+
+#include <cfloat>
+
+#include "flashformer/ops/context.cuh"
+#include "flashformer/sync.cuh"
+#include "flashformer/weight_layout.cuh"
+
+namespace flashformer {
+
+template <class T>
+struct AttentionOp {
+  static constexpr Op kOp = Op::kAttention;
+  static constexpr int D = T::kHeadDim, G = T::kGroup;
+  static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
+  static constexpr int kUnroll = 4;                   // positions per warp per iteration (loads in flight)
+  static constexpr int kPartStride = D + 2;           // o[D], m, l
+
+  __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // KV reads are direct (v1)
+
+  __device__ static void load_row(const bf16_t* src, float (&out)[kDimsPerLane]) {
+    if constexpr (kDimsPerLane == 4) {
+      const uint2 u = __ldcg(reinterpret_cast<const uint2*>(src));
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+      out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+    } else {
+      const unsigned u = __ldcg(reinterpret_cast<const unsigned*>(src));
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+      out[0] = a.x, out[1] = a.y;
+    }
+  }
+
+  // This warp's share of positions [p0, p1) of batch row b into scratch (m, l, o per q head).
+  __device__ static void warp_partial(Consumer<T>& c, int layer, int b, int kv_head, int p0, int p1) {
+    const MegakernelParams& p = c.p;
+    float q[G][kDimsPerLane], o[G][kDimsPerLane], m[G], l[G];
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float* qh = p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G + h) * D + c.lane * kDimsPerLane;
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) q[h][i] = __ldcg(qh + i), o[h][i] = 0.f;
+      m[h] = -FLT_MAX, l[h] = 0.f;
+    }
+    const bf16_t* keys = p.kv_cache + c.kv_index(layer, 0, b, kv_head, 0) + c.lane * kDimsPerLane;
+    const bf16_t* values = p.kv_cache + c.kv_index(layer, 1, b, kv_head, 0) + c.lane * kDimsPerLane;
+    for (int base = p0 + c.warp * kUnroll; base < p1; base += kConsumerWarps * kUnroll) {
+      float k[kUnroll][kDimsPerLane], v[kUnroll][kDimsPerLane];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u < p1) load_row(keys + int64_t(base + u) * D, k[u]), load_row(values + int64_t(base + u) * D, v[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u >= p1) break;
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          float s = 0.f;
+#pragma unroll
+          for (int i = 0; i < kDimsPerLane; ++i) s += q[h][i] * k[u][i];
+#pragma unroll
+          for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+          const float m_new = fmaxf(m[h], s);
+          const float corr = exp2f(m[h] - m_new), w = exp2f(s - m_new);
+          l[h] = l[h] * corr + w;
+#pragma unroll
+          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * corr + w * v[u][i];
+          m[h] = m_new;
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float* dst = c.attn + (c.warp * G + h) * kPartStride;
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) dst[c.lane * kDimsPerLane + i] = o[h][i];
+      if (c.lane == 0) dst[D] = m[h], dst[D + 1] = l[h];
+    }
+  }
+
+  // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
+  __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
+
+  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
+    const MegakernelParams& p = c.p;
+    const int chunks = p.attn_chunks;
+    int context = 0;  // the longest context this step: positions are 0-based
+    for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
+    const int chunk_len = (context + chunks - 1) / chunks;
+    for (int unit = u0; unit < u1; ++unit) {
+      const int kv_head = unit / chunks, chunk = unit % chunks;
+      const int c0 = min(chunk * chunk_len, context), c1 = min(c0 + chunk_len, context);
+      for (int b = 0; b < p.batch; ++b) {
+        warp_partial(c, layer, b, kv_head, c0, min(c1, p.positions[b] + 1));
+        c.sync();  // every warp's partial is in scratch
+        for (int j = c.tid; j < G * D; j += kConsumerThreads) {
+          const int h = j / D, d = j % D;
+          float m_max = -FLT_MAX, o = 0.f, l = 0.f;
+          for (int w = 0; w < kConsumerWarps; ++w) {
+            const float* src = c.attn + (w * G + h) * kPartStride;
+            if (src[D + 1] != 0.f) m_max = fmaxf(m_max, src[D]);
+          }
+          for (int w = 0; w < kConsumerWarps; ++w) {
+            const float* src = c.attn + (w * G + h) * kPartStride;
+            const float s = rescale(src[D], src[D + 1], m_max);
+            o += s * src[d], l += s * src[D + 1];
+          }
+          float* part = p.scratch.attn_part + ((int64_t(b) * T::kHeads + kv_head * G + h) * chunks + chunk) * kPartStride;
+          part[d] = o;
+          if (d == 0) part[D] = m_max, part[D + 1] = l;
+        }
+        c.sync();  // scratch is free for the next batch row
+      }
+      unsigned* group = p.scratch.counters + p.n_layers * kNumOps + layer * T::kKvHeads + kv_head;
+      if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
+      c.sync();
+      if (c.flags[1]) {
+        __threadfence();  // acquire side: the other chunks' partials are visible
+        merge_chunks(c, kv_head);
+        c.sync();  // the merged output is written before the signal
+        if (c.tid == 0) signal_counter(c.counter(layer, kOp));
+      }
+    }
+    return true;
+  }
+
+  // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c, into the O projection's B fragments.
+  __device__ static void merge_chunks(Consumer<T>& c, int kv_head) {
+    const MegakernelParams& p = c.p;
+    const int chunks = p.attn_chunks;
+    for (int j = c.tid; j < p.batch * G * D; j += kConsumerThreads) {
+      const int b = j / (G * D), h = (j / D) % G, d = j % D;
+      const int head = kv_head * G + h;
+      const float* part = p.scratch.attn_part + (int64_t(b) * T::kHeads + head) * chunks * kPartStride;
+      float m_max = -FLT_MAX;
+      for (int ch = 0; ch < chunks; ++ch)
+        if (__ldcg(part + ch * kPartStride + D + 1) != 0.f) m_max = fmaxf(m_max, __ldcg(part + ch * kPartStride + D));
+      float o = 0.f, l = 0.f;
+      for (int ch = 0; ch < chunks; ++ch) {
+        const float* pc = part + ch * kPartStride;
+        const float s = rescale(__ldcg(pc + D), __ldcg(pc + D + 1), m_max);
+        o += s * __ldcg(pc + d), l += s * __ldcg(pc + D + 1);
+      }
+      p.scratch.attn_frag[act_fragment_index(b, int64_t(head) * D + d)] = __float2bfloat16(o / l);
+    }
+  }
+};
+
+}  // namespace flashformer

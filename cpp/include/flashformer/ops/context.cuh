@@ -1,0 +1,54 @@
+// Producer and consumer contexts: what every op's two roles work with.
+#pragma once
+
+#include <cutlass/arch/barrier.h>
+
+#include "flashformer/kernel_config.hpp"
+#include "flashformer/pipeline.cuh"
+
+namespace flashformer {
+
+// The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
+template <class T>
+struct Producer {
+  static constexpr int kStages = SmemPlan<T>::kStages;
+  const MegakernelParams& p;
+  WeightRing<kStages> ring;
+  RingCursor<kStages> cursor;
+
+  __device__ bool stream(const void* src, int64_t bytes) {
+    const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
+    for (int64_t off = 0; off < bytes; off += kStageBytes)
+      if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p.scratch))
+        return false;
+    return true;
+  }
+};
+
+// The consumer side: the launch parameters, the weight ring, this CTA's shared-memory regions
+// and the thread's place among the consumer warps.
+template <class T>
+struct Consumer {
+  static constexpr int kStages = SmemPlan<T>::kStages;
+  const MegakernelParams& p;
+  WeightRing<kStages> ring;
+  RingCursor<kStages> cursor;
+  bf16_t* act;         // (kMaxBatch, hidden) normalized activations, fragment order
+  float* attn;         // attention merge scratch; aliases act (never live at once)
+  float* reduce;       // 2 x (warps, 32 lanes, 4): cross-warp accumulator reduction, double-buffered
+  int* flags;          // [0] abort the step, [1] this CTA finished a reduction group last
+  float* rinv;         // [kMaxBatch] RMSNorm scale of each batch row
+  int tid, warp, lane; // tid < kConsumerThreads
+  int reduce_parity = 0;
+
+  __device__ void sync() const {  // all consumer warps; the producer warp never joins
+    cutlass::arch::NamedBarrier::sync(kConsumerThreads, int(NamedBarrier::kConsumers));
+  }
+  __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
+  __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }
+  __device__ int64_t kv_index(int layer, int kv, int b, int kv_head, int pos) const {  // element of the KV cache
+    return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
+  }
+};
+
+}  // namespace flashformer

@@ -1,0 +1,100 @@
+// The matmul op: rows of a fragment-ordered weight matrix stream through the ring; each
+// consumer warp multiplies every 8th fragment of a stage on the tensor cores against the
+// batch's activations (mma.m16n8k16: 16 weight rows x 8 batch columns), the 8 partial tiles
+// are summed through shared memory, and warp 0 hands the 16x8 result to the op's epilogue.
+// Units are 16-row blocks; a row block's K columns span one or more ring stages.
+#pragma once
+
+#include "flashformer/ops/context.cuh"
+#include "flashformer/ops/rmsnorm.cuh"
+#include "flashformer/weight_layout.cuh"
+
+namespace flashformer {
+
+// B fragments from this CTA's shared memory (normalized by rmsnorm_to_fragments).
+struct SmemActivations {
+  const bf16_t* act;
+  __device__ uint2 load(int kb, int n, int t) const {
+    return *reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t));
+  }
+};
+
+// B fragments another op wrote to global memory this step (read through L2).
+struct GlobalActivations {
+  const bf16_t* act;
+  __device__ uint2 load(int kb, int n, int t) const {
+    return __ldcg(reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t)));
+  }
+};
+
+// Accumulator tile of lane (g = lane/4, t = lane%4): acc[q] is (row g, batch 2t+q) and
+// acc[2+q] is (row g+8, batch 2t+q), for q in {0, 1}.
+using AccTile = float[4];
+
+// One row block: multiply its `kblocks` fragments from the ring. This warp's partial sum lands
+// in acc. False when the step was aborted.
+template <class T, class Source>
+__device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
+  const int g = c.lane / 4, t = c.lane % 4;
+  const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
+#pragma unroll
+  for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+  for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
+    const int n = min(kFragmentsPerStage, kblocks - kb0);
+    if (!c.ring.wait_full(c.cursor, c.p.scratch)) return false;
+    const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
+#pragma unroll
+    for (int i = 0; i < kFragmentsPerStage / kConsumerWarps; ++i) {
+      const int f = c.warp + i * kConsumerWarps;
+      if (f < n) {
+        const uint4 a = stage[f * kWarpSize + c.lane];
+        const uint2 b = live ? src.load(kb0 + f, g, t) : make_uint2(0u, 0u);
+        mma_fragment(acc, a, b);
+      }
+    }
+    c.ring.release(c.cursor);
+  }
+  return true;
+}
+
+// Sum the consumer warps' tiles; warp 0 ends with the total in acc.
+template <class T>
+__device__ void reduce_row_block(Consumer<T>& c, AccTile& acc) {
+  float4* buf = reinterpret_cast<float4*>(c.reduce) + c.reduce_parity * kConsumerWarps * kWarpSize;
+  // Two buffers: warp 0 may still read one while the others fill the next row block's.
+  c.reduce_parity ^= 1;
+  if (c.warp != 0) buf[c.warp * kWarpSize + c.lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  c.sync();  // all partial tiles written
+  if (c.warp == 0)
+    for (int w = 1; w < kConsumerWarps; ++w) {
+      const float4 v = buf[w * kWarpSize + c.lane];
+      acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
+    }
+}
+
+// Epilogue interface: `Epilogue e(c, layer)`; e.row_block(rb, acc) on warp 0 per row block;
+// e.finish() on all consumer threads after the last row block (before the op's signal).
+template <class T, class Source, class Epilogue>
+__device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int layer, int u0, int u1) {
+  Epilogue epi(c, layer);
+  for (int rb = u0; rb < u1; ++rb) {
+    AccTile acc;
+    if (!gemv_row_block(c, src, kblocks, acc)) return false;
+    reduce_row_block(c, acc);
+    if (c.warp == 0) epi.row_block(rb, acc);
+  }
+  epi.finish();
+  return true;
+}
+
+// Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own
+// stages (the consumers' gemv_row_block chunks it the same way).
+template <class T>
+__device__ bool stream_row_blocks(Producer<T>& pr, const bf16_t* w, int K, int u0, int u1) {
+  const int64_t row_block_bytes = int64_t(K) * kRowBlock * 2;
+  for (int rb = u0; rb < u1; ++rb)
+    if (!pr.stream(reinterpret_cast<const uint8_t*>(w) + rb * row_block_bytes, row_block_bytes)) return false;
+  return true;
+}
+
+}  // namespace flashformer

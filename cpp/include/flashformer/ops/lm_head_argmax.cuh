@@ -1,0 +1,95 @@
+// Final RMSNorm + LM head with a fused arg-max: logits optionally written out, each CTA reduces
+// its rows to a (value, index) per batch row, and the last CTA to finish picks the winner.
+#pragma once
+
+#include <cfloat>
+
+#include "flashformer/ops/gemv.cuh"
+#include "flashformer/sync.cuh"
+
+namespace flashformer {
+
+// Larger logit wins; ties go to the lower index (torch.argmax's choice).
+__device__ __forceinline__ bool better(float v, int i, float best_v, int best_i) {
+  return v > best_v || (v == best_v && i < best_i);
+}
+
+template <class T>
+struct LmHeadEpilogue {
+  Consumer<T>& c;
+  float best_v[2] = {-FLT_MAX, -FLT_MAX};  // warp 0: batch columns 2t and 2t+1
+  int best_i[2] = {INT_MAX, INT_MAX};
+  __device__ LmHeadEpilogue(Consumer<T>& c_, int) : c(c_) {}
+
+  __device__ void row_block(int rb, const AccTile& acc) {
+    const int g = c.lane / 4, t = c.lane % 4;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int n = 2 * t + q;
+      if (n >= c.p.batch) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = rb * kRowBlock + g + 8 * h;
+        const float v = acc[2 * h + q];
+        if (c.p.logits) c.p.logits[int64_t(n) * T::kVocab + row] = v;
+        if (better(v, row, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = row;
+      }
+    }
+  }
+
+  // Warp 0: reduce over the 8 row lanes g of each t; lanes 0..3 publish this CTA's candidates.
+  __device__ void finish() {
+    if (c.warp != 0) return;
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int off = 4; off < kWarpSize; off *= 2) {
+        const float v = __shfl_xor_sync(0xffffffffu, best_v[q], off);
+        const int i = __shfl_xor_sync(0xffffffffu, best_i[q], off);
+        if (better(v, i, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = i;
+      }
+    if (c.lane < 4)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int n = 2 * c.lane + q;
+        if (n >= c.p.batch) continue;
+        float* part = c.p.scratch.argmax_part + (int64_t(n) * gridDim.x + blockIdx.x) * 2;
+        part[0] = best_v[q];
+        part[1] = __int_as_float(best_i[q]);
+      }
+  }
+};
+
+template <class T>
+struct LmHeadOp {
+  static constexpr Op kOp = Op::kLmHead;
+  __device__ static bool produce(Producer<T>& pr, int, int u0, int u1) {
+    return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
+  }
+  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
+    rmsnorm_to_fragments(c, c.p.final_norm);
+    if (!run_matmul<T, SmemActivations, LmHeadEpilogue<T>>(c, {c.act}, T::kHidden / kKBlock, layer, u0, u1))
+      return false;
+    c.sync();  // this CTA's candidates are written
+    if (c.tid == 0) c.flags[1] = signal_counter(c.counter(layer, kOp)) + 1 == c.target(kOp);
+    c.sync();
+    if (!c.flags[1]) return true;
+    __threadfence();  // acquire side: every CTA's candidates (they signalled after writing) are visible
+    if (c.tid < c.p.batch) {
+      const int* begin = c.p.schedule + (layer * kNumOps + int(kOp)) * (gridDim.x + 1);
+      float best_v = -FLT_MAX;
+      int best_i = INT_MAX;
+      for (int s = 0; s < int(gridDim.x); ++s) {
+        if (begin[s + 1] == begin[s]) continue;  // this SM owns no LM-head rows
+        const float* part = c.p.scratch.argmax_part + (int64_t(c.tid) * gridDim.x + s) * 2;
+        const float v = __ldcg(part);
+        const int i = __float_as_int(__ldcg(part + 1));
+        if (better(v, i, best_v, best_i)) best_v = v, best_i = i;
+      }
+      c.p.next_tokens[c.tid] = best_i;
+    }
+    return true;
+  }
+};
+
+}  // namespace flashformer

@@ -1,0 +1,61 @@
+// RMSNorm + QKV projection + RoPE + KV-cache append. Packed rows keep each RoPE pair (d, d+D/2)
+// in rows g and g+8 of one block, so the rotation happens in the accumulator registers.
+#pragma once
+
+#include "flashformer/ops/gemv.cuh"
+
+namespace flashformer {
+
+template <class T>
+struct QkvEpilogue {
+  static constexpr int D = T::kHeadDim;
+  Consumer<T>& c;
+  int layer;
+  __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {}
+
+  __device__ void row_block(int rb, const AccTile& acc) {
+    const MegakernelParams& p = c.p;
+    const int g = c.lane / 4, t = c.lane % 4;
+    const int head = rb * kRowBlock / D;                       // among q heads, then k, then v
+    const int i = 8 * ((rb * kRowBlock % D) / kRowBlock) + g;  // RoPE frequency index, < D/2
+    // q is pre-scaled so attention can use exp2: softmax(s) = exp2(s * log2(e)) / ...
+    const float q_scale = 1.4426950408889634f * rsqrtf(float(D));
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int n = 2 * t + q;
+      if (n >= p.batch) continue;
+      const int pos = p.positions[n];
+      const float lo = acc[q], hi = acc[2 + q];  // dims i and i + D/2
+      const float cs = p.rope_cos[int64_t(pos) * (D / 2) + i], sn = p.rope_sin[int64_t(pos) * (D / 2) + i];
+      const float rlo = lo * cs - hi * sn, rhi = hi * cs + lo * sn;
+      if (head < T::kHeads) {
+        float* qn = p.scratch.q + (int64_t(n) * T::kHeads + head) * D;
+        qn[i] = rlo * q_scale;
+        qn[i + D / 2] = rhi * q_scale;
+      } else if (head < T::kHeads + T::kKvHeads) {
+        bf16_t* k = p.kv_cache + c.kv_index(layer, 0, n, head - T::kHeads, pos);
+        k[i] = __float2bfloat16(rlo);
+        k[i + D / 2] = __float2bfloat16(rhi);
+      } else {
+        bf16_t* v = p.kv_cache + c.kv_index(layer, 1, n, head - T::kHeads - T::kKvHeads, pos);
+        v[i] = __float2bfloat16(lo);
+        v[i + D / 2] = __float2bfloat16(hi);
+      }
+    }
+  }
+  __device__ void finish() {}
+};
+
+template <class T>
+struct QkvOp {
+  static constexpr Op kOp = Op::kQkv;
+  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
+    return stream_row_blocks(pr, pr.p.layers[layer].qkv, T::kHidden, u0, u1);
+  }
+  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
+    rmsnorm_to_fragments(c, c.p.layers[layer].attn_norm);
+    return run_matmul<T, SmemActivations, QkvEpilogue<T>>(c, {c.act}, T::kHidden / kKBlock, layer, u0, u1);
+  }
+};
+
+}  // namespace flashformer

@@ -1,0 +1,64 @@
+// Inter-CTA dependencies: epoch-based counters in global memory, release on signal, acquire on
+// wait, and a bounded spin that turns a missing signal into an error flag instead of a hang.
+#pragma once
+
+#include <cstdint>
+
+#include "flashformer/megakernel_params.hpp"
+
+namespace flashformer {
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int load_relaxed(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ bool step_aborted(const Scratch& s) { return load_relaxed(s.error) != 0; }
+
+// First caller wins; the rest of the grid notices through step_aborted().
+__device__ __forceinline__ void raise_error(const Scratch& s, StepError code, int op, int layer) {
+  if (atomicCAS(s.error, 0, int(code)) == 0) {
+    s.error[1] = op;
+    s.error[2] = layer;
+    s.error[3] = int(blockIdx.x);
+    __threadfence();
+  }
+}
+
+// One thread: spin until *counter reaches target (wrap-safe). False when the step is aborted,
+// by this wait timing out or by another SM.
+__device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,
+                                             int op, int layer) {
+  const uint64_t start = global_ns();
+  for (unsigned spins = 0;; ++spins) {
+    if (int(load_acquire(counter) - target) >= 0) return true;  // acquire: the producers' writes are visible
+    if ((spins & 63) == 63) {
+      if (step_aborted(p.scratch)) return false;
+      if (global_ns() - start > p.timeout_ns) {
+        raise_error(p.scratch, StepError::kDependencyTimeout, op, layer);
+        return false;
+      }
+    }
+  }
+}
+
+// One thread, after a barrier that ordered its CTA's output writes before it: publish them.
+__device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
+  __threadfence();  // cumulative: the CTA's writes (ordered by the barrier) before the arrival
+  return atomicAdd(counter, 1u);
+}
+
+}  // namespace flashformer

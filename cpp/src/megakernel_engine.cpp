@@ -1,0 +1,139 @@
+#include "megakernel_engine.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "cuda_check.hpp"
+
+namespace flashformer {
+namespace {
+
+ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
+  ScratchLayout l{};
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t off = at;
+    at += (bytes + 255) / 256 * 256;
+    return off;
+  };
+  l.x = take(int64_t(kMaxBatch) * d.hidden * 4);
+  l.q = take(int64_t(kMaxBatch) * d.q_rows() * 4);
+  l.attn_frag = take(int64_t(kMaxBatch) * d.q_rows() * 2);
+  l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
+  l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * (d.head_dim + 2) * 4);
+  l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
+  l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
+  l.counters = take(l.counters_bytes);
+  l.error = take(4 * 4);
+  l.layer_table = take(int64_t(s.layers) * sizeof(LayerWeights));
+  l.schedule = take(int64_t(s.layers) * kNumOps * (s.num_sms + 1) * 4);
+  l.total = at;
+  return l;
+}
+
+const CompiledConfig& find_config(const std::string& name) {
+  std::string names;
+  for (const CompiledConfig& c : compiled_configs()) {
+    if (name == c.dims.name) return c;
+    names += (names.empty() ? "" : ", ") + std::string(c.dims.name);
+  }
+  throw std::invalid_argument("no compiled megakernel config named '" + name + "' (compiled: " + names + ")");
+}
+
+}  // namespace
+
+MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq)
+    : config_(&find_config(config)), device_(device), max_batch_(max_batch), max_seq_(max_seq) {
+  if (n_layers < 1) throw std::invalid_argument("megakernel: n_layers must be >= 1");
+  if (max_batch < 1) throw std::invalid_argument("megakernel: max_batch must be >= 1");
+  if (max_seq < 1) throw std::invalid_argument("megakernel: max_seq must be >= 1");
+  FF_CUDA_CHECK(cudaSetDevice(device));
+  FF_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+  int coop = 0;
+  FF_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  if (!coop) throw std::runtime_error("megakernel: device does not support cooperative launches");
+  schedule_ = build_schedule(config_->dims, num_sms_, n_layers);
+  const std::vector<std::string> problems = schedule_problems(schedule_);
+  if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
+  layout_ = scratch_layout(config_->dims, schedule_);
+  config_->prepare();
+}
+
+void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
+  if (!scratch) throw std::invalid_argument("megakernel: scratch is null");
+  if (int(model.layers.size()) != schedule_.layers)
+    throw std::invalid_argument("megakernel: " + std::to_string(model.layers.size()) + " layers given, engine built for " +
+                                std::to_string(schedule_.layers));
+  scratch_ = static_cast<uint8_t*>(scratch);
+  FF_CUDA_CHECK(cudaSetDevice(device_));
+  FF_CUDA_CHECK(cudaMemcpy(scratch_ + layout_.layer_table, model.layers.data(),
+                           model.layers.size() * sizeof(LayerWeights), cudaMemcpyHostToDevice));
+  const std::vector<int> flat = schedule_.flat();
+  FF_CUDA_CHECK(cudaMemcpy(scratch_ + layout_.schedule, flat.data(), flat.size() * sizeof(int), cudaMemcpyHostToDevice));
+
+  MegakernelParams& p = params_;
+  p.layers = reinterpret_cast<const LayerWeights*>(scratch_ + layout_.layer_table);
+  p.n_layers = schedule_.layers;
+  p.embed = model.embed;
+  p.final_norm = model.final_norm;
+  p.lm_head = model.lm_head;
+  p.rope_cos = model.rope_cos;
+  p.rope_sin = model.rope_sin;
+  p.rms_eps = model.rms_eps;
+  p.kv_cache = model.kv_cache;
+  p.max_batch = max_batch_;
+  p.max_seq = max_seq_;
+  p.scratch = Scratch{reinterpret_cast<float*>(scratch_ + layout_.x),
+                      reinterpret_cast<float*>(scratch_ + layout_.q),
+                      reinterpret_cast<bf16_t*>(scratch_ + layout_.attn_frag),
+                      reinterpret_cast<bf16_t*>(scratch_ + layout_.act_frag),
+                      reinterpret_cast<float*>(scratch_ + layout_.attn_part),
+                      reinterpret_cast<float*>(scratch_ + layout_.argmax_part),
+                      reinterpret_cast<unsigned*>(scratch_ + layout_.counters),
+                      reinterpret_cast<int*>(scratch_ + layout_.error)};
+  p.schedule = reinterpret_cast<const int*>(scratch_ + layout_.schedule);
+  for (int op = 0; op < kNumOps; ++op) p.op_signals[op] = schedule_.active_sms(Op(op));
+  p.op_signals[int(Op::kAttention)] = config_->dims.kv_heads;  // one per kv head, from its last chunk
+  p.attn_chunks = schedule_.attn_chunks;
+}
+
+void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int32_t* next_tokens, float* logits,
+                            int batch, cudaStream_t stream) {
+  if (!scratch_) throw std::runtime_error("megakernel: step before bind");
+  if (batch < 1 || batch > std::min(max_batch_, kMaxBatch))
+    throw std::invalid_argument("megakernel: batch " + std::to_string(batch) + " outside 1.." +
+                                std::to_string(std::min(max_batch_, kMaxBatch)));
+  if (!tokens || !positions || !next_tokens) throw std::invalid_argument("megakernel: null token or position buffer");
+  MegakernelParams& p = params_;
+  p.batch = batch;
+  p.tokens = tokens;
+  p.positions = positions;
+  p.next_tokens = next_tokens;
+  p.logits = logits;
+  p.epoch = ++epoch_;
+  p.timeout_ns = static_cast<unsigned long long>(timeout_ms * 1e6);
+  p.debug_skip_signal = debug_skip_signal;
+  FF_CUDA_CHECK(cudaSetDevice(device_));
+  config_->launch(p, num_sms_, stream);
+}
+
+void MegakernelEngine::check(cudaStream_t stream) {
+  if (!scratch_) return;
+  FF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  int err[4];
+  FF_CUDA_CHECK(cudaMemcpy(err, scratch_ + layout_.error, sizeof(err), cudaMemcpyDeviceToHost));
+  if (err[0] == int(StepError::kNone)) return;
+  // The counters hold a partial step: start the epochs afresh so the engine stays usable.
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.counters, 0, layout_.counters_bytes));
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, sizeof(err)));
+  epoch_ = 0;
+  const int op = err[1], layer = err[2];
+  const bool known = op >= 0 && op < kNumOps;
+  throw std::runtime_error(
+      std::string("megakernel step aborted: SM ") + std::to_string(err[3]) + " waited more than " +
+      std::to_string(timeout_ms) + " ms before " + (known ? kOpNames[op] : "an op") + " of layer " +
+      std::to_string(layer) + " for a dependency that never completed (the step's outputs are invalid; "
+      "the engine has been reset)");
+}
+
+}  // namespace flashformer

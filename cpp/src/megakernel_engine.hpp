@@ -1,0 +1,70 @@
+// Host side of the megakernel: the schedule, the scratch layout inside one Python-owned buffer,
+// and the launch of one decode step.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "flashformer/megakernel_params.hpp"
+#include "flashformer/schedule.hpp"
+#include "kernels/configs.hpp"
+
+namespace flashformer {
+
+// Byte offsets of the scratch regions (256-byte aligned) and the total size.
+struct ScratchLayout {
+  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, counters, error, layer_table, schedule, total;
+  int64_t counters_bytes;
+};
+
+// Device pointers the step reads and writes that are not per-step arguments.
+struct ModelPointers {
+  std::vector<LayerWeights> layers;
+  const bf16_t* embed;
+  const bf16_t* final_norm;
+  const bf16_t* lm_head;
+  const float* rope_cos;
+  const float* rope_sin;
+  bf16_t* kv_cache;
+  float rms_eps;
+};
+
+class MegakernelEngine {
+ public:
+  // Throws std::invalid_argument for an unknown config or bad sizes.
+  MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq);
+
+  const CompiledConfig& config() const { return *config_; }
+  const Schedule& schedule() const { return schedule_; }
+  int64_t scratch_bytes() const { return layout_.total; }
+
+  // `scratch`: scratch_bytes() of zeroed device memory, owned by the caller for the engine's
+  // lifetime. Writes the layer table and the schedule into it (synchronously).
+  void bind(void* scratch, const ModelPointers& model);
+
+  // Launches one decode step on `stream` (asynchronous): tokens/positions int32 [batch] on the
+  // device; next_tokens int32 [batch]; logits fp32 [batch, vocab] or null.
+  void step(const int32_t* tokens, const int32_t* positions, int32_t* next_tokens, float* logits, int batch,
+            cudaStream_t stream);
+
+  // Waits for `stream`; if a step aborted, resets the counters and throws std::runtime_error
+  // saying which dependency never completed.
+  void check(cudaStream_t stream);
+
+  double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
+  int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
+
+ private:
+  const CompiledConfig* config_;
+  int device_, num_sms_, max_batch_, max_seq_;
+  Schedule schedule_;
+  ScratchLayout layout_;
+  MegakernelParams params_{};
+  uint8_t* scratch_ = nullptr;
+  unsigned epoch_ = 0;
+};
+
+}  // namespace flashformer

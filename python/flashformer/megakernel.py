@@ -1,0 +1,150 @@
+"""The megakernel decode backend: each decode step is one persistent-kernel launch of the
+compiled core (cpp/include/flashformer/megakernel.cuh). Prefill and the KV cache are the
+reference backend's (the same cache layout), so only the decode step changes.
+
+At construction the matrices are packed once into the kernel's fragment order (a second copy
+of the weights: the reference prefill keeps reading the originals).
+
+A step whose inter-SM dependency does not complete within the watchdog (5 s, or the
+FLASHFORMER_WATCHDOG_MS environment variable: raise it under compute-sanitizer) raises
+RuntimeError instead of hanging the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _core
+from .config import ModelSpec
+from .reference import ReferenceBackend
+from .weights import Weights
+
+# Architectures whose decode step is exactly the Llama one the kernel implements.
+LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
+
+_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+
+
+def compiled_configs() -> list[dict]:
+    """The compiled megakernel configs (name and shape of each)."""
+    return list(_core.load().configs())
+
+
+def config_names() -> str:
+    return ", ".join(c["name"] for c in compiled_configs())
+
+
+def match_config(spec: ModelSpec) -> str | None:
+    """The compiled config whose shape is `spec`'s (any layer count), or None."""
+    if spec.architecture not in LLAMA_LIKE or spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm:
+        return None
+    for c in compiled_configs():
+        if all(getattr(spec, f) == c[f] for f in _SHAPE_FIELDS):
+            return c["name"]
+    return None
+
+
+def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int) -> str | None:
+    """Why the megakernel cannot decode this model here, or None when it can."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device, not {device}"
+    if not _core.cuda_available():
+        return "it needs a Hopper GPU (compute capability 9.0), and none is visible"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return f"{torch.cuda.get_device_name(index)} is not a Hopper GPU (compute capability 9.0)"
+    if dtype != torch.bfloat16:
+        return f"it runs bfloat16 weights, not {dtype}"
+    max_batch = _core.load().MAX_BATCH
+    if max_batch_size > max_batch:
+        return f"it decodes at most {max_batch} rows, and max_batch_size is {max_batch_size}"
+    if match_config(spec) is None:
+        shape = ", ".join(f"{f}={getattr(spec, f)}" for f in _SHAPE_FIELDS)
+        return (
+            f"no compiled config matches {spec.architecture} ({shape}"
+            f"{', with biases or q/k norm' if spec.qkv_bias or spec.mlp_bias or spec.o_bias or spec.qk_norm else ''}); "
+            f"compiled: {config_names()}"
+        )
+    return None
+
+
+class MegakernelBackend:
+    """Decode with the compiled megakernel; prefill with the reference path into the same cache."""
+
+    name = "megakernel"
+
+    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
+        device = weights.embed.device
+        reason = unavailable_reason(spec, device, weights.embed.dtype, max_batch_size)
+        if reason:
+            raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
+        C = _core.load()
+        self.reference = ReferenceBackend(spec, weights, max_batch_size, max_seq_len)
+        self.spec, self.device = spec, device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.engine = C.MegakernelEngine(match_config(spec), index, spec.num_layers, max_batch_size, max_seq_len)
+        self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
+        self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
+
+        order = C.ROW_ORDERS
+        self.packed = [
+            (
+                self._pack(layer.wqkv, order["rope_pairs"], spec.head_dim),
+                self._pack(layer.wo, order["identity"]),
+                self._pack(layer.w_gate_up, order["gate_up"], spec.intermediate_size),
+                self._pack(layer.w_down, order["identity"]),
+            )
+            for layer in weights.layers
+        ]
+        self.lm_head = self._pack(weights.lm_head, order["identity"])
+        half = spec.head_dim // 2
+        model = self.reference.model
+        self.rope_cos, self.rope_sin = model.cos[:, :half].contiguous(), model.sin[:, :half].contiguous()
+        self.engine.bind(
+            self.scratch.data_ptr(),
+            [
+                (qkv.data_ptr(), o.data_ptr(), gu.data_ptr(), down.data_ptr(), lw.attn_norm.data_ptr(), lw.mlp_norm.data_ptr())
+                for (qkv, o, gu, down), lw in zip(self.packed, weights.layers)
+            ],
+            weights.embed.data_ptr(),
+            weights.final_norm.data_ptr(),
+            self.lm_head.data_ptr(),
+            self.rope_cos.data_ptr(),
+            self.rope_sin.data_ptr(),
+            self.kv_cache.data_ptr(),
+            spec.rms_norm_eps,
+        )
+        self.weights = weights  # keep every pointer the kernel reads alive
+        self.tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.next_tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.logits = torch.empty(max_batch_size, spec.vocab_size, dtype=torch.float32, device=device)
+
+    def _pack(self, w: torch.Tensor, row_order: int, order_param: int = 0) -> torch.Tensor:
+        w = w.contiguous()
+        out = torch.empty_like(w)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        _core.load().pack_weight(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], row_order, order_param, stream)
+        return out
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.reference.kv_cache
+
+    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        return self.reference.prefill(prompts)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32. The kernel's
+        fused arg-max of each row is left in `self.next_tokens[:B]`."""
+        b = tokens.shape[0]
+        self.tokens[:b].copy_(tokens)
+        self.positions[:b].copy_(positions)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.engine.step(
+            self.tokens.data_ptr(), self.positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream
+        )
+        self.engine.check(stream)  # raises RuntimeError if a dependency never completed
+        return self.logits[:b].clone()

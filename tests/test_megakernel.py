@@ -1,0 +1,218 @@
+"""The megakernel backend: config matching and selection (CPU), and on a Hopper GPU the
+teacher-forced logits of every decode step against the reference path (DESIGN.md §4).
+
+Yardstick: the reference in fp32 on the same GPU. The kernel's rel-L2 logit error against it,
+over all decode steps of a run, must be at most 2x the bf16 reference's own error against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import flashformer
+from flashformer import Engine
+from flashformer.config import spec_from_dict
+from flashformer.engine import select_backend
+from flashformer.megakernel import MegakernelBackend, compiled_configs, match_config
+from flashformer.reference import ReferenceBackend
+from flashformer.weights import Weights, random_weights
+
+from checkpoints import make_llama_checkpoint
+
+# name -> (hidden, intermediate, heads, kv heads, head_dim, vocab, layers, tied): the compiled
+# shapes; the tiny ones get 2 layers, the real ones their real depth.
+SHAPES = {
+    "tiny-gqa": (256, 512, 4, 2, 64, 512, 2, False),
+    "tiny-d128": (256, 768, 2, 1, 128, 1024, 2, True),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16, True),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32, False),
+}
+
+
+def llama_config(name: str) -> dict:
+    hidden, inter, heads, kv, dim, vocab, layers, tied = SHAPES[name]
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=dim,
+        vocab_size=vocab,
+        num_hidden_layers=layers,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_position_embeddings=131072,
+        tie_word_embeddings=tied,
+    )
+
+
+def test_every_compiled_shape_is_matched_by_its_llama_spec():
+    names = {c["name"] for c in compiled_configs()}
+    assert {"tiny-gqa", "tiny-d128", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"} <= names
+    for name in SHAPES:
+        assert match_config(spec_from_dict(llama_config(name))) == name
+
+
+def test_biases_or_other_shapes_match_no_config():
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    assert match_config(dataclasses.replace(spec, qkv_bias=True)) is None
+    assert match_config(dataclasses.replace(spec, architecture="Qwen2ForCausalLM")) is None
+    assert match_config(dataclasses.replace(spec, hidden_size=320)) is None
+
+
+def test_auto_uses_the_reference_backend_on_cpu_without_warning(recwarn):
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    assert select_backend("auto", spec, torch.device("cpu")) is ReferenceBackend
+    assert not [w for w in recwarn if "megakernel" in str(w.message)]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flashformer.cuda_available(), reason="needs a Hopper GPU")
+
+
+def to_fp32(w: Weights) -> Weights:
+    layers = [dataclasses.replace(l, **{f.name: getattr(l, f.name).float() for f in dataclasses.fields(l)
+                                        if getattr(l, f.name) is not None}) for l in w.layers]
+    embed = w.embed.float()
+    return Weights(embed=embed, final_norm=w.final_norm.float(),
+                   lm_head=embed if w.tied else w.lm_head.float(), layers=layers)
+
+
+def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> torch.Tensor:
+    """Prefill `prompts`, then decode forced[s] (one token per row) for every step s; the decode
+    logits [steps, B, vocab] in fp32."""
+    device = backend.kv_cache.device
+    backend.prefill([torch.tensor(p, device=device) for p in prompts])
+    start = torch.tensor([len(p) for p in prompts], device=device)
+    return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
+
+
+def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(ours).all(), "non-finite logits"
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
+    """Teacher-forced logits of the megakernel, the bf16 reference and the fp32 reference on the
+    same fresh random prompts and forced tokens."""
+    batch = len(prompt_lens)
+    prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
+    forced = torch.randint(0, spec.vocab_size, (steps, batch))
+    mk = MegakernelBackend(spec, weights, batch, max_seq)
+    mk.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
+    out = {"mk": teacher_forced(mk, prompts, forced)}
+    out["mk_next"] = mk.next_tokens[:batch].cpu()
+    del mk
+    out["bf16"] = teacher_forced(ReferenceBackend(spec, weights, batch, max_seq), prompts, forced)
+    out["fp32"] = teacher_forced(ReferenceBackend(spec, to_fp32(weights), batch, max_seq), prompts, forced)
+    return out
+
+
+def check_errors(out) -> tuple[float, float]:
+    mk_err, ref_err = rel_l2(out["mk"], out["fp32"]), rel_l2(out["bf16"], out["fp32"])
+    assert mk_err <= 2 * ref_err, f"megakernel rel-L2 {mk_err:.2e} vs bf16 reference {ref_err:.2e}"
+    # the fused arg-max picks what the written logits say (ties: the lower index, like torch)
+    assert torch.equal(out["mk_next"], out["mk"][-1].argmax(-1).cpu())
+    return mk_err, ref_err
+
+
+# Ragged prompt lengths per batch size: contexts from 1 to past one attention chunk and beyond.
+RAGGED = {1: [1], 2: [5, 300], 4: [1, 64, 200, 1100], 8: [3, 17, 64, 129, 500, 1000, 2049, 4000]}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8])
+def test_tiny_teacher_forced_logits_match_reference(name, batch):
+    spec = spec_from_dict(llama_config(name))
+    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    out = run_three(spec, weights, RAGGED[batch], steps=16, max_seq=4200)
+    check_errors(out)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+def test_tiny_context_8192(name):
+    spec = spec_from_dict(llama_config(name))
+    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    check_errors(run_three(spec, weights, [8191, 2], steps=4, max_seq=8200))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_real_shapes_teacher_forced_logits_match_reference(name):
+    spec = spec_from_dict(llama_config(name))
+    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.02)
+    check_errors(run_three(spec, weights, [1], steps=4, max_seq=64))
+    check_errors(run_three(spec, weights, [8191, 1, 700, 2, 4096, 33, 129, 5000], steps=3, max_seq=8200))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+def test_greedy_256_steps_follow_the_reference(name, tmp_path):
+    """Through the user path (a checkpoint directory, backend="auto" picks the megakernel).
+    Teacher-forced on the fp32 reference's greedy tokens, the kernel picks the same token at every
+    step whose fp32 top-2 margin exceeds `tie` (2x the largest bf16-reference logit error seen:
+    below that, rounding may flip a pick); free-running, it follows the bf16 reference up to the
+    first such near-tie."""
+    path = make_llama_checkpoint(tmp_path, llama_config(name))
+    kw = dict(device="cuda", max_seq_len=300, progress=False)
+    mk = Engine.from_pretrained(path, dtype="bfloat16", **kw)
+    assert mk.backend.name == "megakernel"
+    ref16 = Engine.from_pretrained(path, dtype="bfloat16", backend="reference", **kw)
+    ref32 = Engine.from_pretrained(path, dtype="float32", backend="reference", **kw)
+    prompt = torch.randint(0, SHAPES[name][5], (8,)).tolist()
+    sampling = flashformer.SamplingParams(max_tokens=256, ignore_eos=True)
+    greedy32 = ref32.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
+    forced = torch.tensor(greedy32[:-1])[:, None]
+    logits = {k: teacher_forced(e.backend, [prompt], forced)[:, 0] for k, e in (("mk", mk), ("bf16", ref16), ("fp32", ref32))}
+    tie = 2 * (logits["bf16"] - logits["fp32"]).abs().max().item()
+    top2 = logits["fp32"].topk(2).values
+    clear = (top2[:, 0] - top2[:, 1]) >= tie
+    assert clear.sum() >= 100, "too few clear steps to compare"  # most of the 255 are clear
+    picks = logits["mk"].argmax(-1)
+    assert torch.equal(picks[clear], torch.tensor(greedy32[1:], device=picks.device)[clear])
+    ours = mk.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
+    theirs = ref16.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
+    first_tie = int(clear.long().cumprod(0).sum()) + 1  # tokens decided before the first near-tie
+    assert ours[:first_tie] == theirs[:first_tie]
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_lost_dependency_raises_instead_of_hanging():
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    mk = MegakernelBackend(spec, weights, 2, 64)
+    ref = ReferenceBackend(spec, weights, 2, 64)
+    prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (3, 7)]
+    mk.prefill(prompts), ref.prefill(prompts)
+    tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([3, 7], device="cuda")
+    mk.engine.debug_skip_signal = flashformer._core.load().OPS.index("gate_up")
+    mk.engine.timeout_ms = 100.0
+    with pytest.raises(RuntimeError, match=r"megakernel step aborted: SM \d+ waited more than 100.0+ ms before down of layer 0"):
+        mk.decode(tokens, positions)
+    mk.engine.debug_skip_signal = -1  # the engine reset itself: the same step now runs clean
+    assert rel_l2(mk.decode(tokens, positions), ref.decode(tokens, positions)) < 0.05
+
+
+@pytest.mark.gpu
+@gpu
+def test_sanitizer_smoke():
+    """A few steps of a tiny config: scripts/gpu_check.sh runs this under compute-sanitizer's
+    memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised)."""
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    check_errors(run_three(spec, weights, [5, 40], steps=2, max_seq=64))
