@@ -38,7 +38,7 @@ has pytest && step pytest python3 -m pytest -m gpu -v -p no:cacheprovider ${PYTE
 if has sanitize; then
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build/cpp/tests/test_gpu
   for tool in memcheck racecheck synccheck; do
-    FLASHFORMER_WATCHDOG_MS=600000 step "mk-$tool" compute-sanitizer --tool "$tool" --kernel-name kns=megakernel \
+    step "mk-$tool" env FLASHFORMER_WATCHDOG_MS=600000 compute-sanitizer --tool "$tool" --kernel-name kns=megakernel \
       --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider tests/test_megakernel.py -k sanitizer_smoke
   done
 fi

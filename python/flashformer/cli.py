@@ -122,11 +122,27 @@ def _add_chat(sub) -> None:
     parser.set_defaults(run=_chat)
 
 
+def _add_bench(sub) -> None:
+    from .bench import add_arguments, main
+
+    parser = sub.add_parser(
+        "bench",
+        help="decode latency next to gpt-fast and HF eager, against the floor",
+        description="Time the engine's decode step over a sweep of batch sizes and contexts, with the peers "
+        "(gpt-fast-style torch.compile, HF transformers eager) in the same process and every figure "
+        "against the floor (bytes read per step / measured read bandwidth). Writes bench.md, bench.json "
+        "and bench.png under --out.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(run=main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashformer", description="Llama-family LLM decoding on Hopper GPUs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(sub)
     _add_chat(sub)
+    _add_bench(sub)
     return parser
 
 
