@@ -1,0 +1,683 @@
+"""`flashformer bench`: decode latency of the engine next to its peers, in one process, against the floor.
+
+For each model (a checkpoint directory, or a shape name with random bf16 weights made on the
+device) and each (batch, context) the engine's backend decodes one step over a KV cache filled
+with random values up to the context; its per-token latency (median, p10, p90 of CUDA-event
+intervals after a warm-up) is stated against the floor and against the peers of `baselines.py`,
+which run on the same weight tensors in the same process. Time to first token is timed on whole
+prompts. Results go to a markdown table, a JSON file and a PNG plot.
+
+The floor of a step is `step_bytes(...)` (the bytes it must read from HBM) over the read bandwidth
+of a streaming probe run in the same process (`read_bandwidth`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from itertools import pairwise
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import torch
+
+from .config import ModelSpec, load_spec, spec_from_dict
+from .engine import select_backend
+from .weights import LayerWeights, Weights, load_weights
+
+_LLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    vocab_size=128256,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    max_position_embeddings=131072,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+
+
+def _llama3_rope(factor: float) -> dict:
+    return dict(
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=factor,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    )
+
+
+def _shape(hidden, layers, heads, head_dim, inter, tied, rope_factor, **overrides) -> dict:
+    cfg = dict(
+        _LLAMA,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        tie_word_embeddings=tied,
+        **_llama3_rope(rope_factor),
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+# Shape name -> config.json of the real model (weights are random; nothing is downloaded).
+SHAPES: dict[str, dict] = {
+    "llama-3.2-1b": _shape(2048, 16, 32, 64, 8192, True, 32.0),
+    "llama-3.2-3b": _shape(3072, 28, 24, 128, 8192, True, 32.0),
+    "llama-3.1-8b": _shape(4096, 32, 32, 128, 14336, False, 8.0),
+    # --quick: a tiny Llama that the CPU reference path decodes in about a millisecond.
+    "tiny": _shape(
+        256, 2, 4, 64, 512, False, 8.0, vocab_size=2048, num_key_value_heads=2, bos_token_id=1, eos_token_id=2
+    ),
+}
+
+DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
+DEFAULT_BATCHES = (1, 2, 4, 8)
+DEFAULT_CTXS = (128, 1024, 8192, 32768)
+DEFAULT_PROMPT_LENS = (128, 1024, 8192)
+QUICK_MODELS, QUICK_BATCHES, QUICK_CTXS, QUICK_PROMPT_LENS = ("tiny",), (1, 2), (32, 128), (32, 128)
+PEERS = ("none", "fast", "all")
+
+CPU_NOTE = "CPU reference run: these figures mean nothing for GPU performance"
+GPTFAST_CPU_NOTE = "gpt-fast peer not run: its torch.compile mode='reduce-overhead' is CUDA graphs, which need a GPU"
+QUICK_NOTE = "quick smoke run on a tiny shape: these figures say nothing about the real model shapes"
+FLOOR_DEFINITION = (
+    "floor_ms = step_bytes / read_bw; step_bytes = weights streamed per step (every tensor of every layer, "
+    "the final norm and the LM head; the embedding table only as the LM head when tied, counted once) "
+    "+ KV cache read (layers * 2 * batch * kv_heads * ctx * head_dim * dtype bytes)"
+)
+WEIGHT_STD = 0.02  # random weights ~ N(0, 0.02^2) as HF initializes them; norms ~ 1 + N(0, 0.02^2)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Untimed warm-up calls, then timed calls, for one measurement."""
+
+    warmup: int
+    timed: int
+
+
+# Full run: >= 100 timed engine tokens per row; the peers get what a stable median needs
+# (HF eager costs ~45 ms a token at 8B, gpt-fast up to ~0.3 s at batch 8 x 32K context).
+COUNTS = {
+    "engine": Counts(10, 100),
+    "gptfast": Counts(5, 50),
+    "hf_eager": Counts(3, 20),
+    "ttft": Counts(1, 5),
+}
+QUICK_COUNTS = {
+    "engine": Counts(3, 100),
+    "gptfast": Counts(3, 20),
+    "hf_eager": Counts(2, 10),
+    "ttft": Counts(1, 3),
+}
+
+
+def shape_config(name: str) -> dict:
+    """The config.json dict of shape `name` (a key of SHAPES)."""
+    if name not in SHAPES:
+        raise ValueError(
+            f"unknown model shape {name!r} (choose from {', '.join(SHAPES)}, or pass a checkpoint directory)"
+        )
+    return dict(SHAPES[name])
+
+
+def random_weights(spec: ModelSpec, tied: bool, device, dtype: torch.dtype = torch.bfloat16, generator=None) -> Weights:
+    """Random weights of `spec`'s shapes, made on `device` (never zeros, never copied from the host)."""
+
+    def randn(*shape, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, dtype=dtype, device=device, generator=generator).mul_(WEIGHT_STD)
+        return t.add_(mean) if mean else t
+
+    h, inter = spec.hidden_size, spec.intermediate_size
+    qkv = spec.q_size + 2 * spec.kv_size
+    layers = []
+    for _ in range(spec.num_layers):
+        layers.append(
+            LayerWeights(
+                attn_norm=randn(h, mean=1.0),
+                wqkv=randn(qkv, h),
+                wo=randn(h, spec.q_size),
+                mlp_norm=randn(h, mean=1.0),
+                w_gate_up=randn(2 * inter, h),
+                w_down=randn(h, inter),
+                bqkv=randn(qkv) if spec.qkv_bias else None,
+                bo=randn(h) if spec.o_bias else None,
+                q_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
+                k_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
+                b_gate_up=randn(2 * inter) if spec.mlp_bias else None,
+                b_down=randn(h) if spec.mlp_bias else None,
+            )
+        )
+    embed = randn(spec.vocab_size, h)
+    lm_head = embed if tied else randn(spec.vocab_size, h)
+    return Weights(embed=embed, final_norm=randn(h, mean=1.0), lm_head=lm_head, layers=layers)
+
+
+def weight_bytes(weights: Weights) -> int:
+    """Bytes of weights one decode step streams: every tensor of every layer, the final norm and the
+    LM head. The embedding table is not streamed (a step reads one row per token) unless it is tied,
+    and then it is the LM head, counted once."""
+    total = weights.final_norm.nbytes + weights.lm_head.nbytes
+    for layer in weights.layers:
+        total += sum(t.nbytes for t in vars(layer).values() if t is not None)
+    return total
+
+
+def step_bytes(spec: ModelSpec, weights: Weights, batch: int, ctx: int) -> int:
+    """The bytes a decode step of `batch` rows at context `ctx` must read from HBM: `weight_bytes`
+    + the KV cache of the past positions (layers * 2 * batch * kv_heads * ctx * head_dim elements).
+    The numerator of the floor, and of the achieved GB/s."""
+    kv = spec.num_layers * 2 * batch * spec.num_kv_heads * ctx * spec.head_dim * weights.embed.element_size()
+    return weight_bytes(weights) + kv
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 4 << 30, iters: int = 20) -> tuple[float | None, dict]:
+    """Read bandwidth in GB/s (median of `iters` back-to-back passes over `nbytes`, far beyond the L2)
+    of the compiled core's streaming probe (16-byte loads from every SM), and how it was measured.
+    None on a CPU device: there is no floor there."""
+    if device.type != "cuda":
+        return None, {"method": "none (no GPU)"}
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = min(nbytes, free // 4) // (1 << 20) * (1 << 20)
+    times, method = _probe_times(device, nbytes, Counts(3, iters))
+    torch.cuda.empty_cache()
+    return nbytes / (float(np.median(times)) * 1e-3) / 1e9, {"method": method, "bytes": nbytes, "iters": iters}
+
+
+def _probe_times(device: torch.device, nbytes: int, counts: Counts) -> tuple[list[float], str]:
+    buf = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    sink = torch.zeros(4, dtype=torch.uint8, device=device)
+    try:
+        from ._core import load
+
+        stream = torch.cuda.current_stream(device).cuda_stream
+        read = partial(load().testing.read_probe, buf.data_ptr(), nbytes, sink.data_ptr(), stream)
+        method = "flashformer._C.testing.read_probe"
+    except (ImportError, AttributeError) as exc:
+        read = partial(torch.amax, buf.view(torch.int64))
+        method = f"torch.amax over the buffer (the compiled probe is unavailable: {exc})"
+    return _time_calls(read, counts, device), method
+
+
+def _time_calls(fn: Callable[[], object], counts: Counts, device: torch.device, per_call: bool = False) -> list[float]:
+    """Milliseconds per call of `fn` after `counts.warmup` untimed calls. On a GPU the intervals
+    between CUDA events recorded after consecutive calls (no synchronization between calls, as in a
+    pipelined decode loop); with `per_call`, the wall time of each call synchronized at both ends."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(counts.warmup):
+        fn()
+    sync()
+    if per_call or not cuda:
+        times = []
+        for _ in range(counts.timed):
+            start = perf_counter()
+            fn()
+            sync()
+            times.append((perf_counter() - start) * 1e3)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(counts.timed + 1)]
+    events[0].record()
+    for event in events[1:]:
+        fn()
+        event.record()
+    sync()
+    return [a.elapsed_time(b) for a, b in pairwise(events)]
+
+
+def git_commit() -> str | None:
+    """`git rev-parse --short HEAD` of the source tree, else $FLASHFORMER_COMMIT, else None."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("FLASHFORMER_COMMIT") or None
+
+
+def _load_model(model: str, device: torch.device, generator) -> tuple[str, ModelSpec, Weights, dict]:
+    """(name, spec, weights, config.json dict) of a shape name or a checkpoint directory."""
+    path = Path(model)
+    if model not in SHAPES and path.is_dir():
+        spec = load_spec(path)
+        weights = load_weights(path, spec, dtype=torch.bfloat16, device=device, progress=False)
+        return path.name, spec, weights, json.loads((path / "config.json").read_text())
+    cfg = shape_config(model)
+    spec = spec_from_dict(cfg)
+    return model, spec, random_weights(spec, cfg["tie_word_embeddings"], device, generator=generator), cfg
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _stats(times: list[float]) -> tuple[float, float, float]:
+    p10, median, p90 = np.percentile(np.asarray(times), [10, 50, 90])
+    return float(median), float(p10), float(p90)
+
+
+def _median(times: list[float]) -> float:
+    return float(np.median(np.asarray(times)))
+
+
+def _ints(values: Iterable[int], what: str, minimum: int = 1) -> tuple[int, ...]:
+    values = tuple(values)
+    if not values or not all(isinstance(v, int) and v >= minimum for v in values):
+        raise ValueError(f"{what} must be integers >= {minimum}, got {values!r}")
+    return values
+
+
+def run_bench(
+    models: Iterable[str] | None = None,
+    *,
+    batches: Iterable[int] | None = None,
+    ctxs: Iterable[int] | None = None,
+    prompt_lens: Iterable[int] | None = None,
+    peers: str = "all",
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    quick: bool = False,
+    steps: int | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the benchmark; return the result (the JSON document) and, when `out` is given, write
+    bench.md, bench.json and bench.png there.
+
+    models: shape names (SHAPES) or checkpoint directories; batches, ctxs: the decode sweep;
+    prompt_lens: time-to-first-token prompts (batch 1; empty for none); peers: "none", "fast"
+    (gpt-fast style) or "all" (also HF transformers eager); quick: a tiny shape and a small sweep
+    (explicit arguments still win); steps: timed engine tokens per row.
+    """
+    if peers not in PEERS:
+        raise ValueError(f"peers must be one of {', '.join(PEERS)}, got {peers!r}")
+    if device is None:
+        if not torch.cuda.is_available() and not quick:
+            raise ValueError(
+                "no CUDA device: the benchmark measures GPU decoding. Use --quick for a smoke run of the "
+                "reference path on a tiny shape, or pass --device cpu to run this sweep on the CPU anyway"
+            )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    models = tuple(models or (QUICK_MODELS if quick else DEFAULT_MODELS))
+    batches = _ints(batches or (QUICK_BATCHES if quick else DEFAULT_BATCHES), "batch sizes")
+    ctxs = _ints(ctxs or (QUICK_CTXS if quick else DEFAULT_CTXS), "contexts")
+    if prompt_lens is None:
+        prompt_lens = QUICK_PROMPT_LENS if quick else DEFAULT_PROMPT_LENS
+    prompt_lens = _ints(prompt_lens, "prompt lengths") if tuple(prompt_lens) else ()
+    counts = dict(QUICK_COUNTS if quick else COUNTS)
+    if steps is not None:
+        counts["engine"] = Counts(counts["engine"].warmup, _ints([steps], "steps")[0])
+    for model in models:
+        if model not in SHAPES and not Path(model).is_dir():
+            shape_config(model)
+    notes = [CPU_NOTE] if device.type == "cpu" else []
+    if quick:
+        notes.append(QUICK_NOTE)
+    started = perf_counter()
+    run_peers = {"none": (), "fast": ("gptfast",), "all": ("gptfast", "hf_eager")}[peers]
+    if device.type != "cuda" and "gptfast" in run_peers:
+        run_peers = tuple(p for p in run_peers if p != "gptfast")
+        notes.append(GPTFAST_CPU_NOTE)
+    result = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "commit": git_commit(),
+        "note": "; ".join(notes) or None,
+        "device": str(device),
+        "backend": None,
+        "peers": list(run_peers),
+        "torch": torch.__version__,
+        "transformers": _transformers_version() if "hf_eager" in run_peers else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "seed": seed,
+        "counts": {k: vars(v) for k, v in counts.items()},
+        "floor_definition": FLOOR_DEFINITION,
+        "read_bw_gbs": None,
+        "probe": None,
+        "models": {},
+        "rows": [],
+        "ttft": [],
+    }
+    generator = torch.Generator(device=device).manual_seed(seed)
+    per_model = len(batches) * len(ctxs) * (1 + len(run_peers)) + len(prompt_lens) * (1 + ("hf_eager" in run_peers))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1 + per_model * len(models), desc="read probe", unit="run", disable=not progress) as bar:
+        result["read_bw_gbs"], result["probe"] = read_bandwidth(device)
+        bar.update()
+        for model in models:
+            _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator, bar)
+    result["wall_s"] = round(perf_counter() - started, 1)
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise RuntimeError(
+            "the HF eager peer needs transformers (pip install transformers), or pass --peers fast"
+        ) from exc
+    return transformers.__version__
+
+
+def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens, run_peers, counts, generator, bar):
+    name, spec, weights, cfg = _load_model(model, device, generator)
+    wbytes = weight_bytes(weights)
+    result["models"][name] = {
+        "weights_streamed_bytes": wbytes,
+        "parameters": sum(t.numel() for t in _all_tensors(weights)),
+        "tied": weights.tied,
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+    }
+    grid = [(b, c) for b in batches for c in ctxs]
+    max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
+    backend = select_backend(backend_name, spec, device)(spec, weights, max(batches), max_seq)
+    result["backend"] = backend.name
+    backend.kv_cache.normal_(generator=generator)
+    rows = {}
+    for batch, ctx in grid:
+        bar.set_description(f"{name} engine b{batch} ctx{ctx}")
+        tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+        positions = torch.full((batch,), ctx, dtype=torch.long, device=device)
+        median, p10, p90 = _stats(_time_calls(partial(backend.decode, tokens, positions), counts["engine"], device))
+        nbytes = step_bytes(spec, weights, batch, ctx)
+        floor = nbytes / (result["read_bw_gbs"] * 1e9) * 1e3 if result["read_bw_gbs"] else None
+        rows[batch, ctx] = {
+            "model": name,
+            "batch": batch,
+            "ctx": ctx,
+            "engine_ms": median,
+            "engine_p10_ms": p10,
+            "engine_p90_ms": p90,
+            "engine_tok_s": batch * 1e3 / median,
+            "engine_gbs": nbytes / (median * 1e-3) / 1e9,
+            "bytes_per_step": nbytes,
+            "floor_ms": floor,
+            "floor_fraction": floor / median if floor is not None else None,
+            "gptfast_ms": None,
+            "hf_eager_ms": None,
+            "speedup_vs_gptfast": None,
+            "speedup_vs_hf_eager": None,
+        }
+        bar.update()
+    ttft = {}
+    for length in prompt_lens:
+        bar.set_description(f"{name} engine prefill {length}")
+        prompt = torch.randint(spec.vocab_size, (length,), device=device, generator=generator)
+        median = _median(_time_calls(partial(backend.prefill, [prompt]), counts["ttft"], device, per_call=True))
+        ttft[length] = {"model": name, "prompt_len": length, "engine_ms": median, "hf_eager_ms": None}
+        bar.update()
+    del backend
+    _release()
+    if "gptfast" in run_peers:
+        _run_gptfast(name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar)
+    if "hf_eager" in run_peers:
+        _run_hf(name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar)
+    for row in rows.values():
+        for peer in ("gptfast", "hf_eager"):
+            if row[f"{peer}_ms"] is not None:
+                row[f"speedup_vs_{peer}"] = row[f"{peer}_ms"] / row["engine_ms"]
+    result["rows"].extend(rows.values())
+    result["ttft"].extend(ttft.values())
+    del weights
+    _release()
+
+
+def _all_tensors(weights: Weights):
+    seen = {id(t): t for t in (weights.embed, weights.final_norm, weights.lm_head)}
+    for layer in weights.layers:
+        seen.update((id(t), t) for t in vars(layer).values() if t is not None)
+    return seen.values()
+
+
+def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar):
+    from .baselines import GptFast
+
+    peer = GptFast(spec, weights, max(c for _, c in grid), compile=True)
+    for batch, ctx in grid:
+        bar.set_description(f"{name} gpt-fast b{batch} ctx{ctx}")
+        peer.setup(batch, ctx, generator=generator)
+        tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+        position = torch.tensor([ctx], device=device)
+        rows[batch, ctx]["gptfast_ms"] = _median(_time_calls(partial(peer.decode, tokens, position), counts, device))
+        peer.caches = []
+        _release()
+        bar.update()
+    peer.release()
+    del peer
+    _release()
+
+
+def _run_hf(name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar):
+    from .baselines import HFEager, hf_config
+
+    peer = HFEager(spec, weights, hf_config(cfg))
+    for batch, ctx in grid:
+        bar.set_description(f"{name} HF eager b{batch} ctx{ctx}")
+        peer.setup(batch, ctx, generator=generator)
+        tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+        rows[batch, ctx]["hf_eager_ms"] = _median(_time_calls(partial(peer.decode, tokens), counts["hf_eager"], device))
+        peer.release()
+        _release()
+        bar.update()
+    for length, entry in ttft.items():
+        bar.set_description(f"{name} HF eager prefill {length}")
+        prompt = torch.randint(spec.vocab_size, (length,), device=device, generator=generator)
+        entry["hf_eager_ms"] = _median(
+            _time_calls(partial(peer.prefill, prompt), counts["ttft"], device, per_call=True)
+        )
+        bar.update()
+    del peer
+    _release()
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def format_table(result: dict) -> str:
+    """The result as markdown (llama-bench style): a header, the decode table, the prefill table."""
+    lines = []
+    if result["note"]:
+        lines.append(f"> **{result['note']}**\n")
+    bw = f"{result['read_bw_gbs']:,.0f} GB/s" if result["read_bw_gbs"] else "not measured (no GPU)"
+    lines += [
+        f"flashformer bench: {result['gpu'] or result['device']}, commit {result['commit'] or 'unknown'}, "
+        f"engine backend `{result['backend']}`, torch {result['torch']}"
+        + (f", transformers {result['transformers']}" if result["transformers"] else ""),
+        "",
+        (
+            f"read bandwidth (streaming probe, same process): {bw}. "
+            "floor = bytes a step must read (weights streamed + KV cache) / read bandwidth. "
+            f"engine: median of {result['counts']['engine']['timed']} tokens (p10–p90); "
+            "× peer = peer ms / engine ms (> 1: the engine is faster)."
+        ),
+        "",
+        (
+            "| model | batch | ctx | engine ms | p10–p90 ms | tok/s | GB/s | floor ms | % of floor "
+            "| gpt-fast ms | × gpt-fast | HF eager ms | × HF eager |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        frac = None if r["floor_fraction"] is None else r["floor_fraction"] * 100
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['ctx']} | {_fmt(r['engine_ms'], 3)} "
+            f"| {_fmt(r['engine_p10_ms'], 3)}–{_fmt(r['engine_p90_ms'], 3)} | {_fmt(r['engine_tok_s'], 1)} "
+            f"| {_fmt(r['engine_gbs'], 0)} | {_fmt(r['floor_ms'], 3)} | {_fmt(frac, 1)} "
+            f"| {_fmt(r['gptfast_ms'], 3)} | {_fmt(r['speedup_vs_gptfast'])} "
+            f"| {_fmt(r['hf_eager_ms'], 3)} | {_fmt(r['speedup_vs_hf_eager'])} |"
+        )
+    if result["ttft"]:
+        lines += [
+            "",
+            f"Time to first token (batch 1, synchronized wall time, median of {result['counts']['ttft']['timed']}):",
+            "",
+            "| model | prompt tokens | engine ms | HF eager ms |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for t in result["ttft"]:
+            lines.append(
+                f"| {t['model']} | {t['prompt_len']} | {_fmt(t['engine_ms'], 2)} | {_fmt(t['hf_eager_ms'], 2)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str | Path) -> bool:
+    """Latency vs context (one panel per model and batch) for the engine, the peers and the floor,
+    as a PNG. Returns False (with a warning) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no PNG plot (pip install matplotlib)", stacklevel=2)
+        return False
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    batches = sorted({r["batch"] for r in result["rows"]})
+    fig, axes = plt.subplots(
+        len(models), len(batches), figsize=(3.6 * len(batches), 3.2 * len(models)), squeeze=False, sharex=True
+    )
+    series = [
+        ("engine_ms", f"engine ({result['backend']})", dict(marker="o", color="C0")),
+        ("gptfast_ms", "gpt-fast (torch.compile)", dict(marker="s", color="C1")),
+        ("hf_eager_ms", "HF transformers eager", dict(marker="^", color="C2")),
+        ("floor_ms", "floor (bytes / read bw)", dict(linestyle="--", color="black")),
+    ]
+    for i, model in enumerate(models):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            rows = sorted(
+                (r for r in result["rows"] if r["model"] == model and r["batch"] == batch), key=lambda r: r["ctx"]
+            )
+            for key, label, style in series:
+                points = [(r["ctx"], r[key]) for r in rows if r[key] is not None]
+                if points:
+                    ax.plot(*zip(*points), label=label, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{model}, batch {batch}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("context (tokens)")
+            if j == 0:
+                ax.set_ylabel("ms per decode step")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    title = f"flashformer bench: {result['gpu'] or result['device']}, commit {result['commit'] or 'unknown'}"
+    if result["note"]:
+        title += f"\n{result['note']}"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(result: dict, out: str | Path) -> dict[str, Path]:
+    """Write bench.md, bench.json and (with matplotlib) bench.png under `out`; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "bench.md", "json": out / "bench.json", "plot": out / "bench.png"}
+    paths["table"].write_text(format_table(result))
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    if not plot(result, paths["plot"]):
+        del paths["plot"]
+    return paths
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `flashformer bench`."""
+    parser.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        help="a shape name (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b: random bf16 weights, no download) "
+        "or a checkpoint directory; repeat for several (default: llama-3.2-1b and llama-3.1-8b)",
+    )
+    parser.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,2,4,8)")
+    parser.add_argument("--ctx", type=_int_list, default=None, help="contexts in tokens (default 128,1024,8192,32768)")
+    parser.add_argument(
+        "--prompt-len",
+        type=_int_list,
+        default=None,
+        help="time-to-first-token prompt lengths (default 128,1024,8192; '' for none)",
+    )
+    parser.add_argument(
+        "--peers", default="all", choices=PEERS, help="none; fast: the gpt-fast-style peer; all: also HF eager"
+    )
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "megakernel"])
+    parser.add_argument("--device", default=None, help="torch device (default: cuda; without a GPU only --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed engine tokens per row (default 100)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny shape, a small sweep (< 1 minute)")
+    parser.add_argument("--out", default="bench-results", help="output directory (default ./bench-results)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args) -> int:
+    """The `flashformer bench` subcommand (see cli._add_bench)."""
+    result = run_bench(
+        args.model,
+        batches=args.batch,
+        ctxs=args.ctx,
+        prompt_lens=args.prompt_len,
+        peers=args.peers,
+        backend=args.backend,
+        device=args.device,
+        quick=args.quick,
+        steps=args.steps,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    paths = write_outputs(result, args.out)
+    print(format_table(result))
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({result['wall_s']} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,239 @@
+"""`flashformer bench`: the CPU smoke run and its outputs, the floor's bytes, the real shapes, and
+that the peers compute what the reference decoder computes (so the comparison is fair)."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from flashformer import bench
+from flashformer.baselines import GptFast, HFEager, cache_len, hf_config
+from flashformer.cli import main
+from flashformer.config import spec_from_dict
+from flashformer.reference import ReferenceBackend
+
+ROW_FIELDS = {
+    "model": str,
+    "batch": int,
+    "ctx": int,
+    "engine_ms": float,
+    "engine_p10_ms": float,
+    "engine_p90_ms": float,
+    "engine_tok_s": float,
+    "engine_gbs": float,
+    "bytes_per_step": int,
+}
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without a GPU")
+
+
+@NO_GPU
+def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert bench.CPU_NOTE in result["note"] and bench.GPTFAST_CPU_NOTE in result["note"]
+    assert result["gpu"] is None and result["read_bw_gbs"] is None and result["backend"] == "reference"
+    assert result["commit"] is None or isinstance(result["commit"], str)
+    assert result["counts"]["engine"]["timed"] >= 100
+    assert len(result["rows"]) == len(bench.QUICK_BATCHES) * len(bench.QUICK_CTXS)
+    assert {(r["batch"], r["ctx"]) for r in result["rows"]} == {
+        (b, c) for b in bench.QUICK_BATCHES for c in bench.QUICK_CTXS
+    }
+    for row in result["rows"]:
+        for field, kind in ROW_FIELDS.items():
+            assert isinstance(row[field], kind), (field, row[field])
+        assert row["model"] == "tiny"
+        assert 0 < row["engine_p10_ms"] <= row["engine_ms"] <= row["engine_p90_ms"]
+        assert row["floor_ms"] is None and row["floor_fraction"] is None  # no probe on a CPU
+        assert row["gptfast_ms"] is None and row["speedup_vs_gptfast"] is None
+        assert row["hf_eager_ms"] > 0
+        assert row["speedup_vs_hf_eager"] == pytest.approx(row["hf_eager_ms"] / row["engine_ms"])
+    assert [t["prompt_len"] for t in result["ttft"]] == list(bench.QUICK_PROMPT_LENS)
+    for entry in result["ttft"]:
+        assert entry["model"] == "tiny" and entry["engine_ms"] > 0 and entry["hf_eager_ms"] > 0
+
+    table = (tmp_path / "bench.md").read_text()
+    assert table.startswith(f"> **{result['note']}**")
+    assert table.count("| tiny |") == len(result["rows"]) + len(result["ttft"])
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert bench.CPU_NOTE in captured.out and "bench.png" in captured.err
+
+
+@NO_GPU
+def test_full_sweep_without_a_gpu_says_to_use_quick(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path)]) == 1
+    assert "--quick" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    assert main(["bench", "--quick", "-m", "llama-9b", "--out", str(tmp_path)]) == 1
+    assert "unknown model shape 'llama-9b'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--batch", "0", "--out", str(tmp_path)]) == 1
+    assert "batch sizes must be integers >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--ctx", "1k"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--peers", "vllm"])
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize(
+    "shape, params, weights_gb",
+    [
+        ("llama-3.2-1b", 1_235_814_400, 2.47),
+        ("llama-3.2-3b", 3_212_749_824, 6.43),
+        ("llama-3.1-8b", 8_030_261_248, 15.01),
+    ],
+)
+def test_shapes_are_the_real_models_and_the_floor_counts_their_bytes(shape, params, weights_gb):
+    """Parameter counts as published; weights streamed per token as in ANCHORS.md (8B: 15.01 GB)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = bench.shape_config(shape)
+    spec = spec_from_dict(cfg)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg))
+    assert sum(p.numel() for p in hf.parameters()) == params
+    weights = bench.random_weights(spec, cfg["tie_word_embeddings"], "meta")
+    assert weights.tied == (shape != "llama-3.1-8b")
+    embed = weights.embed.nbytes
+    assert bench.weight_bytes(weights) == 2 * params - (0 if weights.tied else embed)  # the table is not streamed
+    assert bench.weight_bytes(weights) / 1e9 == pytest.approx(weights_gb, abs=0.005)
+    kv = spec.num_layers * 2 * 4 * spec.num_kv_heads * 8192 * spec.head_dim * 2
+    assert bench.step_bytes(spec, weights, 4, 8192) == bench.weight_bytes(weights) + kv
+
+
+def test_floor_of_the_8b_shape_matches_the_anchor():
+    """ANCHORS.md: Llama-3.1-8B at batch 1, ctx 8192, 4.65 TB/s -> 3.46 ms."""
+    cfg = bench.shape_config("llama-3.1-8b")
+    spec = spec_from_dict(cfg)
+    weights = bench.random_weights(spec, False, "meta")
+    assert bench.step_bytes(spec, weights, 1, 8192) / 4.65e12 * 1e3 == pytest.approx(3.46, abs=0.01)
+
+
+def test_random_weights_are_random_and_tied_when_asked():
+    spec = spec_from_dict(bench.shape_config("tiny"))
+    weights = bench.random_weights(spec, True, "cpu", generator=torch.Generator().manual_seed(1))
+    assert weights.tied and weights.embed.dtype == torch.bfloat16
+    tensors = [
+        weights.embed,
+        weights.final_norm,
+        *(t for l in weights.layers for t in vars(l).values() if t is not None),
+    ]
+    for t in tensors:
+        assert t.float().std() > 0.01 and torch.isfinite(t.float()).all()
+    assert not torch.equal(weights.layers[0].wqkv, weights.layers[1].wqkv)
+
+
+def _tiny_fp32():
+    cfg = bench.shape_config("tiny")
+    spec = spec_from_dict(cfg)
+    generator = torch.Generator().manual_seed(0)
+    weights = bench.random_weights(spec, False, "cpu", dtype=torch.float32, generator=generator)
+    return cfg, spec, weights, generator
+
+
+def test_peers_compute_what_the_reference_computes():
+    """Same weights, same cache contents: the gpt-fast model (run eagerly here) and HF transformers
+    return the reference decoder's logits, step after step."""
+    pytest.importorskip("transformers")
+    cfg, spec, weights, generator = _tiny_fp32()
+    batch, ctx = 2, 40
+    reference = ReferenceBackend(spec, weights, batch, 64)
+    reference.kv_cache.normal_(generator=generator)
+    source = reference.kv_cache.clone()
+    fast = GptFast(spec, weights, 64, compile=False)
+    fast.setup(batch, ctx, source=source)
+    hf = HFEager(spec, weights, hf_config(cfg))
+    hf.setup(batch, ctx, source=source)
+    assert (
+        hf.model.model.layers[0].self_attn.k_proj.weight.data_ptr() == weights.layers[0].wqkv[spec.q_size :].data_ptr()
+    )
+    for step in range(3):
+        tokens = torch.randint(spec.vocab_size, (batch,), generator=generator)
+        expected = reference.decode(tokens, torch.full((batch,), ctx + step))
+        assert torch.isfinite(expected).all() and expected.std() > 0.1
+        torch.testing.assert_close(fast.decode(tokens, torch.tensor([ctx + step])), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(hf.decode(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_prefill_matches_the_reference():
+    pytest.importorskip("transformers")
+    cfg, spec, weights, generator = _tiny_fp32()
+    prompt = torch.randint(spec.vocab_size, (24,), generator=generator)
+    expected = ReferenceBackend(spec, weights, 1, 64).prefill([prompt])
+    torch.testing.assert_close(HFEager(spec, weights, hf_config(cfg)).prefill(prompt), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gptfast_cache_is_sized_to_the_context():
+    assert cache_len(128) == 136 and cache_len(129) == 144 and cache_len(32768) == 32776
+    _, spec, weights, _ = _tiny_fp32()
+    fast = GptFast(spec, weights, 256, compile=False)
+    fast.setup(3, 100)
+    assert len(fast.caches) == spec.num_layers
+    assert fast.caches[0][0].shape == (3, spec.num_kv_heads, cache_len(100), spec.head_dim)
+    assert fast.caches[0][0].float().std() > 0.5  # random, never zeros
+
+
+def test_time_calls_gives_one_positive_time_per_timed_call():
+    calls = []
+    times = bench._time_calls(lambda: calls.append(1), bench.Counts(2, 7), torch.device("cpu"))
+    assert len(calls) == 9 and len(times) == 7 and all(t >= 0 for t in times)
+
+
+def test_commit_falls_back_to_the_environment(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise OSError("git is not installed")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    monkeypatch.setenv("FLASHFORMER_COMMIT", "abc1234")
+    assert bench.git_commit() == "abc1234"
+    monkeypatch.delenv("FLASHFORMER_COMMIT")
+    assert bench.git_commit() is None
+
+
+def _result():
+    row = dict.fromkeys(["floor_ms", "floor_fraction", "gptfast_ms", "speedup_vs_gptfast"])
+    row.update(model="m", batch=1, ctx=128, engine_ms=2.0, engine_p10_ms=1.9, engine_p90_ms=2.2)
+    row.update(
+        engine_tok_s=500.0, engine_gbs=10.0, bytes_per_step=20_000_000, hf_eager_ms=40.0, speedup_vs_hf_eager=20.0
+    )
+    return {
+        "gpu": None,
+        "device": "cpu",
+        "commit": None,
+        "note": None,
+        "backend": "reference",
+        "torch": torch.__version__,
+        "transformers": None,
+        "read_bw_gbs": None,
+        "counts": {"engine": {"warmup": 1, "timed": 100}, "ttft": {"warmup": 1, "timed": 5}},
+        "rows": [row],
+        "ttft": [],
+    }
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        paths = bench.write_outputs(_result(), tmp_path)
+    assert set(paths) == {"table", "json"} and not (tmp_path / "bench.png").exists()
+    assert (
+        "| m | 1 | 128 | 2.000 | 1.900–2.200 | 500.0 | 10 | — | — | — | — | 40.000 | 20.00 |"
+        in paths["table"].read_text()
+    )
+
+
+@pytest.mark.gpu
+def test_quick_run_on_the_gpu_has_a_floor_and_both_peers(tmp_path):
+    result = bench.run_bench(quick=True, out=tmp_path, progress=False)
+    assert result["gpu"] and bench.CPU_NOTE not in result["note"]
+    assert result["probe"]["method"] == "flashformer._C.testing.read_probe"
+    assert 500 < result["read_bw_gbs"] < 20_000
+    for row in result["rows"]:
+        assert 0 < row["floor_fraction"] <= 1.1
+        assert row["gptfast_ms"] > 0 and row["hf_eager_ms"] > 0
+        assert math.isclose(row["floor_ms"], row["bytes_per_step"] / (result["read_bw_gbs"] * 1e9) * 1e3)
+    assert (tmp_path / "bench.png").is_file()
