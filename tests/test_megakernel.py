@@ -163,10 +163,10 @@ def test_real_shapes_teacher_forced_logits_match_reference(name):
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
 def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     """Through the user path (a checkpoint directory, backend="auto" picks the megakernel).
-    Teacher-forced on the fp32 reference's greedy tokens, the kernel picks the same token at every
-    step whose fp32 top-2 margin exceeds `tie` (2x the largest bf16-reference logit error seen:
-    below that, rounding may flip a pick); free-running, it follows the bf16 reference up to the
-    first such near-tie."""
+    Teacher-forced on the fp32 reference's 256 greedy tokens, the kernel picks the same token at
+    every step whose fp32 top-2 margin exceeds that step's `tie`: 2x the largest logit error the
+    bf16 reference itself shows there (below it, rounding alone may flip a pick). Free-running,
+    the kernel follows the bf16 reference up to the first near-tie."""
     path = make_llama_checkpoint(tmp_path, llama_config(name))
     kw = dict(device="cuda", max_seq_len=300, progress=False)
     mk = Engine.from_pretrained(path, dtype="bfloat16", **kw)
@@ -178,10 +178,10 @@ def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     greedy32 = ref32.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
     forced = torch.tensor(greedy32[:-1])[:, None]
     logits = {k: teacher_forced(e.backend, [prompt], forced)[:, 0] for k, e in (("mk", mk), ("bf16", ref16), ("fp32", ref32))}
-    tie = 2 * (logits["bf16"] - logits["fp32"]).abs().max().item()
+    tie = 2 * (logits["bf16"] - logits["fp32"]).abs().amax(-1)
     top2 = logits["fp32"].topk(2).values
     clear = (top2[:, 0] - top2[:, 1]) >= tie
-    assert clear.sum() >= 100, "too few clear steps to compare"  # most of the 255 are clear
+    assert clear.sum() >= 64, f"only {int(clear.sum())} of 255 steps are clear enough to compare"
     picks = logits["mk"].argmax(-1)
     assert torch.equal(picks[clear], torch.tensor(greedy32[1:], device=picks.device)[clear])
     ours = mk.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids

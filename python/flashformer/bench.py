@@ -406,7 +406,8 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     }
     grid = [(b, c) for b in batches for c in ctxs]
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
-    backend = select_backend(backend_name, spec, device)(spec, weights, max(batches), max_seq)
+    backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
+    backend = backend_cls(spec, weights, max(batches), max_seq)
     result["backend"] = backend.name
     backend.kv_cache.normal_(generator=generator)
     rows = {}
