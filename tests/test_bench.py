@@ -35,6 +35,7 @@ def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(
     assert bench.CPU_NOTE in result["note"] and bench.GPTFAST_CPU_NOTE in result["note"]
     assert result["gpu"] is None and result["read_bw_gbs"] is None and result["backend"] == "reference"
     assert result["commit"] is None or isinstance(result["commit"], str)
+    assert result["errors"] == [] and result["peers"] == ["hf_eager"]
     assert result["counts"]["engine"]["timed"] >= 100
     assert len(result["rows"]) == len(bench.QUICK_BATCHES) * len(bench.QUICK_CTXS)
     assert {(r["batch"], r["ctx"]) for r in result["rows"]} == {
@@ -66,6 +67,24 @@ def test_full_sweep_without_a_gpu_says_to_use_quick(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 1
     assert "--quick" in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such attention implementation")
+
+    monkeypatch.setattr("flashformer.baselines.HFEager", broken)
+    with pytest.warns(UserWarning, match="the hf_eager peer failed"):
+        result = bench.run_bench(
+            quick=True, device="cpu", batches=[1], ctxs=[16], prompt_lens=[], out=tmp_path, progress=False
+        )
+    assert result["errors"] == [
+        {"model": "tiny", "peer": "hf_eager", "error": "RuntimeError: no such attention implementation"}
+    ]
+    (row,) = result["rows"]
+    assert row["engine_ms"] > 0 and row["hf_eager_ms"] is None and result["ttft"] == []
+    assert json.loads((tmp_path / "bench.json").read_text())["errors"] == result["errors"]
+    assert "tiny: the hf_eager peer failed: RuntimeError" in (tmp_path / "bench.md").read_text()
 
 
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
@@ -212,6 +231,7 @@ def _result():
         "counts": {"engine": {"warmup": 1, "timed": 100}, "ttft": {"warmup": 1, "timed": 5}},
         "rows": [row],
         "ttft": [],
+        "errors": [],
     }
 
 

@@ -366,6 +366,7 @@ def run_bench(
         "read_bw_gbs": None,
         "probe": None,
         "models": {},
+        "errors": [],
         "rows": [],
         "ttft": [],
     }
@@ -378,9 +379,10 @@ def run_bench(
         bar.update()
         for model in models:
             _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator, bar)
-    result["wall_s"] = round(perf_counter() - started, 1)
-    if out is not None:
-        write_outputs(result, out)
+            result["backend"] = ", ".join(dict.fromkeys(m["backend"] for m in result["models"].values()))
+            result["wall_s"] = round(perf_counter() - started, 1)
+            if out is not None:  # after every model, so a failure later keeps what was measured
+                write_outputs(result, out)
     return result
 
 
@@ -408,7 +410,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
     backend = backend_cls(spec, weights, max(batches), max_seq)
-    result["backend"] = backend.name
+    result["models"][name]["backend"] = backend.name
     backend.kv_cache.normal_(generator=generator)
     rows = {}
     for batch, ctx in grid:
@@ -446,9 +448,11 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     del backend
     _release()
     if "gptfast" in run_peers:
-        _run_gptfast(name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar)
+        args = (name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar)
+        _run_peer(result, name, "gptfast", _run_gptfast, *args)
     if "hf_eager" in run_peers:
-        _run_hf(name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar)
+        args = (name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar)
+        _run_peer(result, name, "hf_eager", _run_hf, *args)
     for row in rows.values():
         for peer in ("gptfast", "hf_eager"):
             if row[f"{peer}_ms"] is not None:
@@ -466,45 +470,60 @@ def _all_tensors(weights: Weights):
     return seen.values()
 
 
+def _run_peer(result: dict, model: str, peer: str, run: Callable, *args) -> None:
+    """Run one peer's sweep; if it fails, record the error (its figures stay null) and go on: the
+    engine's figures and the other peer's still stand."""
+    try:
+        run(*args)
+    except Exception as exc:  # a peer's failure (compile error, OOM, transformers API) must not lose the run
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        result["errors"].append({"model": model, "peer": peer, "error": message})
+        warnings.warn(f"{model}: the {peer} peer failed ({message}); its figures are left empty", stacklevel=2)
+    _release()
+
+
 def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar):
     from .baselines import GptFast
 
     peer = GptFast(spec, weights, max(c for _, c in grid), compile=True)
-    for batch, ctx in grid:
-        bar.set_description(f"{name} gpt-fast b{batch} ctx{ctx}")
-        peer.setup(batch, ctx, generator=generator)
-        tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
-        position = torch.tensor([ctx], device=device)
-        rows[batch, ctx]["gptfast_ms"] = _median(_time_calls(partial(peer.decode, tokens, position), counts, device))
-        peer.caches = []
-        _release()
-        bar.update()
-    peer.release()
-    del peer
-    _release()
+    try:
+        for batch, ctx in grid:
+            bar.set_description(f"{name} gpt-fast b{batch} ctx{ctx}")
+            peer.setup(batch, ctx, generator=generator)
+            tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+            position = torch.tensor([ctx], device=device)
+            rows[batch, ctx]["gptfast_ms"] = _median(
+                _time_calls(partial(peer.decode, tokens, position), counts, device)
+            )
+            peer.caches = []
+            _release()
+            bar.update()
+    finally:
+        peer.release()
 
 
 def _run_hf(name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar):
     from .baselines import HFEager, hf_config
 
     peer = HFEager(spec, weights, hf_config(cfg))
-    for batch, ctx in grid:
-        bar.set_description(f"{name} HF eager b{batch} ctx{ctx}")
-        peer.setup(batch, ctx, generator=generator)
-        tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
-        rows[batch, ctx]["hf_eager_ms"] = _median(_time_calls(partial(peer.decode, tokens), counts["hf_eager"], device))
+    try:
+        for batch, ctx in grid:
+            bar.set_description(f"{name} HF eager b{batch} ctx{ctx}")
+            peer.setup(batch, ctx, generator=generator)
+            tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+            times = _time_calls(partial(peer.decode, tokens), counts["hf_eager"], device)
+            rows[batch, ctx]["hf_eager_ms"] = _median(times)
+            peer.release()
+            _release()
+            bar.update()
+        for length, entry in ttft.items():
+            bar.set_description(f"{name} HF eager prefill {length}")
+            prompt = torch.randint(spec.vocab_size, (length,), device=device, generator=generator)
+            times = _time_calls(partial(peer.prefill, prompt), counts["ttft"], device, per_call=True)
+            entry["hf_eager_ms"] = _median(times)
+            bar.update()
+    finally:
         peer.release()
-        _release()
-        bar.update()
-    for length, entry in ttft.items():
-        bar.set_description(f"{name} HF eager prefill {length}")
-        prompt = torch.randint(spec.vocab_size, (length,), device=device, generator=generator)
-        entry["hf_eager_ms"] = _median(
-            _time_calls(partial(peer.prefill, prompt), counts["ttft"], device, per_call=True)
-        )
-        bar.update()
-    del peer
-    _release()
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -560,6 +579,8 @@ def format_table(result: dict) -> str:
             lines.append(
                 f"| {t['model']} | {t['prompt_len']} | {_fmt(t['engine_ms'], 2)} | {_fmt(t['hf_eager_ms'], 2)} |"
             )
+    for error in result["errors"]:
+        lines += ["", f"- {error['model']}: the {error['peer']} peer failed: {error['error']}"]
     return "\n".join(lines) + "\n"
 
 
