@@ -237,6 +237,7 @@ def _result():
 
 def test_without_matplotlib_the_plot_is_skipped_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (tmp_path / "bench.png").write_bytes(b"a plot of an earlier run")
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         paths = bench.write_outputs(_result(), tmp_path)
     assert set(paths) == {"table", "json"} and not (tmp_path / "bench.png").exists()
@@ -244,6 +245,15 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_warning(tmp_path, monkeyp
         "| m | 1 | 128 | 2.000 | 1.900–2.200 | 500.0 | 10 | — | — | — | — | 40.000 | 20.00 |"
         in paths["table"].read_text()
     )
+
+
+def test_render_rewrites_table_and_plot_from_a_json_without_measuring(tmp_path, capsys):
+    (tmp_path / "bench.json").write_text(json.dumps(_result()))
+    assert main(["bench", "--render", str(tmp_path / "bench.json")]) == 0
+    assert (tmp_path / "bench.md").read_text() == bench.format_table(_result())
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| m | 1 | 128 |" in capsys.readouterr().out
+    assert main(["bench", "--render", str(tmp_path / "missing.json")]) == 1
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ DEFAULT_CTXS = (128, 1024, 8192, 32768)
 DEFAULT_PROMPT_LENS = (128, 1024, 8192)
 QUICK_MODELS, QUICK_BATCHES, QUICK_CTXS, QUICK_PROMPT_LENS = ("tiny",), (1, 2), (32, 128), (32, 128)
 PEERS = ("none", "fast", "all")
+DEFAULT_OUT = "bench-results"
 
 CPU_NOTE = "CPU reference run: these figures mean nothing for GPU performance"
 GPTFAST_CPU_NOTE = "gpt-fast peer not run: its torch.compile mode='reduce-overhead' is CUDA graphs, which need a GPU"
@@ -595,17 +597,22 @@ def plot(result: dict, path: str | Path) -> bool:
     except ImportError:
         warnings.warn("matplotlib is not installed: no PNG plot (pip install matplotlib)", stacklevel=2)
         return False
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     batches = sorted({r["batch"] for r in result["rows"]})
+    ctxs = sorted({r["ctx"] for r in result["rows"]})
     fig, axes = plt.subplots(
-        len(models), len(batches), figsize=(3.6 * len(batches), 3.2 * len(models)), squeeze=False, sharex=True
+        len(models), len(batches), figsize=(3.6 * len(batches), 3.2 * len(models) + 1.2), squeeze=False
     )
     series = [
-        ("engine_ms", f"engine ({result['backend']})", dict(marker="o", color="C0")),
-        ("gptfast_ms", "gpt-fast (torch.compile)", dict(marker="s", color="C1")),
-        ("hf_eager_ms", "HF transformers eager", dict(marker="^", color="C2")),
-        ("floor_ms", "floor (bytes / read bw)", dict(linestyle="--", color="black")),
+        ("engine_ms", f"engine ({result['backend']})", {"marker": "o", "color": "C0"}),
+        ("gptfast_ms", "gpt-fast (torch.compile)", {"marker": "s", "color": "C1"}),
+        ("hf_eager_ms", "HF transformers eager", {"marker": "^", "color": "C2"}),
+        ("floor_ms", "floor (bytes / read bw)", {"linestyle": "--", "color": "black"}),
     ]
+    number = FuncFormatter(lambda v, _: f"{v:g}")
+    legend = {}
     for i, model in enumerate(models):
         for j, batch in enumerate(batches):
             ax = axes[i][j]
@@ -615,22 +622,25 @@ def plot(result: dict, path: str | Path) -> bool:
             for key, label, style in series:
                 points = [(r["ctx"], r[key]) for r in rows if r[key] is not None]
                 if points:
-                    ax.plot(*zip(*points), label=label, **style)
+                    (legend[label],) = ax.plot(*zip(*points), label=label, **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(ctxs))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1024:g}K" if v >= 1024 else f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(number)
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{model}, batch {batch}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            if i == len(models) - 1:
-                ax.set_xlabel("context (tokens)")
+            ax.grid(True, which="major", alpha=0.3)
+            ax.set_xlabel("context (tokens)", fontsize=8)
             if j == 0:
-                ax.set_ylabel("ms per decode step")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+                ax.set_ylabel("ms per decode step", fontsize=8)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8)
     title = f"flashformer bench: {result['gpu'] or result['device']}, commit {result['commit'] or 'unknown'}"
-    if result["note"]:
-        title += f"\n{result['note']}"
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    notes = [textwrap.fill(n, width=int(20 * len(batches) + 30)) for n in (result["note"] or "").split("; ") if n]
+    fig.suptitle("\n".join([title, *notes]), fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -644,7 +654,7 @@ def write_outputs(result: dict, out: str | Path) -> dict[str, Path]:
     paths["table"].write_text(format_table(result))
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     if not plot(result, paths["plot"]):
-        del paths["plot"]
+        paths.pop("plot").unlink(missing_ok=True)  # no stale plot of another run next to these results
     return paths
 
 
@@ -679,27 +689,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda; without a GPU only --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed engine tokens per row (default 100)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny shape, a small sweep (< 1 minute)")
-    parser.add_argument("--out", default="bench-results", help="output directory (default ./bench-results)")
+    parser.add_argument(
+        "--out", default=None, help=f"output directory (default ./{DEFAULT_OUT}; with --render, the JSON's directory)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: write bench.md and bench.png from an existing bench.json "
+        "(e.g. on a machine with matplotlib, for a run made where it is missing)",
+    )
 
 
 def main(args) -> int:
     """The `flashformer bench` subcommand (see cli._add_bench)."""
-    result = run_bench(
-        args.model,
-        batches=args.batch,
-        ctxs=args.ctx,
-        prompt_lens=args.prompt_len,
-        peers=args.peers,
-        backend=args.backend,
-        device=args.device,
-        quick=args.quick,
-        steps=args.steps,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    paths = write_outputs(result, args.out)
+    if args.render is not None:
+        path = Path(args.render)
+        if not path.is_file():
+            raise FileNotFoundError(f"no bench result at {path}")
+        result = json.loads(path.read_text())
+        out = Path(args.out) if args.out is not None else path.parent
+        write_outputs(result, out)
+    else:
+        out = Path(args.out if args.out is not None else DEFAULT_OUT)
+        result = run_bench(
+            args.model,
+            batches=args.batch,
+            ctxs=args.ctx,
+            prompt_lens=args.prompt_len,
+            peers=args.peers,
+            backend=args.backend,
+            device=args.device,
+            quick=args.quick,
+            steps=args.steps,
+            seed=args.seed,
+            out=out,
+            progress=not args.no_progress,
+        )
     print(format_table(result))
-    print(f"wrote {', '.join(str(p) for p in paths.values())} ({result['wall_s']} s)", file=sys.stderr)
+    written = [str(out / name) for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file()]
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 0
