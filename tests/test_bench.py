@@ -87,6 +87,20 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "tiny: the hf_eager peer failed: RuntimeError" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path, arch):
+    """Biases (llama3 here) and q/k norms (qwen3) reach the HF peer through the checkpoint's config.json."""
+    pytest.importorskip("transformers")
+    from checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / arch, arch)[1]
+    result = bench.run_bench([str(path)], device="cpu", batches=[2], ctxs=[16], prompt_lens=[8], progress=False)
+    assert result["errors"] == [] and result["models"][arch]["backend"] == "reference"
+    (row,) = result["rows"]
+    assert row["model"] == arch and row["engine_ms"] > 0 and row["hf_eager_ms"] > 0
+    assert result["ttft"][0]["hf_eager_ms"] > 0
+
+
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     assert main(["bench", "--quick", "-m", "llama-9b", "--out", str(tmp_path)]) == 1
     assert "unknown model shape 'llama-9b'" in capsys.readouterr().err

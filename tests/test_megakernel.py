@@ -202,7 +202,8 @@ def test_a_lost_dependency_raises_instead_of_hanging():
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([3, 7], device="cuda")
     mk.engine.debug_skip_signal = flashformer._core.load().OPS.index("gate_up")
     mk.engine.timeout_ms = 100.0
-    with pytest.raises(RuntimeError, match=r"megakernel step aborted: SM \d+ waited more than 100.0+ ms before down of layer 0"):
+    # Which SM times out first depends on where each one waits; all wait on work downstream of it.
+    with pytest.raises(RuntimeError, match=r"megakernel step aborted: SM \d+ waited more than 100 ms for \w+ of layer \d"):
         mk.decode(tokens, positions)
     mk.engine.debug_skip_signal = -1  # the engine reset itself: the same step now runs clean
     assert rel_l2(mk.decode(tokens, positions), ref.decode(tokens, positions)) < 0.05
@@ -211,8 +212,14 @@ def test_a_lost_dependency_raises_instead_of_hanging():
 @pytest.mark.gpu
 @gpu
 def test_sanitizer_smoke():
-    """A few steps of a tiny config: scripts/gpu_check.sh runs this under compute-sanitizer's
+    """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
+    a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised)."""
     spec = spec_from_dict(llama_config("tiny-gqa"))
     weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
-    check_errors(run_three(spec, weights, [5, 40], steps=2, max_seq=64))
+    mk = MegakernelBackend(spec, weights, 2, 16)
+    for step in range(3):
+        tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
+        logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
+        assert torch.isfinite(logits).all()
+        assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())

@@ -1,6 +1,7 @@
 #include "megakernel_engine.hpp"
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 
 #include "cuda_check.hpp"
@@ -128,12 +129,18 @@ void MegakernelEngine::check(cudaStream_t stream) {
   FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, sizeof(err)));
   epoch_ = 0;
   const int op = err[1], layer = err[2];
-  const bool known = op >= 0 && op < kNumOps;
-  throw std::runtime_error(
-      std::string("megakernel step aborted: SM ") + std::to_string(err[3]) + " waited more than " +
-      std::to_string(timeout_ms) + " ms before " + (known ? kOpNames[op] : "an op") + " of layer " +
-      std::to_string(layer) + " for a dependency that never completed (the step's outputs are invalid; "
-      "the engine has been reset)");
+  if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");
+  // The dependency the waiter names: the previous layer's down projection for a qkv (embed in
+  // layer 0), the same layer's op otherwise, the last layer's down projection for the LM head.
+  const bool first_qkv = Op(op) == Op::kQkv && layer == 0;
+  const Op dep = first_qkv ? Op::kEmbed : dependency_of(Op(op));
+  const int dep_layer = Op(op) == Op::kQkv && !first_qkv ? layer - 1 : layer;
+  char ms[32];
+  std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
+  throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(err[3]) + " waited more than " +
+                           ms + " ms for " + kOpNames[int(dep)] + " of layer " + std::to_string(dep_layer) +
+                           " (needed by " + kOpNames[op] + " of layer " + std::to_string(layer) +
+                           "), which never completed; the step's outputs are invalid and the engine has been reset");
 }
 
 }  // namespace flashformer
