@@ -13,6 +13,7 @@ from flashformer.baselines import GptFast, HFEager, cache_len, hf_config
 from flashformer.cli import main
 from flashformer.config import spec_from_dict
 from flashformer.reference import ReferenceBackend
+from flashformer.weights import load_weights
 
 ROW_FIELDS = {
     "model": str,
@@ -87,12 +88,12 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "tiny: the hf_eager peer failed: RuntimeError" in (tmp_path / "bench.md").read_text()
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
-def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path, arch):
-    """Biases (llama3 here) and q/k norms (qwen3) reach the HF peer through the checkpoint's config.json."""
+def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path):
+    """A Qwen3 checkpoint (q/k norms) runs with the HF peer built from its own config.json."""
     pytest.importorskip("transformers")
     from checkpoints import make_checkpoint
 
+    arch = "qwen3"
     path = make_checkpoint(tmp_path / arch, arch)[1]
     result = bench.run_bench([str(path)], device="cpu", batches=[2], ctxs=[16], prompt_lens=[8], progress=False)
     assert result["errors"] == [] and result["models"][arch]["backend"] == "reference"
@@ -168,11 +169,24 @@ def _tiny_fp32():
     return cfg, spec, weights, generator
 
 
-def test_peers_compute_what_the_reference_computes():
+def _fp32_model(name, tmp_path):
+    """(config.json dict, spec, fp32 weights on the CPU, generator): the tiny shape, or a checkpoint."""
+    if name == "tiny":
+        return _tiny_fp32()
+    from checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / name, name)[1]
+    cfg = json.loads((path / "config.json").read_text())
+    spec = spec_from_dict(cfg)
+    return cfg, spec, load_weights(path, spec, dtype=torch.float32, progress=False), torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama3", "llama_tied", "qwen3"])
+def test_peers_compute_what_the_reference_computes(name, tmp_path):
     """Same weights, same cache contents: the gpt-fast model (run eagerly here) and HF transformers
-    return the reference decoder's logits, step after step."""
+    return the reference decoder's logits, step after step (biases, tied embeddings, q/k norms too)."""
     pytest.importorskip("transformers")
-    cfg, spec, weights, generator = _tiny_fp32()
+    cfg, spec, weights, generator = _fp32_model(name, tmp_path)
     batch, ctx = 2, 40
     reference = ReferenceBackend(spec, weights, batch, 64)
     reference.kv_cache.normal_(generator=generator)
@@ -181,9 +195,8 @@ def test_peers_compute_what_the_reference_computes():
     fast.setup(batch, ctx, source=source)
     hf = HFEager(spec, weights, hf_config(cfg))
     hf.setup(batch, ctx, source=source)
-    assert (
-        hf.model.model.layers[0].self_attn.k_proj.weight.data_ptr() == weights.layers[0].wqkv[spec.q_size :].data_ptr()
-    )
+    k_proj = hf.model.model.layers[0].self_attn.k_proj.weight
+    assert k_proj.data_ptr() == weights.layers[0].wqkv[spec.q_size :].data_ptr()  # bound, not copied
     for step in range(3):
         tokens = torch.randint(spec.vocab_size, (batch,), generator=generator)
         expected = reference.decode(tokens, torch.full((batch,), ctx + step))
