@@ -17,7 +17,8 @@ struct AttentionOp {
   static constexpr Op kOp = Op::kAttention;
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
-  static constexpr int kUnroll = 4;                   // positions per warp per iteration (loads in flight)
+  static constexpr int kUnroll = 8;                   // positions per warp per iteration (loads in flight)
+  static constexpr int kMinChunk = 64;                // positions: shorter chunks cost more to merge than they save
   static constexpr int kPartStride = D + 2;           // o[D], m, l
 
   __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // KV reads are direct (v1)
@@ -81,19 +82,30 @@ struct AttentionOp {
     }
   }
 
+  // The longest context this step (positions are 0-based), the same on every SM.
+  __device__ static int context_of(const MegakernelParams& p) {
+    int context = 0;
+    for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
+    return context;
+  }
+  // Chunks holding positions this step: at most attn_chunks, each at least kMinChunk long.
+  __device__ static int active_chunks(const MegakernelParams& p) {
+    return min(p.attn_chunks, (context_of(p) + kMinChunk - 1) / kMinChunk);
+  }
+
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
 
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     const MegakernelParams& p = c.p;
     const int chunks = p.attn_chunks;
-    int context = 0;  // the longest context this step: positions are 0-based
-    for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
-    const int chunk_len = (context + chunks - 1) / chunks;
+    const int active = active_chunks(p);
+    const int chunk_len = (context_of(p) + active - 1) / active;
     for (int unit = u0; unit < u1; ++unit) {
       const int kv_head = unit / chunks, chunk = unit % chunks;
-      const int c0 = min(chunk * chunk_len, context), c1 = min(c0 + chunk_len, context);
-      for (int b = 0; b < p.batch; ++b) {
+      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context_of(p));
+      // Chunks past the active ones have no positions: they only count towards the group.
+      for (int b = 0; b < p.batch && chunk < active; ++b) {
         warp_partial(c, layer, b, kv_head, c0, min(c1, p.positions[b] + 1));
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < G * D; j += kConsumerThreads) {
@@ -127,22 +139,23 @@ struct AttentionOp {
     return true;
   }
 
-  // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c, into the O projection's B fragments.
+  // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c over the active chunks, in one pass
+  // with a running maximum, into the O projection's B fragments.
   __device__ static void merge_chunks(Consumer<T>& c, int kv_head) {
     const MegakernelParams& p = c.p;
-    const int chunks = p.attn_chunks;
+    const int chunks = p.attn_chunks, active = active_chunks(p);
     for (int j = c.tid; j < p.batch * G * D; j += kConsumerThreads) {
       const int b = j / (G * D), h = (j / D) % G, d = j % D;
       const int head = kv_head * G + h;
       const float* part = p.scratch.attn_part + (int64_t(b) * T::kHeads + head) * chunks * kPartStride;
-      float m_max = -FLT_MAX;
-      for (int ch = 0; ch < chunks; ++ch)
-        if (__ldcg(part + ch * kPartStride + D + 1) != 0.f) m_max = fmaxf(m_max, __ldcg(part + ch * kPartStride + D));
-      float o = 0.f, l = 0.f;
-      for (int ch = 0; ch < chunks; ++ch) {
+      float m_run = -FLT_MAX, o = 0.f, l = 0.f;
+#pragma unroll 4
+      for (int ch = 0; ch < active; ++ch) {
         const float* pc = part + ch * kPartStride;
-        const float s = rescale(__ldcg(pc + D), __ldcg(pc + D + 1), m_max);
-        o += s * __ldcg(pc + d), l += s * __ldcg(pc + D + 1);
+        const float m = __ldcg(pc + D), lc = __ldcg(pc + D + 1), oc = __ldcg(pc + d);
+        if (lc == 0.f) continue;  // a chunk past this row's context
+        const float m_new = fmaxf(m_run, m), old_scale = exp2f(m_run - m_new), scale = exp2f(m - m_new);
+        o = o * old_scale + oc * scale, l = l * old_scale + lc * scale, m_run = m_new;
       }
       p.scratch.attn_frag[act_fragment_index(b, int64_t(head) * D + d)] = __float2bfloat16(o / l);
     }

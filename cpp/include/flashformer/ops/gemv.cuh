@@ -35,22 +35,33 @@ using AccTile = float[4];
 // in acc. False when the step was aborted.
 template <class T, class Source>
 __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
+  constexpr int kPerWarp = kFragmentsPerStage / kConsumerWarps;  // fragments of a stage per warp
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
+  // B fragments of the stage starting at k block kb0 (activations never depend on the ring).
+  auto load_b = [&](int kb0, uint2 (&b)[kPerWarp]) {
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) {
+      const int kb = kb0 + c.warp + i * kConsumerWarps;
+      b[i] = live && kb < kblocks ? src.load(kb, g, t) : make_uint2(0u, 0u);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+  uint2 next[kPerWarp];
+  load_b(0, next);
   for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
+    uint2 b[kPerWarp];
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
+    load_b(kb0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
     const int n = min(kFragmentsPerStage, kblocks - kb0);
     if (!c.ring.wait_full(c.cursor, c.p.scratch)) return false;
     const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
 #pragma unroll
-    for (int i = 0; i < kFragmentsPerStage / kConsumerWarps; ++i) {
+    for (int i = 0; i < kPerWarp; ++i) {
       const int f = c.warp + i * kConsumerWarps;
-      if (f < n) {
-        const uint4 a = stage[f * kWarpSize + c.lane];
-        const uint2 b = live ? src.load(kb0 + f, g, t) : make_uint2(0u, 0u);
-        mma_fragment(acc, a, b);
-      }
+      if (f < n) mma_fragment(acc, stage[f * kWarpSize + c.lane], b[i]);
     }
     c.ring.release(c.cursor);
   }
