@@ -17,7 +17,7 @@ struct AttentionOp {
   static constexpr Op kOp = Op::kAttention;
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
-  static constexpr int kUnroll = 8;                   // positions per warp per iteration (loads in flight)
+  static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per warp per iteration: 64 B of K+V in flight per lane
   static constexpr int kMinChunk = 64;                // positions: shorter chunks cost more to merge than they save
   static constexpr int kPartStride = D + 2;           // o[D], m, l
 
