@@ -290,6 +290,7 @@ def test_quick_run_on_the_gpu_has_a_floor_and_both_peers(tmp_path):
     assert result["gpu"] and bench.CPU_NOTE not in result["note"]
     assert result["probe"]["method"] == "flashformer._C.testing.read_probe"
     assert 500 < result["read_bw_gbs"] < 20_000
+    assert result["errors"] == []
     for row in result["rows"]:
         assert 0 < row["floor_fraction"] <= 1.1
         assert row["gptfast_ms"] > 0 and row["hf_eager_ms"] > 0
