@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from flashformer import bench
 from flashformer.baselines import GptFast, HFEager, cache_len, hf_config
@@ -76,17 +77,21 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
         raise RuntimeError("no such attention implementation")
 
     monkeypatch.setattr("flashformer.baselines.HFEager", broken)
-    with pytest.warns(UserWarning, match="the hf_eager peer failed"):
+    with pytest.warns(UserWarning, match="hf_eager peer: failed"):
         result = bench.run_bench(
             quick=True, device="cpu", batches=[1], ctxs=[16], prompt_lens=[], out=tmp_path, progress=False
         )
     assert result["errors"] == [
-        {"model": "tiny", "peer": "hf_eager", "error": "RuntimeError: no such attention implementation"}
+        {
+            "model": "tiny",
+            "peer": "hf_eager",
+            "error": "failed: RuntimeError: no such attention implementation (its figures are left empty)",
+        }
     ]
     (row,) = result["rows"]
     assert row["engine_ms"] > 0 and row["hf_eager_ms"] is None and result["ttft"] == []
     assert json.loads((tmp_path / "bench.json").read_text())["errors"] == result["errors"]
-    assert "tiny: the hf_eager peer failed: RuntimeError" in (tmp_path / "bench.md").read_text()
+    assert "- tiny, hf_eager peer: failed: RuntimeError" in (tmp_path / "bench.md").read_text()
 
 
 def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path):
@@ -222,6 +227,19 @@ def test_gptfast_cache_is_sized_to_the_context():
     assert len(fast.caches) == spec.num_layers
     assert fast.caches[0][0].shape == (3, spec.num_kv_heads, cache_len(100), spec.head_dim)
     assert fast.caches[0][0].float().std() > 0.5  # random, never zeros
+
+
+@NO_GPU
+def test_compiled_gptfast_runs_and_says_when_cuda_graphs_were_skipped():
+    """On a CPU `mode="reduce-overhead"` cannot use CUDA graphs: the peer must say its figures understate it."""
+    _, spec, weights, _ = _tiny_fp32()
+    rows = {(1, 16): {}}
+    with tqdm(disable=True) as bar:
+        problem = bench._run_gptfast(
+            "tiny", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar
+        )
+    assert "skipped CUDA graphs" in problem and "understate gpt-fast" in problem
+    assert rows[1, 16]["gptfast_ms"] > 0
 
 
 def test_time_calls_gives_one_positive_time_per_timed_call():
