@@ -54,6 +54,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("OPS") = py::cast(std::vector<std::string>(kOpNames.begin(), kOpNames.end()));
   m.attr("MAX_BATCH") = kMaxBatch;
+  m.attr("TIMING_VARIANTS") = py::dict(py::arg("skip_waits") = int(kSkipWaits), py::arg("skip_attention") = int(kSkipAttention),
+                                       py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue));
   m.def(
       "configs",
       [] {
@@ -98,6 +100,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("byte_imbalance", [](const MegakernelEngine& e) { return byte_imbalance(e.schedule()); })
       .def_readwrite("timeout_ms", &MegakernelEngine::timeout_ms)
       .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
+      .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
+                     "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
       .def(
           "bind",
           [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<LayerPtrs>& layers, std::uintptr_t embed,

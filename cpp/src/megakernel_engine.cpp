@@ -114,6 +114,7 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   p.epoch = ++epoch_;
   p.timeout_ns = static_cast<unsigned long long>(timeout_ms * 1e6);
   p.debug_skip_signal = debug_skip_signal;
+  p.timing_variant = timing_variant;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);
 }

@@ -56,6 +56,7 @@ class MegakernelEngine {
 
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
+  int timing_variant = 0;      // TimingVariant flags, for differential timing only
 
  private:
   const CompiledConfig* config_;

@@ -61,7 +61,7 @@ __device__ void run_consumers(Consumer<T>& c) {
   const MegakernelParams& p = c.p;
   for_each_task(p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
-    if (op != Op::kEmbed) {
+    if (op != Op::kEmbed && !(p.timing_variant & kSkipWaits)) {
       const bool first_layer_qkv = op == Op::kQkv && layer == 0;
       const Op dep = first_layer_qkv ? Op::kEmbed : dependency_of(op);
       const int dep_layer = (op == Op::kQkv && !first_layer_qkv) ? layer - 1 : first_layer_qkv ? 0 : layer;

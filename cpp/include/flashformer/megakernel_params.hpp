@@ -22,6 +22,16 @@ struct LayerWeights {
   const bf16_t* mlp_norm;  // [hidden]
 };
 
+// Timing variants for differential measurement (benchmarks/NOTES.md): each flag leaves one
+// part of the step out. Outputs are garbage with any flag set; never set outside measurement.
+enum TimingVariant : int {
+  kTimeAll = 0,
+  kSkipWaits = 1,       // consumers never wait on other SMs' counters
+  kSkipAttention = 2,   // attention units only signal
+  kSkipNorm = 4,        // RMSNorm prologues skipped (stale activations)
+  kSkipEpilogue = 8,    // matmul epilogues skipped
+};
+
 // Why a step stopped early (written once, by the first SM that gave up).
 enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
 
@@ -61,6 +71,7 @@ struct MegakernelParams {
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)
+  int timing_variant;          // TimingVariant flags; 0 in normal operation
 };
 
 }  // namespace flashformer

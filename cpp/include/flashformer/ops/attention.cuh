@@ -105,7 +105,8 @@ struct AttentionOp {
       const int kv_head = unit / chunks, chunk = unit % chunks;
       const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context_of(p));
       // Chunks past the active ones have no positions: they only count towards the group.
-      for (int b = 0; b < p.batch && chunk < active; ++b) {
+      const bool skip = p.timing_variant & kSkipAttention;
+      for (int b = 0; b < p.batch && chunk < active && !skip; ++b) {
         warp_partial(c, layer, b, kv_head, c0, min(c1, p.positions[b] + 1));
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < G * D; j += kConsumerThreads) {
@@ -131,7 +132,7 @@ struct AttentionOp {
       c.sync();
       if (c.flags[1]) {
         __threadfence();  // acquire side: the other chunks' partials are visible
-        merge_chunks(c, kv_head);
+        if (!skip) merge_chunks(c, kv_head);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) signal_counter(c.counter(layer, kOp));
       }

@@ -9,6 +9,7 @@ namespace flashformer {
 
 template <class T>
 __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
+  if (c.p.timing_variant & kSkipNorm) return;
   constexpr int kVecs = T::kHidden / 4;  // float4 per batch row
   constexpr int kPerThread = (kVecs + kConsumerThreads - 1) / kConsumerThreads;
   static_assert(T::kHidden % 4 == 0, "rows are read as float4");
