@@ -21,11 +21,12 @@ __host__ __device__ constexpr int64_t weight_fragment_index(int64_t row, int64_t
   return (((row / kRowBlock) * (K / kKBlock) + col / kKBlock) * kWarpSize + lane) * 8 + e;
 }
 
-// Element index of activation a[n][k] (batch row n, K columns) in fragment order:
+// Element index of activation a[n][k] (batch row n of `rows`, K columns) in fragment order:
 // [k/16][n][t][e], t = (k%8)/2, e = (k%16)/8 * 2 + k%2: the B registers b0..b1 of lane n*4+t.
-__host__ __device__ constexpr int64_t act_fragment_index(int n, int64_t k) {
+// Global buffers hold all kMaxBatch rows; shared-memory copies only the step's batch rows.
+__host__ __device__ constexpr int64_t act_fragment_index(int n, int64_t k, int rows = kMaxBatch) {
   const int64_t c = k % kKBlock;
-  return (((k / kKBlock) * kMaxBatch + n) * 4 + (c % 8) / 2) * 4 + (c / 8) * 2 + c % 2;
+  return (((k / kKBlock) * rows + n) * 4 + (c % 8) / 2) * 4 + (c / 8) * 2 + c % 2;
 }
 
 // Source row of packed row `row` under `order` (`param`: head_dim, or intermediate size).

@@ -11,11 +11,13 @@
 
 namespace flashformer {
 
-// B fragments from this CTA's shared memory (normalized by rmsnorm_to_fragments).
+// B fragments from this CTA's shared memory, `rows` (the batch) rows per k block: written by
+// rmsnorm_to_fragments or copied by stage_activations.
 struct SmemActivations {
   const bf16_t* act;
+  int rows;
   __device__ uint2 load(int kb, int n, int t) const {
-    return *reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t));
+    return *reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t, rows));
   }
 };
 
@@ -26,6 +28,25 @@ struct GlobalActivations {
     return __ldcg(reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t)));
   }
 };
+
+// Copies the batch rows of a global fragment-ordered activation of K = kblocks * 16 into shared
+// memory (SmemActivations order): one burst of 16-byte L2 reads instead of a round trip per
+// stage. False when it does not fit; the caller then reads B from global memory.
+template <class T>
+__device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks) {
+  const int rows = c.p.batch;
+  if (int64_t(rows) * kblocks * kKBlock * 2 > SmemPlan<T>::kActBytes) return false;
+  constexpr int kVecsPerRow = kKBlock * 2 / 16;  // uint4 per batch row of a k block
+  const uint4* from = reinterpret_cast<const uint4*>(src);  // [kb][kMaxBatch][kVecsPerRow]
+  uint4* to = reinterpret_cast<uint4*>(c.act);              // [kb][rows][kVecsPerRow]
+  const int n = kblocks * rows * kVecsPerRow;
+  for (int i = c.tid; i < n; i += kConsumerThreads) {
+    const int kb = i / (rows * kVecsPerRow), rest = i % (rows * kVecsPerRow);
+    to[i] = __ldcg(from + kb * kMaxBatch * kVecsPerRow + rest);
+  }
+  c.sync();  // staged before any warp loads a fragment
+  return true;
+}
 
 // Accumulator tile of lane (g = lane/4, t = lane%4): acc[q] is (row g, batch 2t+q) and
 // acc[2+q] is (row g+8, batch 2t+q), for q in {0, 1}.
@@ -96,6 +117,15 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
   }
   epi.finish();
   return true;
+}
+
+// Matmul whose B operand another op wrote to global memory this step: staged into shared memory
+// when it fits, read from L2 (a stage ahead) when it does not.
+template <class T, class Epilogue>
+__device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, int layer, int u0, int u1) {
+  if (stage_activations(c, act, kblocks))
+    return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, kblocks, layer, u0, u1);
+  return run_matmul<T, GlobalActivations, Epilogue>(c, {act}, kblocks, layer, u0, u1);
 }
 
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own

@@ -68,7 +68,7 @@ struct LmHeadOp {
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     rmsnorm_to_fragments(c, c.p.final_norm);
-    if (!run_matmul<T, SmemActivations, LmHeadEpilogue<T>>(c, {c.act}, T::kHidden / kKBlock, layer, u0, u1))
+    if (!run_matmul<T, SmemActivations, LmHeadEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1))
       return false;
     c.sync();  // this CTA's candidates are written
     if (c.tid == 0) c.flags[1] = signal_counter(c.counter(layer, kOp)) + 1 == c.target(kOp);

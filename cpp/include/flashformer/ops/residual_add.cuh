@@ -31,8 +31,7 @@ struct OProjOp {
     return stream_row_blocks(pr, pr.p.layers[layer].o, T::kQRows, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul<T, GlobalActivations, ResidualEpilogue<T>>(c, {c.p.scratch.attn_frag}, T::kQRows / kKBlock,
-                                                                  layer, u0, u1);
+    return run_matmul_global_b<T, ResidualEpilogue<T>>(c, c.p.scratch.attn_frag, T::kQRows / kKBlock, layer, u0, u1);
   }
 };
 
@@ -43,8 +42,8 @@ struct DownOp {
     return stream_row_blocks(pr, pr.p.layers[layer].down, T::kIntermediate, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul<T, GlobalActivations, ResidualEpilogue<T>>(c, {c.p.scratch.act_frag},
-                                                                  T::kIntermediate / kKBlock, layer, u0, u1);
+    return run_matmul_global_b<T, ResidualEpilogue<T>>(c, c.p.scratch.act_frag, T::kIntermediate / kKBlock, layer, u0,
+                                                         u1);
   }
 };
 

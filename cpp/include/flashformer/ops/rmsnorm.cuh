@@ -49,9 +49,9 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
         const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
         const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
         // k = 4v .. 4v+3: two adjacent pairs in fragment order
-        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v)) =
+        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v, c.p.batch)) =
             __floats2bfloat162_rn(a.x * r * w01.x, a.y * r * w01.y);
-        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v + 2)) =
+        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v + 2, c.p.batch)) =
             __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
       }
     }

@@ -32,7 +32,7 @@ struct GateUpOp {
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     rmsnorm_to_fragments(c, c.p.layers[layer].mlp_norm);
-    return run_matmul<T, SmemActivations, SiluMulEpilogue<T>>(c, {c.act}, T::kHidden / kKBlock, layer, u0, u1);
+    return run_matmul<T, SmemActivations, SiluMulEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
   }
 };
 
