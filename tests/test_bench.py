@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+from flashformer.weights import random_weights
 from tqdm import tqdm
 
 from flashformer import bench
@@ -136,7 +138,7 @@ def test_shapes_are_the_real_models_and_the_floor_counts_their_bytes(shape, para
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg))
     assert sum(p.numel() for p in hf.parameters()) == params
-    weights = bench.random_weights(spec, cfg["tie_word_embeddings"], "meta")
+    weights = random_weights(spec, tied=cfg["tie_word_embeddings"], device="meta")
     assert weights.tied == (shape != "llama-3.1-8b")
     embed = weights.embed.nbytes
     assert bench.weight_bytes(weights) == 2 * params - (0 if weights.tied else embed)  # the table is not streamed
@@ -149,13 +151,13 @@ def test_floor_of_the_8b_shape_matches_the_anchor():
     """ANCHORS.md: Llama-3.1-8B at batch 1, ctx 8192, 4.65 TB/s -> 3.46 ms."""
     cfg = bench.shape_config("llama-3.1-8b")
     spec = spec_from_dict(cfg)
-    weights = bench.random_weights(spec, False, "meta")
+    weights = random_weights(spec, tied=False, device="meta")
     assert bench.step_bytes(spec, weights, 1, 8192) / 4.65e12 * 1e3 == pytest.approx(3.46, abs=0.01)
 
 
 def test_random_weights_are_random_and_tied_when_asked():
     spec = spec_from_dict(bench.shape_config("tiny"))
-    weights = bench.random_weights(spec, True, "cpu", generator=torch.Generator().manual_seed(1))
+    weights = random_weights(spec, tied=True, device="cpu", generator=torch.Generator().manual_seed(1))
     assert weights.tied and weights.embed.dtype == torch.bfloat16
     tensors = [
         weights.embed,
@@ -171,7 +173,7 @@ def _tiny_fp32():
     cfg = bench.shape_config("tiny")
     spec = spec_from_dict(cfg)
     generator = torch.Generator().manual_seed(0)
-    weights = bench.random_weights(spec, False, "cpu", dtype=torch.float32, generator=generator)
+    weights = random_weights(spec, tied=False, device="cpu", dtype=torch.float32, generator=generator)
     return cfg, spec, weights, generator
 
 

@@ -14,6 +14,7 @@ import torch
 
 import flashformer
 from flashformer import Engine
+from flashformer.bench import shape_config
 from flashformer.config import spec_from_dict
 from flashformer.engine import select_backend
 from flashformer.megakernel import MegakernelBackend, compiled_configs, match_config
@@ -22,43 +23,28 @@ from flashformer.weights import Weights, random_weights
 
 from checkpoints import make_llama_checkpoint
 
-# name -> (hidden, intermediate, heads, kv heads, head_dim, vocab, layers, tied): the compiled
-# shapes; the tiny ones get 2 layers, the real ones their real depth.
-SHAPES = {
-    "tiny-gqa": (256, 512, 4, 2, 64, 512, 2, False),
-    "tiny-d128": (256, 768, 2, 1, 128, 1024, 2, True),
-    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256, 16, True),
-    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256, 32, False),
+# The tiny compiled test configs (2 layers); the real shapes come from the benchmark's table.
+TINY = {
+    "tiny-gqa": dict(shape_config("tiny"), tie_word_embeddings=False),
+    "tiny-d128": dict(
+        shape_config("tiny"), intermediate_size=768, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+        vocab_size=1024, tie_word_embeddings=True,
+    ),
 }
 
 
 def llama_config(name: str) -> dict:
-    hidden, inter, heads, kv, dim, vocab, layers, tied = SHAPES[name]
-    return dict(
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        head_dim=dim,
-        vocab_size=vocab,
-        num_hidden_layers=layers,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-        max_position_embeddings=131072,
-        tie_word_embeddings=tied,
-    )
+    return dict(TINY[name]) if name in TINY else shape_config(name)
+
+
+def tied(name: str) -> bool:
+    return llama_config(name)["tie_word_embeddings"]
 
 
 def test_every_compiled_shape_is_matched_by_its_llama_spec():
     names = {c["name"] for c in compiled_configs()}
     assert {"tiny-gqa", "tiny-d128", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"} <= names
-    for name in SHAPES:
+    for name in [*TINY, "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]:
         assert match_config(spec_from_dict(llama_config(name))) == name
 
 
@@ -134,7 +120,7 @@ RAGGED = {1: [1], 2: [5, 300], 4: [1, 64, 200, 1100], 8: [3, 17, 64, 129, 500, 1
 @pytest.mark.parametrize("batch", [1, 2, 4, 8])
 def test_tiny_teacher_forced_logits_match_reference(name, batch):
     spec = spec_from_dict(llama_config(name))
-    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     out = run_three(spec, weights, RAGGED[batch], steps=16, max_seq=4200)
     check_errors(out)
 
@@ -144,7 +130,7 @@ def test_tiny_teacher_forced_logits_match_reference(name, batch):
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
 def test_tiny_context_8192(name):
     spec = spec_from_dict(llama_config(name))
-    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     check_errors(run_three(spec, weights, [8191, 2], steps=4, max_seq=8200))
 
 
@@ -153,7 +139,7 @@ def test_tiny_context_8192(name):
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
 def test_real_shapes_teacher_forced_logits_match_reference(name):
     spec = spec_from_dict(llama_config(name))
-    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.02)
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.02)
     check_errors(run_three(spec, weights, [1], steps=4, max_seq=64))
     check_errors(run_three(spec, weights, [8191, 1, 700, 2, 4096, 33, 129, 5000], steps=3, max_seq=8200))
 
@@ -173,7 +159,7 @@ def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     assert mk.backend.name == "megakernel"
     ref16 = Engine.from_pretrained(path, dtype="bfloat16", backend="reference", **kw)
     ref32 = Engine.from_pretrained(path, dtype="float32", backend="reference", **kw)
-    prompt = torch.randint(0, SHAPES[name][5], (8,)).tolist()
+    prompt = torch.randint(0, llama_config(name)["vocab_size"], (8,)).tolist()
     sampling = flashformer.SamplingParams(max_tokens=256, ignore_eos=True)
     greedy32 = ref32.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
     forced = torch.tensor(greedy32[:-1])[:, None]
@@ -194,7 +180,7 @@ def test_greedy_256_steps_follow_the_reference(name, tmp_path):
 @gpu
 def test_a_lost_dependency_raises_instead_of_hanging():
     spec = spec_from_dict(llama_config("tiny-gqa"))
-    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = MegakernelBackend(spec, weights, 2, 64)
     ref = ReferenceBackend(spec, weights, 2, 64)
     prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (3, 7)]
@@ -216,7 +202,7 @@ def test_sanitizer_smoke():
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised)."""
     spec = spec_from_dict(llama_config("tiny-gqa"))
-    weights = random_weights(spec, dtype=torch.bfloat16, device="cuda", std=0.1)
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = MegakernelBackend(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")

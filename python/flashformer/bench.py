@@ -34,7 +34,7 @@ import torch
 
 from .config import ModelSpec, load_spec, spec_from_dict
 from .engine import select_backend
-from .weights import LayerWeights, Weights, load_weights
+from .weights import LayerWeights, Weights, load_weights, random_weights
 
 _LLAMA = dict(
     architectures=["LlamaForCausalLM"],
@@ -82,9 +82,10 @@ SHAPES: dict[str, dict] = {
     "llama-3.2-1b": _shape(2048, 16, 32, 64, 8192, True, 32.0),
     "llama-3.2-3b": _shape(3072, 28, 24, 128, 8192, True, 32.0),
     "llama-3.1-8b": _shape(4096, 32, 32, 128, 14336, False, 8.0),
-    # --quick: a tiny Llama that the CPU reference path decodes in about a millisecond.
+    # --quick: a tiny Llama that the CPU reference path decodes in about a millisecond; the shape of
+    # the compiled "tiny-gqa" megakernel config, so on a Hopper GPU the quick run uses the kernel.
     "tiny": _shape(
-        256, 2, 4, 64, 512, False, 8.0, vocab_size=2048, num_key_value_heads=2, bos_token_id=1, eos_token_id=2
+        256, 2, 4, 64, 512, False, 8.0, vocab_size=512, num_key_value_heads=2, bos_token_id=1, eos_token_id=2
     ),
 }
 
@@ -138,38 +139,6 @@ def shape_config(name: str) -> dict:
             f"unknown model shape {name!r} (choose from {', '.join(SHAPES)}, or pass a checkpoint directory)"
         )
     return dict(SHAPES[name])
-
-
-def random_weights(spec: ModelSpec, tied: bool, device, dtype: torch.dtype = torch.bfloat16, generator=None) -> Weights:
-    """Random weights of `spec`'s shapes, made on `device` (never zeros, never copied from the host)."""
-
-    def randn(*shape, mean: float = 0.0) -> torch.Tensor:
-        t = torch.randn(shape, dtype=dtype, device=device, generator=generator).mul_(WEIGHT_STD)
-        return t.add_(mean) if mean else t
-
-    h, inter = spec.hidden_size, spec.intermediate_size
-    qkv = spec.q_size + 2 * spec.kv_size
-    layers = []
-    for _ in range(spec.num_layers):
-        layers.append(
-            LayerWeights(
-                attn_norm=randn(h, mean=1.0),
-                wqkv=randn(qkv, h),
-                wo=randn(h, spec.q_size),
-                mlp_norm=randn(h, mean=1.0),
-                w_gate_up=randn(2 * inter, h),
-                w_down=randn(h, inter),
-                bqkv=randn(qkv) if spec.qkv_bias else None,
-                bo=randn(h) if spec.o_bias else None,
-                q_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
-                k_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
-                b_gate_up=randn(2 * inter) if spec.mlp_bias else None,
-                b_down=randn(h) if spec.mlp_bias else None,
-            )
-        )
-    embed = randn(spec.vocab_size, h)
-    lm_head = embed if tied else randn(spec.vocab_size, h)
-    return Weights(embed=embed, final_norm=randn(h, mean=1.0), lm_head=lm_head, layers=layers)
 
 
 def weight_bytes(weights: Weights) -> int:
@@ -271,7 +240,7 @@ def _load_model(model: str, device: torch.device, generator) -> tuple[str, Model
         return path.name, spec, weights, json.loads((path / "config.json").read_text())
     cfg = shape_config(model)
     spec = spec_from_dict(cfg)
-    return model, spec, random_weights(spec, cfg["tie_word_embeddings"], device, generator=generator), cfg
+    return model, spec, random_weights(spec, tied=cfg["tie_word_embeddings"], device=device, std=WEIGHT_STD, generator=generator), cfg
 
 
 def _release() -> None:

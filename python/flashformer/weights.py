@@ -218,32 +218,38 @@ def _natural(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def random_weights(spec: ModelSpec, *, dtype: torch.dtype, device, std: float = 0.02, seed: int | None = None) -> Weights:
+
+def random_weights(
+    spec: ModelSpec, *, tied: bool, device, dtype: torch.dtype = torch.bfloat16, std: float = 0.02, generator=None
+) -> Weights:
     """Random weights of `spec`'s shapes made directly on `device` (benchmarks and tests of real
-    shapes without a checkpoint). Norm weights are drawn around 1; biases and q/k norms are not
-    made (the shape must be a plain Llama one). Never zeros: zeros hide unwritten outputs."""
-    if spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm:
-        raise ValueError("random_weights makes plain Llama-shaped weights: no biases, no q/k norm")
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    shapes without a checkpoint; "meta" works too): matrices and biases ~ N(0, std^2) as HF
+    initializes them, norms ~ 1 + N(0, std^2). Never zeros: zeros hide unwritten outputs.
+    `tied`: the LM head is the embedding table itself, as in a checkpoint without lm_head."""
 
-    def matrix(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, device=device, generator=gen) * std).to(dtype)
+    def randn(*shape, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(shape, dtype=dtype, device=device, generator=generator).mul_(std)
+        return t.add_(mean) if mean else t
 
-    def norm() -> torch.Tensor:
-        return (1 + 0.1 * torch.randn(spec.hidden_size, device=device, generator=gen)).to(dtype)
-
-    qkv_rows = spec.q_size + 2 * spec.kv_size
+    h, inter = spec.hidden_size, spec.intermediate_size
+    qkv = spec.q_size + 2 * spec.kv_size
     layers = [
         LayerWeights(
-            attn_norm=norm(),
-            wqkv=matrix(qkv_rows, spec.hidden_size),
-            wo=matrix(spec.hidden_size, spec.q_size),
-            mlp_norm=norm(),
-            w_gate_up=matrix(2 * spec.intermediate_size, spec.hidden_size),
-            w_down=matrix(spec.hidden_size, spec.intermediate_size),
+            attn_norm=randn(h, mean=1.0),
+            wqkv=randn(qkv, h),
+            wo=randn(h, spec.q_size),
+            mlp_norm=randn(h, mean=1.0),
+            w_gate_up=randn(2 * inter, h),
+            w_down=randn(h, inter),
+            bqkv=randn(qkv) if spec.qkv_bias else None,
+            bo=randn(h) if spec.o_bias else None,
+            q_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
+            k_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,
+            b_gate_up=randn(2 * inter) if spec.mlp_bias else None,
+            b_down=randn(h) if spec.mlp_bias else None,
         )
         for _ in range(spec.num_layers)
     ]
-    embed = matrix(spec.vocab_size, spec.hidden_size)
-    return Weights(embed=embed, final_norm=norm(), lm_head=embed, layers=layers)
+    embed = randn(spec.vocab_size, h)
+    lm_head = embed if tied else randn(spec.vocab_size, h)
+    return Weights(embed=embed, final_norm=randn(h, mean=1.0), lm_head=lm_head, layers=layers)
