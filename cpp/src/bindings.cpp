@@ -69,8 +69,9 @@ PYBIND11_MODULE(_C, m) {
           d["num_kv_heads"] = c.dims.kv_heads;
           d["head_dim"] = c.dims.head_dim;
           d["vocab_size"] = c.dims.vocab;
-          d["smem_bytes"] = c.smem_bytes;
-          d["ring_stages"] = c.stages;
+          py::list stages;  // weight-ring depth at batch 1..MAX_BATCH (smem_split)
+          for (int b = 1; b <= kMaxBatch; ++b) stages.append(smem_split(c.dims, b).stages);
+          d["ring_stages"] = stages;
           out.append(d);
         }
         return out;

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "cuda_check.hpp"
+#include "flashformer/kernel_config.hpp"
 
 namespace flashformer {
 namespace {
@@ -115,6 +116,9 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   p.timeout_ns = static_cast<unsigned long long>(timeout_ms * 1e6);
   p.debug_skip_signal = debug_skip_signal;
   p.timing_variant = timing_variant;
+  const SmemSplit split = smem_split(config_->dims, batch);
+  p.ring_stages = split.stages;
+  p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);
 }

@@ -1,5 +1,4 @@
 // Host-side tests of what the core states without a GPU.
-#include <tuple>
 
 #include "check.hpp"
 #include "flashformer/kernel_config.hpp"
@@ -70,16 +69,18 @@ FF_TEST(schedule_problems_catches_a_broken_split) {
   FF_CHECK(qkv && down);
 }
 
-template <class T>
-static void check_smem_plan() {
-  using Plan = flashformer::SmemPlan<T>;
-  std::printf("  %s: %d ring stages, %d bytes of shared memory\n", T::kName, Plan::kStages, Plan::kTotalBytes);
-  FF_CHECK(Plan::kTotalBytes <= flashformer::kSmemLimit);
-  FF_CHECK(Plan::kStages >= 4);
-}
-
-FF_TEST(shared_memory_plan_fits_227_kb_for_every_config) {
-  std::apply([](auto... t) { (check_smem_plan<decltype(t)>(), ...); }, flashformer::CompiledConfigTypes{});
+FF_TEST(shared_memory_split_fits_227_kb_for_every_config_and_batch) {
+  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs) {
+    std::printf("  %s: ring stages at batch 1..8:", d.name);
+    for (int batch = 1; batch <= flashformer::kMaxBatch; ++batch) {
+      const flashformer::SmemSplit s = flashformer::smem_split(d, batch);
+      std::printf(" %d", s.stages);
+      FF_CHECK(s.total_bytes <= flashformer::kSmemLimit - flashformer::kStaticSmemReserve);
+      FF_CHECK(s.stages >= 4);
+      FF_CHECK(batch * d.hidden * 2 <= s.union_bytes);  // normalized activations of the batch fit
+    }
+    std::printf("\n");
+  }
 }
 
 int main() { return fftest::run_all(); }

@@ -20,7 +20,8 @@ constexpr WarpRole warp_role(int warp) { return warp < kConsumerWarps ? WarpRole
 // Named barrier ids (0 is __syncthreads). Only consumer warps take part in kConsumers.
 enum class NamedBarrier : int { kConsumers = 1 };
 
-inline constexpr int kSmemLimit = 227 * 1024;   // per CTA on sm_90 after opting in
+inline constexpr int kSmemLimit = 227 * 1024;   // per CTA on sm_90 after opting in: static + dynamic
+inline constexpr int kStaticSmemReserve = 1024; // static shared memory the kernel may declare (checked at launch setup)
 inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fragments of 16x16
 inline constexpr int kMaxStages = 16;
 inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment
@@ -34,22 +35,38 @@ enum class RowOrder : int {
   kGateUp = 2,     // [gate; up] stacked: block j holds gate rows 8j..8j+7 then up rows 8j..8j+7
 };
 
+inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
+inline constexpr int kMiscBytes = 1024;  // mbarriers (2 x kMaxStages), flags, per-batch scalars
+
+// Shared memory of one step, laid out as
+//   misc (kMiscBytes) | ring (stages x kStageBytes) | union (union_bytes) | reduce (kReduceBytes).
+// The union holds, one at a time: the normalized activations of the batch rows [batch][hidden],
+// a staged global activation [batch][K] (O and down projections, when it fits) and the
+// attention merge scratch. It is sized for the batch, so a small batch gets a deeper ring.
+struct SmemSplit {
+  int union_bytes;
+  int stages;
+  int total_bytes;
+};
+
+constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
+  const int attn = kConsumerWarps * (d.heads / d.kv_heads) * (d.head_dim + 2) * 4;
+  const int act_max = kMaxBatch * d.hidden * 2;  // the normalized input at the largest batch
+  const int widest = std::max(d.hidden, std::max(d.intermediate, d.q_rows()));
+  const int want = std::max(attn, std::min(act_max, batch * widest * 2));
+  const int union_bytes = (want + 1023) / 1024 * 1024;
+  const int dynamic_limit = kSmemLimit - kStaticSmemReserve;
+  const int stages = std::min(kMaxStages, (dynamic_limit - kMiscBytes - union_bytes - kReduceBytes) / kStageBytes);
+  return {union_bytes, stages, kMiscBytes + stages * kStageBytes + union_bytes + kReduceBytes};
+}
+
+// Compile-time checks of every batch size of config T.
 template <class T>
 struct SmemPlan {
-  // bf16 normalized activations [kMaxBatch][hidden] in fragment order (qkv, gate_up, lm_head)
-  static constexpr int kActBytes = kMaxBatch * T::kHidden * 2;
-  // attention: per consumer warp and q head of the group, o[head_dim] + (m, l) in fp32
-  static constexpr int kAttnBytes = kConsumerWarps * T::kGroup * (T::kHeadDim + 2) * 4;
-  static constexpr int kUnionBytes = std::max(kActBytes, kAttnBytes);
-  // cross-warp reduction of one 16x8 fp32 accumulator tile per consumer warp, two buffers
-  static constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // double-buffered
-  static constexpr int kMiscBytes = 1024;  // mbarriers, per-batch scalars
-  static constexpr int kStages =
-      std::min(kMaxStages, (kSmemLimit - kUnionBytes - kReduceBytes - kMiscBytes) / kStageBytes);
-  static constexpr int kRingBytes = kStages * kStageBytes;
-  static constexpr int kTotalBytes = kRingBytes + kUnionBytes + kReduceBytes + kMiscBytes;
-  static_assert(kStages >= 4, "the weight ring needs at least 4 stages to hide a dependency");
-  static_assert(kTotalBytes <= kSmemLimit, "shared memory plan exceeds 227 KB");
+  static constexpr SmemSplit kLargestBatch = smem_split(dims_of<T>(), kMaxBatch);
+  static_assert(kLargestBatch.stages >= 4, "the weight ring needs at least 4 stages to hide a dependency");
+  static_assert(kLargestBatch.total_bytes <= kSmemLimit - kStaticSmemReserve, "shared memory plan exceeds 227 KB");
+  static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
 };
 
 }  // namespace flashformer

@@ -81,14 +81,15 @@ __device__ void run_consumers(Consumer<T>& c) {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ MegakernelParams p) {
-  using Plan = SmemPlan<T>;
+  // misc | ring (ring_stages x kStageBytes) | union (union_bytes) | reduce: see smem_split()
   extern __shared__ __align__(128) uint8_t smem[];
-  // (kRingBytes) ring | (kUnionBytes) activations / attention scratch | (kReduceBytes) | misc
-  uint8_t* misc = smem + Plan::kRingBytes + Plan::kUnionBytes + Plan::kReduceBytes;
-  WeightRing<Plan::kStages> ring{smem, reinterpret_cast<uint64_t*>(misc),
-                                 reinterpret_cast<uint64_t*>(misc) + Plan::kStages};
-  int* flags = reinterpret_cast<int*>(misc + 2 * Plan::kStages * sizeof(uint64_t));
+  uint8_t* ring_data = smem + kMiscBytes;
+  uint8_t* union_region = ring_data + p.ring_stages * kStageBytes;
+  float* reduce = reinterpret_cast<float*>(union_region + p.union_bytes);
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(smem);  // full[kMaxStages], empty[kMaxStages]
+  int* flags = reinterpret_cast<int*>(barriers + 2 * kMaxStages);
   float* rinv = reinterpret_cast<float*>(flags + 2);
+  const WeightRing ring{ring_data, barriers, barriers + kMaxStages, p.ring_stages};
 
   if (threadIdx.x == 0) ring.init();
   __syncthreads();  // barriers initialized before any role touches them
@@ -104,9 +105,9 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   Consumer<T> c{p,
                 ring,
                 {},
-                reinterpret_cast<bf16_t*>(smem + Plan::kRingBytes),
-                reinterpret_cast<float*>(smem + Plan::kRingBytes),
-                reinterpret_cast<float*>(smem + Plan::kRingBytes + Plan::kUnionBytes),
+                reinterpret_cast<bf16_t*>(union_region),
+                reinterpret_cast<float*>(union_region),
+                reduce,
                 flags,
                 rinv,
                 int(threadIdx.x),

@@ -68,6 +68,8 @@ struct MegakernelParams {
   const int* schedule;         // [n_layers][kNumOps][num_sms + 1] unit ranges (schedule.hpp)
   int op_signals[kNumOps];     // arrivals that complete an op in one step
   int attn_chunks;
+  int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
+  int union_bytes;
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)

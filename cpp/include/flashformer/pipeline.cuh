@@ -1,4 +1,4 @@
-// The weight ring: kStages shared-memory stages filled by 1-D TMA bulk copies from the producer
+// The weight ring: `stages` shared-memory stages filled by 1-D TMA bulk copies from the producer
 // warp and drained by the consumer warps, each stage guarded by a full and an empty mbarrier.
 // Weights never depend on activations, so the producer runs ahead across op and layer
 // boundaries, bounded only by the ring.
@@ -13,29 +13,28 @@
 namespace flashformer {
 
 // Position in the ring and the phase parity of its current pass.
-template <int Stages>
 struct RingCursor {
   int stage = 0;
   uint32_t phase = 0;
-  __device__ void advance() {
-    if (++stage == Stages) {
+  __device__ void advance(int stages) {
+    if (++stage == stages) {
       stage = 0;
       phase ^= 1;
     }
   }
 };
 
-template <int Stages>
 struct WeightRing {
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBarrier = cutlass::arch::ClusterBarrier;
 
-  uint8_t* data;    // Stages x kStageBytes
-  uint64_t* full;   // [Stages]: producer arrival + transaction bytes
-  uint64_t* empty;  // [Stages]: one arrival per consumer warp
+  uint8_t* data;    // stages x kStageBytes
+  uint64_t* full;   // [stages]: producer arrival + transaction bytes
+  uint64_t* empty;  // [stages]: one arrival per consumer warp
+  int stages;       // smem_split(): deeper for small batches
 
   __device__ void init() const {  // one thread, before the CTA-wide barrier
-    for (int s = 0; s < Stages; ++s) {
+    for (int s = 0; s < stages; ++s) {
       FullBarrier::init(&full[s], 1);
       EmptyBarrier::init(&empty[s], kConsumerWarps);
     }
@@ -46,30 +45,30 @@ struct WeightRing {
 
   // Producer, one thread: copy `bytes` (multiple of 16) from global into the next stage.
   // False when the step was aborted while waiting for the consumers to free the stage.
-  __device__ bool push(RingCursor<Stages>& c, const void* src, int bytes, const Scratch& s) const {
+  __device__ bool push(RingCursor& c, const void* src, int bytes, const Scratch& s) const {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
     while (!EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1))
       if (step_aborted(s)) return false;
     FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);  // arm before the copy can land
     cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
-    c.advance();
+    c.advance(stages);
     return true;
   }
 
   // Consumer warp: wait until the stage's bytes have landed. False when the step was aborted
   // (the producer then stopped, so every consumer warp ends up here on the same stage).
-  __device__ bool wait_full(const RingCursor<Stages>& c, const Scratch& s) const {
+  __device__ bool wait_full(const RingCursor& c, const Scratch& s) const {
     while (!FullBarrier::try_wait(&full[c.stage], c.phase))
       if (step_aborted(s)) return false;
     return true;
   }
 
   // Consumer warp: done reading the stage; its lane 0 frees it for the producer.
-  __device__ void release(RingCursor<Stages>& c) const {
+  __device__ void release(RingCursor& c) const {
     __syncwarp();  // every lane's shared-memory reads of the stage are done
     if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
-    c.advance();
+    c.advance(stages);
   }
 };
 

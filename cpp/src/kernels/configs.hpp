@@ -12,8 +12,6 @@ namespace flashformer {
 
 struct CompiledConfig {
   ModelDims dims;
-  int smem_bytes;
-  int stages;
   void (*prepare)();  // per device, before the first launch: opt in to the shared memory
   void (*launch)(const MegakernelParams&, int num_sms, cudaStream_t);
 };

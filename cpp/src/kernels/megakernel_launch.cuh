@@ -2,6 +2,8 @@
 // instantiates it once, so every config compiles in its own translation unit.
 #pragma once
 
+#include <stdexcept>
+
 #include "cuda_check.hpp"
 #include "flashformer/megakernel.cuh"
 #include "kernels/configs.hpp"
@@ -10,8 +12,13 @@ namespace flashformer {
 
 template <class T>
 void prepare_megakernel() {
+  static_assert(sizeof(SmemPlan<T>) > 0, "instantiates the shared-memory checks");
+  cudaFuncAttributes attr{};
+  FF_CUDA_CHECK(cudaFuncGetAttributes(&attr, megakernel<T>));
+  if (attr.sharedSizeBytes > size_t(kStaticSmemReserve))
+    throw std::runtime_error("megakernel: static shared memory exceeds the reserve in kernel_config.hpp");
   FF_CUDA_CHECK(cudaFuncSetAttribute(megakernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     SmemPlan<T>::kTotalBytes));
+                                     kSmemLimit - kStaticSmemReserve));
 }
 
 template <class T>
@@ -19,14 +26,14 @@ void launch_megakernel(const MegakernelParams& params, int num_sms, cudaStream_t
   void* args[] = {const_cast<MegakernelParams*>(&params)};
   // Cooperative: the runtime refuses a grid that cannot be resident at once, so the counters'
   // spin-waits can never wait on a CTA that is not running.
+  const int smem = smem_split(dims_of<T>(), params.batch).total_bytes;
   FF_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(megakernel<T>), dim3(num_sms),
-                                            dim3(kThreads), args, SmemPlan<T>::kTotalBytes, stream));
+                                            dim3(kThreads), args, smem, stream));
 }
 
 template <class T>
 CompiledConfig compiled_config() {
-  return {dims_of<T>(), SmemPlan<T>::kTotalBytes, SmemPlan<T>::kStages, &prepare_megakernel<T>,
-          &launch_megakernel<T>};
+  return {dims_of<T>(), &prepare_megakernel<T>, &launch_megakernel<T>};
 }
 
 }  // namespace flashformer

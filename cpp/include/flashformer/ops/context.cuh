@@ -11,10 +11,9 @@ namespace flashformer {
 // The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {
-  static constexpr int kStages = SmemPlan<T>::kStages;
   const MegakernelParams& p;
-  WeightRing<kStages> ring;
-  RingCursor<kStages> cursor;
+  WeightRing ring;
+  RingCursor cursor;
 
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
@@ -29,11 +28,10 @@ struct Producer {
 // and the thread's place among the consumer warps.
 template <class T>
 struct Consumer {
-  static constexpr int kStages = SmemPlan<T>::kStages;
   const MegakernelParams& p;
-  WeightRing<kStages> ring;
-  RingCursor<kStages> cursor;
-  bf16_t* act;         // (kMaxBatch, hidden) normalized activations, fragment order
+  WeightRing ring;
+  RingCursor cursor;
+  bf16_t* act;         // (batch, K) activations in fragment order: normalized or staged (union region)
   float* attn;         // attention merge scratch; aliases act (never live at once)
   float* reduce;       // 2 x (warps, 32 lanes, 4): cross-warp accumulator reduction, double-buffered
   int* flags;          // [0] abort the step, [1] this CTA finished a reduction group last

@@ -35,7 +35,7 @@ struct GlobalActivations {
 template <class T>
 __device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks) {
   const int rows = c.p.batch;
-  if (int64_t(rows) * kblocks * kKBlock * 2 > SmemPlan<T>::kActBytes) return false;
+  if (int64_t(rows) * kblocks * kKBlock * 2 > c.p.union_bytes) return false;
   constexpr int kVecsPerRow = kKBlock * 2 / 16;  // uint4 per batch row of a k block
   const uint4* from = reinterpret_cast<const uint4*>(src);  // [kb][kMaxBatch][kVecsPerRow]
   uint4* to = reinterpret_cast<uint4*>(c.act);              // [kb][rows][kVecsPerRow]
