@@ -5,32 +5,38 @@
 # then the device tool: run(command="bash scripts/gpu_check.sh", carry=[".carry"])
 # Stages (default: build ctest pytest sanitize): bash scripts/gpu_check.sh build pytest
 # PYTEST_ARGS adds pytest arguments, e.g. PYTEST_ARGS="-k tiny".
+# Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
+# PROFILE_ARGS adds arguments) and ncu (one 8-layer 8B step under Nsight Compute, exported as
+# CSV). Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
+# $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashformer-out}
+LOGS=$(mktemp -d) NCU=$(mktemp -d)
 mkdir -p "$OUT"
+trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" .; [ -z "$(ls "$NCU")" ] || tar czf "$OUT/ncu.tgz" -C "$NCU" .' EXIT
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PYTHONUNBUFFERED=1
 stages=${*:-build ctest pytest sanitize}
 status=0
-step() {  # step NAME CMD...: run, log to $OUT/NAME.log, remember failure, print a summary line
+step() {  # step NAME CMD...: run, log to $LOGS/NAME.log, remember failure, print a summary line
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || status=1
-  printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/$name.log")" | tee -a "$OUT/summary.txt"
+  printf '%-10s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$LOGS/$name.log")" | tee -a "$OUT/summary.txt"
   return $rc
 }
 has() { [[ " $stages " == *" $1 "* ]]; }
 
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$LOGS/gpu.txt" 2>&1
 [ -f .carry/cutlass/include/cute/tensor.hpp ] || { echo "missing .carry/cutlass: run scripts/carry_cutlass.sh here and carry .carry" | tee "$OUT/summary.txt"; exit 2; }
 
 if has build; then
   step build python3 -m pip install --no-build-isolation --no-deps -v . \
-    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || { tail -n 60 "$OUT/build.log"; exit 1; }
-  cuobjdump --dump-resource-usage build/libflashformer_kernels.a >"$OUT/resources.txt" 2>&1
-  grep -A1 "Function.*megakernel" "$OUT/resources.txt" | grep -o "REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*" | tee -a "$OUT/summary.txt"
+    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || { tail -n 60 "$LOGS/build.log"; exit 1; }
+  cuobjdump --dump-resource-usage build/libflashformer_kernels.a >"$LOGS/resources.txt" 2>&1
+  grep -A1 "Function.*megakernel" "$LOGS/resources.txt" | grep -o "REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*" | tee -a "$OUT/summary.txt"
 fi
 has ctest && step ctest ctest --test-dir build --output-on-failure
 # shellcheck disable=SC2086
@@ -41,5 +47,19 @@ if has sanitize; then
     step "mk-$tool" env FLASHFORMER_WATCHDOG_MS=600000 compute-sanitizer --tool "$tool" --kernel-name kns=megakernel \
       --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider tests/test_megakernel.py -k sanitizer_smoke
   done
+fi
+if has profile; then
+  # shellcheck disable=SC2086
+  step profile python3 benchmarks/profile_step.py --out "$LOGS" ${PROFILE_ARGS:-}
+  cat "$LOGS/profile.log"
+fi
+if has ncu; then
+  step ncu timeout 300 ncu --clock-control none --kernel-name regex:megakernel --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
+    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models llama-3.1-8b --layers 8 --cases 1x128 --ncu-step
+  ncu -i "$NCU/mk.ncu-rep" --page details --csv >"$NCU/details.csv" 2>&1
+  ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source sass >"$NCU/sass.csv" 2>&1
+  ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source cuda >"$NCU/cuda.csv" 2>&1
+  ls -la "$NCU" | tee -a "$OUT/summary.txt"
 fi
 exit $status

@@ -197,6 +197,45 @@ def test_a_lost_dependency_raises_instead_of_hanging():
 
 @pytest.mark.gpu
 @gpu
+def test_step_trace_is_ordered_and_changes_nothing():
+    """The step trace (trace.hpp): every task ran on some SM, each SM's timestamps are ordered
+    (start <= dependency met <= computed <= signalled, tasks in sequence), and a traced step
+    computes the same logits and tokens as an untraced one."""
+    C = flashformer._core.load()
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    mk = MegakernelBackend(spec, weights, 2, 64)
+    tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([5, 9], device="cuda")
+    mk.kv_cache.uniform_(-1, 1)
+    plain = mk.decode(tokens, positions)
+    plain_next = mk.next_tokens[:2].clone()
+    trace = torch.zeros(mk.engine.trace_words, dtype=torch.int64, device="cuda")
+    mk.engine.trace = trace.data_ptr()
+    traced = mk.decode(tokens, positions)
+    mk.engine.trace = 0
+    assert torch.equal(plain, traced) and torch.equal(plain_next, mk.next_tokens[:2])
+    layout = C.TRACE_LAYOUT
+    nh, nf = len(layout["header"]), len(layout["fields"])
+    raw = trace.view(mk.engine.num_sms, -1).cpu()
+    tasks = 2 + layout["layer_ops"] * spec.num_layers
+    assert raw.shape[1] == nh + tasks * nf
+    head = dict(zip(layout["header"], raw[:, :nh].T))
+    assert (head["start_ns"] > 0).all() and (head["end_ns"] >= head["start_ns"]).all()
+    assert (head["end_cycles"] > head["start_cycles"]).all()
+    f = {name: raw[:, nh:].reshape(-1, tasks, nf)[:, :, i] for i, name in enumerate(layout["fields"])}
+    ran = f["task_start_ns"] > 0
+    assert ran.any(0).all(), "every task ran on at least one SM"
+    order = ["task_start_ns", "ready_ns", "computed_ns", "signalled_ns"]
+    for a, b in zip(order, order[1:]):
+        assert (f[a][ran] <= f[b][ran]).all(), f"{a} after {b}"
+    for sm in range(raw.shape[0]):
+        starts, ends = f["task_start_ns"][sm][ran[sm]], f["signalled_ns"][sm][ran[sm]]
+        assert (starts[1:] >= ends[:-1]).all(), f"SM {sm}: tasks overlap"
+        assert (ends <= head["end_ns"][sm]).all()
+
+
+@pytest.mark.gpu
+@gpu
 def test_sanitizer_smoke():
     """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's

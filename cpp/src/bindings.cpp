@@ -54,8 +54,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("OPS") = py::cast(std::vector<std::string>(kOpNames.begin(), kOpNames.end()));
   m.attr("MAX_BATCH") = kMaxBatch;
+  m.attr("TRACE_LAYOUT") = py::dict(py::arg("header") = std::vector<std::string>(kTraceHeaderNames.begin(), kTraceHeaderNames.end()),
+                                     py::arg("fields") = std::vector<std::string>(kTraceFieldNames.begin(), kTraceFieldNames.end()),
+                                     py::arg("layer_ops") = kLayerOps);
   m.attr("TIMING_VARIANTS") = py::dict(py::arg("skip_waits") = int(kSkipWaits), py::arg("skip_attention") = int(kSkipAttention),
-                                       py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue));
+                                       py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue),
+                                       py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin));
   m.def(
       "configs",
       [] {
@@ -103,6 +107,13 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
       .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
+      .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
+                     "timing only: use at most this many weight-ring stages (0: as planned)")
+      .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
+      .def_property(
+          "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.trace); },
+          [](MegakernelEngine& e, std::uintptr_t ptr) { e.trace = reinterpret_cast<unsigned long long*>(ptr); },
+          "device pointer of a trace_words uint64 buffer the next steps fill (trace.hpp), or 0: off")
       .def(
           "bind",
           [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<LayerPtrs>& layers, std::uintptr_t embed,

@@ -117,7 +117,8 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   p.debug_skip_signal = debug_skip_signal;
   p.timing_variant = timing_variant;
   const SmemSplit split = smem_split(config_->dims, batch);
-  p.ring_stages = split.stages;
+  p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
+  p.trace = trace;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);

@@ -57,6 +57,11 @@ class MegakernelEngine {
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
+  int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
+  unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
+
+  // Size of the step trace (trace.hpp) for this engine's SMs and layers.
+  int64_t trace_words() const { return int64_t(num_sms_) * trace_words_per_sm(schedule_.layers); }
 
  private:
   const CompiledConfig* config_;

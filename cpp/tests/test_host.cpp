@@ -4,6 +4,7 @@
 #include "flashformer/kernel_config.hpp"
 #include "flashformer/schedule.hpp"
 #include "flashformer/tma_limits.hpp"
+#include "flashformer/trace.hpp"
 
 using flashformer::tma_2d_problem;
 
@@ -81,6 +82,20 @@ FF_TEST(shared_memory_split_fits_227_kb_for_every_config_and_batch) {
     }
     std::printf("\n");
   }
+}
+
+FF_TEST(trace_tasks_are_numbered_in_kernel_order) {
+  using flashformer::Op;
+  const int layers = 3;
+  std::vector<int> order = {flashformer::trace_task(Op::kEmbed, 0, layers)};
+  for (int l = 0; l < layers; ++l)
+    for (Op op : {Op::kQkv, Op::kAttention, Op::kOProj, Op::kGateUp, Op::kDown})
+      order.push_back(flashformer::trace_task(op, l, layers));
+  order.push_back(flashformer::trace_task(Op::kLmHead, layers - 1, layers));
+  FF_CHECK(int(order.size()) == flashformer::trace_tasks(layers));
+  for (int i = 0; i < int(order.size()); ++i) FF_CHECK(order[i] == i);  // one slot each, in order
+  FF_CHECK(flashformer::trace_words_per_sm(layers) ==
+           flashformer::kTraceHeader + int64_t(order.size()) * flashformer::kTraceFields);
 }
 
 int main() { return fftest::run_all(); }

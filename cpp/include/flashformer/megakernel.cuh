@@ -48,19 +48,42 @@ __device__ bool with_op(Op op, F&& f) {
 // Ops that publish their own completion (last-finisher reductions); the rest signal once per CTA.
 constexpr bool signals_itself(Op op) { return op == Op::kAttention || op == Op::kLmHead; }
 
+// This SM's part of the step trace (trace.hpp). Holds no state: the pointer is recomputed from
+// the (constant-bank) launch parameters at each write, so tracing costs no live registers.
+struct TraceWriter {
+  const MegakernelParams& p;
+  __device__ bool on() const { return p.trace != nullptr; }
+  __device__ unsigned long long* sm() const { return p.trace + blockIdx.x * trace_words_per_sm(p.n_layers); }
+  __device__ void header(TraceHeader h, unsigned long long v) const { sm()[int(h)] = v; }
+  __device__ void task(Op op, int layer, TraceField f, unsigned long long v) const {
+    sm()[kTraceHeader + trace_task(op, layer, p.n_layers) * kTraceFields + int(f)] = v;
+  }
+};
+
 template <class T>
 __device__ void run_producer(Producer<T>& pr) {
+  const TraceWriter tr{pr.p};
   for_each_task(pr.p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;
-    return with_op<T>(op, [&](auto o) { return decltype(o)::produce(pr, layer, u0, u1); });
+    if (tr.on()) tr.task(op, layer, TraceField::kProduceStartNs, global_ns());
+    const bool ok = with_op<T>(op, [&](auto o) { return decltype(o)::produce(pr, layer, u0, u1); });
+    if (tr.on()) {
+      tr.task(op, layer, TraceField::kProduceEndNs, global_ns());
+      tr.task(op, layer, TraceField::kSlotWaitCycles, pr.slot_wait);
+      pr.slot_wait = 0;
+    }
+    return ok;
   });
 }
 
 template <class T>
 __device__ void run_consumers(Consumer<T>& c) {
   const MegakernelParams& p = c.p;
+  const TraceWriter tr{p};
+    if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kStartNs, global_ns()), tr.header(TraceHeader::kStartCycles, clock64());
   for_each_task(p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
+    if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kTaskStartNs, global_ns());
     if (op != Op::kEmbed && !(p.timing_variant & kSkipWaits)) {
       const bool first_layer_qkv = op == Op::kQkv && layer == 0;
       const Op dep = first_layer_qkv ? Op::kEmbed : dependency_of(op);
@@ -69,14 +92,22 @@ __device__ void run_consumers(Consumer<T>& c) {
       c.sync();  // the wait's outcome (and, through thread 0's acquire, the inputs) for everyone
       if (c.flags[0]) return false;
     }
+    if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kReadyNs, global_ns());
     if (!with_op<T>(op, [&](auto o) { return decltype(o)::consume(c, layer, u0, u1); })) return false;
+    if (c.tid == 0 && tr.on()) {
+      tr.task(op, layer, TraceField::kComputedNs, global_ns());
+      tr.task(op, layer, TraceField::kDataWaitCycles, c.data_wait);
+      c.data_wait = 0;
+    }
     if (!signals_itself(op)) {
       c.sync();  // this CTA's outputs of the op are written
       const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
       if (c.tid == 0 && !hooked) signal_counter(c.counter(layer, op));
     }
+    if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSignalledNs, global_ns());
     return true;
   });
+  if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kEndNs, global_ns()), tr.header(TraceHeader::kEndCycles, clock64());
 }
 
 template <class T>

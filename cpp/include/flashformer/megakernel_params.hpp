@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "flashformer/schedule.hpp"
+#include "flashformer/trace.hpp"
 
 namespace flashformer {
 
@@ -30,6 +31,8 @@ enum TimingVariant : int {
   kSkipAttention = 2,   // attention units only signal
   kSkipNorm = 4,        // RMSNorm prologues skipped (stale activations)
   kSkipEpilogue = 8,    // matmul epilogues skipped
+  kSkipMath = 16,       // matmuls only wait for and release their weight stages (no loads, mma, reduction)
+  kPollEverySpin = 32,  // barrier spins look at the abort flag on every failed try (the old behaviour)
 };
 
 // Why a step stopped early (written once, by the first SM that gave up).
@@ -74,6 +77,7 @@ struct MegakernelParams {
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)
   int timing_variant;          // TimingVariant flags; 0 in normal operation
+  unsigned long long* trace;   // [num_sms][trace_words_per_sm] (trace.hpp), or nullptr: off
 };
 
 }  // namespace flashformer

@@ -43,25 +43,24 @@ struct WeightRing {
 
   __device__ const uint4* stage(int s) const { return reinterpret_cast<const uint4*>(data + s * kStageBytes); }
 
-  // Producer, one thread: copy `bytes` (multiple of 16) from global into the next stage.
-  // False when the step was aborted while waiting for the consumers to free the stage.
-  __device__ bool push(RingCursor& c, const void* src, int bytes, const Scratch& s) const {
+  // Producer, one thread: copy `bytes` (multiple of 16) from global into the next stage; cycles
+  // spent waiting for the consumers to free it are added to `waited`. False when the step was
+  // aborted meanwhile.
+  __device__ bool push(RingCursor& c, const void* src, int bytes, const MegakernelParams& p, long long& waited) const {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
-    while (!EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1))
-      if (step_aborted(s)) return false;
+    if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
     FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);  // arm before the copy can land
     cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
     c.advance(stages);
     return true;
   }
 
-  // Consumer warp: wait until the stage's bytes have landed. False when the step was aborted
-  // (the producer then stopped, so every consumer warp ends up here on the same stage).
-  __device__ bool wait_full(const RingCursor& c, const Scratch& s) const {
-    while (!FullBarrier::try_wait(&full[c.stage], c.phase))
-      if (step_aborted(s)) return false;
-    return true;
+  // Consumer warp: wait until the stage's bytes have landed (cycles waited added to `waited`).
+  // False when the step was aborted (the producer then stopped, so every consumer warp ends up
+  // here on the same stage).
+  __device__ bool wait_full(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
+    return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
   // Consumer warp: done reading the stage; its lane 0 frees it for the producer.

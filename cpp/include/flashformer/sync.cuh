@@ -38,6 +38,27 @@ __device__ __forceinline__ void raise_error(const Scratch& s, StepError code, in
   }
 }
 
+// Failed tries of a barrier between two looks at the abort flag. The look is a global load: done
+// on every try, its round trip delays noticing a completed barrier by up to a microsecond.
+inline constexpr unsigned kAbortPollSpins = 32;
+
+// Spin until ready() (an mbarrier try_wait), looking at the abort flag every kAbortPollSpins
+// failed tries; the cycles spent spinning are added to `waited`. False when the step aborted.
+template <class Ready>
+__device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams& p, long long& waited) {
+  if (ready()) return true;
+  const long long t0 = clock64();
+  const unsigned poll_mask = (p.timing_variant & kPollEverySpin) ? 0u : kAbortPollSpins - 1;
+  bool ok = true;
+  for (unsigned spins = 0; !ready(); ++spins)
+    if ((spins & poll_mask) == poll_mask && step_aborted(p.scratch)) {
+      ok = false;
+      break;
+    }
+  waited += clock64() - t0;
+  return ok;
+}
+
 // One thread: spin until *counter reaches target (wrap-safe). False when the step is aborted,
 // by this wait timing out or by another SM.
 __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,

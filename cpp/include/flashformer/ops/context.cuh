@@ -14,11 +14,12 @@ struct Producer {
   const MegakernelParams& p;
   WeightRing ring;
   RingCursor cursor;
+  long long slot_wait = 0;  // cycles spent waiting for free stages (read by the step trace)
 
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
     for (int64_t off = 0; off < bytes; off += kStageBytes)
-      if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p.scratch))
+      if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
         return false;
     return true;
   }
@@ -38,6 +39,7 @@ struct Consumer {
   float* rinv;         // [kMaxBatch] RMSNorm scale of each batch row
   int tid, warp, lane; // tid < kConsumerThreads
   int reduce_parity = 0;
+  long long data_wait = 0;  // cycles spent waiting for weight stages to land (read by the step trace)
 
   __device__ void sync() const {  // all consumer warps; the producer warp never joins
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, int(NamedBarrier::kConsumers));

@@ -57,6 +57,13 @@ using AccTile = float[4];
 template <class T, class Source>
 __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
   constexpr int kPerWarp = kFragmentsPerStage / kConsumerWarps;  // fragments of a stage per warp
+  if (c.p.timing_variant & kSkipMath) {  // timing only: take and free the stages, nothing else
+    for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
+      if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
+      c.ring.release(c.cursor);
+    }
+    return true;
+  }
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
   // B fragments of the stage starting at k block kb0 (activations never depend on the ring).
@@ -77,7 +84,7 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
     for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
     load_b(kb0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
     const int n = min(kFragmentsPerStage, kblocks - kb0);
-    if (!c.ring.wait_full(c.cursor, c.p.scratch)) return false;
+    if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
     const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
@@ -112,7 +119,7 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
   for (int rb = u0; rb < u1; ++rb) {
     AccTile acc;
     if (!gemv_row_block(c, src, kblocks, acc)) return false;
-    reduce_row_block(c, acc);
+    if (!(c.p.timing_variant & kSkipMath)) reduce_row_block(c, acc);
     if (c.warp == 0 && !(c.p.timing_variant & kSkipEpilogue)) epi.row_block(rb, acc);
   }
   epi.finish();

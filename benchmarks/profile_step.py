@@ -1,0 +1,220 @@
+"""Where a megakernel decode step's time goes (developer tool; needs a Hopper GPU).
+
+For each model shape (random bf16 weights) and (batch, context) case:
+  - kernel time of the normal step and of timing variants (MegakernelEngine.timing_variant: parts
+    of the step left out; outputs are garbage) and of shallower weight rings;
+  - the step trace (cpp/include/flashformer/trace.hpp): per SM and op, when the consumers started,
+    met the dependency, finished and signalled; cycles they waited for weight stages to land; and
+    cycles the producer waited for free stages. Summarized per op type as wall-clock time on the
+    critical path (an op's span = its last SM's completion - the previous op's).
+
+  python benchmarks/profile_step.py --models llama-3.1-8b --cases 1x128,8x1024 --out DIR
+  python benchmarks/profile_step.py --ncu-step ...   # one traced-free step for ncu (see gpu_check.sh)
+
+Prints compact tables; writes DIR/profile.json with every figure and the raw trace summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashformer import _core
+from flashformer.bench import WEIGHT_STD, shape_config, step_bytes
+from flashformer.config import spec_from_dict
+from flashformer.megakernel import MegakernelBackend
+from flashformer.weights import random_weights
+
+OP_NAMES = ("embed", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def kernel_ms(mk: MegakernelBackend, batch: int, n: int = 30) -> float:
+    """Median CUDA-event time of the step launch alone (inputs already in place)."""
+    e, stream = mk.engine, torch.cuda.current_stream().cuda_stream
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        start.record()
+        e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    e.check(stream)
+    return statistics.median(times)
+
+
+def decode_ms(mk: MegakernelBackend, tokens, positions, n: int = 30) -> float:
+    """Median time of the backend's decode() (the copies in, the launch, the error check)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        start.record()
+        mk.decode(tokens, positions)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def task_ops(layers: int) -> list[tuple[str, int]]:
+    """(op name, layer) of each trace task, in the kernel's order."""
+    ops = [("embed", 0)]
+    for layer in range(layers):
+        ops += [(name, layer) for name in OP_NAMES[1:6]]
+    return ops + [("lm_head", layers - 1)]
+
+
+def take_trace(mk: MegakernelBackend, batch: int) -> np.ndarray:
+    """One traced step: [sms, header + tasks * fields] uint64."""
+    e, stream = mk.engine, torch.cuda.current_stream().cuda_stream
+    buf = torch.zeros(e.trace_words, dtype=torch.int64, device=mk.device)
+    e.trace = buf.data_ptr()
+    try:
+        e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+        e.check(stream)
+    finally:
+        e.trace = 0
+    return buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)
+
+
+def summarize_trace(raw: np.ndarray, layers: int) -> dict:
+    """Per op type: critical-path wall time and per-SM means of each phase (ms)."""
+    layout = _core.load().TRACE_LAYOUT
+    nh, fields = len(layout["header"]), layout["fields"]
+    head = raw[:, :nh].astype(np.float64)
+    h = dict(zip(layout["header"], head.T))
+    t0 = h["start_ns"].min()
+    ghz = (h["end_cycles"] - h["start_cycles"]) / np.maximum(h["end_ns"] - h["start_ns"], 1)  # cycles per ns, per SM
+    tasks = raw[:, nh:].reshape(raw.shape[0], -1, len(fields)).astype(np.float64)
+    f = {name: tasks[:, :, i] for i, name in enumerate(fields)}
+    ran = f["task_start_ns"] > 0  # (sm, task): this SM had units of the task
+    ns = lambda key: np.where(ran, f[key] - t0, np.nan)  # noqa: E731
+    start, ready, computed, signalled = ns("task_start_ns"), ns("ready_ns"), ns("computed_ns"), ns("signalled_ns")
+    data_wait = np.where(ran, f["data_wait_cycles"] / ghz[:, None], np.nan)
+    slot_wait = np.where(ran, f["slot_wait_cycles"] / ghz[:, None], np.nan)
+    done = np.nanmax(signalled, axis=0)  # each task's completion (its last SM)
+    ops = task_ops(layers)
+    per_op: dict[str, dict] = {}
+    prev_done = 0.0
+    for i, (name, _) in enumerate(ops):
+        d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, signal=0.0, data_wait=0.0, slot_wait=0.0,
+                                         gap=0.0, lead=0.0, tasks=0))
+        d["span"] += done[i] - prev_done
+        prev_done = done[i]
+        d["dep_wait"] += np.nanmean(ready[:, i] - start[:, i])
+        d["compute"] += np.nanmean(computed[:, i] - ready[:, i])
+        d["signal"] += np.nanmean(signalled[:, i] - computed[:, i])
+        d["data_wait"] += np.nanmean(data_wait[:, i])
+        d["slot_wait"] += np.nanmean(slot_wait[:, i])
+        if i:  # consumers' time between the previous task's signal and this task's start
+            d["gap"] += np.nanmean(start[:, i] - np.where(ran[:, :i], signalled[:, :i], 0.0).max(axis=1))
+        produce_start = np.where(ran, f["produce_start_ns"] - t0, np.nan)[:, i]
+        d["lead"] += np.nanmean(ready[:, i] - produce_start)  # how far ahead the producer was
+        d["tasks"] += 1
+    for d in per_op.values():
+        for k in ("span", "dep_wait", "compute", "signal", "data_wait", "slot_wait", "gap", "lead"):
+            d[k] = float(d[k]) / 1e6
+        d["lead"] /= d["tasks"]  # mean per task, ms
+    return dict(
+        span_ms=float((h["end_ns"].max() - t0) / 1e6),
+        sm_end_spread_ms=float((h["end_ns"].max() - h["end_ns"].min()) / 1e6),
+        clock_ghz=float(np.median(ghz)),
+        per_op=per_op,
+    )
+
+
+def format_trace(s: dict) -> str:
+    cols = ("span", "dep_wait", "compute", "data_wait", "slot_wait", "signal", "gap", "lead")
+    lines = [
+        f"  trace: span {s['span_ms']:.3f} ms, SM end spread {s['sm_end_spread_ms']:.3f} ms, clock {s['clock_ghz']:.2f} GHz",
+        "  op         " + " ".join(f"{c:>9}" for c in cols) + "   (ms; per-SM means summed over layers; lead: mean per task)",
+    ]
+    for name, d in s["per_op"].items():
+        lines.append(f"  {name:<10} " + " ".join(f"{d[c]:9.3f}" for c in cols))
+    total = {c: sum(d[c] for d in s["per_op"].values()) for c in cols}
+    lines.append(f"  {'total':<10} " + " ".join(f"{total[c]:9.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b")
+    ap.add_argument("--cases", default="1x128,8x1024", help="comma-separated BATCHxCONTEXT")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (ncu runs)")
+    ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
+    ap.add_argument("--rings", default="", help="comma-separated ring-stage limits to time, e.g. 8,6,4")
+    ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    C = _core.load()
+    V = C.TIMING_VARIANTS
+    four = V["skip_waits"] | V["skip_attention"] | V["skip_norm"] | V["skip_epilogue"]
+    variants = {
+        "all": 0,
+        "poll_every_spin": V["poll_every_spin"],
+        "no_waits": V["skip_waits"],
+        "no_attention": V["skip_attention"],
+        "no_norm": V["skip_norm"],
+        "no_epilogue": V["skip_epilogue"],
+        "none_of_four": four,
+        "stream_only": four | V["skip_math"],
+    }
+    if args.variants == "none":
+        variants = {"all": 0}
+    elif args.variants != "all":
+        variants = {"all": 0, **{k: variants[k] for k in args.variants.split(",")}}
+    cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    rings = [int(r) for r in args.rings.split(",") if r]
+    result = {"commit": None, "device": torch.cuda.get_device_name(), "models": {}}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model in args.models.split(","):
+        cfg = shape_config(model)
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+        spec = spec_from_dict(cfg)
+        w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen)
+        max_ctx = max(ctx for _, ctx in cases)
+        mk = MegakernelBackend(spec, w, max(b for b, _ in cases), max_ctx + 8)
+        mk.kv_cache.uniform_(-1, 1, generator=gen)
+        rows = result["models"].setdefault(model, {})
+        for batch, ctx in cases:
+            tokens = torch.randint(0, spec.vocab_size, (batch,), device="cuda", generator=gen)
+            positions = torch.full((batch,), ctx, device="cuda")
+            for _ in range(3):
+                mk.decode(tokens, positions)
+            torch.cuda.synchronize()
+            if args.ncu_step:
+                mk.decode(tokens, positions)
+                continue
+            row: dict = {"decode_ms": decode_ms(mk, tokens, positions)}
+            for name, v in variants.items():
+                mk.engine.timing_variant = v
+                row[name] = kernel_ms(mk, batch)
+            mk.engine.timing_variant = 0
+            for r in rings:
+                mk.engine.ring_stages_limit = r
+                row[f"ring{r}"] = kernel_ms(mk, batch)
+            mk.engine.ring_stages_limit = 0
+            floor_bytes = step_bytes(spec, w, batch, ctx)
+            row["bytes"] = floor_bytes
+            row["trace"] = summarize_trace(take_trace(mk, batch), spec.num_layers)
+            rows[f"{batch}x{ctx}"] = row
+            times = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+            print(f"{model} batch {batch} ctx {ctx} ({floor_bytes / 1e9:.2f} GB): {times}", flush=True)
+            print(format_trace(row["trace"]), flush=True)
+        del mk, w
+        torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "profile.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
