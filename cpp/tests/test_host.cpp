@@ -1,6 +1,7 @@
 // Host-side tests of what the core states without a GPU.
 
 #include "check.hpp"
+#include "flashformer/fragment_layout.hpp"
 #include "flashformer/kernel_config.hpp"
 #include "flashformer/schedule.hpp"
 #include "flashformer/tma_limits.hpp"
@@ -82,6 +83,15 @@ FF_TEST(shared_memory_split_fits_227_kb_for_every_config_and_batch) {
     }
     std::printf("\n");
   }
+}
+
+FF_TEST(act_lane_vector_is_the_fragment_index_of_a_lanes_b_registers) {
+  for (int rows = 1; rows <= flashformer::kMaxBatch; ++rows)
+    for (int kb = 0; kb < 5; ++kb)
+      for (int g = 0; g < rows; ++g)
+        for (int t = 0; t < 4; ++t)
+          FF_CHECK(flashformer::act_fragment_index(g, int64_t(kb) * flashformer::kKBlock + 2 * t, rows) ==
+                   4 * int64_t(flashformer::act_lane_vector(kb, g, t, rows)));
 }
 
 FF_TEST(trace_tasks_are_numbered_in_kernel_order) {

@@ -16,16 +16,16 @@ namespace flashformer {
 struct SmemActivations {
   const bf16_t* act;
   int rows;
-  __device__ uint2 load(int kb, int n, int t) const {
-    return *reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t, rows));
+  __device__ uint2 load(int kb, int g, int t) const {
+    return reinterpret_cast<const uint2*>(act)[act_lane_vector(kb, g, t, rows)];
   }
 };
 
 // B fragments another op wrote to global memory this step (read through L2).
 struct GlobalActivations {
   const bf16_t* act;
-  __device__ uint2 load(int kb, int n, int t) const {
-    return __ldcg(reinterpret_cast<const uint2*>(act + act_fragment_index(n, int64_t(kb) * kKBlock + 2 * t)));
+  __device__ uint2 load(int kb, int g, int t) const {
+    return __ldcg(reinterpret_cast<const uint2*>(act) + act_lane_vector(kb, g, t));
   }
 };
 

@@ -1,0 +1,53 @@
+// The fragment order of weights and activations (index arithmetic only; host-visible, so the
+// packer, the tests and the kernel share it). weight_layout.cuh says why this order.
+#pragma once
+
+#include <cstdint>
+
+#include "flashformer/kernel_config.hpp"
+
+namespace flashformer {
+
+// Element index of W[row][col] (K columns) in fragment order:
+// [row/16][col/16][lane = g*4 + t][e], e = (col%16)/8 * 4 + (row%16)/8 * 2 + col%2,
+// with g = row%8 and t = (col%8)/2: registers a0..a3 of the PTX mma fragment, in order.
+constexpr int64_t weight_fragment_index(int64_t row, int64_t col, int64_t K) {
+  const int64_t r = row % kRowBlock, c = col % kKBlock;
+  const int64_t lane = (r % 8) * 4 + (c % 8) / 2;
+  const int64_t e = (c / 8) * 4 + (r / 8) * 2 + c % 2;
+  return (((row / kRowBlock) * (K / kKBlock) + col / kKBlock) * kWarpSize + lane) * 8 + e;
+}
+
+// Element index of activation a[n][k] (batch row n of `rows`, K columns) in fragment order:
+// [k/16][n][t][e], t = (k%8)/2, e = (k%16)/8 * 2 + k%2: the B registers b0..b1 of lane n*4+t.
+// Global buffers hold all kMaxBatch rows; shared-memory copies only the step's batch rows.
+constexpr int64_t act_fragment_index(int n, int64_t k, int rows = kMaxBatch) {
+  const int64_t c = k % kKBlock;
+  return (((k / kKBlock) * rows + n) * 4 + (c % 8) / 2) * 4 + (c / 8) * 2 + c % 2;
+}
+
+// The B registers of lane (g, t) for k block kb as one 8-byte vector: the uint2 index of
+// act_fragment_index(g, 16 kb + 2t, rows). Plain int arithmetic, so the inner loop's address is
+// one multiply-add per fragment.
+constexpr int act_lane_vector(int kb, int g, int t, int rows = kMaxBatch) {
+  return (kb * rows + g) * 4 + t;
+}
+
+// Source row of packed row `row` under `order` (`param`: head_dim, or intermediate size).
+constexpr int64_t source_row(RowOrder order, int64_t row, int64_t param) {
+  const int64_t r = row % kRowBlock;
+  switch (order) {
+    case RowOrder::kRopePairs: {
+      const int64_t head = row / param, j = (row % param) / kRowBlock;
+      return head * param + (r < 8 ? 8 * j + r : param / 2 + 8 * j + r - 8);
+    }
+    case RowOrder::kGateUp: {
+      const int64_t j = row / kRowBlock;
+      return r < 8 ? 8 * j + r : param + 8 * j + r - 8;
+    }
+    default:
+      return row;
+  }
+}
+
+}  // namespace flashformer
