@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cfloat>
+#include <type_traits>
 
 #include "flashformer/ops/context.cuh"
 #include "flashformer/sync.cuh"
@@ -23,21 +24,23 @@ struct AttentionOp {
 
   __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // KV reads are direct (v1)
 
-  __device__ static void load_row(const bf16_t* src, float (&out)[kDimsPerLane]) {
-    if constexpr (kDimsPerLane == 4) {
-      const uint2 u = __ldcg(reinterpret_cast<const uint2*>(src));
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-      const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-      out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
-    } else {
-      const unsigned u = __ldcg(reinterpret_cast<const unsigned*>(src));
-      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
-      out[0] = a.x, out[1] = a.y;
+  // Raw K or V bf16 of one position for this lane: kDimsPerLane values in one 4- or 8-byte load.
+  using RawRow = std::conditional_t<kDimsPerLane == 4, uint2, unsigned>;
+  __device__ static RawRow load_raw(const bf16_t* src) { return __ldcg(reinterpret_cast<const RawRow*>(src)); }
+  __device__ static void unpack(const RawRow& r, float (&out)[kDimsPerLane]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane / 2; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
     }
   }
 
-  // This warp's share of positions [p0, p1) of batch row b into scratch (m, l, o per q head).
-  __device__ static void warp_partial(Consumer<T>& c, int layer, int b, int kv_head, int p0, int p1) {
+  // Positions [p0, p1) of batch row b, every `stride`-th group of kUnroll starting at group
+  // `first`, into this warp's scratch slot (o, m, l per q head). The next group's K and V are
+  // loaded before the current one is computed, so two groups' loads are in flight.
+  __device__ static void warp_partial(Consumer<T>& c, int layer, int b, int kv_head, int p0, int p1, int first,
+                                      int stride) {
     const MegakernelParams& p = c.p;
     float q[G][kDimsPerLane], o[G][kDimsPerLane], m[G], l[G];
 #pragma unroll
@@ -49,26 +52,37 @@ struct AttentionOp {
     }
     const bf16_t* keys = p.kv_cache + c.kv_index(layer, 0, b, kv_head, 0) + c.lane * kDimsPerLane;
     const bf16_t* values = p.kv_cache + c.kv_index(layer, 1, b, kv_head, 0) + c.lane * kDimsPerLane;
-    for (int base = p0 + c.warp * kUnroll; base < p1; base += kConsumerWarps * kUnroll) {
-      float k[kUnroll][kDimsPerLane], v[kUnroll][kDimsPerLane];
+    RawRow next_k[kUnroll], next_v[kUnroll];
+    auto load_group = [&](int base) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
-        if (base + u < p1) load_row(keys + int64_t(base + u) * D, k[u]), load_row(values + int64_t(base + u) * D, v[u]);
+        if (base + u < p1) next_k[u] = load_raw(keys + int64_t(base + u) * D), next_v[u] = load_raw(values + int64_t(base + u) * D);
+    };
+    const int step = stride * kUnroll;
+    int base = p0 + first * kUnroll;
+    if (base < p1) load_group(base);
+    for (; base < p1; base += step) {
+      RawRow raw_k[kUnroll], raw_v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) raw_k[u] = next_k[u], raw_v[u] = next_v[u];
+      if (base + step < p1) load_group(base + step);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         if (base + u >= p1) break;
+        float k[kDimsPerLane], v[kDimsPerLane];
+        unpack(raw_k[u], k), unpack(raw_v[u], v);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
           float s = 0.f;
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) s += q[h][i] * k[u][i];
+          for (int i = 0; i < kDimsPerLane; ++i) s += q[h][i] * k[i];
 #pragma unroll
           for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
           const float m_new = fmaxf(m[h], s);
           const float corr = exp2f(m[h] - m_new), w = exp2f(s - m_new);
           l[h] = l[h] * corr + w;
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * corr + w * v[u][i];
+          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * corr + w * v[i];
           m[h] = m_new;
         }
       }
@@ -106,33 +120,42 @@ struct AttentionOp {
       const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context_of(p));
       // Chunks past the active ones have no positions: they only count towards the group.
       const bool skip = p.timing_variant & kSkipAttention;
-      for (int b = 0; b < p.batch && chunk < active && !skip; ++b) {
-        warp_partial(c, layer, b, kv_head, c0, min(c1, p.positions[b] + 1));
+      // Rows in passes of up to kConsumerWarps, `per_row` warps on each row at once; the warps of
+      // a row then merge their partials through shared memory.
+      for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
+        const int rows = min(p.batch - b0, kConsumerWarps), per_row = kConsumerWarps / rows;
+        const int r = c.warp / per_row;
+        if (r < rows) warp_partial(c, layer, b0 + r, kv_head, c0, min(c1, p.positions[b0 + r] + 1), c.warp % per_row, per_row);
         c.sync();  // every warp's partial is in scratch
-        for (int j = c.tid; j < G * D; j += kConsumerThreads) {
-          const int h = j / D, d = j % D;
+        for (int j = c.tid; j < rows * G * D; j += kConsumerThreads) {
+          const int row = j / (G * D), h = (j / D) % G, d = j % D, b = b0 + row;
+          const float* slots = c.attn + row * per_row * G * kPartStride;
           float m_max = -FLT_MAX, o = 0.f, l = 0.f;
-          for (int w = 0; w < kConsumerWarps; ++w) {
-            const float* src = c.attn + (w * G + h) * kPartStride;
+          for (int w = 0; w < per_row; ++w) {
+            const float* src = slots + (w * G + h) * kPartStride;
             if (src[D + 1] != 0.f) m_max = fmaxf(m_max, src[D]);
           }
-          for (int w = 0; w < kConsumerWarps; ++w) {
-            const float* src = c.attn + (w * G + h) * kPartStride;
+          for (int w = 0; w < per_row; ++w) {
+            const float* src = slots + (w * G + h) * kPartStride;
             const float s = rescale(src[D], src[D + 1], m_max);
             o += s * src[d], l += s * src[D + 1];
+          }
+          if (active == 1) {  // the whole context is in this chunk: the output, no cross-SM merge
+            p.scratch.attn_frag[act_fragment_index(b, int64_t(kv_head * G + h) * D + d)] = __float2bfloat16(o / l);
+            continue;
           }
           float* part = p.scratch.attn_part + ((int64_t(b) * T::kHeads + kv_head * G + h) * chunks + chunk) * kPartStride;
           part[d] = o;
           if (d == 0) part[D] = m_max, part[D + 1] = l;
         }
-        c.sync();  // scratch is free for the next batch row
+        c.sync();  // scratch is free for the next pass
       }
       unsigned* group = p.scratch.counters + p.n_layers * kNumOps + layer * T::kKvHeads + kv_head;
       if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
       c.sync();
       if (c.flags[1]) {
         __threadfence();  // acquire side: the other chunks' partials are visible
-        if (!skip) merge_chunks(c, kv_head);
+        if (!skip && active > 1) merge_chunks(c, kv_head);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) signal_counter(c.counter(layer, kOp));
       }

@@ -111,13 +111,16 @@ __device__ void reduce_row_block(Consumer<T>& c, AccTile& acc) {
     }
 }
 
-// Epilogue interface: `Epilogue e(c, layer)`; e.row_block(rb, acc) on warp 0 per row block;
-// e.finish() on all consumer threads after the last row block (before the op's signal).
+// Epilogue interface: `Epilogue e(c, layer)`; on warp 0, e.prefetch(rb) before the row block's
+// weights stream (loads whatever row_block will read, so no global round trip follows the
+// reduction) and e.row_block(rb, acc) after it; e.finish() on all consumer threads after the
+// last row block (before the op's signal).
 template <class T, class Source, class Epilogue>
 __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int layer, int u0, int u1) {
   Epilogue epi(c, layer);
   for (int rb = u0; rb < u1; ++rb) {
     AccTile acc;
+    if (c.warp == 0) epi.prefetch(rb);
     if (!gemv_row_block(c, src, kblocks, acc)) return false;
     if (!(c.p.timing_variant & kSkipMath)) reduce_row_block(c, acc);
     if (c.warp == 0 && !(c.p.timing_variant & kSkipEpilogue)) epi.row_block(rb, acc);

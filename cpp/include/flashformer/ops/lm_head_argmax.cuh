@@ -20,6 +20,7 @@ struct LmHeadEpilogue {
   float best_v[2] = {-FLT_MAX, -FLT_MAX};  // warp 0: batch columns 2t and 2t+1
   int best_i[2] = {INT_MAX, INT_MAX};
   __device__ LmHeadEpilogue(Consumer<T>& c_, int) : c(c_) {}
+  __device__ void prefetch(int) {}  // reads nothing
 
   __device__ void row_block(int rb, const AccTile& acc) {
     const int g = c.lane / 4, t = c.lane % 4;

@@ -11,33 +11,44 @@ struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
   Consumer<T>& c;
   int layer;
-  __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {}
+  int pos[2];           // positions of this lane's batch columns 2t, 2t+1
+  float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
+  __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) pos[q] = 2 * (c.lane % 4) + q < c.p.batch ? c.p.positions[2 * (c.lane % 4) + q] : 0;
+  }
+  __device__ static int freq(int rb, int g) { return 8 * ((rb * kRowBlock % D) / kRowBlock) + g; }  // < D/2
+
+  __device__ void prefetch(int rb) {
+    const int i = freq(rb, c.lane / 4);
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      cs[q] = c.p.rope_cos[int64_t(pos[q]) * (D / 2) + i], sn[q] = c.p.rope_sin[int64_t(pos[q]) * (D / 2) + i];
+  }
 
   __device__ void row_block(int rb, const AccTile& acc) {
     const MegakernelParams& p = c.p;
     const int g = c.lane / 4, t = c.lane % 4;
-    const int head = rb * kRowBlock / D;                       // among q heads, then k, then v
-    const int i = 8 * ((rb * kRowBlock % D) / kRowBlock) + g;  // RoPE frequency index, < D/2
+    const int head = rb * kRowBlock / D;  // among q heads, then k, then v
+    const int i = freq(rb, g);            // RoPE frequency index
     // q is pre-scaled so attention can use exp2: softmax(s) = exp2(s * log2(e)) / ...
     const float q_scale = 1.4426950408889634f * rsqrtf(float(D));
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int n = 2 * t + q;
       if (n >= p.batch) continue;
-      const int pos = p.positions[n];
       const float lo = acc[q], hi = acc[2 + q];  // dims i and i + D/2
-      const float cs = p.rope_cos[int64_t(pos) * (D / 2) + i], sn = p.rope_sin[int64_t(pos) * (D / 2) + i];
-      const float rlo = lo * cs - hi * sn, rhi = hi * cs + lo * sn;
+      const float rlo = lo * cs[q] - hi * sn[q], rhi = hi * cs[q] + lo * sn[q];
       if (head < T::kHeads) {
         float* qn = p.scratch.q + (int64_t(n) * T::kHeads + head) * D;
         qn[i] = rlo * q_scale;
         qn[i + D / 2] = rhi * q_scale;
       } else if (head < T::kHeads + T::kKvHeads) {
-        bf16_t* k = p.kv_cache + c.kv_index(layer, 0, n, head - T::kHeads, pos);
+        bf16_t* k = p.kv_cache + c.kv_index(layer, 0, n, head - T::kHeads, pos[q]);
         k[i] = __float2bfloat16(rlo);
         k[i + D / 2] = __float2bfloat16(rhi);
       } else {
-        bf16_t* v = p.kv_cache + c.kv_index(layer, 1, n, head - T::kHeads - T::kKvHeads, pos);
+        bf16_t* v = p.kv_cache + c.kv_index(layer, 1, n, head - T::kHeads - T::kKvHeads, pos[q]);
         v[i] = __float2bfloat16(lo);
         v[i + D / 2] = __float2bfloat16(hi);
       }

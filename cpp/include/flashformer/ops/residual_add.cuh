@@ -9,16 +9,26 @@ namespace flashformer {
 template <class T>
 struct ResidualEpilogue {
   Consumer<T>& c;
+  float old[4];  // the residual of the row block's (row, batch) pairs, acc order
   __device__ ResidualEpilogue(Consumer<T>& c_, int) : c(c_) {}
-  __device__ void row_block(int rb, const AccTile& acc) {
+  __device__ float* x_of(int rb, int q) const {
     const int g = c.lane / 4, t = c.lane % 4;
+    return c.p.scratch.x + int64_t(2 * t + q) * T::kHidden + rb * kRowBlock + g;
+  }
+  // Rows of x are owned by one CTA per op, so reading them before the row block is safe; they
+  // were written by other CTAs earlier in the step: read through L2.
+  __device__ void prefetch(int rb) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      if (2 * (c.lane % 4) + q < c.p.batch) old[q] = __ldcg(x_of(rb, q)), old[2 + q] = __ldcg(x_of(rb, q) + 8);
+  }
+  __device__ void row_block(int rb, const AccTile& acc) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const int n = 2 * t + q;
-      if (n >= c.p.batch) continue;
-      float* x = c.p.scratch.x + int64_t(n) * T::kHidden + rb * kRowBlock + g;
-      x[0] = __ldcg(x) + acc[q];  // written by another CTA earlier in the step: read through L2
-      x[8] = __ldcg(x + 8) + acc[2 + q];
+      if (2 * (c.lane % 4) + q >= c.p.batch) continue;
+      float* x = x_of(rb, q);
+      x[0] = old[q] + acc[q];
+      x[8] = old[2 + q] + acc[2 + q];
     }
   }
   __device__ void finish() {}
