@@ -148,6 +148,7 @@ def main() -> int:
     ap.add_argument("--cases", default="1x128,8x1024", help="comma-separated BATCHxCONTEXT")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (ncu runs)")
     ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
+    ap.add_argument("--prefetch", default="", help="comma-separated l2_prefetch_bytes values to time")
     ap.add_argument("--rings", default="", help="comma-separated ring-stage limits to time, e.g. 8,6,4")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--out", default=None)
@@ -197,6 +198,11 @@ def main() -> int:
                 mk.engine.timing_variant = v
                 row[name] = kernel_ms(mk, batch)
             mk.engine.timing_variant = 0
+            default_prefetch = mk.engine.l2_prefetch_bytes
+            for nbytes in [int(v) for v in args.prefetch.split(",") if v]:
+                mk.engine.l2_prefetch_bytes = nbytes
+                row[f"prefetch{nbytes // 1024}k"] = kernel_ms(mk, batch)
+            mk.engine.l2_prefetch_bytes = default_prefetch
             for r in rings:
                 mk.engine.ring_stages_limit = r
                 row[f"ring{r}"] = kernel_ms(mk, batch)

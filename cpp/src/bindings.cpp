@@ -107,6 +107,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
       .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
+      .def_readwrite("l2_prefetch_bytes", &MegakernelEngine::l2_prefetch_bytes,
+                     "how far ahead of the weight ring the producer has L2 prefetch (bytes, 0: off)")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
                      "timing only: use at most this many weight-ring stages (0: as planned)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")

@@ -22,7 +22,7 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.q = take(int64_t(kMaxBatch) * d.q_rows() * 4);
   l.attn_frag = take(int64_t(kMaxBatch) * d.q_rows() * 2);
   l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
-  l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * (d.head_dim + 2) * 4);
+  l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
   l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
   l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
   l.counters = take(l.counters_bytes);
@@ -119,6 +119,8 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   const SmemSplit split = smem_split(config_->dims, batch);
   p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
   p.trace = trace;
+  if (l2_prefetch_bytes < 0 || l2_prefetch_bytes % 16) throw std::invalid_argument("megakernel: l2_prefetch_bytes must be a non-negative multiple of 16");
+  p.l2_prefetch_bytes = l2_prefetch_bytes;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);

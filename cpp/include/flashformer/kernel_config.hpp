@@ -35,6 +35,10 @@ enum class RowOrder : int {
   kGateUp = 2,     // [gate; up] stacked: block j holds gate rows 8j..8j+7 then up rows 8j..8j+7
 };
 
+// Floats per attention partial (o[head_dim], m, l, two pad): a multiple of 4, so the chunk
+// merge reads o as float4.
+constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
+
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
 inline constexpr int kMiscBytes = 1024;  // mbarriers (2 x kMaxStages), flags, per-batch scalars
 
@@ -50,7 +54,7 @@ struct SmemSplit {
 };
 
 constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
-  const int attn = kConsumerWarps * (d.heads / d.kv_heads) * (d.head_dim + 2) * 4;
+  const int attn = kConsumerWarps * (d.heads / d.kv_heads) * attn_part_stride(d.head_dim) * 4;
   const int act_max = kMaxBatch * d.hidden * 2;  // the normalized input at the largest batch
   const int widest = std::max(d.hidden, std::max(d.intermediate, d.q_rows()));
   const int want = std::max(attn, std::min(act_max, batch * widest * 2));

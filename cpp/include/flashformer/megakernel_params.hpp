@@ -44,7 +44,7 @@ struct Scratch {
   float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
   bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
   bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
-  float* attn_part;        // [kMaxBatch][heads][chunks][head_dim + 2]: o, m, l per chunk
+  float* attn_part;        // [kMaxBatch][heads][chunks][attn_part_stride]: o, m, l per chunk
   float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits)
   unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
   int* error;              // [4]: StepError, op, layer, SM
@@ -73,6 +73,7 @@ struct MegakernelParams {
   int attn_chunks;
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
+  int l2_prefetch_bytes;       // how far ahead of its copies the producer has L2 prefetch an op's weights (0: off)
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)

@@ -19,8 +19,10 @@ struct AttentionOp {
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per warp per iteration: 64 B of K+V in flight per lane
-  static constexpr int kMinChunk = 64;                // positions: shorter chunks cost more to merge than they save
-  static constexpr int kPartStride = D + 2;           // o[D], m, l
+  // Row-positions per unit below which splitting a context across more SMs costs more (in the
+  // cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
+  static constexpr int kMinUnitWork = 256;
+  static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
 
   __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // KV reads are direct (v1)
 
@@ -102,9 +104,10 @@ struct AttentionOp {
     for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
     return context;
   }
-  // Chunks holding positions this step: at most attn_chunks, each at least kMinChunk long.
+  // Chunks holding positions this step: at most attn_chunks, each at least kMinUnitWork / batch long.
   __device__ static int active_chunks(const MegakernelParams& p) {
-    return min(p.attn_chunks, (context_of(p) + kMinChunk - 1) / kMinChunk);
+    const int min_chunk = max(kMinUnitWork / p.batch, 16);
+    return min(p.attn_chunks, (context_of(p) + min_chunk - 1) / min_chunk);
   }
 
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
@@ -163,25 +166,53 @@ struct AttentionOp {
     return true;
   }
 
-  // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c over the active chunks, in one pass
-  // with a running maximum, into the O projection's B fragments.
+  // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c over the active chunks, into the O
+  // projection's B fragments. First one warp per (row, head) pair finds M and the sum over its
+  // chunks (lanes over chunks); then every thread takes 4 dims of a pair and sums their chunks,
+  // all of a chunk group's loads in flight.
   __device__ static void merge_chunks(Consumer<T>& c, int kv_head) {
     const MegakernelParams& p = c.p;
-    const int chunks = p.attn_chunks, active = active_chunks(p);
-    for (int j = c.tid; j < p.batch * G * D; j += kConsumerThreads) {
-      const int b = j / (G * D), h = (j / D) % G, d = j % D;
-      const int head = kv_head * G + h;
-      const float* part = p.scratch.attn_part + (int64_t(b) * T::kHeads + head) * chunks * kPartStride;
-      float m_run = -FLT_MAX, o = 0.f, l = 0.f;
-#pragma unroll 4
-      for (int ch = 0; ch < active; ++ch) {
-        const float* pc = part + ch * kPartStride;
-        const float m = __ldcg(pc + D), lc = __ldcg(pc + D + 1), oc = __ldcg(pc + d);
-        if (lc == 0.f) continue;  // a chunk past this row's context
-        const float m_new = fmaxf(m_run, m), old_scale = exp2f(m_run - m_new), scale = exp2f(m - m_new);
-        o = o * old_scale + oc * scale, l = l * old_scale + lc * scale, m_run = m_new;
+    const int chunks = p.attn_chunks, active = active_chunks(p), pairs = p.batch * G;
+    auto part_of = [&](int pair, int chunk) {  // pair = b * G + h
+      const int b = pair / G, head = kv_head * G + pair % G;
+      return p.scratch.attn_part + ((int64_t(b) * T::kHeads + head) * chunks + chunk) * kPartStride;
+    };
+    float* stats = c.attn;  // [pairs][2]: M, 1 / sum; the partial slots are free by now
+    for (int pair = c.warp; pair < pairs; pair += kConsumerWarps) {
+      float m_run = -FLT_MAX, l_run = 0.f;
+      for (int ch = c.lane; ch < active; ch += kWarpSize) {
+        const float* pc = part_of(pair, ch);
+        const float m = __ldcg(pc + D), l = __ldcg(pc + D + 1);
+        if (l == 0.f) continue;  // a chunk past this row's context
+        const float m_new = fmaxf(m_run, m);
+        l_run = l_run * exp2f(m_run - m_new) + l * exp2f(m - m_new), m_run = m_new;
       }
-      p.scratch.attn_frag[act_fragment_index(b, int64_t(head) * D + d)] = __float2bfloat16(o / l);
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2) {
+        const float m_o = __shfl_xor_sync(0xffffffffu, m_run, off), l_o = __shfl_xor_sync(0xffffffffu, l_run, off);
+        const float m_new = fmaxf(m_run, m_o);
+        l_run = rescale(m_run, l_run, m_new) * l_run + rescale(m_o, l_o, m_new) * l_o, m_run = m_new;
+      }
+      if (c.lane == 0) stats[2 * pair] = m_run, stats[2 * pair + 1] = 1.f / l_run;
+    }
+    c.sync();  // stats visible
+    constexpr int kQuads = D / 4;
+    for (int j = c.tid; j < pairs * kQuads; j += kConsumerThreads) {
+      const int pair = j / kQuads, d = 4 * (j % kQuads);
+      const float m_max = stats[2 * pair];
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int ch = 0; ch < active; ++ch) {
+        const float* pc = part_of(pair, ch);
+        const float w = exp2f(__ldcg(pc + D) - m_max);  // 0 for an empty chunk (m = -FLT_MAX, o = 0)
+        const float4 oc = __ldcg(reinterpret_cast<const float4*>(pc + d));
+        o.x += w * oc.x, o.y += w * oc.y, o.z += w * oc.z, o.w += w * oc.w;
+      }
+      const float inv = stats[2 * pair + 1];
+      const int64_t k = int64_t(kv_head * G + pair % G) * D + d;  // dims d..d+3: two adjacent pairs
+      bf16_t* out = p.scratch.attn_frag;
+      *reinterpret_cast<__nv_bfloat162*>(out + act_fragment_index(pair / G, k)) = __floats2bfloat162_rn(o.x * inv, o.y * inv);
+      *reinterpret_cast<__nv_bfloat162*>(out + act_fragment_index(pair / G, k + 2)) = __floats2bfloat162_rn(o.z * inv, o.w * inv);
     }
   }
 };

@@ -16,6 +16,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
   // (batch, hidden) fp32, written by other CTAs: read through L2, every load of a row in flight
   const float4* x = reinterpret_cast<const float4*>(c.p.scratch.x);
   float* partial = c.reduce;  // (warps, kMaxBatch): the reduction buffers are free between row blocks
+  float4 row0[kPerThread];    // batch row 0 stays in registers: its second pass needs no L2 round trip
   for (int b = 0; b < c.p.batch; ++b) {
     float sq = 0.f;
 #pragma unroll
@@ -23,6 +24,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
       const int v = c.tid + i * kConsumerThreads;
       if (v < kVecs) {
         const float4 a = __ldcg(x + b * kVecs + v);
+        if (b == 0) row0[i] = a;
         sq += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
       }
     }
@@ -44,7 +46,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
     for (int i = 0; i < kPerThread; ++i) {
       const int v = c.tid + i * kConsumerThreads;
       if (v < kVecs) {
-        const float4 a = __ldcg(x + b * kVecs + v);
+        const float4 a = b == 0 ? row0[i] : __ldcg(x + b * kVecs + v);
         const uint2 wu = w4[v];
         const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
         const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
