@@ -148,8 +148,9 @@ def main() -> int:
     ap.add_argument("--cases", default="1x128,8x1024", help="comma-separated BATCHxCONTEXT")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (ncu runs)")
     ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
-    ap.add_argument("--prefetch", default="", help="comma-separated l2_prefetch_bytes values to time")
-    ap.add_argument("--rings", default="", help="comma-separated ring-stage limits to time, e.g. 8,6,4")
+    ap.add_argument("--sweep", action="append", default=[], metavar="ATTR=V1,V2",
+                    help="time the step at each value of a MegakernelEngine tuning attribute (repeatable), "
+                    "e.g. ring_stages_limit=8,6 or kv_prefetch_bytes=0,65536")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -171,7 +172,7 @@ def main() -> int:
     elif args.variants != "all":
         variants = {"all": 0, **{k: variants[k] for k in args.variants.split(",")}}
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
-    rings = [int(r) for r in args.rings.split(",") if r]
+    sweeps = [(a, [int(v) for v in vs.split(",")]) for a, vs in (sw.split("=") for sw in args.sweep)]
     result = {"commit": None, "device": torch.cuda.get_device_name(), "models": {}}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
@@ -198,18 +199,19 @@ def main() -> int:
                 mk.engine.timing_variant = v
                 row[name] = kernel_ms(mk, batch)
             mk.engine.timing_variant = 0
-            default_prefetch = mk.engine.l2_prefetch_bytes
-            for nbytes in [int(v) for v in args.prefetch.split(",") if v]:
-                mk.engine.l2_prefetch_bytes = nbytes
-                row[f"prefetch{nbytes // 1024}k"] = kernel_ms(mk, batch)
-            mk.engine.l2_prefetch_bytes = default_prefetch
-            for r in rings:
-                mk.engine.ring_stages_limit = r
-                row[f"ring{r}"] = kernel_ms(mk, batch)
-            mk.engine.ring_stages_limit = 0
+            for attr, values in sweeps:
+                default = getattr(mk.engine, attr)
+                for v in values:
+                    setattr(mk.engine, attr, v)
+                    row[f"{attr}={v}"] = kernel_ms(mk, batch)
+                setattr(mk.engine, attr, default)
             floor_bytes = step_bytes(spec, w, batch, ctx)
             row["bytes"] = floor_bytes
-            row["trace"] = summarize_trace(take_trace(mk, batch), spec.num_layers)
+            raw = take_trace(mk, batch)
+            row["trace"] = summarize_trace(raw, spec.num_layers)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(Path(args.out, f"trace-{model}-{batch}x{ctx}.npz"), raw=raw)
             rows[f"{batch}x{ctx}"] = row
             times = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
             print(f"{model} batch {batch} ctx {ctx} ({floor_bytes / 1e9:.2f} GB): {times}", flush=True)

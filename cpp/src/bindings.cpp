@@ -109,6 +109,10 @@ PYBIND11_MODULE(_C, m) {
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
       .def_readwrite("l2_prefetch_bytes", &MegakernelEngine::l2_prefetch_bytes,
                      "how far ahead of the weight ring the producer has L2 prefetch (bytes, 0: off)")
+      .def_readwrite("kv_prefetch_bytes", &MegakernelEngine::kv_prefetch_bytes,
+                     "attention: L2 prefetch of at most this many bytes of each row's K and V per unit (0: off)")
+      .def_readwrite("attn_min_unit_work", &MegakernelEngine::attn_min_unit_work,
+                     "attention: a row's chunk is at least this / batch positions long")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
                      "timing only: use at most this many weight-ring stages (0: as planned)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")

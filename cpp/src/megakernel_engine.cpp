@@ -121,6 +121,10 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   p.trace = trace;
   if (l2_prefetch_bytes < 0 || l2_prefetch_bytes % 16) throw std::invalid_argument("megakernel: l2_prefetch_bytes must be a non-negative multiple of 16");
   p.l2_prefetch_bytes = l2_prefetch_bytes;
+  if (kv_prefetch_bytes < 0 || kv_prefetch_bytes % 16) throw std::invalid_argument("megakernel: kv_prefetch_bytes must be a non-negative multiple of 16");
+  if (attn_min_unit_work < 1) throw std::invalid_argument("megakernel: attn_min_unit_work must be >= 1");
+  p.kv_prefetch_bytes = kv_prefetch_bytes;
+  p.attn_min_unit_work = attn_min_unit_work;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);

@@ -57,7 +57,10 @@ class MegakernelEngine {
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
-  int l2_prefetch_bytes = 0;   // see MegakernelParams::l2_prefetch_bytes
+  // Tuning knobs (MegakernelParams says what each does); defaults from benchmarks/NOTES.md.
+  int l2_prefetch_bytes = 0;
+  int kv_prefetch_bytes = 0;
+  int attn_min_unit_work = 256;
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
   unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
 

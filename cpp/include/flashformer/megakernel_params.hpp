@@ -73,6 +73,8 @@ struct MegakernelParams {
   int attn_chunks;
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
+  int kv_prefetch_bytes;       // attention: L2 prefetch of at most this many bytes of each row's K and V per unit (0: off)
+  int attn_min_unit_work;      // attention: a row's chunk is at least this / batch positions long
   int l2_prefetch_bytes;       // how far ahead of its copies the producer has L2 prefetch an op's weights (0: off)
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step

@@ -76,9 +76,14 @@ __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned t
   }
 }
 
-// One thread, after a barrier that ordered its CTA's output writes before it: publish them.
+// fence.acq_rel at GPU scope: lighter than __threadfence() (fence.sc), and all a release or an
+// acquire pattern needs.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+// One thread, after a barrier that ordered its CTA's output writes before it: publish them
+// (the fence is cumulative over the writes the barrier ordered before it).
 __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
-  __threadfence();  // cumulative: the CTA's writes (ordered by the barrier) before the arrival
+  fence_acq_rel_gpu();
   return atomicAdd(counter, 1u);
 }
 

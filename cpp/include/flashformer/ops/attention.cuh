@@ -19,12 +19,31 @@ struct AttentionOp {
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per warp per iteration: 64 B of K+V in flight per lane
-  // Row-positions per unit below which splitting a context across more SMs costs more (in the
-  // cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
-  static constexpr int kMinUnitWork = 256;
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
 
-  __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // KV reads are direct (v1)
+  // The producer streams no weights here; it asks L2 to prefetch the first p.kv_prefetch_bytes of
+  // each row's K and V of its units, so the consumers' direct loads hit L2 (the cache does not
+  // depend on this step's qkv, except the newest position, which qkv writes through L2 anyway).
+  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
+    const MegakernelParams& p = pr.p;
+    if (p.kv_prefetch_bytes == 0 || (p.timing_variant & kSkipAttention)) return true;
+    const Chunking ch = chunking(p);
+    for (int unit = u0; unit < u1; ++unit) {
+      const int kv_head = unit / p.attn_chunks, chunk = unit % p.attn_chunks;
+      if (chunk >= ch.active) continue;
+      const int c0 = chunk * ch.len;
+      for (int b = 0; b < p.batch; ++b) {
+        const int c1 = min(c0 + ch.len, p.positions[b] + 1);
+        const int64_t bytes = min(int64_t(max(c1 - c0, 0)) * D * 2, int64_t(p.kv_prefetch_bytes));
+        for (int kv = 0; kv < 2; ++kv) {
+          const uint8_t* src = reinterpret_cast<const uint8_t*>(p.kv_cache + kv_index<T>(p, layer, kv, b, kv_head, c0));
+          for (int64_t at = 0; at < bytes; at += kStageBytes)
+            cute::SM90_BULK_COPY_G2S::PREFETCH::copy(src + at, int(min(int64_t(kStageBytes), bytes - at)));
+        }
+      }
+    }
+    return true;
+  }
 
   // Raw K or V bf16 of one position for this lane: kDimsPerLane values in one 4- or 8-byte load.
   using RawRow = std::conditional_t<kDimsPerLane == 4, uint2, unsigned>;
@@ -52,8 +71,8 @@ struct AttentionOp {
       for (int i = 0; i < kDimsPerLane; ++i) q[h][i] = __ldcg(qh + i), o[h][i] = 0.f;
       m[h] = -FLT_MAX, l[h] = 0.f;
     }
-    const bf16_t* keys = p.kv_cache + c.kv_index(layer, 0, b, kv_head, 0) + c.lane * kDimsPerLane;
-    const bf16_t* values = p.kv_cache + c.kv_index(layer, 1, b, kv_head, 0) + c.lane * kDimsPerLane;
+    const bf16_t* keys = p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, 0) + c.lane * kDimsPerLane;
+    const bf16_t* values = p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, 0) + c.lane * kDimsPerLane;
     RawRow next_k[kUnroll], next_v[kUnroll];
     auto load_group = [&](int base) {
 #pragma unroll
@@ -104,11 +123,17 @@ struct AttentionOp {
     for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
     return context;
   }
-  // Chunks holding positions this step: at most attn_chunks, each at least kMinUnitWork / batch long.
-  __device__ static int active_chunks(const MegakernelParams& p) {
-    const int min_chunk = max(kMinUnitWork / p.batch, 16);
-    return min(p.attn_chunks, (context_of(p) + min_chunk - 1) / min_chunk);
+  // Chunks holding positions this step: at most attn_chunks, each at least
+  // p.attn_min_unit_work / batch positions long; and their length.
+  struct Chunking {
+    int active, len;
+  };
+  __device__ static Chunking chunking(const MegakernelParams& p) {
+    const int context = context_of(p), min_chunk = max(p.attn_min_unit_work / p.batch, 16);
+    const int active = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
+    return {active, (context + active - 1) / active};
   }
+  __device__ static int active_chunks(const MegakernelParams& p) { return chunking(p).active; }
 
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
@@ -116,8 +141,7 @@ struct AttentionOp {
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     const MegakernelParams& p = c.p;
     const int chunks = p.attn_chunks;
-    const int active = active_chunks(p);
-    const int chunk_len = (context_of(p) + active - 1) / active;
+    const auto [active, chunk_len] = chunking(p);
     for (int unit = u0; unit < u1; ++unit) {
       const int kv_head = unit / chunks, chunk = unit % chunks;
       const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context_of(p));
@@ -157,7 +181,7 @@ struct AttentionOp {
       if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
       c.sync();
       if (c.flags[1]) {
-        __threadfence();  // acquire side: the other chunks' partials are visible
+        fence_acq_rel_gpu();  // acquire side: the other chunks' partials are visible
         if (!skip && active > 1) merge_chunks(c, kv_head);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) signal_counter(c.counter(layer, kOp));

@@ -8,6 +8,12 @@
 
 namespace flashformer {
 
+// Element index of (layer, K or V, batch row, kv head, position) in the KV cache.
+template <class T>
+__device__ int64_t kv_index(const MegakernelParams& p, int layer, int kv, int b, int kv_head, int pos) {
+  return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
+}
+
 // The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {
@@ -46,9 +52,6 @@ struct Consumer {
   }
   __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
   __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }
-  __device__ int64_t kv_index(int layer, int kv, int b, int kv_head, int pos) const {  // element of the KV cache
-    return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
-  }
 };
 
 }  // namespace flashformer

@@ -44,11 +44,11 @@ struct QkvEpilogue {
         qn[i] = rlo * q_scale;
         qn[i + D / 2] = rhi * q_scale;
       } else if (head < T::kHeads + T::kKvHeads) {
-        bf16_t* k = p.kv_cache + c.kv_index(layer, 0, n, head - T::kHeads, pos[q]);
+        bf16_t* k = p.kv_cache + kv_index<T>(p, layer, 0, n, head - T::kHeads, pos[q]);
         k[i] = __float2bfloat16(rlo);
         k[i + D / 2] = __float2bfloat16(rhi);
       } else {
-        bf16_t* v = p.kv_cache + c.kv_index(layer, 1, n, head - T::kHeads - T::kKvHeads, pos[q]);
+        bf16_t* v = p.kv_cache + kv_index<T>(p, layer, 1, n, head - T::kHeads - T::kKvHeads, pos[q]);
         v[i] = __float2bfloat16(lo);
         v[i + D / 2] = __float2bfloat16(hi);
       }
