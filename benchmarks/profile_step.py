@@ -103,12 +103,13 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
     per_op: dict[str, dict] = {}
     prev_done = 0.0
     for i, (name, _) in enumerate(ops):
-        d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, signal=0.0, data_wait=0.0, slot_wait=0.0,
-                                         gap=0.0, lead=0.0, tasks=0))
+        d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, compute_max=0.0, signal=0.0, data_wait=0.0,
+                                         slot_wait=0.0, gap=0.0, lead=0.0, tasks=0))
         d["span"] += done[i] - prev_done
         prev_done = done[i]
         d["dep_wait"] += np.nanmean(ready[:, i] - start[:, i])
         d["compute"] += np.nanmean(computed[:, i] - ready[:, i])
+        d["compute_max"] += np.nanmax(computed[:, i] - ready[:, i])
         d["signal"] += np.nanmean(signalled[:, i] - computed[:, i])
         d["data_wait"] += np.nanmean(data_wait[:, i])
         d["slot_wait"] += np.nanmean(slot_wait[:, i])
@@ -118,7 +119,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
         d["lead"] += np.nanmean(ready[:, i] - produce_start)  # how far ahead the producer was
         d["tasks"] += 1
     for d in per_op.values():
-        for k in ("span", "dep_wait", "compute", "signal", "data_wait", "slot_wait", "gap", "lead"):
+        for k in ("span", "dep_wait", "compute", "compute_max", "signal", "data_wait", "slot_wait", "gap", "lead"):
             d[k] = float(d[k]) / 1e6
         d["lead"] /= d["tasks"]  # mean per task, ms
     return dict(
@@ -130,7 +131,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
 
 
 def format_trace(s: dict) -> str:
-    cols = ("span", "dep_wait", "compute", "data_wait", "slot_wait", "signal", "gap", "lead")
+    cols = ("span", "dep_wait", "compute", "compute_max", "data_wait", "slot_wait", "signal", "gap", "lead")
     lines = [
         f"  trace: span {s['span_ms']:.3f} ms, SM end spread {s['sm_end_spread_ms']:.3f} ms, clock {s['clock_ghz']:.2f} GHz",
         "  op         " + " ".join(f"{c:>9}" for c in cols) + "   (ms; per-SM means summed over layers; lead: mean per task)",
