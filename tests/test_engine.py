@@ -225,3 +225,27 @@ def test_bfloat16_on_cpu_and_reference_backend(path):
 def test_progress_bar(path, capsys):
     Engine.from_pretrained(path, dtype="float32", device="cpu", max_seq_len=MAX_SEQ_LEN, progress=True)
     assert "loading weights" in capsys.readouterr().err
+
+
+def test_greedy_rows_take_a_backends_fused_argmax(path, monkeypatch):
+    """A backend with greedy_tokens (the megakernel's in-kernel arg-max) supplies the decode-step
+    picks of greedy rows; sampled rows and the token after prefill still come from the logits."""
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
+                                    progress=False)
+    calls = []
+
+    def greedy_tokens(batch):  # deliberately not the arg-max: token 7 for every row
+        calls.append(batch)
+        return [7] * batch
+
+    monkeypatch.setattr(engine.backend, "greedy_tokens", greedy_tokens, raising=False)
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+    prompts = [random_prompt(5), random_prompt(6)]
+    out = engine.generate(prompt_token_ids=prompts, sampling=[greedy, sampled])
+    assert calls == [2, 2, 2]
+    monkeypatch.delattr(engine.backend, "greedy_tokens")
+    plain = engine.generate(prompt_token_ids=prompts, sampling=[greedy, sampled])
+    # greedy row: the first token from the prefill logits, then the fused picks
+    assert out[0].token_ids == plain[0].token_ids[:1] + [7, 7, 7]
+    assert out[1].token_ids == plain[1].token_ids  # the seeded sampled row never used them

@@ -107,12 +107,6 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
       .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
-      .def_readwrite("l2_prefetch_bytes", &MegakernelEngine::l2_prefetch_bytes,
-                     "how far ahead of the weight ring the producer has L2 prefetch (bytes, 0: off)")
-      .def_readwrite("kv_prefetch_bytes", &MegakernelEngine::kv_prefetch_bytes,
-                     "attention: L2 prefetch of at most this many bytes of each row's K and V per unit (0: off)")
-      .def_readwrite("attn_min_unit_work", &MegakernelEngine::attn_min_unit_work,
-                     "attention: a row's chunk is at least this / batch positions long")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
                      "timing only: use at most this many weight-ring stages (0: as planned)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
@@ -143,7 +137,7 @@ PYBIND11_MODULE(_C, m) {
           "step",
           [](MegakernelEngine& e, std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t next_tokens,
              std::uintptr_t logits, int batch, std::uintptr_t stream) {
-            e.step(reinterpret_cast<const int32_t*>(tokens), reinterpret_cast<const int32_t*>(positions),
+            e.step(reinterpret_cast<const int64_t*>(tokens), reinterpret_cast<const int64_t*>(positions),
                    reinterpret_cast<int32_t*>(next_tokens), reinterpret_cast<float*>(logits), batch,
                    reinterpret_cast<cudaStream_t>(stream));
           },

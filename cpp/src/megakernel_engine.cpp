@@ -59,7 +59,10 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
   config_->prepare();
+  FF_CUDA_CHECK(cudaMallocHost(&host_error_, 4 * sizeof(int)));
 }
+
+MegakernelEngine::~MegakernelEngine() { cudaFreeHost(host_error_); }
 
 void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   if (!scratch) throw std::invalid_argument("megakernel: scratch is null");
@@ -99,7 +102,7 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.attn_chunks = schedule_.attn_chunks;
 }
 
-void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int32_t* next_tokens, float* logits,
+void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int32_t* next_tokens, float* logits,
                             int batch, cudaStream_t stream) {
   if (!scratch_) throw std::runtime_error("megakernel: step before bind");
   if (batch < 1 || batch > std::min(max_batch_, kMaxBatch))
@@ -119,12 +122,6 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
   const SmemSplit split = smem_split(config_->dims, batch);
   p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
   p.trace = trace;
-  if (l2_prefetch_bytes < 0 || l2_prefetch_bytes % 16) throw std::invalid_argument("megakernel: l2_prefetch_bytes must be a non-negative multiple of 16");
-  p.l2_prefetch_bytes = l2_prefetch_bytes;
-  if (kv_prefetch_bytes < 0 || kv_prefetch_bytes % 16) throw std::invalid_argument("megakernel: kv_prefetch_bytes must be a non-negative multiple of 16");
-  if (attn_min_unit_work < 1) throw std::invalid_argument("megakernel: attn_min_unit_work must be >= 1");
-  p.kv_prefetch_bytes = kv_prefetch_bytes;
-  p.attn_min_unit_work = attn_min_unit_work;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   config_->launch(p, num_sms_, stream);
@@ -132,13 +129,14 @@ void MegakernelEngine::step(const int32_t* tokens, const int32_t* positions, int
 
 void MegakernelEngine::check(cudaStream_t stream) {
   if (!scratch_) return;
+  // One asynchronous copy into pinned memory and one wait (a plain cudaMemcpy would wait twice).
+  FF_CUDA_CHECK(cudaMemcpyAsync(host_error_, scratch_ + layout_.error, 4 * sizeof(int), cudaMemcpyDeviceToHost, stream));
   FF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  int err[4];
-  FF_CUDA_CHECK(cudaMemcpy(err, scratch_ + layout_.error, sizeof(err), cudaMemcpyDeviceToHost));
+  const int* err = host_error_;
   if (err[0] == int(StepError::kNone)) return;
   // The counters hold a partial step: start the epochs afresh so the engine stays usable.
   FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.counters, 0, layout_.counters_bytes));
-  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, sizeof(err)));
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, 4 * sizeof(int)));
   epoch_ = 0;
   const int op = err[1], layer = err[2];
   if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");

@@ -36,6 +36,9 @@ class MegakernelEngine {
  public:
   // Throws std::invalid_argument for an unknown config or bad sizes.
   MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq);
+  ~MegakernelEngine();
+  MegakernelEngine(const MegakernelEngine&) = delete;
+  MegakernelEngine& operator=(const MegakernelEngine&) = delete;
 
   const CompiledConfig& config() const { return *config_; }
   const Schedule& schedule() const { return schedule_; }
@@ -45,9 +48,9 @@ class MegakernelEngine {
   // lifetime. Writes the layer table and the schedule into it (synchronously).
   void bind(void* scratch, const ModelPointers& model);
 
-  // Launches one decode step on `stream` (asynchronous): tokens/positions int32 [batch] on the
+  // Launches one decode step on `stream` (asynchronous): tokens/positions int64 [batch] on the
   // device; next_tokens int32 [batch]; logits fp32 [batch, vocab] or null.
-  void step(const int32_t* tokens, const int32_t* positions, int32_t* next_tokens, float* logits, int batch,
+  void step(const int64_t* tokens, const int64_t* positions, int32_t* next_tokens, float* logits, int batch,
             cudaStream_t stream);
 
   // Waits for `stream`; if a step aborted, resets the counters and throws std::runtime_error
@@ -57,10 +60,6 @@ class MegakernelEngine {
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
-  // Tuning knobs (MegakernelParams says what each does); defaults from benchmarks/NOTES.md.
-  int l2_prefetch_bytes = 0;
-  int kv_prefetch_bytes = 0;
-  int attn_min_unit_work = 256;
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
   unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
 
@@ -74,6 +73,7 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
+  int* host_error_ = nullptr;  // pinned: the step's error words, copied back by check()
   unsigned epoch_ = 0;
 };
 

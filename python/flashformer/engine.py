@@ -283,10 +283,11 @@ class Engine:
         logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
         positions = [len(r.prompt_ids) for r in requests]  # where each row's newest token goes
         tokens = [0] * len(requests)
+        fused = None  # the backend's own arg-max of the last decode step, when it has one
         while True:
             for b, r in enumerate(requests):
                 if r.finish_reason is None:
-                    tokens[b] = sample(logits[b], r.params, r.generator)
+                    tokens[b] = fused[b] if fused is not None and r.params.greedy else sample(logits[b], r.params, r.generator)
                     yield r.add(tokens[b], perf_counter(), cache_full=positions[b] + 1 >= self.max_seq_len)
             if all(r.finish_reason is not None for r in requests):
                 return
@@ -294,4 +295,9 @@ class Engine:
             # position, which only rewrites its own (dead) cache entry.
             step = [min(p, self.max_seq_len - 1) for p in positions]
             logits = self.backend.decode(torch.tensor(tokens, device=device), torch.tensor(step, device=device))
+            # Greedy rows take the step's fused arg-max (one transfer for the batch) instead of an
+            # arg-max and a synchronizing read per row.
+            greedy_tokens = getattr(self.backend, "greedy_tokens", None)
+            wanted = greedy_tokens and any(r.params.greedy and r.finish_reason is None for r in requests)
+            fused = greedy_tokens(len(requests)) if wanted else None
             positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]

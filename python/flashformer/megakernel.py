@@ -117,10 +117,23 @@ class MegakernelBackend:
             spec.rms_norm_eps,
         )
         self.weights = weights  # keep every pointer the kernel reads alive
-        self.tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.positions = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
+        self.tokens = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
         self.next_tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
         self.logits = torch.empty(max_batch_size, spec.vocab_size, dtype=torch.float32, device=device)
+
+    def greedy_tokens(self, batch: int) -> list[int]:
+        """The last decode step's arg-max token of rows 0..batch-1 (the kernel's fused arg-max over
+        the logits it wrote: the lowest index among equal maxima, as torch.argmax)."""
+        return self.next_tokens[:batch].tolist()
+
+    def _int64_on_device(self, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """`values` itself when the kernel can read it (int64, contiguous, on this device: no copy
+        launch per step), else a copy in `buffer`. decode() waits for the step, so either stays
+        alive for as long as the kernel reads it."""
+        if values.dtype == torch.int64 and values.is_contiguous() and values.device == buffer.device:
+            return values
+        return buffer[: values.shape[0]].copy_(values)
 
     def _pack(self, w: torch.Tensor, row_order: int, order_param: int = 0) -> torch.Tensor:
         w = w.contiguous()
@@ -140,11 +153,8 @@ class MegakernelBackend:
         """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32. The kernel's
         fused arg-max of each row is left in `self.next_tokens[:B]`."""
         b = tokens.shape[0]
-        self.tokens[:b].copy_(tokens)
-        self.positions[:b].copy_(positions)
+        tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.engine.step(
-            self.tokens.data_ptr(), self.positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream
-        )
+        self.engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream)
         self.engine.check(stream)  # raises RuntimeError if a dependency never completed
         return self.logits[:b].clone()

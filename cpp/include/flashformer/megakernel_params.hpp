@@ -63,8 +63,8 @@ struct MegakernelParams {
   int max_batch;
   int max_seq;
   int batch;                   // rows decoded this step, 1..kMaxBatch
-  const int32_t* tokens;       // [batch] input token of each row
-  const int32_t* positions;    // [batch] position (KV slot) of that token
+  const int64_t* tokens;       // [batch] input token of each row (int64, as torch holds token ids)
+  const int64_t* positions;    // [batch] position (KV slot) of that token
   int32_t* next_tokens;        // [batch] greedy (arg-max) next token
   float* logits;               // [batch][vocab] fp32, or nullptr
   Scratch scratch;
@@ -73,9 +73,6 @@ struct MegakernelParams {
   int attn_chunks;
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
-  int kv_prefetch_bytes;       // attention: L2 prefetch of at most this many bytes of each row's K and V per unit (0: off)
-  int attn_min_unit_work;      // attention: a row's chunk is at least this / batch positions long
-  int l2_prefetch_bytes;       // how far ahead of its copies the producer has L2 prefetch an op's weights (0: off)
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)

@@ -21,29 +21,7 @@ struct AttentionOp {
   static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per warp per iteration: 64 B of K+V in flight per lane
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
 
-  // The producer streams no weights here; it asks L2 to prefetch the first p.kv_prefetch_bytes of
-  // each row's K and V of its units, so the consumers' direct loads hit L2 (the cache does not
-  // depend on this step's qkv, except the newest position, which qkv writes through L2 anyway).
-  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
-    const MegakernelParams& p = pr.p;
-    if (p.kv_prefetch_bytes == 0 || (p.timing_variant & kSkipAttention)) return true;
-    const Chunking ch = chunking(p);
-    for (int unit = u0; unit < u1; ++unit) {
-      const int kv_head = unit / p.attn_chunks, chunk = unit % p.attn_chunks;
-      if (chunk >= ch.active) continue;
-      const int c0 = chunk * ch.len;
-      for (int b = 0; b < p.batch; ++b) {
-        const int c1 = min(c0 + ch.len, p.positions[b] + 1);
-        const int64_t bytes = min(int64_t(max(c1 - c0, 0)) * D * 2, int64_t(p.kv_prefetch_bytes));
-        for (int kv = 0; kv < 2; ++kv) {
-          const uint8_t* src = reinterpret_cast<const uint8_t*>(p.kv_cache + kv_index<T>(p, layer, kv, b, kv_head, c0));
-          for (int64_t at = 0; at < bytes; at += kStageBytes)
-            cute::SM90_BULK_COPY_G2S::PREFETCH::copy(src + at, int(min(int64_t(kStageBytes), bytes - at)));
-        }
-      }
-    }
-    return true;
-  }
+  __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // K and V are loaded directly
 
   // Raw K or V bf16 of one position for this lane: kDimsPerLane values in one 4- or 8-byte load.
   using RawRow = std::conditional_t<kDimsPerLane == 4, uint2, unsigned>;
@@ -120,16 +98,19 @@ struct AttentionOp {
   // The longest context this step (positions are 0-based), the same on every SM.
   __device__ static int context_of(const MegakernelParams& p) {
     int context = 0;
-    for (int b = 0; b < p.batch; ++b) context = max(context, p.positions[b] + 1);
+    for (int b = 0; b < p.batch; ++b) context = max(context, int(p.positions[b]) + 1);
     return context;
   }
-  // Chunks holding positions this step: at most attn_chunks, each at least
-  // p.attn_min_unit_work / batch positions long; and their length.
+  // Row-positions per unit below which splitting a context across more SMs costs more (in the
+  // cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
+  static constexpr int kMinUnitWork = 256;
+
+  // Chunks holding positions this step (at most attn_chunks) and their length.
   struct Chunking {
     int active, len;
   };
   __device__ static Chunking chunking(const MegakernelParams& p) {
-    const int context = context_of(p), min_chunk = max(p.attn_min_unit_work / p.batch, 16);
+    const int context = context_of(p), min_chunk = max(kMinUnitWork / p.batch, 16);
     const int active = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
     return {active, (context + active - 1) / active};
   }
@@ -152,7 +133,7 @@ struct AttentionOp {
       for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
         const int rows = min(p.batch - b0, kConsumerWarps), per_row = kConsumerWarps / rows;
         const int r = c.warp / per_row;
-        if (r < rows) warp_partial(c, layer, b0 + r, kv_head, c0, min(c1, p.positions[b0 + r] + 1), c.warp % per_row, per_row);
+        if (r < rows) warp_partial(c, layer, b0 + r, kv_head, c0, min(c1, int(p.positions[b0 + r]) + 1), c.warp % per_row, per_row);
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < rows * G * D; j += kConsumerThreads) {
           const int row = j / (G * D), h = (j / D) % G, d = j % D, b = b0 + row;
@@ -178,11 +159,20 @@ struct AttentionOp {
         c.sync();  // scratch is free for the next pass
       }
       unsigned* group = p.scratch.counters + p.n_layers * kNumOps + layer * T::kKvHeads + kv_head;
+      if (active == 1 && !skip) {
+        // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
+        // the op at once. Every unit still counts towards the group (its epoch target).
+        if (c.tid == 0) {
+          if (chunk == 0) signal_counter(c.counter(layer, kOp));
+          atomicAdd(group, 1u);
+        }
+        continue;
+      }
       if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
       c.sync();
       if (c.flags[1]) {
         fence_acq_rel_gpu();  // acquire side: the other chunks' partials are visible
-        if (!skip && active > 1) merge_chunks(c, kv_head);
+        if (!skip) merge_chunks(c, kv_head);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) signal_counter(c.counter(layer, kOp));
       }

@@ -15,7 +15,7 @@ struct EmbedOp {
     const int d0 = u0 * kRowBlock, width = (u1 - u0) * kRowBlock;
     for (int i = c.tid; i < c.p.batch * width; i += kConsumerThreads) {
       const int b = i / width, d = d0 + i % width;
-      c.p.scratch.x[b * T::kHidden + d] = __bfloat162float(c.p.embed[int64_t(c.p.tokens[b]) * T::kHidden + d]);
+      c.p.scratch.x[b * T::kHidden + d] = __bfloat162float(c.p.embed[c.p.tokens[b] * T::kHidden + d]);
     }
     return true;
   }

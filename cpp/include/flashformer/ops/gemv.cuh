@@ -139,23 +139,12 @@ __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kbloc
 }
 
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own
-// stages (the consumers' gemv_row_block chunks it the same way). The rows are one contiguous
-// region; the producer also asks L2 to prefetch the region p.l2_prefetch_bytes ahead of its
-// copies, so HBM keeps streaming while the ring is full and the consumers wait at a dependency.
+// stages (the consumers' gemv_row_block chunks it the same way).
 template <class T>
 __device__ bool stream_row_blocks(Producer<T>& pr, const bf16_t* w, int K, int u0, int u1) {
   const int64_t row_block_bytes = int64_t(K) * kRowBlock * 2;
-  const uint8_t* region = reinterpret_cast<const uint8_t*>(w) + u0 * row_block_bytes;
-  const int64_t region_bytes = (u1 - u0) * row_block_bytes;
-  int64_t prefetched = 0;
-  auto prefetch_to = [&](int64_t end) {
-    for (end = min(end, region_bytes); prefetched < end; prefetched += kStageBytes)
-      cute::SM90_BULK_COPY_G2S::PREFETCH::copy(region + prefetched, int(min(int64_t(kStageBytes), region_bytes - prefetched)));
-  };
-  for (int64_t at = 0; at < region_bytes; at += row_block_bytes) {
-    if (pr.p.l2_prefetch_bytes) prefetch_to(at + row_block_bytes + pr.p.l2_prefetch_bytes);
-    if (!pr.stream(region + at, row_block_bytes)) return false;
-  }
+  for (int rb = u0; rb < u1; ++rb)
+    if (!pr.stream(reinterpret_cast<const uint8_t*>(w) + rb * row_block_bytes, row_block_bytes)) return false;
   return true;
 }
 

@@ -15,7 +15,7 @@ struct QkvEpilogue {
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
   __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
 #pragma unroll
-    for (int q = 0; q < 2; ++q) pos[q] = 2 * (c.lane % 4) + q < c.p.batch ? c.p.positions[2 * (c.lane % 4) + q] : 0;
+    for (int q = 0; q < 2; ++q) pos[q] = 2 * (c.lane % 4) + q < c.p.batch ? int(c.p.positions[2 * (c.lane % 4) + q]) : 0;
   }
   __device__ static int freq(int rb, int g) { return 8 * ((rb * kRowBlock % D) / kRowBlock) + g; }  // < D/2
 
