@@ -59,13 +59,29 @@ __device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams
   return ok;
 }
 
+__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// fence.acq_rel at GPU scope: lighter than __threadfence() (fence.sc), and all a release or an
+// acquire pattern needs.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
 // One thread: spin until *counter reaches target (wrap-safe). False when the step is aborted,
-// by this wait timing out or by another SM.
+// by this wait timing out or by another SM. Polls relaxed; one fence after the last poll makes
+// it an acquire (the producers' writes are visible to this thread, and through the caller's
+// barrier to its CTA).
 __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,
                                              int op, int layer) {
   const uint64_t start = global_ns();
+  const bool acquire_poll = p.timing_variant & kWaitAcquirePoll;
   for (unsigned spins = 0;; ++spins) {
-    if (int(load_acquire(counter) - target) >= 0) return true;  // acquire: the producers' writes are visible
+    if (acquire_poll ? int(load_acquire(counter) - target) >= 0 : int(load_relaxed(counter) - target) >= 0) {
+      if (!acquire_poll) fence_acq_rel_gpu();
+      return true;
+    }
     if ((spins & 63) == 63) {
       if (step_aborted(p.scratch)) return false;
       if (global_ns() - start > p.timeout_ns) {
@@ -76,15 +92,21 @@ __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned t
   }
 }
 
-// fence.acq_rel at GPU scope: lighter than __threadfence() (fence.sc), and all a release or an
-// acquire pattern needs.
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
-
 // One thread, after a barrier that ordered its CTA's output writes before it: publish them
-// (the fence is cumulative over the writes the barrier ordered before it).
+// (the fence is cumulative over the writes the barrier ordered before it). Returns the old value.
 __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
   fence_acq_rel_gpu();
   return atomicAdd(counter, 1u);
+}
+
+// The same publication when nobody needs the old value: a release reduction, so the thread
+// does not wait for the counter's round trip.
+__device__ __forceinline__ void publish(unsigned* counter, const MegakernelParams& p) {
+  if (p.timing_variant & kSignalFenceAtom) {
+    signal_counter(counter);
+    return;
+  }
+  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
 
 }  // namespace flashformer
