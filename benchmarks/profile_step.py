@@ -159,6 +159,7 @@ def main() -> int:
     V = C.TIMING_VARIANTS
     four = V["skip_waits"] | V["skip_attention"] | V["skip_norm"] | V["skip_epilogue"]
     variants = {
+        **V,  # every single flag by its own name
         "all": 0,
         "poll_every_spin": V["poll_every_spin"],
         "no_waits": V["skip_waits"],
