@@ -192,6 +192,9 @@ def main() -> int:
             positions = torch.full((batch,), ctx, device="cuda")
             for _ in range(3):
                 mk.decode(tokens, positions)
+            # kernel_ms and take_trace launch from the backend's own input buffers
+            mk.tokens[:batch].copy_(tokens)
+            mk.positions[:batch].copy_(positions)
             torch.cuda.synchronize()
             if args.ncu_step:
                 mk.decode(tokens, positions)
