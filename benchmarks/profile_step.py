@@ -49,6 +49,25 @@ def kernel_ms(mk: MegakernelBackend, batch: int, n: int = 30) -> float:
     return statistics.median(times)
 
 
+def interleaved_ms(mk: MegakernelBackend, batch: int, variants: dict[str, int], rounds: int = 40) -> dict[str, float]:
+    """Median kernel time of each timing variant, launches interleaved round-robin so that clock
+    and thermal drift hit every variant alike."""
+    e, stream = mk.engine, torch.cuda.current_stream().cuda_stream
+    events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+              for name in variants}
+    for r in range(rounds):
+        for name, v in variants.items():
+            e.timing_variant = v
+            start, end = events[name][r]
+            start.record()
+            e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+            end.record()
+    e.timing_variant = 0
+    torch.cuda.synchronize()
+    e.check(stream)
+    return {name: statistics.median(a.elapsed_time(b) for a, b in pairs) for name, pairs in events.items()}
+
+
 def decode_ms(mk: MegakernelBackend, tokens, positions, n: int = 30) -> float:
     """Median time of the backend's decode() (the copies in, the launch, the error check)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -200,10 +219,7 @@ def main() -> int:
                 mk.decode(tokens, positions)
                 continue
             row: dict = {"decode_ms": decode_ms(mk, tokens, positions)}
-            for name, v in variants.items():
-                mk.engine.timing_variant = v
-                row[name] = kernel_ms(mk, batch)
-            mk.engine.timing_variant = 0
+            row.update(interleaved_ms(mk, batch, variants))
             for attr, values in sweeps:
                 default = getattr(mk.engine, attr)
                 for v in values:
