@@ -59,8 +59,7 @@ PYBIND11_MODULE(_C, m) {
                                      py::arg("layer_ops") = kLayerOps);
   m.attr("TIMING_VARIANTS") = py::dict(py::arg("skip_waits") = int(kSkipWaits), py::arg("skip_attention") = int(kSkipAttention),
                                        py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue),
-                                       py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin),
-                                       py::arg("signal_fence_atom") = int(kSignalFenceAtom), py::arg("wait_acquire_poll") = int(kWaitAcquirePoll));
+                                       py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin));
   m.def(
       "configs",
       [] {

@@ -102,7 +102,7 @@ __device__ void run_consumers(Consumer<T>& c) {
     if (!signals_itself(op)) {
       c.sync();  // this CTA's outputs of the op are written
       const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
-      if (c.tid == 0 && !hooked) publish(c.counter(layer, op), p);
+      if (c.tid == 0 && !hooked) publish(c.counter(layer, op));
     }
     if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSignalledNs, global_ns());
     return true;

@@ -33,8 +33,6 @@ enum TimingVariant : int {
   kSkipEpilogue = 8,    // matmul epilogues skipped
   kSkipMath = 16,       // matmuls only wait for and release their weight stages (no loads, mma, reduction)
   kPollEverySpin = 32,  // barrier spins look at the abort flag on every failed try (the old behaviour)
-  kSignalFenceAtom = 64,  // op signals as fence.acq_rel + atom.add (waits for the old value; the old behaviour)
-  kWaitAcquirePoll = 128, // dependency waits poll with ld.acquire (the old behaviour) instead of ld.relaxed + one fence
 };
 
 // Why a step stopped early (written once, by the first SM that gave up).

@@ -163,7 +163,7 @@ struct AttentionOp {
         // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
         // the op at once. Every unit still counts towards the group (its epoch target).
         if (c.tid == 0) {
-          if (chunk == 0) publish(c.counter(layer, kOp), p);
+          if (chunk == 0) publish(c.counter(layer, kOp));
           atomicAdd(group, 1u);
         }
         continue;
@@ -174,7 +174,7 @@ struct AttentionOp {
         fence_acq_rel_gpu();  // acquire side: the other chunks' partials are visible
         if (!skip) merge_chunks(c, kv_head);
         c.sync();  // the merged output is written before the signal
-        if (c.tid == 0) publish(c.counter(layer, kOp), p);
+        if (c.tid == 0) publish(c.counter(layer, kOp));
       }
     }
     return true;
