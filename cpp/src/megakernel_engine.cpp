@@ -24,6 +24,7 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
   l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
   l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
+  l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * 4);
   l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
   l.counters = take(l.counters_bytes);
   l.error = take(4 * 4);
@@ -94,6 +95,7 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
                       reinterpret_cast<bf16_t*>(scratch_ + layout_.act_frag),
                       reinterpret_cast<float*>(scratch_ + layout_.attn_part),
                       reinterpret_cast<float*>(scratch_ + layout_.argmax_part),
+                      reinterpret_cast<float*>(scratch_ + layout_.sq_part),
                       reinterpret_cast<unsigned*>(scratch_ + layout_.counters),
                       reinterpret_cast<int*>(scratch_ + layout_.error)};
   p.schedule = reinterpret_cast<const int*>(scratch_ + layout_.schedule);

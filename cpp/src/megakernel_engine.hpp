@@ -16,7 +16,7 @@ namespace flashformer {
 
 // Byte offsets of the scratch regions (256-byte aligned) and the total size.
 struct ScratchLayout {
-  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, counters, error, layer_table, schedule, total;
+  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, error, layer_table, schedule, total;
   int64_t counters_bytes;
 };
 

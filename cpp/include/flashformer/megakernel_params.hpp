@@ -46,6 +46,8 @@ struct Scratch {
   bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
   float* attn_part;        // [kMaxBatch][heads][chunks][attn_part_stride]: o, m, l per chunk
   float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits)
+  float* sq_part;          // [2 * layers + 1 norms][num_sms][kMaxBatch]: each SM's share of sum(x^2) of
+                           // every RMSNorm's input, written by the op that wrote its rows of x
   unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
   int* error;              // [4]: StepError, op, layer, SM
 };

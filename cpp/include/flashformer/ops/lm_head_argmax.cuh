@@ -68,7 +68,7 @@ struct LmHeadOp {
     return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    rmsnorm_to_fragments(c, c.p.final_norm);
+    rmsnorm_to_fragments(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1);
     if (!run_matmul<T, SmemActivations, LmHeadEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1))
       return false;
     c.sync();  // this CTA's candidates are written

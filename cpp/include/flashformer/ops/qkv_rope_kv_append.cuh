@@ -64,7 +64,8 @@ struct QkvOp {
     return stream_row_blocks(pr, pr.p.layers[layer].qkv, T::kHidden, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    rmsnorm_to_fragments(c, c.p.layers[layer].attn_norm);
+    // x was last written by the previous layer's down projection (by the embedding in layer 0)
+    rmsnorm_to_fragments(c, c.p.layers[layer].attn_norm, 2 * layer, layer ? Op::kDown : Op::kEmbed, layer ? layer - 1 : 0);
     return run_matmul<T, SmemActivations, QkvEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
   }
 };

@@ -6,11 +6,14 @@
 
 namespace flashformer {
 
-template <class T>
+// kNorm: the RMSNorm that reads the rows this op writes is norm 2 * layer + kNorm (rmsnorm.cuh).
+template <class T, int kNorm>
 struct ResidualEpilogue {
   Consumer<T>& c;
-  float old[4];  // the residual of the row block's (row, batch) pairs, acc order
-  __device__ ResidualEpilogue(Consumer<T>& c_, int) : c(c_) {}
+  int norm;
+  float old[4];            // the residual of the row block's (row, batch) pairs, acc order
+  float sq[2] = {0.f, 0.f};  // sum of squares of the new rows, batch columns 2t and 2t+1
+  __device__ ResidualEpilogue(Consumer<T>& c_, int layer) : c(c_), norm(2 * layer + kNorm) {}
   __device__ float* x_of(int rb, int q) const {
     const int g = c.lane / 4, t = c.lane % 4;
     return c.p.scratch.x + int64_t(2 * t + q) * T::kHidden + rb * kRowBlock + g;
@@ -27,11 +30,14 @@ struct ResidualEpilogue {
     for (int q = 0; q < 2; ++q) {
       if (2 * (c.lane % 4) + q >= c.p.batch) continue;
       float* x = x_of(rb, q);
-      x[0] = old[q] + acc[q];
-      x[8] = old[2 + q] + acc[2 + q];
+      const float lo = old[q] + acc[q], hi = old[2 + q] + acc[2 + q];
+      x[0] = lo, x[8] = hi;
+      sq[q] += lo * lo + hi * hi;
     }
   }
-  __device__ void finish() {}
+  __device__ void finish() {
+    if (c.warp == 0) publish_sq_part(c.p, norm, c.lane, sq);
+  }
 };
 
 template <class T>
@@ -41,7 +47,7 @@ struct OProjOp {
     return stream_row_blocks(pr, pr.p.layers[layer].o, T::kQRows, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul_global_b<T, ResidualEpilogue<T>>(c, c.p.scratch.attn_frag, T::kQRows / kKBlock, layer, u0, u1);
+    return run_matmul_global_b<T, ResidualEpilogue<T, 1>>(c, c.p.scratch.attn_frag, T::kQRows / kKBlock, layer, u0, u1);
   }
 };
 
@@ -52,7 +58,7 @@ struct DownOp {
     return stream_row_blocks(pr, pr.p.layers[layer].down, T::kIntermediate, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul_global_b<T, ResidualEpilogue<T>>(c, c.p.scratch.act_frag, T::kIntermediate / kKBlock, layer, u0,
+    return run_matmul_global_b<T, ResidualEpilogue<T, 2>>(c, c.p.scratch.act_frag, T::kIntermediate / kKBlock, layer, u0,
                                                          u1);
   }
 };

@@ -7,55 +7,75 @@
 
 namespace flashformer {
 
+// RMSNorm inputs: the attention norm of layer l is norm 2l, the MLP norm 2l+1, the final norm
+// 2L. The op that writes rows of x for norm n leaves its SM's sum of their squares (per batch
+// row) in sq_part[n][sm], so a norm needs no pass over x to find its scale.
+__device__ inline float* sq_part_of(const MegakernelParams& p, int norm) {
+  return p.scratch.sq_part + int64_t(norm) * gridDim.x * kMaxBatch;
+}
+
+// Warp 0 of an op that wrote rows of x: lanes hold partial sums of squares for batch columns
+// 2t, 2t+1 (t = lane % 4) over their rows; reduce them and publish this SM's share.
+__device__ inline void publish_sq_part(const MegakernelParams& p, int norm, int lane, const float (&sq)[2]) {
+  float s[2] = {sq[0], sq[1]};
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int off = 4; off < kWarpSize; off *= 2) s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
+  if (lane < 4)
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      if (2 * lane + q < p.batch) sq_part_of(p, norm)[blockIdx.x * kMaxBatch + 2 * lane + q] = s[q];
+}
+
+// RMSNorm of x (norm `norm`, its rows written by `writer` of `writer_layer`) times `weight`,
+// into this CTA's shared memory in B-fragment order. Every CTA does it for the whole vector it
+// needs: 8-64 KB from L2 beats a grid-wide sync.
 template <class T>
-__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight) {
+__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, Op writer, int writer_layer) {
   if (c.p.timing_variant & kSkipNorm) return;
   constexpr int kVecs = T::kHidden / 4;  // float4 per batch row
-  constexpr int kPerThread = (kVecs + kConsumerThreads - 1) / kConsumerThreads;
   static_assert(T::kHidden % 4 == 0, "rows are read as float4");
-  // (batch, hidden) fp32, written by other CTAs: read through L2, every load of a row in flight
-  const float4* x = reinterpret_cast<const float4*>(c.p.scratch.x);
-  float* partial = c.reduce;  // (warps, kMaxBatch): the reduction buffers are free between row blocks
-  float4 row0[kPerThread];    // batch row 0 stays in registers: its second pass needs no L2 round trip
-  for (int b = 0; b < c.p.batch; ++b) {
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int v = c.tid + i * kConsumerThreads;
-      if (v < kVecs) {
-        const float4 a = __ldcg(x + b * kVecs + v);
-        if (b == 0) row0[i] = a;
-        sq += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-      }
-    }
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    if (c.lane == 0) partial[c.warp * kMaxBatch + b] = sq;
-  }
-  c.sync();  // partial sums visible
-  if (c.tid < c.p.batch) {
+  const MegakernelParams& p = c.p;
+  // (batch, hidden) fp32, written by other CTAs this step: read through L2
+  const float4* x = reinterpret_cast<const float4*>(p.scratch.x);
+  // Warp b sums row b's partials over the SMs that wrote rows, in a fixed order (every CTA gets
+  // the same scale).
+  if (c.warp < p.batch) {
+    const int* units = p.schedule + (writer_layer * kNumOps + int(writer)) * (gridDim.x + 1);
+    const float* part = sq_part_of(p, norm);
     float s = 0.f;
-    for (int w = 0; w < kConsumerWarps; ++w) s += partial[w * kMaxBatch + c.tid];
-    c.rinv[c.tid] = rsqrtf(s / T::kHidden + c.p.rms_eps);
-  }
-  c.sync();  // rinv visible; partial free again
-  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
-  for (int b = 0; b < c.p.batch; ++b) {
-    const float r = c.rinv[b];
+    for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize)
+      if (units[sm + 1] > units[sm]) s += __ldcg(part + sm * kMaxBatch + c.warp);
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      const int v = c.tid + i * kConsumerThreads;
-      if (v < kVecs) {
-        const float4 a = b == 0 ? row0[i] : __ldcg(x + b * kVecs + v);
-        const uint2 wu = w4[v];
-        const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
-        const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
-        // k = 4v .. 4v+3: two adjacent pairs in fragment order
-        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v, c.p.batch)) =
-            __floats2bfloat162_rn(a.x * r * w01.x, a.y * r * w01.y);
-        *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v + 2, c.p.batch)) =
-            __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
-      }
+    for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (c.lane == 0) c.rinv[c.warp] = rsqrtf(s / T::kHidden + p.rms_eps);
+  }
+  c.sync();  // rinv visible
+  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
+  auto put = [&](int b, int v, float4 a) {
+    const float r = c.rinv[b];
+    const uint2 wu = w4[v];
+    const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
+    const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
+    // k = 4v .. 4v+3: two adjacent pairs in fragment order
+    *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v, p.batch)) =
+        __floats2bfloat162_rn(a.x * r * w01.x, a.y * r * w01.y);
+    *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v + 2, p.batch)) =
+        __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
+  };
+  // kInFlight float4 loads per thread at a time over the flattened (row, vector) range.
+  constexpr int kInFlight = 4;
+  const int total = p.batch * kVecs;
+  for (int j0 = c.tid; j0 < total; j0 += kInFlight * kConsumerThreads) {
+    float4 a[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u)
+      if (j0 + u * kConsumerThreads < total) a[u] = __ldcg(x + j0 + u * kConsumerThreads);
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int j = j0 + u * kConsumerThreads;
+      if (j < total) put(j / kVecs, j % kVecs, a[u]);
     }
   }
   c.sync();  // the fragments are complete before any warp loads them
