@@ -94,6 +94,13 @@ FF_TEST(act_lane_vector_is_the_fragment_index_of_a_lanes_b_registers) {
                    4 * int64_t(flashformer::act_lane_vector(kb, g, t, rows)));
 }
 
+FF_TEST(act_pair_index_is_the_fragment_index_of_even_k) {
+  for (int rows = 1; rows <= flashformer::kMaxBatch; ++rows)
+    for (int n = 0; n < rows; ++n)
+      for (int k = 0; k < 96; k += 2)
+        FF_CHECK(flashformer::act_fragment_index(n, k, rows) == flashformer::act_pair_index(n, k, rows));
+}
+
 FF_TEST(trace_tasks_are_numbered_in_kernel_order) {
   using flashformer::Op;
   const int layers = 3;

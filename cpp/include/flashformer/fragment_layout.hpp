@@ -33,6 +33,11 @@ constexpr int act_lane_vector(int kb, int g, int t, int rows = kMaxBatch) {
   return (kb * rows + g) * 4 + t;
 }
 
+// act_fragment_index(n, k, rows) for even k (a bf16 pair's first element), in int arithmetic.
+constexpr int act_pair_index(int n, int k, int rows) {
+  return ((k >> 4) * rows + n) * 16 + ((k & 7) >> 1) * 4 + ((k >> 3) & 1) * 2;
+}
+
 // Source row of packed row `row` under `order` (`param`: head_dim, or intermediate size).
 constexpr int64_t source_row(RowOrder order, int64_t row, int64_t param) {
   const int64_t r = row % kRowBlock;

@@ -45,8 +45,10 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     const int* units = p.schedule + (writer_layer * kNumOps + int(writer)) * (gridDim.x + 1);
     const float* part = sq_part_of(p, norm);
     float s = 0.f;
-    for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize)
-      if (units[sm + 1] > units[sm]) s += __ldcg(part + sm * kMaxBatch + c.warp);
+    for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize) {
+      const float v = __ldcg(part + sm * kMaxBatch + c.warp);  // loaded with the schedule, not after it
+      if (units[sm + 1] > units[sm]) s += v;                    // (slots of SMs without rows are stale)
+    }
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (c.lane == 0) c.rinv[c.warp] = rsqrtf(s / T::kHidden + p.rms_eps);
@@ -59,9 +61,9 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
     const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
     // k = 4v .. 4v+3: two adjacent pairs in fragment order
-    *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v, p.batch)) =
+    *reinterpret_cast<__nv_bfloat162*>(c.act + act_pair_index(b, 4 * v, p.batch)) =
         __floats2bfloat162_rn(a.x * r * w01.x, a.y * r * w01.y);
-    *reinterpret_cast<__nv_bfloat162*>(c.act + act_fragment_index(b, 4 * v + 2, p.batch)) =
+    *reinterpret_cast<__nv_bfloat162*>(c.act + act_pair_index(b, 4 * v + 2, p.batch)) =
         __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
   };
   // kInFlight float4 loads per thread at a time over the flattened (row, vector) range.
