@@ -166,6 +166,7 @@ struct AttentionOp {
           if (chunk == 0) publish(c.counter(layer, kOp));
           atomicAdd(group, 1u);
         }
+        c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
         continue;
       }
       if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
