@@ -80,7 +80,7 @@ template <class T>
 __device__ void run_consumers(Consumer<T>& c) {
   const MegakernelParams& p = c.p;
   const TraceWriter tr{p};
-    if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kStartNs, global_ns()), tr.header(TraceHeader::kStartCycles, clock64());
+  if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kStartNs, global_ns()), tr.header(TraceHeader::kStartCycles, clock64());
   for_each_task(p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
     if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kTaskStartNs, global_ns());

@@ -38,8 +38,9 @@ __device__ __forceinline__ void raise_error(const Scratch& s, StepError code, in
   }
 }
 
-// Failed tries of a barrier between two looks at the abort flag. The look is a global load: done
-// on every try, its round trip delays noticing a completed barrier by up to a microsecond.
+// Failed tries of a barrier between two looks at the abort flag (a global load). Looking on every
+// try measured no slower (try_wait suspends in hardware until the phase completes, so the slow
+// path is rare: benchmarks/NOTES.md); this keeps the loads off the common path anyway.
 inline constexpr unsigned kAbortPollSpins = 32;
 
 // Spin until ready() (an mbarrier try_wait, which itself suspends the thread for a while),

@@ -1,7 +1,9 @@
-// Split-KV flash-decoding attention. Units are (kv head, sequence chunk) pairs; the chunk length
-// follows this step's longest context. Each unit writes partial (o, m, l) for the q heads of its
-// group and every batch row; the last unit of a kv head to finish merges the chunks into the
-// O projection's B fragments and signals the op. Scores use exp2 (q is pre-scaled by log2 e).
+// Split-KV flash-decoding attention. Units are (kv head, sequence chunk) pairs; the number of
+// chunks follows this step's longest context and batch. Inside a unit the batch rows run on
+// separate warps. With one chunk, its unit writes the O projection's B fragments and signals the
+// op itself; with more, each unit writes partial (o, m, l) for the q heads of its group and
+// every batch row, and the last unit of a kv head to finish merges them and signals. Scores use
+// exp2 (q is pre-scaled by log2 e).
 #pragma once
 
 #include <cfloat>
@@ -18,7 +20,7 @@ struct AttentionOp {
   static constexpr Op kOp = Op::kAttention;
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
-  static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per warp per iteration: 64 B of K+V in flight per lane
+  static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per group: 64 B of K+V per lane (two groups in flight)
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
 
   __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // K and V are loaded directly
