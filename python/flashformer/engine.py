@@ -287,7 +287,10 @@ class Engine:
         while True:
             for b, r in enumerate(requests):
                 if r.finish_reason is None:
-                    tokens[b] = fused[b] if fused is not None and r.params.greedy else sample(logits[b], r.params, r.generator)
+                    if fused is not None and r.params.greedy:
+                        tokens[b] = fused[b]
+                    else:
+                        tokens[b] = sample(logits[b], r.params, r.generator)
                     yield r.add(tokens[b], perf_counter(), cache_full=positions[b] + 1 >= self.max_seq_len)
             if all(r.finish_reason is not None for r in requests):
                 return

@@ -155,6 +155,8 @@ class MegakernelBackend:
         b = tokens.shape[0]
         tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream)
+        self.engine.step(
+            tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream
+        )
         self.engine.check(stream)  # raises RuntimeError if a dependency never completed
         return self.logits[:b].clone()
