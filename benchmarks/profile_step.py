@@ -2,16 +2,18 @@
 
 For each model shape (random bf16 weights) and (batch, context) case:
   - kernel time of the normal step and of timing variants (MegakernelEngine.timing_variant: parts
-    of the step left out; outputs are garbage) and of shallower weight rings;
+    of the step left out; outputs are garbage), launches interleaved round-robin; with --sweep, at
+    each value of an engine tuning attribute (e.g. ring_stages_limit);
   - the step trace (cpp/include/flashformer/trace.hpp): per SM and op, when the consumers started,
     met the dependency, finished and signalled; cycles they waited for weight stages to land; and
     cycles the producer waited for free stages. Summarized per op type as wall-clock time on the
     critical path (an op's span = its last SM's completion - the previous op's).
 
   python benchmarks/profile_step.py --models llama-3.1-8b --cases 1x128,8x1024 --out DIR
-  python benchmarks/profile_step.py --ncu-step ...   # one traced-free step for ncu (see gpu_check.sh)
+  python benchmarks/profile_step.py --ncu-step ...   # warm up, then one untraced step for ncu (gpu_check.sh)
 
-Prints compact tables; writes DIR/profile.json with every figure and the raw trace summaries.
+Prints compact tables; writes DIR/profile.json with every figure and the trace summaries, and
+DIR/trace-<model>-<batch>x<ctx>.npz with each case's raw trace.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def interleaved_ms(mk: MegakernelBackend, batch: int, variants: dict[str, int], 
 
 
 def decode_ms(mk: MegakernelBackend, tokens, positions, n: int = 30) -> float:
-    """Median time of the backend's decode() (the copies in, the launch, the error check)."""
+    """Median time of the backend's decode() (the launch, the error check, the logits copy)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(n):
