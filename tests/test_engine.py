@@ -227,11 +227,9 @@ def test_progress_bar(path, capsys):
     assert "loading weights" in capsys.readouterr().err
 
 
-def test_greedy_rows_take_a_backends_fused_argmax(path, monkeypatch):
+def test_greedy_rows_take_a_backends_fused_argmax(engine, monkeypatch):
     """A backend with greedy_tokens (the megakernel's in-kernel arg-max) supplies the decode-step
     picks of greedy rows; sampled rows and the token after prefill still come from the logits."""
-    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
-                                    progress=False)
     calls = []
 
     def greedy_tokens(batch):  # deliberately not the arg-max: token 7 for every row

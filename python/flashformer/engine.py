@@ -39,6 +39,10 @@ class Backend(Protocol):
         """One step for cache rows 0..B-1: token[b] at positions[b] (int64 [B] on the device);
         append its K/V and return next-token logits [B, vocab] fp32."""
 
+    # Optional: `greedy_tokens(batch) -> list[int]`, the arg-max of each row of the last decode
+    # step's logits, when the backend computes it itself (the megakernel fuses it); the engine
+    # then reads greedy picks from it instead of arg-maxing the logits.
+
 
 def select_backend(
     name: str, spec: ModelSpec, device: torch.device, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1
@@ -283,24 +287,24 @@ class Engine:
         logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
         positions = [len(r.prompt_ids) for r in requests]  # where each row's newest token goes
         tokens = [0] * len(requests)
-        fused = None  # the backend's own arg-max of the last decode step, when it has one
+        fused_argmax = getattr(self.backend, "greedy_tokens", None)  # optional (see Backend)
+        decoded = False
         while True:
+            # Every greedy row's pick in one transfer: the backend's fused arg-max of a decode step
+            # when it has one, else one batched arg-max of the logits (not a wait per row).
+            greedy = None
+            if any(r.finish_reason is None and r.params.greedy for r in requests):
+                greedy = fused_argmax(len(requests)) if decoded and fused_argmax else logits.argmax(-1).tolist()
             for b, r in enumerate(requests):
                 if r.finish_reason is None:
-                    if fused is not None and r.params.greedy:
-                        tokens[b] = fused[b]
-                    else:
-                        tokens[b] = sample(logits[b], r.params, r.generator)
+                    tokens[b] = greedy[b] if r.params.greedy else sample(logits[b], r.params, r.generator)
                     yield r.add(tokens[b], perf_counter(), cache_full=positions[b] + 1 >= self.max_seq_len)
             if all(r.finish_reason is not None for r in requests):
                 return
-            # A finished row keeps its slot in the batch: it re-decodes its last token at a parked
-            # position, which only rewrites its own (dead) cache entry.
-            step = [min(p, self.max_seq_len - 1) for p in positions]
-            logits = self.backend.decode(torch.tensor(tokens, device=device), torch.tensor(step, device=device))
-            # Greedy rows take the step's fused arg-max (one transfer for the batch) instead of an
-            # arg-max and a synchronizing read per row.
-            greedy_tokens = getattr(self.backend, "greedy_tokens", None)
-            wanted = greedy_tokens and any(r.params.greedy and r.finish_reason is None for r in requests)
-            fused = greedy_tokens(len(requests)) if wanted else None
+            # A finished row keeps its slot in the batch and its position (never past the cache: it
+            # finishes when its next slot is the last): it re-decodes its last token there, which
+            # only rewrites its own dead cache entry. Tokens and positions travel in one copy.
+            step = torch.tensor([tokens, positions], device=device)
+            logits = self.backend.decode(step[0], step[1])
+            decoded = True
             positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]
