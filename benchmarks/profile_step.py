@@ -28,12 +28,18 @@ import numpy as np
 import torch
 
 from flashformer import _core
-from flashformer.bench import WEIGHT_STD, shape_config, step_bytes
+from flashformer.bench import WEIGHT_STD, git_commit, shape_config, step_bytes
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.weights import random_weights
 
 OP_NAMES = ("embed", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
+
+
+def launch(mk: MegakernelBackend, batch: int, stream: int) -> None:
+    """One step launched from the backend's own input buffers (filled by the caller)."""
+    mk.engine.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(),
+                   batch, stream)
 
 
 def kernel_ms(mk: MegakernelBackend, batch: int, n: int = 30) -> float:
@@ -43,7 +49,7 @@ def kernel_ms(mk: MegakernelBackend, batch: int, n: int = 30) -> float:
     times = []
     for _ in range(n):
         start.record()
-        e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+        launch(mk, batch, stream)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -62,7 +68,7 @@ def interleaved_ms(mk: MegakernelBackend, batch: int, variants: dict[str, int], 
             e.timing_variant = v
             start, end = events[name][r]
             start.record()
-            e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+            launch(mk, batch, stream)
             end.record()
     e.timing_variant = 0
     torch.cuda.synchronize()
@@ -97,7 +103,7 @@ def take_trace(mk: MegakernelBackend, batch: int) -> np.ndarray:
     buf = torch.zeros(e.trace_words, dtype=torch.int64, device=mk.device)
     e.trace = buf.data_ptr()
     try:
-        e.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(), batch, stream)
+        launch(mk, batch, stream)
         e.check(stream)
     finally:
         e.trace = 0
@@ -117,6 +123,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
     ran = f["task_start_ns"] > 0  # (sm, task): this SM had units of the task
     ns = lambda key: np.where(ran, f[key] - t0, np.nan)  # noqa: E731
     start, ready, computed, signalled = ns("task_start_ns"), ns("ready_ns"), ns("computed_ns"), ns("signalled_ns")
+    produce_start = ns("produce_start_ns")
     data_wait = np.where(ran, f["data_wait_cycles"] / ghz[:, None], np.nan)
     slot_wait = np.where(ran, f["slot_wait_cycles"] / ghz[:, None], np.nan)
     done = np.nanmax(signalled, axis=0)  # each task's completion (its last SM)
@@ -136,8 +143,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
         d["slot_wait"] += np.nanmean(slot_wait[:, i])
         if i:  # consumers' time between the previous task's signal and this task's start
             d["gap"] += np.nanmean(start[:, i] - np.where(ran[:, :i], signalled[:, :i], 0.0).max(axis=1))
-        produce_start = np.where(ran, f["produce_start_ns"] - t0, np.nan)[:, i]
-        d["lead"] += np.nanmean(ready[:, i] - produce_start)  # how far ahead the producer was
+        d["lead"] += np.nanmean(ready[:, i] - produce_start[:, i])  # how far ahead the producer was
         d["tasks"] += 1
     for d in per_op.values():
         for k in ("span", "dep_wait", "compute", "compute_max", "signal", "data_wait", "slot_wait", "gap", "lead"):
@@ -172,7 +178,7 @@ def main() -> int:
     ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
     ap.add_argument("--sweep", action="append", default=[], metavar="ATTR=V1,V2",
                     help="time the step at each value of a MegakernelEngine tuning attribute (repeatable), "
-                    "e.g. ring_stages_limit=8,6 or kv_prefetch_bytes=0,65536")
+                    "e.g. ring_stages_limit=8,6")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -182,7 +188,6 @@ def main() -> int:
     variants = {
         **V,  # every single flag by its own name
         "all": 0,
-        "poll_every_spin": V["poll_every_spin"],
         "no_waits": V["skip_waits"],
         "no_attention": V["skip_attention"],
         "no_norm": V["skip_norm"],
@@ -196,7 +201,7 @@ def main() -> int:
         variants = {"all": 0, **{k: variants[k] for k in args.variants.split(",")}}
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     sweeps = [(a, [int(v) for v in vs.split(",")]) for a, vs in (sw.split("=") for sw in args.sweep)]
-    result = {"commit": None, "device": torch.cuda.get_device_name(), "models": {}}
+    result = {"commit": git_commit(), "device": torch.cuda.get_device_name(), "models": {}}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
         cfg = shape_config(model)

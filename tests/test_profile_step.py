@@ -31,9 +31,10 @@ def synthetic_trace(layers: int, sms: int, idle_sm_task: int) -> np.ndarray:
     tasks = 2 + layout["layer_ops"] * layers
     raw = np.zeros((sms, nh + tasks * nf), dtype=np.uint64)
     f = {name: i for i, name in enumerate(layout["fields"])}
+    last_signal = 1_000 + (sms - 1) + tasks * 1_100  # the last SM's last task
     for s in range(sms):
         t = 1_000 + s
-        raw[s, :nh] = [1_000, 10_000, 1_000 + tasks * 1_100 + sms, 10_000 + 2 * (tasks * 1_100 + sms)]
+        raw[s, :nh] = [1_000, 10_000, last_signal, 10_000 + 2 * (last_signal - 1_000)]
         for i in range(tasks):
             if s == 0 and i == idle_sm_task:
                 continue
@@ -52,7 +53,7 @@ def test_summary_of_a_synthetic_trace(profile_step):
     ops = s["per_op"]
     assert set(ops) == set(profile_step.OP_NAMES)
     assert s["clock_ghz"] == pytest.approx(2.0, rel=1e-3)
-    assert sum(d["span"] for d in ops.values()) == pytest.approx(s["span_ms"], abs=1e-6)
+    assert sum(d["span"] for d in ops.values()) == pytest.approx(s["span_ms"], abs=1e-9)
     assert ops["qkv"]["tasks"] == layers and ops["embed"]["tasks"] == 1 and ops["lm_head"]["tasks"] == 1
     per_task = {"dep_wait": 100e-6, "compute": 900e-6, "signal": 100e-6, "data_wait": 200e-6, "slot_wait": 100e-6}
     for name, d in ops.items():

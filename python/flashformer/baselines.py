@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelSpec
-from .reference import rms_norm, rope_tables
+from .reference import apply_rope, rms_norm, rope_tables
 from .weights import LayerWeights, Weights, _layer_slots
 
 
@@ -70,7 +70,7 @@ class GptFastModel(nn.Module):
             v = v.view(B, T, spec.num_kv_heads, spec.head_dim)
             if block.q_norm is not None:
                 q, k = rms_norm(q, block.q_norm, eps), rms_norm(k, block.k_norm, eps)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             k_cache[:, :, input_pos] = k
             v_cache[:, :, input_pos] = v
@@ -82,11 +82,6 @@ class GptFastModel(nn.Module):
             gate, up = F.linear(h, block.w_gate_up, block.b_gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, block.w_down, block.b_down)
         return F.linear(rms_norm(x[:, -1], self.final_norm, eps), self.lm_head).float()
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class GptFast:

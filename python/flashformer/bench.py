@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from .config import ModelSpec, load_spec, spec_from_dict
-from .engine import select_backend
-from .weights import LayerWeights, Weights, load_weights, random_weights
+from .engine import BACKENDS, select_backend
+from .weights import Weights, load_weights, random_weights
 
 _LLAMA = dict(
     architectures=["LlamaForCausalLM"],
@@ -189,8 +189,10 @@ def _probe_times(device: torch.device, nbytes: int, counts: Counts) -> tuple[lis
 
 def _time_calls(fn: Callable[[], object], counts: Counts, device: torch.device, per_call: bool = False) -> list[float]:
     """Milliseconds per call of `fn` after `counts.warmup` untimed calls. On a GPU the intervals
-    between CUDA events recorded after consecutive calls (no synchronization between calls, as in a
-    pipelined decode loop); with `per_call`, the wall time of each call synchronized at both ends."""
+    between CUDA events recorded after consecutive calls (the timer adds no synchronization; a
+    callee that waits itself pays for it: the megakernel's decode() waits for its step to check
+    it, so its figure includes that host round trip, which the gpt-fast peer does not pay); with
+    `per_call`, the wall time of each call synchronized at both ends."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(counts.warmup):
@@ -665,7 +667,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peers", default="all", choices=PEERS, help="none; fast: the gpt-fast-style peer; all: also HF eager"
     )
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "megakernel"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--device", default=None, help="torch device (default: cuda; without a GPU only --quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed engine tokens per row (default 100)")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny shape, a small sweep (< 1 minute)")

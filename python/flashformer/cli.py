@@ -1,4 +1,5 @@
-"""The `flashformer` command: `flashformer generate MODEL_DIR -p ...` and `flashformer chat MODEL_DIR`.
+"""The `flashformer` command: `flashformer generate MODEL_DIR -p ...`, `flashformer chat MODEL_DIR` and
+`flashformer bench` (bench.py).
 
 Each subcommand is registered by an `_add_<name>` function that sets its handler with
 `set_defaults(run=...)`; a new subcommand is one more such function in `build_parser`.
@@ -9,15 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine import BACKENDS
 from .sampling import SamplingParams
+from .weights import DTYPES
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + output tokens")
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "megakernel"])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:

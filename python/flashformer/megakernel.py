@@ -36,9 +36,18 @@ def config_names() -> str:
     return ", ".join(c["name"] for c in compiled_configs())
 
 
+def _has_extras(spec: ModelSpec) -> bool:
+    """Biases or q/k norms: parts of a decoder layer the kernel does not implement."""
+    return spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def match_config(spec: ModelSpec) -> str | None:
     """The compiled config whose shape is `spec`'s (any layer count), or None."""
-    if spec.architecture not in LLAMA_LIKE or spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm:
+    if spec.architecture not in LLAMA_LIKE or _has_extras(spec):
         return None
     for c in compiled_configs():
         if all(getattr(spec, f) == c[f] for f in _SHAPE_FIELDS):
@@ -52,7 +61,7 @@ def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype
         return f"it needs a CUDA device, not {device}"
     if not _core.cuda_available():
         return "it needs a Hopper GPU (compute capability 9.0), and none is visible"
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if torch.cuda.get_device_capability(index) != (9, 0):
         return f"{torch.cuda.get_device_name(index)} is not a Hopper GPU (compute capability 9.0)"
     if dtype != torch.bfloat16:
@@ -64,7 +73,7 @@ def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype
         shape = ", ".join(f"{f}={getattr(spec, f)}" for f in _SHAPE_FIELDS)
         return (
             f"no compiled config matches {spec.architecture} ({shape}"
-            f"{', with biases or q/k norm' if spec.qkv_bias or spec.mlp_bias or spec.o_bias or spec.qk_norm else ''}); "
+            f"{', with biases or q/k norm' if _has_extras(spec) else ''}); "
             f"compiled: {config_names()}"
         )
     return None
@@ -82,9 +91,9 @@ class MegakernelBackend:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
         C = _core.load()
         self.reference = ReferenceBackend(spec, weights, max_batch_size, max_seq_len)
-        self.spec, self.device = spec, device
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self.engine = C.MegakernelEngine(match_config(spec), index, spec.num_layers, max_batch_size, max_seq_len)
+        self.device = device
+        self.engine = C.MegakernelEngine(match_config(spec), _device_index(device), spec.num_layers, max_batch_size,
+                                         max_seq_len)
         self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
         self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
 
