@@ -172,3 +172,16 @@ def make_llama_checkpoint(path: Path, config: dict) -> Path:
                 p.normal_(1.0, 0.1)
     model.save_pretrained(path)
     return path
+
+
+def load_cpu_engine(path, **kwargs):
+    """Engine.from_pretrained for the CPU tests: float32, no progress bar; kwargs override."""
+    from flashformer import Engine
+
+    return Engine.from_pretrained(path, **{"dtype": "float32", "device": "cpu", "progress": False, **kwargs})
+
+
+def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """||ours - ref|| / ||ref|| in fp32; non-finite `ours` fails."""
+    assert torch.isfinite(ours).all(), "non-finite logits"
+    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()

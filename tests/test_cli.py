@@ -4,8 +4,8 @@ import io
 
 import pytest
 
-from checkpoints import make_checkpoint
-from flashformer import Engine, SamplingParams
+from checkpoints import load_cpu_engine, make_checkpoint
+from flashformer import SamplingParams
 from flashformer.cli import build_parser, main
 
 CPU = ["--device", "cpu", "--dtype", "float32", "--max-seq-len", "128"]
@@ -18,9 +18,7 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(path):
-    return Engine.from_pretrained(
-        path, dtype="float32", device="cpu", max_batch_size=2, max_seq_len=128, progress=False
-    )
+    return load_cpu_engine(path, max_batch_size=2, max_seq_len=128)
 
 
 def test_help_lists_the_subcommands(capsys):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from checkpoints import CHAT_TEMPLATE, MAX_SEQ_LEN, make_checkpoint, random_prompt
+from checkpoints import CHAT_TEMPLATE, MAX_SEQ_LEN, load_cpu_engine, make_checkpoint, random_prompt
 from flashformer import Engine, RequestOutput, SamplingParams
 from flashformer.sampling import sample
 from flashformer.tokenizer import Tokenizer
@@ -21,9 +21,7 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(path):
-    return Engine.from_pretrained(
-        path, dtype="float32", device="cpu", max_batch_size=3, max_seq_len=MAX_SEQ_LEN, progress=False
-    )
+    return load_cpu_engine(path, max_batch_size=3, max_seq_len=MAX_SEQ_LEN)
 
 
 def test_generate_from_strings(engine):
@@ -119,12 +117,12 @@ def test_stop_token_ids(engine):
 
 def test_eos_from_generation_config_stops_unless_ignored(path, tmp_path):
     ckpt = shutil.copytree(path, tmp_path / "ckpt")
-    engine = Engine.from_pretrained(ckpt, dtype="float32", device="cpu", max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = load_cpu_engine(ckpt, max_seq_len=MAX_SEQ_LEN)
     prompt = random_prompt(6)
     tokens = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0].token_ids
     eos = tokens[3]
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
-    engine = Engine.from_pretrained(ckpt, dtype="float32", device="cpu", max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = load_cpu_engine(ckpt, max_seq_len=MAX_SEQ_LEN)
     assert eos in engine.eos_token_ids and 2 in engine.eos_token_ids  # 2: config.json's
     output = engine.generate(prompt_token_ids=[prompt], sampling=SamplingParams(max_tokens=24))[0]
     first = min(tokens.index(t) for t in engine.eos_token_ids if t in tokens)
@@ -207,7 +205,7 @@ def test_checkpoint_without_tokenizer_works_with_token_ids(path, tmp_path):
     ckpt = shutil.copytree(path, tmp_path / "ckpt")
     (ckpt / "tokenizer.json").unlink()
     (ckpt / "tokenizer_config.json").unlink()
-    engine = Engine.from_pretrained(ckpt, dtype="float32", device="cpu", max_seq_len=MAX_SEQ_LEN, progress=False)
+    engine = load_cpu_engine(ckpt, max_seq_len=MAX_SEQ_LEN)
     assert engine.tokenizer is None
     prompt = random_prompt(5)
     output = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0]

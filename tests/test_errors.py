@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import VOCAB, make_checkpoint
-from flashformer.engine import Engine
+from checkpoints import load_cpu_engine as load
 from flashformer.sampling import SamplingParams
 
 
@@ -33,13 +33,7 @@ def sharded(pristine, tmp_path):
 
 @pytest.fixture(scope="module")
 def engine(pristine):
-    return Engine.from_pretrained(
-        pristine / "single", dtype="float32", device="cpu", max_batch_size=2, max_seq_len=32, progress=False
-    )
-
-
-def load(path, **kwargs):
-    return Engine.from_pretrained(path, **{"dtype": "float32", "device": "cpu", "progress": False, **kwargs})
+    return load(pristine / "single", max_batch_size=2, max_seq_len=32)
 
 
 def edit_config(path, **changes):

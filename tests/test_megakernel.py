@@ -21,7 +21,7 @@ from flashformer.megakernel import MegakernelBackend, compiled_configs, match_co
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import Weights, random_weights
 
-from checkpoints import make_llama_checkpoint
+from checkpoints import make_llama_checkpoint, rel_l2
 
 # The tiny compiled test configs (2 layers); the real shapes come from the benchmark's table.
 TINY = {
@@ -79,11 +79,6 @@ def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> t
     backend.prefill([torch.tensor(p, device=device) for p in prompts])
     start = torch.tensor([len(p) for p in prompts], device=device)
     return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
-
-
-def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(ours).all(), "non-finite logits"
-    return ((ours - ref).norm() / ref.norm()).item()
 
 
 def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):

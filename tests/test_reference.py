@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from checkpoints import ARCHS, MAX_SEQ_LEN, hf_greedy, make_checkpoint, random_prompt
+from checkpoints import ARCHS, MAX_SEQ_LEN, hf_greedy, load_cpu_engine, make_checkpoint, random_prompt, rel_l2
 from flashformer.engine import Engine
 from flashformer.reference import rope_inv_freq
 from flashformer.sampling import SamplingParams
@@ -23,9 +23,7 @@ GREEDY = SamplingParams(max_tokens=32, ignore_eos=True)
 @pytest.fixture(scope="module", params=list(ARCHS))
 def case(request, tmp_path_factory):
     model, path = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
-    engine = Engine.from_pretrained(
-        path, dtype="float32", device="cpu", max_batch_size=3, max_seq_len=MAX_SEQ_LEN, progress=False
-    )
+    engine = load_cpu_engine(path, max_batch_size=3, max_seq_len=MAX_SEQ_LEN)
     return request.param, model, engine, path
 
 
@@ -181,11 +179,6 @@ def check_bf16_parity(arch, tmp_path, device):
         alone = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0].token_ids
         logits = decode_logits(engine.backend, [prompt], [alone[:-1]])[0]
         assert clear_prefix(logits, output.token_ids, alone, tie)
-
-
-def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(ours).all()
-    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def margins(logits: torch.Tensor) -> torch.Tensor:
