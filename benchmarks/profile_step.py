@@ -3,7 +3,8 @@
 For each model shape (random bf16 weights) and (batch, context) case:
   - kernel time of the normal step and of timing variants (MegakernelEngine.timing_variant: parts
     of the step left out; outputs are garbage), launches interleaved round-robin; with --sweep, at
-    each value of an engine tuning attribute (e.g. ring_stages_limit);
+    every combination of engine tuning attributes' values (e.g. inflight_stages_limit), each with
+    its own trace summary;
   - the step trace (cpp/include/flashformer/trace.hpp): per SM and op, when the consumers started,
     met the dependency, finished and signalled; cycles they waited for weight stages to land; and
     cycles the producer waited for free stages. Summarized per op type as wall-clock time on the
@@ -19,6 +20,7 @@ DIR/trace-<model>-<batch>x<ctx>.npz with each case's raw trace.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -123,6 +125,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
     ran = f["task_start_ns"] > 0  # (sm, task): this SM had units of the task
     ns = lambda key: np.where(ran, f[key] - t0, np.nan)  # noqa: E731
     start, ready, computed, signalled = ns("task_start_ns"), ns("ready_ns"), ns("computed_ns"), ns("signalled_ns")
+    synced = ns("synced_ns")
     produce_start = ns("produce_start_ns")
     data_wait = np.where(ran, f["data_wait_cycles"] / ghz[:, None], np.nan)
     slot_wait = np.where(ran, f["slot_wait_cycles"] / ghz[:, None], np.nan)
@@ -131,14 +134,15 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
     per_op: dict[str, dict] = {}
     prev_done = 0.0
     for i, (name, _) in enumerate(ops):
-        d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, compute_max=0.0, signal=0.0, data_wait=0.0,
-                                         slot_wait=0.0, gap=0.0, lead=0.0, tasks=0))
+        d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, compute_max=0.0, signal=0.0, fence=0.0,
+                                         data_wait=0.0, slot_wait=0.0, gap=0.0, lead=0.0, tasks=0))
         d["span"] += done[i] - prev_done
         prev_done = done[i]
         d["dep_wait"] += np.nanmean(ready[:, i] - start[:, i])
         d["compute"] += np.nanmean(computed[:, i] - ready[:, i])
         d["compute_max"] += np.nanmax(computed[:, i] - ready[:, i])
         d["signal"] += np.nanmean(signalled[:, i] - computed[:, i])
+        d["fence"] += np.nanmean(signalled[:, i] - synced[:, i])  # the release (fence + reduction) alone
         d["data_wait"] += np.nanmean(data_wait[:, i])
         d["slot_wait"] += np.nanmean(slot_wait[:, i])
         if i:  # consumers' time between the previous task's signal and this task's start
@@ -146,7 +150,8 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
         d["lead"] += np.nanmean(ready[:, i] - produce_start[:, i])  # how far ahead the producer was
         d["tasks"] += 1
     for d in per_op.values():
-        for k in ("span", "dep_wait", "compute", "compute_max", "signal", "data_wait", "slot_wait", "gap", "lead"):
+        for k in ("span", "dep_wait", "compute", "compute_max", "signal", "fence", "data_wait", "slot_wait", "gap",
+                  "lead"):
             d[k] = float(d[k]) / 1e6
         d["lead"] /= d["tasks"]  # mean per task, ms
     return dict(
@@ -158,7 +163,7 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
 
 
 def format_trace(s: dict) -> str:
-    cols = ("span", "dep_wait", "compute", "compute_max", "data_wait", "slot_wait", "signal", "gap", "lead")
+    cols = ("span", "dep_wait", "compute", "compute_max", "data_wait", "slot_wait", "signal", "fence", "gap", "lead")
     lines = [
         f"  trace: span {s['span_ms']:.3f} ms, SM end spread {s['sm_end_spread_ms']:.3f} ms, clock {s['clock_ghz']:.2f} GHz",
         "  op         " + " ".join(f"{c:>9}" for c in cols) + "   (ms; per-SM means summed over layers; lead: mean per task)",
@@ -177,15 +182,17 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (ncu runs)")
     ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
     ap.add_argument("--sweep", action="append", default=[], metavar="ATTR=V1,V2",
-                    help="time the step at each value of a MegakernelEngine tuning attribute (repeatable), "
-                    "e.g. ring_stages_limit=8,6")
+                    help="time the step at each value of a MegakernelEngine tuning attribute (repeatable: every "
+                    "combination), e.g. inflight_stages_limit=2,4 --sweep weight_l2_policy=0,1")
+    ap.add_argument("--sweep-variants", default="all,stream_only",
+                    help="timing variants measured at each swept combination (comma-separated names)")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     C = _core.load()
     V = C.TIMING_VARIANTS
     four = V["skip_waits"] | V["skip_attention"] | V["skip_norm"] | V["skip_epilogue"]
-    variants = {
+    known = {
         **V,  # every single flag by its own name
         "all": 0,
         "no_waits": V["skip_waits"],
@@ -195,12 +202,17 @@ def main() -> int:
         "none_of_four": four,
         "stream_only": four | V["skip_math"],
     }
+    variants = known
     if args.variants == "none":
         variants = {"all": 0}
     elif args.variants != "all":
-        variants = {"all": 0, **{k: variants[k] for k in args.variants.split(",")}}
+        variants = {"all": 0, **{k: known[k] for k in args.variants.split(",")}}
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     sweeps = [(a, [int(v) for v in vs.split(",")]) for a, vs in (sw.split("=") for sw in args.sweep)]
+    sweep_variants = args.sweep_variants.split(",")
+    unknown = [k for k in sweep_variants if k not in known]
+    if unknown:
+        ap.error(f"unknown --sweep-variants {unknown}; known: {sorted(known)}")
     result = {"commit": git_commit(), "device": torch.cuda.get_device_name(), "models": {}}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
@@ -227,12 +239,23 @@ def main() -> int:
                 continue
             row: dict = {"decode_ms": decode_ms(mk, tokens, positions)}
             row.update(interleaved_ms(mk, batch, variants))
-            for attr, values in sweeps:
-                default = getattr(mk.engine, attr)
-                for v in values:
-                    setattr(mk.engine, attr, v)
-                    row[f"{attr}={v}"] = kernel_ms(mk, batch)
-                setattr(mk.engine, attr, default)
+            if sweeps:  # every combination of the swept values: the chosen variants and a trace
+                attrs = [a for a, _ in sweeps]
+                defaults = [getattr(mk.engine, a) for a in attrs]
+                swept = {}
+                for values in itertools.product(*(vs for _, vs in sweeps)):
+                    for a, v in zip(attrs, values):
+                        setattr(mk.engine, a, v)
+                    key = ",".join(f"{a}={v}" for a, v in zip(attrs, values))
+                    times = interleaved_ms(mk, batch, {k: known[k] for k in sweep_variants})
+                    summary = summarize_trace(take_trace(mk, batch), spec.num_layers)
+                    swept[key] = {**times, "trace": summary}
+                    print(f"{model} batch {batch} ctx {ctx} {key}: "
+                          + " ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
+                    print(format_trace(summary), flush=True)
+                for a, v in zip(attrs, defaults):
+                    setattr(mk.engine, a, v)
+                row["sweep"] = swept
             floor_bytes = step_bytes(spec, w, batch, ctx)
             row["bytes"] = floor_bytes
             raw = take_trace(mk, batch)

@@ -194,7 +194,7 @@ def test_a_lost_dependency_raises_instead_of_hanging():
 @gpu
 def test_step_trace_is_ordered_and_changes_nothing():
     """The step trace (trace.hpp): every task ran on some SM, each SM's timestamps are ordered
-    (start <= dependency met <= computed <= signalled, tasks in sequence), and a traced step
+    (start <= dependency met <= computed <= synced <= signalled, tasks in sequence), and a traced step
     computes the same logits and tokens as an untraced one."""
     C = flashformer._core.load()
     spec = spec_from_dict(llama_config("tiny-gqa"))
@@ -220,7 +220,7 @@ def test_step_trace_is_ordered_and_changes_nothing():
     f = {name: raw[:, nh:].reshape(-1, tasks, nf)[:, :, i] for i, name in enumerate(layout["fields"])}
     ran = f["task_start_ns"] > 0
     assert ran.any(0).all(), "every task ran on at least one SM"
-    order = ["task_start_ns", "ready_ns", "computed_ns", "signalled_ns"]
+    order = ["task_start_ns", "ready_ns", "computed_ns", "synced_ns", "signalled_ns"]
     for a, b in zip(order, order[1:]):
         assert (f[a][ran] <= f[b][ran]).all(), f"{a} after {b}"
     for sm in range(raw.shape[0]):

@@ -109,6 +109,10 @@ PYBIND11_MODULE(_C, m) {
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
                      "timing only: use at most this many weight-ring stages (0: as planned)")
+      .def_readwrite("inflight_stages_limit", &MegakernelEngine::inflight_stages_limit,
+                     "most weight-ring stages in flight (issued, not landed) per SM (0: the whole ring)")
+      .def_readwrite("weight_l2_policy", &MegakernelEngine::weight_l2_policy,
+                     "L2 eviction priority of the weight stream: 0 normal, 1 evict first")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
       .def_property(
           "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.trace); },

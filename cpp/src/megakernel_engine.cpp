@@ -123,6 +123,11 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   p.timing_variant = timing_variant;
   const SmemSplit split = smem_split(config_->dims, batch);
   p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
+  p.inflight_stages = inflight_stages_limit > 0 ? std::min(p.ring_stages, inflight_stages_limit) : p.ring_stages;
+  if (weight_l2_policy != int(WeightL2Policy::kNormal) && weight_l2_policy != int(WeightL2Policy::kEvictFirst))
+    throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +
+                                std::to_string(weight_l2_policy));
+  p.weight_l2_policy = weight_l2_policy;
   p.trace = trace;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));

@@ -61,6 +61,8 @@ class MegakernelEngine {
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
+  int inflight_stages_limit = 0;  // most weight stages in flight per SM (0: the whole ring)
+  int weight_l2_policy = 0;    // WeightL2Policy of the weight stream
   unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
 
   // Size of the step trace (trace.hpp) for this engine's SMs and layers.

@@ -101,10 +101,15 @@ __device__ void run_consumers(Consumer<T>& c) {
     }
     if (!signals_itself(op)) {
       c.sync();  // this CTA's outputs of the op are written
+      if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSyncedNs, global_ns());
       const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
       if (c.tid == 0 && !hooked) publish(c.counter(layer, op));
     }
-    if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSignalledNs, global_ns());
+    if (c.tid == 0 && tr.on()) {
+      const unsigned long long now = global_ns();
+      if (signals_itself(op)) tr.task(op, layer, TraceField::kSyncedNs, now);  // its own barrier and signal are inside
+      tr.task(op, layer, TraceField::kSignalledNs, now);
+    }
     return true;
   });
   if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kEndNs, global_ns()), tr.header(TraceHeader::kEndCycles, clock64());

@@ -35,6 +35,11 @@ enum TimingVariant : int {
   kPollEverySpin = 32,  // barrier spins look at the abort flag on every failed try (the old behaviour)
 };
 
+// L2 eviction priority of the weight stream's bulk copies. Weights are read once per step;
+// evict-first keeps them from pushing out what the step reads again (activations, the residual
+// stream, the KV cache of the current token).
+enum class WeightL2Policy : int { kNormal = 0, kEvictFirst = 1 };
+
 // Why a step stopped early (written once, by the first SM that gave up).
 enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
 
@@ -75,6 +80,8 @@ struct MegakernelParams {
   int attn_chunks;
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
+  int inflight_stages;         // most weight stages issued and not yet landed per SM (<= ring_stages)
+  int weight_l2_policy;        // WeightL2Policy
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)

@@ -4,6 +4,7 @@
 // boundaries, bounded only by the ring.
 #pragma once
 
+#include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -51,9 +52,30 @@ struct WeightRing {
     // (the first pass finds the "previous" phase complete and does not wait).
     if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
     FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);  // arm before the copy can land
-    cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
+    if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
+      bulk_copy_evict_first(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
+    else
+      cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
     c.advance(stages);
     return true;
+  }
+
+  // Producer: wait until the stage at `c` has landed (it was pushed, and the producer re-arms a
+  // stage only after passing it here, so its full barrier is at most one phase ahead).
+  __device__ bool wait_landed(RingCursor& c, const MegakernelParams& p, long long& waited) const {
+    if (!spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited)) return false;
+    c.advance(stages);
+    return true;
+  }
+
+  // cp.async.bulk global -> shared with an L2 evict-first hint (the data is read once per step).
+  __device__ static void bulk_copy_evict_first(const void* src, uint64_t* bar, void* dst, int bytes) {
+    const uint64_t policy = uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST);
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
+        :
+        : "r"(cute::cast_smem_ptr_to_uint(dst)), "l"(src), "r"(bytes), "r"(cute::cast_smem_ptr_to_uint(bar)), "l"(policy)
+        : "memory");
   }
 
   // Consumer warp: wait until the stage's bytes have landed (cycles waited added to `waited`).

@@ -17,6 +17,7 @@ enum class TraceField : int {
   kTaskStartNs,    // consumers: the task begins (before its dependency wait)
   kReadyNs,        // consumers: the dependency is met
   kComputedNs,     // consumers: the op's work is done
+  kSyncedNs,       // consumers: every warp's outputs are written (the CTA barrier before the signal)
   kSignalledNs,    // consumers: the op's completion is published
   kDataWaitCycles, // consumer warp 0: cycles waiting for weight stages to land (memory-bound time)
   kProduceStartNs, // producer: first stage of the task requested
@@ -29,7 +30,7 @@ inline constexpr int kTraceFields = int(TraceField::kCount);
 inline constexpr std::array<const char*, kTraceHeader> kTraceHeaderNames = {"start_ns", "start_cycles", "end_ns",
                                                                            "end_cycles"};
 inline constexpr std::array<const char*, kTraceFields> kTraceFieldNames = {
-    "task_start_ns", "ready_ns", "computed_ns", "signalled_ns",
+    "task_start_ns", "ready_ns", "computed_ns", "synced_ns", "signalled_ns",
     "data_wait_cycles", "produce_start_ns", "produce_end_ns", "slot_wait_cycles"};
 
 inline constexpr int kLayerOps = int(Op::kDown) - int(Op::kQkv) + 1;  // qkv, attention, o, gate_up, down

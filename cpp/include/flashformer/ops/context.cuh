@@ -20,13 +20,24 @@ struct Producer {
   const MegakernelParams& p;
   WeightRing ring;
   RingCursor cursor;
-  long long slot_wait = 0;  // cycles spent waiting for free stages (read by the step trace)
+  RingCursor landed;        // the oldest stage pushed and not yet seen landed
+  int in_flight = 0;        // stages pushed and not yet seen landed
+  long long slot_wait = 0;  // cycles spent waiting for free stages or in-flight room (read by the step trace)
 
+  // Copies `bytes` from src through the ring, at most p.inflight_stages copies outstanding: the
+  // ring still fills during dependency waits, but fewer bytes queue in the memory system, so
+  // the step's other global traffic (activations, signals) waits behind fewer weight reads.
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
-    for (int64_t off = 0; off < bytes; off += kStageBytes)
+    for (int64_t off = 0; off < bytes; off += kStageBytes) {
+      if (in_flight == p.inflight_stages) {
+        if (!ring.wait_landed(landed, p, slot_wait)) return false;
+        --in_flight;
+      }
       if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
         return false;
+      ++in_flight;
+    }
     return true;
   }
 };
