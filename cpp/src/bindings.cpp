@@ -153,7 +153,9 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             e.check(reinterpret_cast<cudaStream_t>(stream));
           },
-          py::arg("stream") = 0);
+          py::arg("stream") = 0)
+      .def_property_readonly("checked_next_tokens", &MegakernelEngine::checked_next_tokens,
+                             "arg-max tokens of the step the last successful check() waited for, one per batch row");
 
   py::module_ testing = m.def_submodule("testing", "Kernel probes used by the test suite");
   testing.def(

@@ -60,10 +60,10 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
   config_->prepare();
-  FF_CUDA_CHECK(cudaMallocHost(&host_error_, 4 * sizeof(int)));
+  FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
 }
 
-MegakernelEngine::~MegakernelEngine() { cudaFreeHost(host_error_); }
+MegakernelEngine::~MegakernelEngine() { cudaFreeHost(host_words_); }
 
 void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   if (!scratch) throw std::invalid_argument("megakernel: scratch is null");
@@ -136,14 +136,23 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
 
 void MegakernelEngine::check(cudaStream_t stream) {
   if (!scratch_) return;
-  // One asynchronous copy into pinned memory and one wait (a plain cudaMemcpy would wait twice).
-  FF_CUDA_CHECK(cudaMemcpyAsync(host_error_, scratch_ + layout_.error, 4 * sizeof(int), cudaMemcpyDeviceToHost, stream));
+  // Asynchronous copies into pinned memory (the error words, the last step's arg-max tokens) and
+  // one wait: a plain cudaMemcpy would wait twice, and reading the tokens later once more.
+  FF_CUDA_CHECK(cudaMemcpyAsync(host_words_, scratch_ + layout_.error, kErrorWords * sizeof(int), cudaMemcpyDeviceToHost,
+                                stream));
+  checked_batch_ = 0;
+  if (params_.next_tokens)
+    FF_CUDA_CHECK(cudaMemcpyAsync(host_words_ + kErrorWords, params_.next_tokens, params_.batch * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, stream));
   FF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const int* err = host_error_;
-  if (err[0] == int(StepError::kNone)) return;
+  const int* err = host_words_;
+  if (err[0] == int(StepError::kNone)) {
+    checked_batch_ = params_.next_tokens ? params_.batch : 0;
+    return;
+  }
   // The counters hold a partial step: start the epochs afresh so the engine stays usable.
   FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.counters, 0, layout_.counters_bytes));
-  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, 4 * sizeof(int)));
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, kErrorWords * sizeof(int)));
   epoch_ = 0;
   const int op = err[1], layer = err[2];
   if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");

@@ -57,6 +57,11 @@ class MegakernelEngine {
   // saying which dependency never completed.
   void check(cudaStream_t stream);
 
+  // The arg-max tokens of the step the last successful check() waited for (its batch rows).
+  std::vector<int> checked_next_tokens() const {
+    return std::vector<int>(host_words_ + kErrorWords, host_words_ + kErrorWords + checked_batch_);
+  }
+
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
@@ -75,7 +80,9 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
-  int* host_error_ = nullptr;  // pinned: the step's error words, copied back by check()
+  static constexpr int kErrorWords = 4;  // Scratch::error: StepError, op, layer, SM
+  int* host_words_ = nullptr;  // pinned, filled by check(): the error words, then the arg-max tokens
+  int checked_batch_ = 0;      // rows of arg-max tokens in host_words_ (0: none valid)
   unsigned epoch_ = 0;
 };
 

@@ -133,8 +133,12 @@ class MegakernelBackend:
 
     def greedy_tokens(self, batch: int) -> list[int]:
         """The last decode step's arg-max token of rows 0..batch-1 (the kernel's fused arg-max over
-        the logits it wrote: the lowest index among equal maxima, as torch.argmax)."""
-        return self.next_tokens[:batch].tolist()
+        the logits it wrote: the lowest index among equal maxima, as torch.argmax). decode()'s
+        wait already brought them to the host: no further transfer."""
+        tokens = self.engine.checked_next_tokens
+        if batch > len(tokens):
+            raise ValueError(f"greedy_tokens: the last decode step had {len(tokens)} rows, asked for {batch}")
+        return tokens[:batch]
 
     def _int64_on_device(self, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """`values` itself when the kernel can read it (int64, contiguous, on this device: no copy

@@ -107,16 +107,15 @@ struct AttentionOp {
   // cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
   static constexpr int kMinUnitWork = 256;
 
-  // Chunks holding positions this step (at most attn_chunks) and their length.
+  // The longest context, the chunks holding positions this step (at most attn_chunks) and their length.
   struct Chunking {
-    int active, len;
+    int context, active, len;
   };
   __device__ static Chunking chunking(const MegakernelParams& p) {
     const int context = context_of(p), min_chunk = max(kMinUnitWork / p.batch, 16);
     const int active = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
-    return {active, (context + active - 1) / active};
+    return {context, active, (context + active - 1) / active};
   }
-  __device__ static int active_chunks(const MegakernelParams& p) { return chunking(p).active; }
 
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
@@ -124,10 +123,10 @@ struct AttentionOp {
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     const MegakernelParams& p = c.p;
     const int chunks = p.attn_chunks;
-    const auto [active, chunk_len] = chunking(p);
+    const auto [context, active, chunk_len] = chunking(p);
     for (int unit = u0; unit < u1; ++unit) {
       const int kv_head = unit / chunks, chunk = unit % chunks;
-      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context_of(p));
+      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context);
       // Chunks past the active ones have no positions: they only count towards the group.
       const bool skip = p.timing_variant & kSkipAttention;
       // Rows in passes of up to kConsumerWarps, `per_row` warps on each row at once; the warps of
@@ -175,7 +174,7 @@ struct AttentionOp {
       c.sync();
       if (c.flags[1]) {
         fence_acq_rel_gpu();  // acquire side: the other chunks' partials are visible
-        if (!skip) merge_chunks(c, kv_head);
+        if (!skip) merge_chunks(c, kv_head, active);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) publish(c.counter(layer, kOp));
       }
@@ -187,9 +186,9 @@ struct AttentionOp {
   // projection's B fragments. First one warp per (row, head) pair finds M and the sum over its
   // chunks (lanes over chunks); then every thread takes 4 dims of a pair and sums their chunks,
   // all of a chunk group's loads in flight.
-  __device__ static void merge_chunks(Consumer<T>& c, int kv_head) {
+  __device__ static void merge_chunks(Consumer<T>& c, int kv_head, int active) {
     const MegakernelParams& p = c.p;
-    const int chunks = p.attn_chunks, active = active_chunks(p), pairs = p.batch * G;
+    const int chunks = p.attn_chunks, pairs = p.batch * G;
     auto part_of = [&](int pair, int chunk) {  // pair = b * G + h
       const int b = pair / G, head = kv_head * G + pair % G;
       return p.scratch.attn_part + ((int64_t(b) * T::kHeads + head) * chunks + chunk) * kPartStride;

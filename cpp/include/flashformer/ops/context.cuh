@@ -14,6 +14,12 @@ __device__ int64_t kv_index(const MegakernelParams& p, int layer, int kv, int b,
   return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
 }
 
+// Whether SM `sm` owns units of `op` in `layer` (its schedule range is not empty).
+__device__ inline bool owns_units(const MegakernelParams& p, Op op, int layer, int sm) {
+  const int* begin = p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+  return begin[sm + 1] > begin[sm];
+}
+
 // The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {

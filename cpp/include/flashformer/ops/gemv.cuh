@@ -138,6 +138,15 @@ __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kbloc
   return run_matmul<T, GlobalActivations, Epilogue>(c, {act}, kblocks, layer, u0, u1);
 }
 
+// RMSNorm of x (norm `norm`, its rows last written by `writer` of `writer_layer`: rmsnorm.cuh)
+// into shared memory, then the matmul over it (K = hidden).
+template <class T, class Epilogue>
+__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Op writer, int writer_layer,
+                                 int layer, int u0, int u1) {
+  rmsnorm_to_fragments(c, norm_weight, norm, writer, writer_layer);
+  return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
+}
+
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own
 // stages (the consumers' gemv_row_block chunks it the same way).
 template <class T>

@@ -68,20 +68,19 @@ struct LmHeadOp {
     return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    rmsnorm_to_fragments(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1);
-    if (!run_matmul<T, SmemActivations, LmHeadEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1))
+    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1, layer,
+                                                 u0, u1))
       return false;
     c.sync();  // this CTA's candidates are written
     if (c.tid == 0) c.flags[1] = signal_counter(c.counter(layer, kOp)) + 1 == c.target(kOp);
     c.sync();
     if (!c.flags[1]) return true;
-    __threadfence();  // acquire side: every CTA's candidates (they signalled after writing) are visible
+    fence_acq_rel_gpu();  // acquire side: every CTA's candidates (they signalled after writing) are visible
     if (c.tid < c.p.batch) {
-      const int* begin = c.p.schedule + (layer * kNumOps + int(kOp)) * (gridDim.x + 1);
       float best_v = -FLT_MAX;
       int best_i = INT_MAX;
       for (int s = 0; s < int(gridDim.x); ++s) {
-        if (begin[s + 1] == begin[s]) continue;  // this SM owns no LM-head rows
+        if (!owns_units(c.p, kOp, layer, s)) continue;  // this SM owns no LM-head rows
         const float* part = c.p.scratch.argmax_part + (int64_t(c.tid) * gridDim.x + s) * 2;
         const float v = __ldcg(part);
         const int i = __float_as_int(__ldcg(part + 1));

@@ -11,11 +11,13 @@ struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
   Consumer<T>& c;
   int layer;
-  int pos[2];           // positions of this lane's batch columns 2t, 2t+1
+  int pos[2] = {0, 0};  // warp 0 (the epilogue's warp): positions of this lane's batch columns 2t, 2t+1
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
   __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
+    if (c.warp != 0) return;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) pos[q] = 2 * (c.lane % 4) + q < c.p.batch ? int(c.p.positions[2 * (c.lane % 4) + q]) : 0;
+    for (int q = 0; q < 2; ++q)
+      if (2 * (c.lane % 4) + q < c.p.batch) pos[q] = int(c.p.positions[2 * (c.lane % 4) + q]);
   }
   __device__ static int freq(int rb, int g) { return 8 * ((rb * kRowBlock % D) / kRowBlock) + g; }  // < D/2
 
@@ -65,8 +67,8 @@ struct QkvOp {
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     // x was last written by the previous layer's down projection (by the embedding in layer 0)
-    rmsnorm_to_fragments(c, c.p.layers[layer].attn_norm, 2 * layer, layer ? Op::kDown : Op::kEmbed, layer ? layer - 1 : 0);
-    return run_matmul<T, SmemActivations, QkvEpilogue<T>>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
+    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[layer].attn_norm, 2 * layer,
+                                               layer ? Op::kDown : Op::kEmbed, layer ? layer - 1 : 0, layer, u0, u1);
   }
 };
 

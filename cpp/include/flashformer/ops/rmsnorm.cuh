@@ -42,12 +42,11 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
   // Warp b sums row b's partials over the SMs that wrote rows, in a fixed order (every CTA gets
   // the same scale).
   if (c.warp < p.batch) {
-    const int* units = p.schedule + (writer_layer * kNumOps + int(writer)) * (gridDim.x + 1);
     const float* part = sq_part_of(p, norm);
     float s = 0.f;
     for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize) {
-      const float v = __ldcg(part + sm * kMaxBatch + c.warp);  // loaded with the schedule, not after it
-      if (units[sm + 1] > units[sm]) s += v;                    // (slots of SMs without rows are stale)
+      const float v = __ldcg(part + sm * kMaxBatch + c.warp);     // loaded with the schedule, not after it
+      if (owns_units(p, writer, writer_layer, sm)) s += v;         // (slots of SMs without rows are stale)
     }
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
