@@ -243,3 +243,4 @@ def test_sanitizer_smoke():
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()
         assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
+        assert mk.greedy_tokens(2) == logits.argmax(-1).tolist()  # brought back by decode()'s wait

@@ -66,8 +66,10 @@ class MegakernelEngine {
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
-  int inflight_stages_limit = 0;  // most weight stages in flight per SM (0: the whole ring)
-  int weight_l2_policy = 0;    // WeightL2Policy of the weight stream
+  // Tuning (benchmarks/NOTES.md has the sweeps that chose the defaults).
+  int inflight_stages_limit = 3;  // most weight stages in flight per SM (0: the whole ring)
+  int weight_l2_policy = int(WeightL2Policy::kEvictFirst);  // of the weight stream
+  int attn_prefetch_kb = 128;  // past K/V each attention SM prefetches into L2 before its wait (0: off)
   unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
 
   // Size of the step trace (trace.hpp) for this engine's SMs and layers.

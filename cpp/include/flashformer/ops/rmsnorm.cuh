@@ -39,6 +39,21 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
   const MegakernelParams& p = c.p;
   // (batch, hidden) fp32, written by other CTAs this step: read through L2
   const float4* x = reinterpret_cast<const float4*>(p.scratch.x);
+  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
+  // kInFlight float4 of x (and their weights) per thread at a time over the flattened (row,
+  // vector) range. The first ones are loaded before the scale's sum, so both round trips overlap.
+  constexpr int kInFlight = 4;
+  const int total = p.batch * kVecs;
+  float4 a[kInFlight];
+  uint2 wu[kInFlight];
+  auto load = [&](int j0) {
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int j = j0 + u * kConsumerThreads;
+      if (j < total) a[u] = __ldcg(x + j), wu[u] = w4[j % kVecs];
+    }
+  };
+  load(c.tid);
   // Warp b sums row b's partials over the SMs that wrote rows, in a fixed order (every CTA gets
   // the same scale).
   if (c.warp < p.batch) {
@@ -53,10 +68,8 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     if (c.lane == 0) c.rinv[c.warp] = rsqrtf(s / T::kHidden + p.rms_eps);
   }
   c.sync();  // rinv visible
-  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
-  auto put = [&](int b, int v, float4 a) {
+  auto put = [&](int b, int v, float4 a, uint2 wu) {
     const float r = c.rinv[b];
-    const uint2 wu = w4[v];
     const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
     const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
     // k = 4v .. 4v+3: two adjacent pairs in fragment order
@@ -65,18 +78,12 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     *reinterpret_cast<__nv_bfloat162*>(c.act + act_pair_index(b, 4 * v + 2, p.batch)) =
         __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
   };
-  // kInFlight float4 loads per thread at a time over the flattened (row, vector) range.
-  constexpr int kInFlight = 4;
-  const int total = p.batch * kVecs;
   for (int j0 = c.tid; j0 < total; j0 += kInFlight * kConsumerThreads) {
-    float4 a[kInFlight];
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u)
-      if (j0 + u * kConsumerThreads < total) a[u] = __ldcg(x + j0 + u * kConsumerThreads);
+    if (j0 != c.tid) load(j0);
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u * kConsumerThreads;
-      if (j < total) put(j / kVecs, j % kVecs, a[u]);
+      if (j < total) put(j / kVecs, j % kVecs, a[u], wu[u]);
     }
   }
   c.sync();  // the fragments are complete before any warp loads them
