@@ -201,6 +201,8 @@ def main() -> int:
         "no_epilogue": V["skip_epilogue"],
         "none_of_four": four,
         "stream_only": four | V["skip_math"],
+        "no_loads": V["skip_loads"],  # no weight traffic: dependencies and the consumers' own pace
+        "consumers_only": four | V["skip_loads"],  # no weight traffic, no waits: the consumers' own pace
     }
     variants = known
     if args.variants == "none":

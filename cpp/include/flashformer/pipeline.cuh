@@ -51,6 +51,11 @@ struct WeightRing {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
     if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
+    if (p.timing_variant & kSkipLoads) {  // timing only: the stage "lands" at once with stale bytes
+      FullBarrier::arrive(&full[c.stage]);
+      c.advance(stages);
+      return true;
+    }
     FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);  // arm before the copy can land
     if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
       bulk_copy_evict_first(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
