@@ -114,8 +114,6 @@ PYBIND11_MODULE(_C, m) {
                      "most weight-ring stages in flight (issued, not landed) per SM (0: the whole ring)")
       .def_readwrite("weight_l2_policy", &MegakernelEngine::weight_l2_policy,
                      "L2 eviction priority of the weight stream: 0 normal, 1 evict first")
-      .def_readwrite("attn_prefetch_kb", &MegakernelEngine::attn_prefetch_kb,
-                     "KB of past K/V each attention SM prefetches into L2 before waiting for the qkv op (0: off)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
       .def_property(
           "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.trace); },

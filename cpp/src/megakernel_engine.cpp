@@ -128,8 +128,6 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +
                                 std::to_string(weight_l2_policy));
   p.weight_l2_policy = weight_l2_policy;
-  if (attn_prefetch_kb < 0) throw std::invalid_argument("megakernel: attn_prefetch_kb must be >= 0");
-  p.attn_prefetch_bytes = attn_prefetch_kb * 1024;
   p.trace = trace;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));

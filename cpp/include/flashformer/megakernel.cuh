@@ -84,8 +84,6 @@ __device__ void run_consumers(Consumer<T>& c) {
   for_each_task(p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
     if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kTaskStartNs, global_ns());
-    // Past positions' K/V do not depend on this step: start bringing them into L2 before the wait.
-    if (op == Op::kAttention) AttentionOp<T>::prefetch_kv(c, layer, u0, u1);
     if (op != Op::kEmbed && !(p.timing_variant & kSkipWaits)) {
       const bool first_layer_qkv = op == Op::kQkv && layer == 0;
       const Op dep = first_layer_qkv ? Op::kEmbed : dependency_of(op);

@@ -117,27 +117,6 @@ struct AttentionOp {
     return {context, active, (context + active - 1) / active};
   }
 
-  // Warp 0, before the wait on the qkv op: bulk L2 prefetches of this SM's units' K and V rows
-  // (one range per unit, batch row and K/V, each its share of p.attn_prefetch_bytes, from the
-  // chunk's start), so that the loads after the wait hit L2 instead of HBM.
-  __device__ static void prefetch_kv(const Consumer<T>& c, int layer, int u0, int u1) {
-    const MegakernelParams& p = c.p;
-    if (p.attn_prefetch_bytes <= 0 || c.warp != 0 || (p.timing_variant & kSkipAttention)) return;
-    const auto [context, active, chunk_len] = chunking(p);
-    const int ranges = (u1 - u0) * p.batch * 2, chunks = p.attn_chunks;
-    constexpr int kRowBytes = D * 2;
-    const int share = p.attn_prefetch_bytes / max(ranges, 1) / kRowBytes * kRowBytes;  // whole rows
-    for (int i = c.lane; i < ranges && share > 0; i += kWarpSize) {
-      const int unit = u0 + i / (p.batch * 2), b = i / 2 % p.batch, kv = i % 2;
-      const int kv_head = unit / chunks, chunk = unit % chunks;
-      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, int(p.positions[b]) + 1);
-      if (chunk >= active || c1 <= c0) continue;
-      const bf16_t* src = p.kv_cache + kv_index<T>(p, layer, kv, b, kv_head, c0);
-      const int bytes = min((c1 - c0) * kRowBytes, share);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-    }
-  }
-
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
 
