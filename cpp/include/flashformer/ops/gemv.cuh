@@ -74,8 +74,13 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
       b[i] = live && kb < kblocks ? src.load(kb, g, t) : make_uint2(0u, 0u);
     }
   };
+  // One accumulator per fragment slot: the slots' mma chains are independent, so the tensor
+  // cores overlap them instead of waiting on one accumulator.
+  float part[kPerWarp][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) acc[i] = 0.f;
+  for (int i = 0; i < kPerWarp; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) part[i][j] = 0.f;
   uint2 next[kPerWarp];
   load_b(0, next);
   for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
@@ -86,12 +91,23 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
     const int n = min(kFragmentsPerStage, kblocks - kb0);
     if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
     const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
+    // All of this warp's A fragments into registers at once, then the stage is free: the
+    // producer refills it while the tensor cores work.
+    uint4 a[kPerWarp];
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
       const int f = c.warp + i * kConsumerWarps;
-      if (f < n) mma_fragment(acc, stage[f * kWarpSize + c.lane], b[i]);
+      a[i] = f < n ? stage[f * kWarpSize + c.lane] : make_uint4(0u, 0u, 0u, 0u);
     }
     c.ring.release(c.cursor);
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i) mma_fragment(part[i], a[i], b[i]);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    acc[j] = part[0][j];
+#pragma unroll
+    for (int i = 1; i < kPerWarp; ++i) acc[j] += part[i][j];
   }
   return true;
 }
