@@ -114,8 +114,6 @@ PYBIND11_MODULE(_C, m) {
                      "most weight-ring stages in flight (issued, not landed) per SM (0: the whole ring)")
       .def_readwrite("weight_l2_policy", &MegakernelEngine::weight_l2_policy,
                      "L2 eviction priority of the weight stream: 0 normal, 1 evict first")
-      .def_readwrite("l2_prefetch_kb", &MegakernelEngine::l2_prefetch_kb,
-                     "KB of upcoming weights the producer prefetches into L2 while the ring is full (0: off)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
       .def_property(
           "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.trace); },

@@ -128,8 +128,6 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +
                                 std::to_string(weight_l2_policy));
   p.weight_l2_policy = weight_l2_policy;
-  if (l2_prefetch_kb < 0 || l2_prefetch_kb % 16) throw std::invalid_argument("megakernel: l2_prefetch_kb must be a multiple of 16 >= 0");
-  p.l2_prefetch_bytes = l2_prefetch_kb * 1024;
   p.trace = trace;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));

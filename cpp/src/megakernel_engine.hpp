@@ -69,7 +69,6 @@ class MegakernelEngine {
   // Tuning (benchmarks/NOTES.md has the sweeps that chose the defaults).
   int inflight_stages_limit = 3;  // most weight stages in flight per SM (0: the whole ring)
   int weight_l2_policy = int(WeightL2Policy::kEvictFirst);  // of the weight stream
-  int l2_prefetch_kb = 0;      // weights prefetched into L2 when the ring is full (0: off)
   unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
 
   // Size of the step trace (trace.hpp) for this engine's SMs and layers.

@@ -83,7 +83,6 @@ struct MegakernelParams {
   int union_bytes;
   int inflight_stages;         // most weight stages issued and not yet landed per SM (<= ring_stages)
   int weight_l2_policy;        // WeightL2Policy
-  int l2_prefetch_bytes;       // weights the producer prefetches into L2 when the ring is full (0: none)
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)

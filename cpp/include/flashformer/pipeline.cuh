@@ -65,14 +65,6 @@ struct WeightRing {
     return true;
   }
 
-  // Producer: whether the stage at `c` is free to refill now (no waiting).
-  __device__ bool slot_free(const RingCursor& c) const { return EmptyBarrier::test_wait(&empty[c.stage], c.phase ^ 1, 1u); }
-
-  // Producer: ask L2 to fetch `bytes` (multiple of 16) from global memory; no completion to wait for.
-  __device__ static void prefetch_l2(const void* src, int bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-  }
-
   // Producer: wait until the stage at `c` has landed (it was pushed, and the producer re-arms a
   // stage only after passing it here, so its full barrier is at most one phase ahead).
   __device__ bool wait_landed(RingCursor& c, const MegakernelParams& p, long long& waited) const {

@@ -33,18 +33,9 @@ struct Producer {
   // Copies `bytes` from src through the ring, at most p.inflight_stages copies outstanding: the
   // ring still fills during dependency waits, but fewer bytes queue in the memory system, so
   // the step's other global traffic (activations, signals) waits behind fewer weight reads.
-  // When the ring is full (the consumers wait on another SM), the next p.l2_prefetch_bytes of
-  // src are first prefetched into L2, so the wait does not leave HBM idle.
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
-    int64_t prefetched = 0;  // src[0, prefetched) was prefetched
     for (int64_t off = 0; off < bytes; off += kStageBytes) {
-      if (p.l2_prefetch_bytes > 0 && prefetched < bytes && !ring.slot_free(cursor) && !(p.timing_variant & kSkipLoads)) {
-        const int64_t from = off > prefetched ? off : prefetched;
-        const int64_t to = off + p.l2_prefetch_bytes < bytes ? off + p.l2_prefetch_bytes : bytes;
-        if (to > from) WeightRing::prefetch_l2(bytes_src + from, int(to - from));
-        prefetched = to > prefetched ? to : prefetched;
-      }
       if (in_flight == p.inflight_stages) {
         if (!ring.wait_landed(landed, p, slot_wait)) return false;
         --in_flight;
