@@ -231,6 +231,29 @@ def test_step_trace_is_ordered_and_changes_nothing():
 
 @pytest.mark.gpu
 @gpu
+def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
+    """The weight stream's tuning (in-flight stage limit, L2 policy) changes timing only: every
+    setting computes bit-identical logits and tokens (the kernel's reductions have a fixed
+    order). Out-of-range values are refused with a message naming the setting."""
+    spec = spec_from_dict(llama_config("tiny-d128"))
+    weights = random_weights(spec, tied=True, dtype=torch.bfloat16, device="cuda", std=0.1)
+    mk = MegakernelBackend(spec, weights, 2, 64)
+    mk.kv_cache.uniform_(-1, 1)
+    tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([7, 40], device="cuda")
+    default = mk.decode(tokens, positions)
+    for inflight, policy in [(0, 0), (1, 1), (2, 0), (0, 1)]:
+        mk.engine.inflight_stages_limit, mk.engine.weight_l2_policy = inflight, policy
+        assert torch.equal(mk.decode(tokens, positions), default), (inflight, policy)
+        assert mk.greedy_tokens(2) == default.argmax(-1).tolist()
+    for attr, bad in [("inflight_stages_limit", -1), ("weight_l2_policy", 2)]:
+        setattr(mk.engine, attr, bad)
+        with pytest.raises(ValueError, match=attr):
+            mk.decode(tokens, positions)
+        setattr(mk.engine, attr, 0)
+
+
+@pytest.mark.gpu
+@gpu
 def test_sanitizer_smoke():
     """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's

@@ -27,7 +27,7 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * 4);
   l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
   l.counters = take(l.counters_bytes);
-  l.error = take(4 * 4);
+  l.error = take(kErrorWords * sizeof(int));
   l.layer_table = take(int64_t(s.layers) * sizeof(LayerWeights));
   l.schedule = take(int64_t(s.layers) * kNumOps * (s.num_sms + 1) * 4);
   l.total = at;
@@ -123,6 +123,7 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   p.timing_variant = timing_variant;
   const SmemSplit split = smem_split(config_->dims, batch);
   p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
+  if (inflight_stages_limit < 0) throw std::invalid_argument("megakernel: inflight_stages_limit must be >= 0");
   p.inflight_stages = inflight_stages_limit > 0 ? std::min(p.ring_stages, inflight_stages_limit) : p.ring_stages;
   if (weight_l2_policy != int(WeightL2Policy::kNormal) && weight_l2_policy != int(WeightL2Policy::kEvictFirst))
     throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +

@@ -81,7 +81,6 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
-  static constexpr int kErrorWords = 4;  // Scratch::error: StepError, op, layer, SM
   int* host_words_ = nullptr;  // pinned, filled by check(): the error words, then the arg-max tokens
   int checked_batch_ = 0;      // rows of arg-max tokens in host_words_ (0: none valid)
   unsigned epoch_ = 0;

@@ -43,6 +43,7 @@ enum class WeightL2Policy : int { kNormal = 0, kEvictFirst = 1 };
 
 // Why a step stopped early (written once, by the first SM that gave up).
 enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
+inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, op, layer, SM
 
 // Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in engine.cpp).
 struct Scratch {
@@ -55,7 +56,7 @@ struct Scratch {
   float* sq_part;          // [2 * layers + 1 norms][num_sms][kMaxBatch]: each SM's share of sum(x^2) of
                            // every RMSNorm's input, written by the op that wrote its rows of x
   unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
-  int* error;              // [4]: StepError, op, layer, SM
+  int* error;              // [kErrorWords]: StepError, op, layer, SM
 };
 
 struct MegakernelParams {
