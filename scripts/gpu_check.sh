@@ -33,6 +33,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$
 [ -f .carry/cutlass/include/cute/tensor.hpp ] || { echo "missing .carry/cutlass: run scripts/carry_cutlass.sh here and carry .carry" | tee "$OUT/summary.txt"; exit 2; }
 
 if has build; then
+  # From scratch: a warm machine keeps build/ between calls, and file times copied from another
+  # machine can make an incremental build miss an edit.
+  rm -rf build
   step build python3 -m pip install --no-build-isolation --no-deps -v . \
     -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || { tail -n 60 "$LOGS/build.log"; exit 1; }
   cuobjdump --dump-resource-usage build/libflashformer_kernels.a >"$LOGS/resources.txt" 2>&1
