@@ -203,6 +203,8 @@ def main() -> int:
         "stream_only": four | V["skip_math"],
         "no_loads": V["skip_loads"],  # no weight traffic: dependencies and the consumers' own pace
         "consumers_only": four | V["skip_loads"],  # no weight traffic, no waits: the consumers' own pace
+        "no_reduce": V["skip_reduce"],
+        "consumers_no_reduce": four | V["skip_loads"] | V["skip_reduce"],  # the stage loop alone
     }
     variants = known
     if args.variants == "none":

@@ -34,6 +34,7 @@ enum TimingVariant : int {
   kSkipMath = 16,       // matmuls only wait for and release their weight stages (no loads, mma, reduction)
   kPollEverySpin = 32,  // barrier spins look at the abort flag on every failed try (the old behaviour)
   kSkipLoads = 64,      // the producer marks stages full without copying: consumers run at their own pace
+  kSkipReduce = 128,    // matmuls skip the cross-warp reduction of each row block (and its barrier)
 };
 
 // L2 eviction priority of the weight stream's bulk copies. Weights are read once per step;

@@ -138,7 +138,7 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
     AccTile acc;
     if (c.warp == 0) epi.prefetch(rb);
     if (!gemv_row_block(c, src, kblocks, acc)) return false;
-    if (!(c.p.timing_variant & kSkipMath)) reduce_row_block(c, acc);
+    if (!(c.p.timing_variant & (kSkipMath | kSkipReduce))) reduce_row_block(c, acc);
     if (c.warp == 0 && !(c.p.timing_variant & kSkipEpilogue)) epi.row_block(rb, acc);
   }
   epi.finish();
