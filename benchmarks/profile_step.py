@@ -205,6 +205,7 @@ def main() -> int:
         "consumers_only": four | V["skip_loads"],  # no weight traffic, no waits: the consumers' own pace
         "no_reduce": V["skip_reduce"],
         "consumers_no_reduce": four | V["skip_loads"] | V["skip_reduce"],  # the stage loop alone
+        "handshake_only": four | V["skip_loads"] | V["skip_math"],  # the ring's barriers alone, no data
     }
     variants = known
     if args.variants == "none":
