@@ -157,15 +157,11 @@ void MegakernelEngine::check(cudaStream_t stream) {
   epoch_ = 0;
   const int op = err[1], layer = err[2];
   if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");
-  // The dependency the waiter names: the previous layer's down projection for a qkv (embed in
-  // layer 0), the same layer's op otherwise, the last layer's down projection for the LM head.
-  const bool first_qkv = Op(op) == Op::kQkv && layer == 0;
-  const Op dep = first_qkv ? Op::kEmbed : dependency_of(Op(op));
-  const int dep_layer = Op(op) == Op::kQkv && !first_qkv ? layer - 1 : layer;
+  const Dependency dep = dependency_at(Op(op), layer);  // the one the waiter was waiting for
   char ms[32];
   std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
   throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(err[3]) + " waited more than " +
-                           ms + " ms for " + kOpNames[int(dep)] + " of layer " + std::to_string(dep_layer) +
+                           ms + " ms for " + kOpNames[int(dep.op)] + " of layer " + std::to_string(dep.layer) +
                            " (needed by " + kOpNames[op] + " of layer " + std::to_string(layer) +
                            "), which never completed; the step's outputs are invalid and the engine has been reset");
 }

@@ -21,7 +21,7 @@ namespace flashformer {
 template <class Fn>
 __device__ void for_each_task(const MegakernelParams& p, Fn&& fn) {
   auto run = [&](Op op, int layer) {
-    const int* begin = p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+    const int* begin = schedule_of(p, op, layer);
     return fn(op, layer, begin[blockIdx.x], begin[blockIdx.x + 1]);
   };
   if (!run(Op::kEmbed, 0)) return;
@@ -85,10 +85,8 @@ __device__ void run_consumers(Consumer<T>& c) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
     if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kTaskStartNs, global_ns());
     if (op != Op::kEmbed && !(p.timing_variant & kSkipWaits)) {
-      const bool first_layer_qkv = op == Op::kQkv && layer == 0;
-      const Op dep = first_layer_qkv ? Op::kEmbed : dependency_of(op);
-      const int dep_layer = (op == Op::kQkv && !first_layer_qkv) ? layer - 1 : first_layer_qkv ? 0 : layer;
-      if (c.tid == 0) c.flags[0] = !wait_counter(c.counter(dep_layer, dep), c.target(dep), p, int(op), layer);
+      const Dependency dep = dependency_at(op, layer);
+      if (c.tid == 0) c.flags[0] = !wait_counter(c.counter(dep.layer, dep.op), c.target(dep.op), p, int(op), layer);
       c.sync();  // the wait's outcome (and, through thread 0's acquire, the inputs) for everyone
       if (c.flags[0]) return false;
     }

@@ -36,6 +36,21 @@ constexpr Op dependency_of(Op op) {
   }
 }
 
+// The (op, layer) whose completion `op` of `layer` waits for: kEmbed for layer 0's qkv, the
+// previous layer's down projection for a later qkv, the same layer's dependency_of otherwise.
+// (Meaningless for kEmbed, which waits for nothing.)
+struct Dependency {
+  Op op;
+  int layer;
+};
+constexpr Dependency dependency_at(Op op, int layer) {
+  if (op == Op::kQkv) return layer == 0 ? Dependency{Op::kEmbed, 0} : Dependency{Op::kDown, layer - 1};
+  return {dependency_of(op), layer};
+}
+static_assert(dependency_at(Op::kQkv, 0).op == Op::kEmbed && dependency_at(Op::kQkv, 3).op == Op::kDown &&
+              dependency_at(Op::kQkv, 3).layer == 2 && dependency_at(Op::kOProj, 3).op == Op::kAttention &&
+              dependency_at(Op::kOProj, 3).layer == 3);
+
 // Units of each op and the weight bytes one unit streams.
 struct OpUnits {
   std::array<int, kNumOps> units{};

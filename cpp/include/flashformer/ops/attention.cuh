@@ -170,10 +170,7 @@ struct AttentionOp {
         c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
         continue;
       }
-      if (c.tid == 0) c.flags[1] = signal_counter(group) + 1 == p.epoch * unsigned(chunks);
-      c.sync();
-      if (c.flags[1]) {
-        fence_acq_rel_gpu();  // acquire side: the other chunks' partials are visible
+      if (c.finished_last(group, unsigned(chunks))) {  // the other chunks' partials are visible
         if (!skip) merge_chunks(c, kv_head, active);
         c.sync();  // the merged output is written before the signal
         if (c.tid == 0) publish(c.counter(layer, kOp));

@@ -14,9 +14,14 @@ __device__ int64_t kv_index(const MegakernelParams& p, int layer, int kv, int b,
   return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
 }
 
+// The schedule's unit ranges of (op, layer): SM s owns units [begin[s], begin[s + 1]).
+__device__ inline const int* schedule_of(const MegakernelParams& p, Op op, int layer) {
+  return p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+}
+
 // Whether SM `sm` owns units of `op` in `layer` (its schedule range is not empty).
 __device__ inline bool owns_units(const MegakernelParams& p, Op op, int layer, int sm) {
-  const int* begin = p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+  const int* begin = schedule_of(p, op, layer);
   return begin[sm + 1] > begin[sm];
 }
 
@@ -66,6 +71,16 @@ struct Consumer {
 
   __device__ void sync() const {  // all consumer warps; the producer warp never joins
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, int(NamedBarrier::kConsumers));
+  }
+  // All consumer threads, after a barrier that ordered this CTA's outputs: count this CTA into
+  // `group` and tell whether it was the last of `arrivals` this step. The last one has acquired
+  // every other CTA's outputs when this returns true.
+  __device__ bool finished_last(unsigned* group, unsigned arrivals) const {
+    if (tid == 0) flags[1] = signal_counter(group) + 1 == p.epoch * arrivals;
+    sync();
+    if (!flags[1]) return false;
+    fence_acq_rel_gpu();  // acquire side: the others signalled after writing
+    return true;
   }
   __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
   __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }

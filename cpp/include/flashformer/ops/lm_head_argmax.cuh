@@ -72,10 +72,8 @@ struct LmHeadOp {
                                                  u0, u1))
       return false;
     c.sync();  // this CTA's candidates are written
-    if (c.tid == 0) c.flags[1] = signal_counter(c.counter(layer, kOp)) + 1 == c.target(kOp);
-    c.sync();
-    if (!c.flags[1]) return true;
-    fence_acq_rel_gpu();  // acquire side: every CTA's candidates (they signalled after writing) are visible
+    if (!c.finished_last(c.counter(layer, kOp), unsigned(c.p.op_signals[int(kOp)])))
+      return true;  // the last LM-head CTA picks the winners, from every CTA's candidates
     if (c.tid < c.p.batch) {
       float best_v = -FLT_MAX;
       int best_i = INT_MAX;
