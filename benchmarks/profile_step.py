@@ -99,16 +99,18 @@ def task_ops(layers: int) -> list[tuple[str, int]]:
     return ops + [("lm_head", layers - 1)]
 
 
-def take_trace(mk: MegakernelBackend, batch: int) -> np.ndarray:
-    """One traced step: [sms, header + tasks * fields] uint64."""
+def take_trace(mk: MegakernelBackend, batch: int, variant: int = 0) -> np.ndarray:
+    """One traced step (under timing variant `variant`): [sms, header + tasks * fields] uint64."""
     e, stream = mk.engine, torch.cuda.current_stream().cuda_stream
     buf = torch.zeros(e.trace_words, dtype=torch.int64, device=mk.device)
     e.trace = buf.data_ptr()
+    e.timing_variant = variant
     try:
         launch(mk, batch, stream)
         e.check(stream)
     finally:
         e.trace = 0
+        e.timing_variant = 0
     return buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)
 
 
@@ -186,6 +188,9 @@ def main() -> int:
                     "combination), e.g. inflight_stages_limit=2,4 --sweep weight_l2_policy=0,1")
     ap.add_argument("--sweep-variants", default="all,stream_only",
                     help="timing variants measured at each swept combination (comma-separated names)")
+    ap.add_argument("--trace-variants", default="",
+                    help="timing variants (comma-separated names) whose step trace is also summarized, e.g. "
+                    "handshake_only: its slot_wait and data_wait tell whether the producer or the consumers set the pace")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -215,9 +220,11 @@ def main() -> int:
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     sweeps = [(a, [int(v) for v in vs.split(",")]) for a, vs in (sw.split("=") for sw in args.sweep)]
     sweep_variants = args.sweep_variants.split(",")
-    unknown = [k for k in sweep_variants if k not in known]
-    if unknown:
-        ap.error(f"unknown --sweep-variants {unknown}; known: {sorted(known)}")
+    trace_variants = [k for k in args.trace_variants.split(",") if k]
+    for flag, names in (("--sweep-variants", sweep_variants), ("--trace-variants", trace_variants)):
+        unknown = [k for k in names if k not in known]
+        if unknown:
+            ap.error(f"unknown {flag} {unknown}; known: {sorted(known)}")
     result = {"commit": git_commit(), "device": torch.cuda.get_device_name(), "models": {}}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
@@ -272,6 +279,9 @@ def main() -> int:
             times = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
             print(f"{model} batch {batch} ctx {ctx} ({floor_bytes / 1e9:.2f} GB): {times}", flush=True)
             print(format_trace(row["trace"]), flush=True)
+            for name in trace_variants:
+                row[f"trace_{name}"] = summarize_trace(take_trace(mk, batch, known[name]), spec.num_layers)
+                print(f"  under {name}:\n{format_trace(row[f'trace_{name}'])}", flush=True)
         del mk, w
         torch.cuda.empty_cache()
     if args.out:

@@ -90,11 +90,13 @@ struct WeightRing {
     return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
-  // Consumer warp: done reading the stage; its lane 0 frees it for the producer.
-  __device__ void release(RingCursor& c) const {
-    __syncwarp();  // every lane's shared-memory reads of the stage are done
-    if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
-    c.advance(stages);
+  // Consumer warp: done reading the next `n` stages from `c`; its lane 0 frees them for the producer.
+  __device__ void release(RingCursor& c, int n = 1) const {
+    __syncwarp();  // every lane's shared-memory reads of the stages are done
+    for (int i = 0; i < n; ++i) {
+      if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
+      c.advance(stages);
+    }
   }
 };
 

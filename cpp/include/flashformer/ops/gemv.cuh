@@ -52,11 +52,19 @@ __device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks
 // acc[2+q] is (row g+8, batch 2t+q), for q in {0, 1}.
 using AccTile = float[4];
 
+// Ring stages a consumer warp takes per pass of its loop: it waits for all of them, loads its A
+// fragments of each, frees them, then runs the mmas. Per stage, each warp has only four 16-byte
+// loads and four mmas, so a one-stage pass is a chain of latencies (barrier wait, shared-memory
+// load, arrive) with little to overlap; two stages per pass halve the chains per byte.
+inline constexpr int kStagesPerPass = 2;
+
 // One row block: multiply its `kblocks` fragments from the ring. This warp's partial sum lands
 // in acc. False when the step was aborted.
 template <class T, class Source>
 __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
   constexpr int kPerWarp = kFragmentsPerStage / kConsumerWarps;  // fragments of a stage per warp
+  constexpr int kSlots = kStagesPerPass * kPerWarp;                // fragments of a pass per warp
+  constexpr int kPassBlocks = kStagesPerPass * kFragmentsPerStage;
   if (c.p.timing_variant & kSkipMath) {  // timing only: take and free the stages, nothing else
     for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
       if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
@@ -66,42 +74,57 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
   }
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
-  // B fragments of the stage starting at k block kb0 (activations never depend on the ring).
-  auto load_b = [&](int kb0, uint2 (&b)[kPerWarp]) {
+  // k block of slot i in the pass starting at k block kb0: stage i / kPerWarp of the pass,
+  // this warp's (i % kPerWarp)-th fragment of it.
+  auto slot_kb = [&](int kb0, int i) {
+    return kb0 + (i / kPerWarp) * kFragmentsPerStage + c.warp + (i % kPerWarp) * kConsumerWarps;
+  };
+  // B fragments of the pass starting at k block kb0 (activations never depend on the ring).
+  auto load_b = [&](int kb0, uint2 (&b)[kSlots]) {
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) {
-      const int kb = kb0 + c.warp + i * kConsumerWarps;
+    for (int i = 0; i < kSlots; ++i) {
+      const int kb = slot_kb(kb0, i);
       b[i] = live && kb < kblocks ? src.load(kb, g, t) : make_uint2(0u, 0u);
     }
   };
-  // One accumulator per fragment slot: the slots' mma chains are independent, so the tensor
-  // cores overlap them instead of waiting on one accumulator.
+  // One accumulator per fragment slot of a stage: the slots' mma chains are independent, so the
+  // tensor cores overlap them instead of waiting on one accumulator.
   float part[kPerWarp][4];
 #pragma unroll
   for (int i = 0; i < kPerWarp; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) part[i][j] = 0.f;
-  uint2 next[kPerWarp];
+  uint2 next[kSlots];
   load_b(0, next);
-  for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
-    uint2 b[kPerWarp];
+  for (int kb0 = 0; kb0 < kblocks; kb0 += kPassBlocks) {
+    uint2 b[kSlots];
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
-    load_b(kb0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
-    const int n = min(kFragmentsPerStage, kblocks - kb0);
-    if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
-    const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
-    // All of this warp's A fragments into registers at once, then the stage is free: the
-    // producer refills it while the tensor cores work.
-    uint4 a[kPerWarp];
+    for (int i = 0; i < kSlots; ++i) b[i] = next[i];
+    load_b(kb0 + kPassBlocks, next);  // one pass ahead: hides the L2 latency of global B
+    // All of this warp's A fragments of the pass into registers, then its stages are free: the
+    // producer refills them while the tensor cores work.
+    uint4 a[kSlots];
+    RingCursor at = c.cursor;
+    int stages = 0;  // of this pass (the row block's last pass may have fewer)
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) {
-      const int f = c.warp + i * kConsumerWarps;
-      a[i] = f < n ? stage[f * kWarpSize + c.lane] : make_uint4(0u, 0u, 0u, 0u);
+    for (int s = 0; s < kStagesPerPass; ++s) {
+      const int first = kb0 + s * kFragmentsPerStage;
+#pragma unroll
+      for (int i = 0; i < kPerWarp; ++i) a[s * kPerWarp + i] = make_uint4(0u, 0u, 0u, 0u);
+      if (first >= kblocks) continue;  // uniform over the CTA
+      if (!c.ring.wait_full(at, c.p, c.data_wait)) return false;
+      const uint4* stage = c.ring.stage(at.stage);  // (fragments, 32 lanes) x 16 bytes
+#pragma unroll
+      for (int i = 0; i < kPerWarp; ++i) {
+        const int f = c.warp + i * kConsumerWarps;
+        if (first + f < kblocks) a[s * kPerWarp + i] = stage[f * kWarpSize + c.lane];
+      }
+      at.advance(c.ring.stages);
+      ++stages;
     }
-    c.ring.release(c.cursor);
+    c.ring.release(c.cursor, stages);
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) mma_fragment(part[i], a[i], b[i]);
+    for (int i = 0; i < kSlots; ++i) mma_fragment(part[i % kPerWarp], a[i], b[i]);
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
