@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashformer
-from flashformer import Engine
+from flashformer import Engine, _core
 from flashformer.bench import shape_config
 from flashformer.config import spec_from_dict
 from flashformer.engine import select_backend
@@ -232,20 +232,22 @@ def test_step_trace_is_ordered_and_changes_nothing():
 @pytest.mark.gpu
 @gpu
 def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
-    """The weight stream's tuning (in-flight stage limit, L2 policy) changes timing only: every
-    setting computes bit-identical logits and tokens (the kernel's reductions have a fixed
-    order). Out-of-range values are refused with a message naming the setting."""
+    """The weight stream's tuning (in-flight stage limit, L2 policy, ring depth) changes timing
+    only: every setting computes bit-identical logits and tokens (the kernel's reductions have a
+    fixed order). Out-of-range values are refused with a message naming the setting."""
     spec = spec_from_dict(llama_config("tiny-d128"))
     weights = random_weights(spec, tied=True, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = MegakernelBackend(spec, weights, 2, 64)
     mk.kv_cache.uniform_(-1, 1)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([7, 40], device="cuda")
     default = mk.decode(tokens, positions)
-    for inflight, policy in [(0, 0), (1, 1), (2, 0), (0, 1)]:
-        mk.engine.inflight_stages_limit, mk.engine.weight_l2_policy = inflight, policy
-        assert torch.equal(mk.decode(tokens, positions), default), (inflight, policy)
+    smallest = _core.load().MIN_RING_STAGES  # the shallowest ring the kernel allows
+    for inflight, policy, ring in [(0, 0, 0), (1, 1, smallest), (2, 0, 0), (0, 1, smallest), (3, 1, smallest + 1)]:
+        e = mk.engine
+        e.inflight_stages_limit, e.weight_l2_policy, e.ring_stages_limit = inflight, policy, ring
+        assert torch.equal(mk.decode(tokens, positions), default), (inflight, policy, ring)
         assert mk.greedy_tokens(2) == default.argmax(-1).tolist()
-    for attr, bad in [("inflight_stages_limit", -1), ("weight_l2_policy", 2)]:
+    for attr, bad in [("inflight_stages_limit", -1), ("weight_l2_policy", 2), ("ring_stages_limit", smallest - 1)]:
         setattr(mk.engine, attr, bad)
         with pytest.raises(ValueError, match=attr):
             mk.decode(tokens, positions)

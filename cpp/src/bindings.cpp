@@ -54,6 +54,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.attr("OPS") = py::cast(std::vector<std::string>(kOpNames.begin(), kOpNames.end()));
   m.attr("MAX_BATCH") = kMaxBatch;
+  m.attr("MIN_RING_STAGES") = kMinStages;
   m.attr("TRACE_LAYOUT") = py::dict(py::arg("header") = std::vector<std::string>(kTraceHeaderNames.begin(), kTraceHeaderNames.end()),
                                      py::arg("fields") = std::vector<std::string>(kTraceFieldNames.begin(), kTraceFieldNames.end()),
                                      py::arg("layer_ops") = kLayerOps);

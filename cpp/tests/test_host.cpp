@@ -82,7 +82,7 @@ FF_TEST(shared_memory_split_fits_227_kb_for_every_config_and_batch) {
       const flashformer::SmemSplit s = flashformer::smem_split(d, batch);
       std::printf(" %d", s.stages);
       FF_CHECK(s.total_bytes <= flashformer::kSmemLimit - flashformer::kStaticSmemReserve);
-      FF_CHECK(s.stages >= 4);
+      FF_CHECK(s.stages >= flashformer::kMinStages);
       FF_CHECK(batch * d.hidden * 2 <= s.union_bytes);  // normalized activations of the batch fit
     }
     std::printf("\n");

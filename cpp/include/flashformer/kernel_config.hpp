@@ -24,6 +24,7 @@ inline constexpr int kSmemLimit = 227 * 1024;   // per CTA on sm_90 after opting
 inline constexpr int kStaticSmemReserve = 1024; // static shared memory the kernel may declare (checked at launch setup)
 inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fragments of 16x16
 inline constexpr int kMaxStages = 16;
+inline constexpr int kMinStages = kConsumerWarps;  // each warp owns a stage at a time (gemv.cuh)
 inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment
 inline constexpr int kFragmentsPerStage = kStageBytes / kFragmentBytes;
 
@@ -68,7 +69,7 @@ constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
 template <class T>
 struct SmemPlan {
   static constexpr SmemSplit kLargestBatch = smem_split(dims_of<T>(), kMaxBatch);
-  static_assert(kLargestBatch.stages >= 4, "the weight ring needs at least 4 stages to hide a dependency");
+  static_assert(kLargestBatch.stages >= kMinStages, "the weight ring needs a stage per consumer warp (gemv.cuh)");
   static_assert(kLargestBatch.total_bytes <= kSmemLimit - kStaticSmemReserve, "shared memory plan exceeds 227 KB");
   static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
 };

@@ -23,6 +23,11 @@ struct RingCursor {
       phase ^= 1;
     }
   }
+  __device__ void advance(int stages, int n) {  // n stages on
+    const int s = stage + n, passes = s / stages;
+    stage = s - passes * stages;
+    phase ^= uint32_t(passes) & 1u;
+  }
 };
 
 struct WeightRing {
@@ -31,13 +36,13 @@ struct WeightRing {
 
   uint8_t* data;    // stages x kStageBytes
   uint64_t* full;   // [stages]: producer arrival + transaction bytes
-  uint64_t* empty;  // [stages]: one arrival per consumer warp
+  uint64_t* empty;  // [stages]: one arrival, from the consumer warp that owns the stage (gemv.cuh)
   int stages;       // smem_split(): deeper for small batches
 
   __device__ void init() const {  // one thread, before the CTA-wide barrier
     for (int s = 0; s < stages; ++s) {
       FullBarrier::init(&full[s], 1);
-      EmptyBarrier::init(&empty[s], kConsumerWarps);
+      EmptyBarrier::init(&empty[s], 1);
     }
     cutlass::arch::fence_barrier_init();  // inits visible to the async proxy before any TMA
   }
@@ -84,19 +89,15 @@ struct WeightRing {
   }
 
   // Consumer warp: wait until the stage's bytes have landed (cycles waited added to `waited`).
-  // False when the step was aborted (the producer then stopped, so every consumer warp ends up
-  // here on the same stage).
+  // False when the step was aborted (the producer then stopped, so its stages never land).
   __device__ bool wait_full(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
     return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
-  // Consumer warp: done reading the next `n` stages from `c`; its lane 0 frees them for the producer.
-  __device__ void release(RingCursor& c, int n = 1) const {
-    __syncwarp();  // every lane's shared-memory reads of the stages are done
-    for (int i = 0; i < n; ++i) {
-      if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
-      c.advance(stages);
-    }
+  // The consumer warp that owns the stage at `c`: done reading it; lane 0 frees it for the producer.
+  __device__ void release(const RingCursor& c) const {
+    __syncwarp();  // every lane's shared-memory reads of the stage are done
+    if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
   }
 };
 

@@ -82,6 +82,10 @@ struct Consumer {
     fence_acq_rel_gpu();  // acquire side: the others signalled after writing
     return true;
   }
+  // Per-warp scratch ([warps][kMaxBatch] floats, or pairs): the half of the reduce buffer that no
+  // warp reads now (between matmul groups it is the one the next group fills; outside matmuls
+  // both halves are free).
+  __device__ float* spare_reduce() const { return reduce + reduce_parity * kConsumerWarps * kWarpSize * 4; }
   __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
   __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }
 };
