@@ -7,7 +7,9 @@
 # PYTEST_ARGS adds pytest arguments, e.g. PYTEST_ARGS="-k tiny".
 # Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
 # PROFILE_ARGS adds arguments) and ncu (one 8-layer 8B step under Nsight Compute, exported as
-# CSV). Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
+# CSV). compare: the same profile for another commit, alternating with this tree's, in one lease
+# (git archive --prefix=base/ COMMIT > .carry/base.tar here first; COMPARE_ROUNDS, default 2).
+# Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
 # $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,21 @@ if has profile; then
   # shellcheck disable=SC2086
   step profile python3 benchmarks/profile_step.py --out "$LOGS" ${PROFILE_ARGS:-}
   cat "$LOGS/profile.log"
+fi
+if has compare; then
+  [ -f .carry/base.tar ] || { echo "compare: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
+  BASE=$(mktemp -d)
+  tar xf .carry/base.tar -C "$BASE"
+  step build-base python3 -m pip install --no-build-isolation --no-deps --target "$BASE/site" "$BASE/base" \
+    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
+  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
+    # shellcheck disable=SC2086
+    step "base-$round" env PYTHONPATH="$BASE/site" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
+    # shellcheck disable=SC2086
+    step "head-$round" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
+    grep -h "^llama" "$LOGS/base-$round.log" | sed 's/^/base /'
+    grep -h "^llama" "$LOGS/head-$round.log" | sed 's/^/head /'
+  done
 fi
 if has ncu; then
   step ncu timeout 300 ncu --clock-control none --kernel-name regex:megakernel --launch-skip 3 --launch-count 1 \

@@ -44,11 +44,10 @@ __device__ __forceinline__ void raise_error(const Scratch& s, StepError code, in
 inline constexpr unsigned kAbortPollSpins = 32;
 
 // Spin until ready() (an mbarrier try_wait, which itself suspends the thread for a while),
-// looking at the abort flag every kAbortPollSpins failed tries; the cycles spent after the first
-// failed try are added to `waited`. False when the step aborted.
+// looking at the abort flag every kAbortPollSpins failed tries; the cycles spent are added to
+// `waited`. False when the step aborted.
 template <class Ready>
 __device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams& p, long long& waited) {
-  if (ready()) return true;  // the common case on the consumers' side: no clock reads
   const long long t0 = clock64();
   const unsigned poll_mask = (p.timing_variant & kPollEverySpin) ? 0u : kAbortPollSpins - 1;
   bool ok = true;
