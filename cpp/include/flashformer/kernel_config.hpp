@@ -24,7 +24,12 @@ inline constexpr int kSmemLimit = 227 * 1024;   // per CTA on sm_90 after opting
 inline constexpr int kStaticSmemReserve = 1024; // static shared memory the kernel may declare (checked at launch setup)
 inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fragments of 16x16
 inline constexpr int kMaxStages = 16;
-inline constexpr int kMinStages = kConsumerWarps;  // each warp owns a stage at a time (gemv.cuh)
+// Consumer warps that share one ring stage (each takes a contiguous 1/kWarpsPerStage of its
+// fragments), so kStageOwners stages are worked on at once (gemv.cuh).
+inline constexpr int kWarpsPerStage = 2;
+inline constexpr int kStageOwners = kConsumerWarps / kWarpsPerStage;
+static_assert(kConsumerWarps % kWarpsPerStage == 0, "warps split evenly over the stages in work");
+inline constexpr int kMinStages = kConsumerWarps;  // >= kStageOwners: see run_matmul (gemv.cuh)
 inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment
 inline constexpr int kFragmentsPerStage = kStageBytes / kFragmentBytes;
 
@@ -69,7 +74,7 @@ constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
 template <class T>
 struct SmemPlan {
   static constexpr SmemSplit kLargestBatch = smem_split(dims_of<T>(), kMaxBatch);
-  static_assert(kLargestBatch.stages >= kMinStages, "the weight ring needs a stage per consumer warp (gemv.cuh)");
+  static_assert(kLargestBatch.stages >= kMinStages, "the weight ring is too shallow for the matmul's work split (gemv.cuh)");
   static_assert(kLargestBatch.total_bytes <= kSmemLimit - kStaticSmemReserve, "shared memory plan exceeds 227 KB");
   static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
 };

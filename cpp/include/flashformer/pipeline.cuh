@@ -36,13 +36,13 @@ struct WeightRing {
 
   uint8_t* data;    // stages x kStageBytes
   uint64_t* full;   // [stages]: producer arrival + transaction bytes
-  uint64_t* empty;  // [stages]: one arrival, from the consumer warp that owns the stage (gemv.cuh)
+  uint64_t* empty;  // [stages]: one arrival per consumer warp that works on the stage (kWarpsPerStage)
   int stages;       // smem_split(): deeper for small batches
 
   __device__ void init() const {  // one thread, before the CTA-wide barrier
     for (int s = 0; s < stages; ++s) {
       FullBarrier::init(&full[s], 1);
-      EmptyBarrier::init(&empty[s], 1);
+      EmptyBarrier::init(&empty[s], kWarpsPerStage);
     }
     cutlass::arch::fence_barrier_init();  // inits visible to the async proxy before any TMA
   }
@@ -94,7 +94,7 @@ struct WeightRing {
     return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
-  // The consumer warp that owns the stage at `c`: done reading it; lane 0 frees it for the producer.
+  // A consumer warp working on the stage at `c` is done reading it; lane 0 says so to the producer.
   __device__ void release(const RingCursor& c) const {
     __syncwarp();  // every lane's shared-memory reads of the stage are done
     if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);

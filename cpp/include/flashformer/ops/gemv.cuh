@@ -1,10 +1,10 @@
 // The matmul op: rows of a fragment-ordered weight matrix stream through the ring; each ring
-// stage belongs to one consumer warp, which multiplies all of its fragments on the tensor cores
-// against the batch's activations (mma.m16n8k16: 16 weight rows x 8 batch columns); the warps'
-// partial tiles of a row block are summed through shared memory and one warp hands the 16x8
-// result to the op's epilogue. Units are 16-row blocks; a row block's K columns span one or more
-// ring stages. (One warp per stage: the per-stage work of waiting, loading and freeing is done
-// once per stage, not once per warp, and the eight warps work on eight stages at a time.)
+// stage is multiplied by kWarpsPerStage consumer warps on the tensor cores against the batch's
+// activations (mma.m16n8k16: 16 weight rows x 8 batch columns), several stages at once; the
+// warps' partial tiles of a row block are summed through shared memory and one warp hands the
+// 16x8 result to the op's epilogue. Units are 16-row blocks; a row block's K columns span one or
+// more ring stages. (Few warps per stage: the per-stage work of waiting, loading and freeing is
+// done by few warps; not one: a stage's latency sets how soon an op's last stage is done.)
 #pragma once
 
 #include "flashformer/ops/context.cuh"
@@ -54,34 +54,35 @@ __device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks
 // acc[2+q] is (row g+8, batch 2t+q), for q in {0, 1}.
 using AccTile = float[4];
 
-// This warp's stage: its n (<= kFragmentsPerStage) fragments, k blocks kb0.. of the row block,
-// times the batch's B fragments, summed into part (kAccumulators independent mma chains). Waits
-// for the stage at `at` and frees it once its A fragments are in registers. False when the step
-// was aborted.
-inline constexpr int kChunk = 8;         // fragments loaded together (32 registers of A)
+// This warp's part of a stage: fragments [f0, f0 + kStageFragments) of it, k blocks kb0 + f of
+// the row block (those < n exist), times the batch's B fragments, summed into part
+// (kAccumulators independent mma chains). Waits for the stage at `at` and frees its part once
+// the A fragments are in registers. False when the step was aborted.
+inline constexpr int kStageFragments = kFragmentsPerStage / kWarpsPerStage;  // per warp
+inline constexpr int kChunk = kStageFragments <= 16 ? kStageFragments : 8;  // A fragments loaded together
 inline constexpr int kAccumulators = 4;  // independent accumulator tiles per warp
 
 template <class T, class Source>
-__device__ bool mma_stage(Consumer<T>& c, const Source& src, RingCursor at, int kb0, int n,
+__device__ bool mma_stage(Consumer<T>& c, const Source& src, RingCursor at, int kb0, int f0, int n,
                           float (&part)[kAccumulators][4]) {
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
-  auto load_b = [&](int f0, uint2 (&b)[kChunk]) {
+  auto load_b = [&](int f1, uint2 (&b)[kChunk]) {
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) b[i] = live && f0 + i < n ? src.load(kb0 + f0 + i, g, t) : make_uint2(0u, 0u);
+    for (int i = 0; i < kChunk; ++i) b[i] = live && f1 + i < n ? src.load(kb0 + f1 + i, g, t) : make_uint2(0u, 0u);
   };
   uint2 b[kChunk];
-  load_b(0, b);  // B never depends on the ring: its first loads overlap the wait
+  load_b(f0, b);  // B never depends on the ring: its first loads overlap the wait
   if (!c.ring.wait_full(at, c.p, c.data_wait)) return false;
   const uint4* stage = c.ring.stage(at.stage);  // (fragments, 32 lanes) x 16 bytes
 #pragma unroll
-  for (int f0 = 0; f0 < kFragmentsPerStage; f0 += kChunk) {
+  for (int f1 = f0; f1 < f0 + kStageFragments; f1 += kChunk) {
     uint4 a[kChunk];
 #pragma unroll
-    for (int i = 0; i < kChunk; ++i) a[i] = f0 + i < n ? stage[(f0 + i) * kWarpSize + c.lane] : make_uint4(0u, 0u, 0u, 0u);
+    for (int i = 0; i < kChunk; ++i) a[i] = f1 + i < n ? stage[(f1 + i) * kWarpSize + c.lane] : make_uint4(0u, 0u, 0u, 0u);
     uint2 b_next[kChunk];
-    if (f0 + kChunk < kFragmentsPerStage) load_b(f0 + kChunk, b_next);
-    else c.ring.release(at);  // every A fragment of the stage is loaded
+    if (f1 + kChunk < f0 + kStageFragments) load_b(f1 + kChunk, b_next);
+    else c.ring.release(at);  // every A fragment of this warp's part is loaded
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) mma_fragment(part[i % kAccumulators], a[i], b[i]);
 #pragma unroll
@@ -96,39 +97,42 @@ __device__ bool mma_stage(Consumer<T>& c, const Source& src, RingCursor at, int 
 // reduction); e.finish() on all consumer threads after the last row block (before the op's
 // signal) combines what each warp's row blocks left.
 //
-// Work split: each ring stage belongs to one warp, which multiplies all of its fragments. A row
-// block spans S stages (K / 512 rounded up). When S <= 8, a group of 8 / S row blocks takes one
-// stage per warp (warp w: row block w / S, its stage w % S); when S > 8, a group is one row
-// block, in rounds of 8 stages (warp w: stages w, w + 8, ...). After a group the warps' partial
-// tiles are summed in shared memory in a fixed order, and warp k finishes the group's k-th row
-// block. A CTA barrier ends every group and round, so a warp never waits for a stage more than 8
-// past the oldest one not yet consumed: with a ring of at least 8 stages (kernel_config.hpp) the
-// full barrier's phase parity it waits on is unambiguous.
+// Work split: kStageOwners stages are worked on at once, each by kWarpsPerStage warps (owner
+// o = warp / kWarpsPerStage; its warps take contiguous parts of the stage's fragments). A row
+// block spans S stages (K / 512 rounded up). When S <= kStageOwners, a group of kStageOwners / S
+// row blocks takes one stage per owner (owner o: row block o / S, its stage o % S); otherwise a
+// group is one row block, in rounds of kStageOwners stages (owner o: stages o, o + kStageOwners,
+// ...). After a group the warps' partial tiles are summed in shared memory in a fixed order, and
+// warp k finishes the group's k-th row block. A CTA barrier ends every group and round, so no
+// warp waits for a stage more than kStageOwners past the oldest one not yet consumed: with a
+// ring of at least that many stages (kMinStages) the full barrier's phase parity it waits on is
+// unambiguous.
 template <class T, class Source, class Epilogue>
 __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int layer, int u0, int u1) {
   Epilogue epi(c, layer);
   const MegakernelParams& p = c.p;
   const int S = (kblocks + kFragmentsPerStage - 1) / kFragmentsPerStage;  // stages per row block
-  const int G = S <= kConsumerWarps ? kConsumerWarps / S : 1;            // row blocks per group
+  const int G = S <= kStageOwners ? kStageOwners / S : 1;                // row blocks per group
+  const int owner = c.warp / kWarpsPerStage, f0 = c.warp % kWarpsPerStage * kStageFragments;
   const bool math = !(p.timing_variant & kSkipMath), reduce = math && !(p.timing_variant & kSkipReduce);
   for (int rb0 = u0; rb0 < u1; rb0 += G) {
     const int rows = min(G, u1 - rb0), stages = rows * S;  // this group's
     if (c.warp < rows) epi.prefetch(rb0 + c.warp);
     float part[kAccumulators][4] = {};
-    for (int first = 0; first < stages; first += kConsumerWarps) {  // rounds
-      const int j = first + c.warp;  // this warp's stage of the group
+    for (int first = 0; first < stages; first += kStageOwners) {  // rounds
+      const int j = first + owner;  // this warp's stage of the group
       if (j < stages) {
         RingCursor at = c.cursor;
         at.advance(c.ring.stages, j);
         const int kb0 = (j % S) * kFragmentsPerStage, n = min(kFragmentsPerStage, kblocks - kb0);
         if (math) {
-          if (!mma_stage(c, src, at, kb0, n, part)) return false;
+          if (!mma_stage(c, src, at, kb0, f0, n, part)) return false;
         } else {  // timing only: take and free the stage, nothing else
           if (!c.ring.wait_full(at, p, c.data_wait)) return false;
           c.ring.release(at);
         }
       }
-      if (first + kConsumerWarps < stages) c.sync();  // round barrier (see above)
+      if (first + kStageOwners < stages) c.sync();  // round barrier (see above)
     }
     c.cursor.advance(c.ring.stages, stages);
     AccTile acc;
@@ -138,14 +142,14 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
 #pragma unroll
       for (int i = 1; i < kAccumulators; ++i) acc[j] += part[i][j];
     }
-    // Cross-warp sum: row block k of the group is the sum of warps [k S, k S + min(S, 8)).
+    // Cross-warp sum: row block k of the group is the sum of the warps of owners [k S, k S + min(S, owners)).
     float4* buf = reinterpret_cast<float4*>(c.reduce) + c.reduce_parity * kConsumerWarps * kWarpSize;
     c.reduce_parity ^= 1;  // two buffers: the next group fills the other while this one is read
-    if (reduce && c.warp < stages) buf[c.warp * kWarpSize + c.lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    if (reduce && owner < stages) buf[c.warp * kWarpSize + c.lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
     c.sync();  // partial tiles written, and the group barrier (every stage of the group consumed)
     if (c.warp >= rows) continue;
     if (reduce) {
-      const int w0 = c.warp * S, w1 = w0 + min(S, kConsumerWarps);
+      const int w0 = c.warp * S * kWarpsPerStage, w1 = w0 + min(S, kStageOwners) * kWarpsPerStage;
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
       for (int w = w0; w < w1; ++w) {
         const float4 v = buf[w * kWarpSize + c.lane];
