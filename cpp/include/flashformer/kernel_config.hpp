@@ -26,7 +26,7 @@ inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fra
 inline constexpr int kMaxStages = 16;
 // Consumer warps that share one ring stage (each takes a contiguous 1/kWarpsPerStage of its
 // fragments), so kStageOwners stages are worked on at once (gemv.cuh).
-inline constexpr int kWarpsPerStage = 2;
+inline constexpr int kWarpsPerStage = 1;
 inline constexpr int kStageOwners = kConsumerWarps / kWarpsPerStage;
 static_assert(kConsumerWarps % kWarpsPerStage == 0, "warps split evenly over the stages in work");
 inline constexpr int kMinStages = kConsumerWarps;  // >= kStageOwners: see run_matmul (gemv.cuh)

@@ -59,7 +59,7 @@ using AccTile = float[4];
 // (kAccumulators independent mma chains). Waits for the stage at `at` and frees its part once
 // the A fragments are in registers. False when the step was aborted.
 inline constexpr int kStageFragments = kFragmentsPerStage / kWarpsPerStage;  // per warp
-inline constexpr int kChunk = kStageFragments <= 16 ? kStageFragments : 8;  // A fragments loaded together
+inline constexpr int kChunk = kStageFragments <= 16 ? kStageFragments : 4;  // A fragments loaded together
 inline constexpr int kAccumulators = 4;  // independent accumulator tiles per warp
 
 template <class T, class Source>
