@@ -7,8 +7,9 @@ For each model shape (random bf16 weights) and (batch, context) case:
     its own trace summary;
   - the step trace (cpp/include/flashformer/trace.hpp): per SM and op, when the consumers started,
     met the dependency, finished and signalled; cycles they waited for weight stages to land; and
-    cycles the producer waited for free stages. Summarized per op type as wall-clock time on the
-    critical path (an op's span = its last SM's completion - the previous op's).
+    cycles the producer waited for free stages (slot_wait) and for in-flight copies to land
+    (land_wait). Summarized per op type as wall-clock time on the critical path (an op's span =
+    its last SM's completion - the previous op's).
 
   python benchmarks/profile_step.py --models llama-3.1-8b --cases 1x128,8x1024 --out DIR
   python benchmarks/profile_step.py --ncu-step ...   # warm up, then one untraced step for ncu (gpu_check.sh)
@@ -131,13 +132,15 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
     produce_start = ns("produce_start_ns")
     data_wait = np.where(ran, f["data_wait_cycles"] / ghz[:, None], np.nan)
     slot_wait = np.where(ran, f["slot_wait_cycles"] / ghz[:, None], np.nan)
+    # (older builds have no land_wait field: their slot_wait includes it)
+    land_wait = np.where(ran, f.get("land_wait_cycles", np.zeros_like(ran)) / ghz[:, None], np.nan)
     done = np.nanmax(signalled, axis=0)  # each task's completion (its last SM)
     ops = task_ops(layers)
     per_op: dict[str, dict] = {}
     prev_done = 0.0
     for i, (name, _) in enumerate(ops):
         d = per_op.setdefault(name, dict(span=0.0, dep_wait=0.0, compute=0.0, compute_max=0.0, signal=0.0, fence=0.0,
-                                         data_wait=0.0, slot_wait=0.0, gap=0.0, lead=0.0, tasks=0))
+                                         data_wait=0.0, slot_wait=0.0, land_wait=0.0, gap=0.0, lead=0.0, tasks=0))
         d["span"] += done[i] - prev_done
         prev_done = done[i]
         d["dep_wait"] += np.nanmean(ready[:, i] - start[:, i])
@@ -147,13 +150,14 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
         d["fence"] += np.nanmean(signalled[:, i] - synced[:, i])  # the release (fence + reduction) alone
         d["data_wait"] += np.nanmean(data_wait[:, i])
         d["slot_wait"] += np.nanmean(slot_wait[:, i])
+        d["land_wait"] += np.nanmean(land_wait[:, i])
         if i:  # consumers' time between the previous task's signal and this task's start
             d["gap"] += np.nanmean(start[:, i] - np.where(ran[:, :i], signalled[:, :i], 0.0).max(axis=1))
         d["lead"] += np.nanmean(ready[:, i] - produce_start[:, i])  # how far ahead the producer was
         d["tasks"] += 1
     for d in per_op.values():
-        for k in ("span", "dep_wait", "compute", "compute_max", "signal", "fence", "data_wait", "slot_wait", "gap",
-                  "lead"):
+        for k in ("span", "dep_wait", "compute", "compute_max", "signal", "fence", "data_wait", "slot_wait", "land_wait",
+                  "gap", "lead"):
             d[k] = float(d[k]) / 1e6
         d["lead"] /= d["tasks"]  # mean per task, ms
     return dict(
@@ -165,7 +169,8 @@ def summarize_trace(raw: np.ndarray, layers: int) -> dict:
 
 
 def format_trace(s: dict) -> str:
-    cols = ("span", "dep_wait", "compute", "compute_max", "data_wait", "slot_wait", "signal", "fence", "gap", "lead")
+    cols = ("span", "dep_wait", "compute", "compute_max", "data_wait", "slot_wait", "land_wait", "signal", "fence", "gap",
+            "lead")
     lines = [
         f"  trace: span {s['span_ms']:.3f} ms, SM end spread {s['sm_end_spread_ms']:.3f} ms, clock {s['clock_ghz']:.2f} GHz",
         "  op         " + " ".join(f"{c:>9}" for c in cols) + "   (ms; per-SM means summed over layers; lead: mean per task)",

@@ -41,7 +41,7 @@ def synthetic_trace(layers: int, sms: int, idle_sm_task: int) -> np.ndarray:
             row = raw[s, nh + i * nf: nh + (i + 1) * nf]
             row[f["task_start_ns"]], row[f["ready_ns"]] = t, t + 100
             row[f["computed_ns"]], row[f["synced_ns"]], row[f["signalled_ns"]] = t + 1_000, t + 1_030, t + 1_100
-            row[f["data_wait_cycles"]], row[f["slot_wait_cycles"]] = 400, 200
+            row[f["data_wait_cycles"]], row[f["slot_wait_cycles"]], row[f["land_wait_cycles"]] = 400, 200, 60
             row[f["produce_start_ns"]], row[f["produce_end_ns"]] = t - 500, t + 500
             t += 1_100
     return raw
@@ -56,7 +56,7 @@ def test_summary_of_a_synthetic_trace(profile_step):
     assert sum(d["span"] for d in ops.values()) == pytest.approx(s["span_ms"], abs=1e-9)
     assert ops["qkv"]["tasks"] == layers and ops["embed"]["tasks"] == 1 and ops["lm_head"]["tasks"] == 1
     per_task = {"dep_wait": 100e-6, "compute": 900e-6, "signal": 100e-6, "fence": 70e-6, "data_wait": 200e-6,
-                "slot_wait": 100e-6}
+                "slot_wait": 100e-6, "land_wait": 30e-6}
     for name, d in ops.items():
         for key, ms in per_task.items():
             assert d[key] == pytest.approx(ms * d["tasks"], rel=1e-6), (name, key)

@@ -70,7 +70,8 @@ __device__ void run_producer(Producer<T>& pr) {
     if (tr.on()) {
       tr.task(op, layer, TraceField::kProduceEndNs, global_ns());
       tr.task(op, layer, TraceField::kSlotWaitCycles, pr.slot_wait);
-      pr.slot_wait = 0;
+      tr.task(op, layer, TraceField::kLandWaitCycles, pr.land_wait);
+      pr.slot_wait = pr.land_wait = 0;
     }
     return ok;
   });

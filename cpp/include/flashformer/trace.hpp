@@ -23,6 +23,7 @@ enum class TraceField : int {
   kProduceStartNs, // producer: first stage of the task requested
   kProduceEndNs,   // producer: last stage of the task requested
   kSlotWaitCycles, // producer: cycles waiting for the consumers to free a stage (consumer-bound time)
+  kLandWaitCycles, // producer: cycles waiting for an in-flight stage to land (the in-flight limit: memory-bound time)
   kCount
 };
 inline constexpr int kTraceHeader = int(TraceHeader::kCount);
@@ -31,7 +32,7 @@ inline constexpr std::array<const char*, kTraceHeader> kTraceHeaderNames = {"sta
                                                                            "end_cycles"};
 inline constexpr std::array<const char*, kTraceFields> kTraceFieldNames = {
     "task_start_ns", "ready_ns", "computed_ns", "synced_ns", "signalled_ns",
-    "data_wait_cycles", "produce_start_ns", "produce_end_ns", "slot_wait_cycles"};
+    "data_wait_cycles", "produce_start_ns", "produce_end_ns", "slot_wait_cycles", "land_wait_cycles"};
 
 inline constexpr int kLayerOps = int(Op::kDown) - int(Op::kQkv) + 1;  // qkv, attention, o, gate_up, down
 

@@ -33,7 +33,8 @@ struct Producer {
   RingCursor cursor;
   RingCursor landed;        // the oldest stage pushed and not yet seen landed
   int in_flight = 0;        // stages pushed and not yet seen landed
-  long long slot_wait = 0;  // cycles spent waiting for free stages or in-flight room (read by the step trace)
+  long long slot_wait = 0;  // cycles spent waiting for free stages (read by the step trace)
+  long long land_wait = 0;  // cycles spent waiting for in-flight room (read by the step trace)
 
   // Copies `bytes` from src through the ring, at most p.inflight_stages copies outstanding: the
   // ring still fills during dependency waits, but fewer bytes queue in the memory system, so
@@ -42,7 +43,7 @@ struct Producer {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
     for (int64_t off = 0; off < bytes; off += kStageBytes) {
       if (in_flight == p.inflight_stages) {
-        if (!ring.wait_landed(landed, p, slot_wait)) return false;
+        if (!ring.wait_landed(landed, p, land_wait)) return false;
         --in_flight;
       }
       if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
