@@ -70,12 +70,10 @@ struct WeightRing {
     return true;
   }
 
-  // Producer: wait until the stage at `c` has landed (it was pushed, and the producer re-arms a
-  // stage only after passing it here, so its full barrier is at most one phase ahead).
-  __device__ bool wait_landed(RingCursor& c, const MegakernelParams& p, long long& waited) const {
-    if (!spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited)) return false;
-    c.advance(stages);
-    return true;
+  // Producer: wait until the stage at `c` has landed (this producer pushed it, and re-arms the
+  // slot only after passing it here, so its full barrier is at most one phase ahead).
+  __device__ bool wait_landed(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
+    return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
   // cp.async.bulk global -> shared with an L2 evict-first hint (the data is read once per step).
