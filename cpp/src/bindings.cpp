@@ -110,7 +110,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
-                     "timing only: use at most this many weight-ring stages (0: as planned)")
+                     "timing only: use at most this many weight-ring stages (0: as planned; else at least MIN_RING_STAGES)")
       .def_readwrite("inflight_stages_limit", &MegakernelEngine::inflight_stages_limit,
                      "most weight-ring stages in flight (issued, not landed) per SM (0: the whole ring)")
       .def_readwrite("weight_l2_policy", &MegakernelEngine::weight_l2_policy,

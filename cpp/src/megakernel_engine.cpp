@@ -124,7 +124,7 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   const SmemSplit split = smem_split(config_->dims, batch);
   if (ring_stages_limit != 0 && ring_stages_limit < kMinStages)
     throw std::invalid_argument("megakernel: ring_stages_limit must be 0 (the plan's) or >= " +
-                                std::to_string(kMinStages) + " (a stage per consumer warp), got " +
+                                std::to_string(kMinStages) + ", got " +
                                 std::to_string(ring_stages_limit));
   p.ring_stages = ring_stages_limit > 0 ? std::min(split.stages, ring_stages_limit) : split.stages;
   if (inflight_stages_limit < 0) throw std::invalid_argument("megakernel: inflight_stages_limit must be >= 0");

@@ -11,13 +11,9 @@ namespace flashformer {
 inline constexpr int kWarpSize = 32;
 inline constexpr int kConsumerWarps = 8;
 inline constexpr int kConsumerThreads = kConsumerWarps * kWarpSize;
-// Producer warps (one thread each) take turns over the ring's stages: a producer's chain of
-// dependent instructions per stage (wait for the slot, arm, copy, in-flight bookkeeping) is
-// ~0.2 us, half of a stage's HBM time per SM. (10 warps cost the same registers as 9.)
-inline constexpr int kProducerWarps = 2;
-inline constexpr int kThreads = kConsumerThreads + kProducerWarps * kWarpSize;
+inline constexpr int kThreads = kConsumerThreads + kWarpSize;  // + one producer warp
 
-// Warps [0, kConsumerWarps) compute; the rest stream weights.
+// Warps [0, kConsumerWarps) compute; the last warp streams weights.
 enum class WarpRole : int { kConsumer, kProducer };
 constexpr WarpRole warp_role(int warp) { return warp < kConsumerWarps ? WarpRole::kConsumer : WarpRole::kProducer; }
 
@@ -28,12 +24,7 @@ inline constexpr int kSmemLimit = 227 * 1024;   // per CTA on sm_90 after opting
 inline constexpr int kStaticSmemReserve = 1024; // static shared memory the kernel may declare (checked at launch setup)
 inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fragments of 16x16
 inline constexpr int kMaxStages = 16;
-// Consumer warps that share one ring stage (each takes a contiguous 1/kWarpsPerStage of its
-// fragments), so kStageOwners stages are worked on at once (gemv.cuh).
-inline constexpr int kWarpsPerStage = 1;
-inline constexpr int kStageOwners = kConsumerWarps / kWarpsPerStage;
-static_assert(kConsumerWarps % kWarpsPerStage == 0, "warps split evenly over the stages in work");
-inline constexpr int kMinStages = kConsumerWarps;  // >= kStageOwners: see run_matmul (gemv.cuh)
+inline constexpr int kMinStages = 4;  // enough to hide a dependency (the plan's floor, and ring_stages_limit's)
 inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment
 inline constexpr int kFragmentsPerStage = kStageBytes / kFragmentBytes;
 
@@ -78,7 +69,7 @@ constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
 template <class T>
 struct SmemPlan {
   static constexpr SmemSplit kLargestBatch = smem_split(dims_of<T>(), kMaxBatch);
-  static_assert(kLargestBatch.stages >= kMinStages, "the weight ring is too shallow for the matmul's work split (gemv.cuh)");
+  static_assert(kLargestBatch.stages >= kMinStages, "the weight ring needs at least kMinStages stages to hide a dependency");
   static_assert(kLargestBatch.total_bytes <= kSmemLimit - kStaticSmemReserve, "shared memory plan exceeds 227 KB");
   static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
 };

@@ -63,12 +63,11 @@ struct TraceWriter {
 template <class T>
 __device__ void run_producer(Producer<T>& pr) {
   const TraceWriter tr{pr.p};
-  const bool traced = tr.on() && pr.index == 0;  // the trace's producer fields are producer 0's
   for_each_task(pr.p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;
-    if (traced) tr.task(op, layer, TraceField::kProduceStartNs, global_ns());
+    if (tr.on()) tr.task(op, layer, TraceField::kProduceStartNs, global_ns());
     const bool ok = with_op<T>(op, [&](auto o) { return decltype(o)::produce(pr, layer, u0, u1); });
-    if (traced) {
+    if (tr.on()) {
       tr.task(op, layer, TraceField::kProduceEndNs, global_ns());
       tr.task(op, layer, TraceField::kSlotWaitCycles, pr.slot_wait);
       tr.task(op, layer, TraceField::kLandWaitCycles, pr.land_wait);
@@ -133,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (warp_role(warp) == WarpRole::kProducer) {
     if (lane == 0) {
-      Producer<T> pr(p, ring, warp - kConsumerWarps);
+      Producer<T> pr{p, ring, {}};
       run_producer(pr);
     }
     return;

@@ -23,11 +23,6 @@ struct RingCursor {
       phase ^= 1;
     }
   }
-  __device__ void advance(int stages, int n) {  // n stages on
-    const int s = stage + n, passes = s / stages;
-    stage = s - passes * stages;
-    phase ^= uint32_t(passes) & 1u;
-  }
 };
 
 struct WeightRing {
@@ -36,13 +31,13 @@ struct WeightRing {
 
   uint8_t* data;    // stages x kStageBytes
   uint64_t* full;   // [stages]: producer arrival + transaction bytes
-  uint64_t* empty;  // [stages]: one arrival per consumer warp that works on the stage (kWarpsPerStage)
+  uint64_t* empty;  // [stages]: one arrival per consumer warp
   int stages;       // smem_split(): deeper for small batches
 
   __device__ void init() const {  // one thread, before the CTA-wide barrier
     for (int s = 0; s < stages; ++s) {
       FullBarrier::init(&full[s], 1);
-      EmptyBarrier::init(&empty[s], kWarpsPerStage);
+      EmptyBarrier::init(&empty[s], kConsumerWarps);
     }
     cutlass::arch::fence_barrier_init();  // inits visible to the async proxy before any TMA
   }
@@ -70,10 +65,12 @@ struct WeightRing {
     return true;
   }
 
-  // Producer: wait until the stage at `c` has landed (this producer pushed it, and re-arms the
-  // slot only after passing it here, so its full barrier is at most one phase ahead).
-  __device__ bool wait_landed(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
-    return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
+  // Producer: wait until the stage at `c` has landed (it was pushed, and the producer re-arms a
+  // stage only after passing it here, so its full barrier is at most one phase ahead).
+  __device__ bool wait_landed(RingCursor& c, const MegakernelParams& p, long long& waited) const {
+    if (!spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited)) return false;
+    c.advance(stages);
+    return true;
   }
 
   // cp.async.bulk global -> shared with an L2 evict-first hint (the data is read once per step).
@@ -87,15 +84,17 @@ struct WeightRing {
   }
 
   // Consumer warp: wait until the stage's bytes have landed (cycles waited added to `waited`).
-  // False when the step was aborted (the producer then stopped, so its stages never land).
+  // False when the step was aborted (the producer then stopped, so every consumer warp ends up
+  // here on the same stage).
   __device__ bool wait_full(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
     return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
-  // A consumer warp working on the stage at `c` is done reading it; lane 0 says so to the producer.
-  __device__ void release(const RingCursor& c) const {
+  // Consumer warp: done reading the stage; its lane 0 frees it for the producer.
+  __device__ void release(RingCursor& c) const {
     __syncwarp();  // every lane's shared-memory reads of the stage are done
     if (threadIdx.x % kWarpSize == 0) EmptyBarrier::arrive(&empty[c.stage]);
+    c.advance(stages);
   }
 };
 

@@ -45,12 +45,9 @@ inline constexpr unsigned kAbortPollSpins = 32;
 
 // Spin until ready() (an mbarrier try_wait, which itself suspends the thread for a while),
 // looking at the abort flag every kAbortPollSpins failed tries; the cycles spent are added to
-// `waited` (counted only on traced steps). False when the step aborted.
+// `waited`. False when the step aborted.
 template <class Ready>
 __device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams& p, long long& waited) {
-  // Untraced steps skip the clock reads when the first try succeeds: the producer thread's
-  // per-stage chain of dependent instructions sets how soon the next copy is issued.
-  if (p.trace == nullptr && ready()) return true;
   const long long t0 = clock64();
   const unsigned poll_mask = (p.timing_variant & kPollEverySpin) ? 0u : kAbortPollSpins - 1;
   bool ok = true;

@@ -25,45 +25,25 @@ __device__ inline bool owns_units(const MegakernelParams& p, Op op, int layer, i
   return begin[sm + 1] > begin[sm];
 }
 
-// A producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
-// Producer `index` owns the ring slots s with s % kProducerWarps == index and pushes every stage
-// that lands in them (all producers walk the same tasks and bytes). A slot always re-armed by the
-// same producer, which has seen its previous stage land by then (in-flight limit <= its slots),
-// keeps each full barrier at most one phase ahead of the producer's landing check.
+// The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {
   const MegakernelParams& p;
   WeightRing ring;
-  int index;                // this producer among kProducerWarps
-  RingCursor cursor;        // the next stage of the step (any producer's)
-  RingCursor landed;        // this producer's oldest stage pushed and not yet seen landed
-  int in_flight = 0;        // this producer's stages pushed and not yet seen landed
-  int inflight_limit;       // its share of p.inflight_stages: at least 1, at most its slots
+  RingCursor cursor;
+  RingCursor landed;        // the oldest stage pushed and not yet seen landed
+  int in_flight = 0;        // stages pushed and not yet seen landed
   long long slot_wait = 0;  // cycles spent waiting for free stages (read by the step trace)
   long long land_wait = 0;  // cycles spent waiting for in-flight room (read by the step trace)
 
-  __device__ Producer(const MegakernelParams& p_, const WeightRing& ring_, int index_)
-      : p(p_), ring(ring_), index(index_) {
-    const int slots = (ring.stages - index + kProducerWarps - 1) / kProducerWarps;
-    inflight_limit = min(slots, max(1, (p.inflight_stages + index) / kProducerWarps));
-    landed.advance(ring.stages, index);  // this producer's first slot
-  }
-  __device__ bool owns(const RingCursor& c) const { return c.stage % kProducerWarps == index; }
-
-  // Copies `bytes` from src through the ring (this producer's share of its stages), at most
-  // p.inflight_stages copies outstanding over all producers: the ring still fills during
-  // dependency waits, but fewer bytes queue in the memory system, so the step's other global
-  // traffic (activations, signals) waits behind fewer weight reads.
+  // Copies `bytes` from src through the ring, at most p.inflight_stages copies outstanding: the
+  // ring still fills during dependency waits, but fewer bytes queue in the memory system, so
+  // the step's other global traffic (activations, signals) waits behind fewer weight reads.
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
     for (int64_t off = 0; off < bytes; off += kStageBytes) {
-      if (!owns(cursor)) {  // another producer's slot
-        cursor.advance(ring.stages);
-        continue;
-      }
-      if (in_flight == inflight_limit) {
+      if (in_flight == p.inflight_stages) {
         if (!ring.wait_landed(landed, p, land_wait)) return false;
-        do landed.advance(ring.stages); while (!owns(landed));
         --in_flight;
       }
       if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
@@ -103,10 +83,6 @@ struct Consumer {
     fence_acq_rel_gpu();  // acquire side: the others signalled after writing
     return true;
   }
-  // Per-warp scratch ([warps][kMaxBatch] floats, or pairs): the half of the reduce buffer that no
-  // warp reads now (between matmul groups it is the one the next group fills; outside matmuls
-  // both halves are free).
-  __device__ float* spare_reduce() const { return reduce + reduce_parity * kConsumerWarps * kWarpSize * 4; }
   __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
   __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }
 };

@@ -15,7 +15,7 @@ struct EmbedOp {
   // Also leaves this SM's sum of squares of its slice per batch row for the first RMSNorm (norm 0).
   __device__ static bool consume(Consumer<T>& c, int /*layer*/, int u0, int u1) {
     const int d0 = u0 * kRowBlock, width = (u1 - u0) * kRowBlock;
-    float* partial = c.spare_reduce();  // [warps][kMaxBatch]
+    float* partial = c.reduce;  // (warps, kMaxBatch): free between row blocks
     for (int b = 0; b < c.p.batch; ++b) {
       float sq = 0.f;
       for (int i = c.tid; i < width; i += kConsumerThreads) {
@@ -27,7 +27,12 @@ struct EmbedOp {
       for (int off = kWarpSize / 2; off > 0; off /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, off);
       if (c.lane == 0) partial[c.warp * kMaxBatch + b] = sq;
     }
-    publish_sq_part(c, 0, partial);
+    c.sync();  // every warp's partial is in shared memory
+    if (c.tid < c.p.batch) {
+      float s = 0.f;
+      for (int w = 0; w < kConsumerWarps; ++w) s += partial[w * kMaxBatch + c.tid];
+      sq_part_of(c.p, 0)[blockIdx.x * kMaxBatch + c.tid] = s;
+    }
     return true;
   }
 };

@@ -17,7 +17,7 @@ __device__ __forceinline__ bool better(float v, int i, float best_v, int best_i)
 template <class T>
 struct LmHeadEpilogue {
   Consumer<T>& c;
-  float best_v[2] = {-FLT_MAX, -FLT_MAX};  // this warp's row blocks: batch columns 2t and 2t+1
+  float best_v[2] = {-FLT_MAX, -FLT_MAX};  // warp 0: batch columns 2t and 2t+1
   int best_i[2] = {INT_MAX, INT_MAX};
   __device__ LmHeadEpilogue(Consumer<T>& c_, int) : c(c_) {}
   __device__ void prefetch(int) {}  // reads nothing
@@ -38,31 +38,26 @@ struct LmHeadEpilogue {
     }
   }
 
-  // Reduce each warp over its 8 row lanes g of each t, then over the warps; this CTA's
-  // candidate per batch row goes to argmax_part.
+  // Warp 0: reduce over the 8 row lanes g of each t; lanes 0..3 publish this CTA's candidates.
   __device__ void finish() {
-    float2* cand = reinterpret_cast<float2*>(c.spare_reduce());  // [warps][kMaxBatch]: (value, index)
+    if (c.warp != 0) return;
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
+    for (int q = 0; q < 2; ++q)
 #pragma unroll
       for (int off = 4; off < kWarpSize; off *= 2) {
         const float v = __shfl_xor_sync(0xffffffffu, best_v[q], off);
         const int i = __shfl_xor_sync(0xffffffffu, best_i[q], off);
         if (better(v, i, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = i;
       }
-      if (c.lane < 4) cand[c.warp * kMaxBatch + 2 * c.lane + q] = make_float2(best_v[q], __int_as_float(best_i[q]));
-    }
-    c.sync();  // every warp's candidates are in shared memory
-    if (c.tid >= c.p.batch) return;
-    float v = -FLT_MAX;
-    int i = INT_MAX;
-    for (int w = 0; w < kConsumerWarps; ++w) {
-      const float2 x = cand[w * kMaxBatch + c.tid];
-      if (better(x.x, __float_as_int(x.y), v, i)) v = x.x, i = __float_as_int(x.y);
-    }
-    float* part = c.p.scratch.argmax_part + (int64_t(c.tid) * gridDim.x + blockIdx.x) * 2;
-    part[0] = v;
-    part[1] = __int_as_float(i);
+    if (c.lane < 4)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int n = 2 * c.lane + q;
+        if (n >= c.p.batch) continue;
+        float* part = c.p.scratch.argmax_part + (int64_t(n) * gridDim.x + blockIdx.x) * 2;
+        part[0] = best_v[q];
+        part[1] = __int_as_float(best_i[q]);
+      }
   }
 };
 

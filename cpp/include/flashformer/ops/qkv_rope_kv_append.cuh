@@ -11,9 +11,10 @@ struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
   Consumer<T>& c;
   int layer;
-  int pos[2] = {0, 0};  // positions of this lane's batch columns 2t, 2t+1
+  int pos[2] = {0, 0};  // warp 0 (the epilogue's warp): positions of this lane's batch columns 2t, 2t+1
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
   __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
+    if (c.warp != 0) return;
 #pragma unroll
     for (int q = 0; q < 2; ++q)
       if (2 * (c.lane % 4) + q < c.p.batch) pos[q] = int(c.p.positions[2 * (c.lane % 4) + q]);

@@ -12,7 +12,7 @@ struct ResidualEpilogue {
   Consumer<T>& c;
   int norm;
   float old[4];            // the residual of the row block's (row, batch) pairs, acc order
-  float sq[2] = {0.f, 0.f};  // sum of squares of this warp's new rows, batch columns 2t and 2t+1
+  float sq[2] = {0.f, 0.f};  // sum of squares of the new rows, batch columns 2t and 2t+1
   __device__ ResidualEpilogue(Consumer<T>& c_, int layer) : c(c_), norm(2 * layer + kNorm) {}
   __device__ float* x_of(int rb, int q) const {
     const int g = c.lane / 4, t = c.lane % 4;
@@ -35,16 +35,8 @@ struct ResidualEpilogue {
       sq[q] += lo * lo + hi * hi;
     }
   }
-  // Sum each warp's squares over its row lanes g, then over the warps.
   __device__ void finish() {
-    float* partial = c.spare_reduce();  // [warps][kMaxBatch]
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-#pragma unroll
-      for (int off = 4; off < kWarpSize; off *= 2) sq[q] += __shfl_xor_sync(0xffffffffu, sq[q], off);
-      if (c.lane < 4) partial[c.warp * kMaxBatch + 2 * c.lane + q] = sq[q];
-    }
-    publish_sq_part(c, norm, partial);
+    if (c.warp == 0) publish_sq_part(c.p, norm, c.lane, sq);
   }
 };
 

@@ -14,16 +14,18 @@ __device__ inline float* sq_part_of(const MegakernelParams& p, int norm) {
   return p.scratch.sq_part + int64_t(norm) * gridDim.x * kMaxBatch;
 }
 
-// All consumer threads of an op that wrote rows of x, after each warp left its sums of squares
-// per batch row in partial[warp][kMaxBatch]: publish this SM's share (warps summed in order).
-template <class T>
-__device__ void publish_sq_part(Consumer<T>& c, int norm, const float* partial) {
-  c.sync();  // every warp's partial is in shared memory
-  if (c.tid < c.p.batch) {
-    float s = 0.f;
-    for (int w = 0; w < kConsumerWarps; ++w) s += partial[w * kMaxBatch + c.tid];
-    sq_part_of(c.p, norm)[blockIdx.x * kMaxBatch + c.tid] = s;
-  }
+// Warp 0 of an op that wrote rows of x: lanes hold partial sums of squares for batch columns
+// 2t, 2t+1 (t = lane % 4) over their rows; reduce them and publish this SM's share.
+__device__ inline void publish_sq_part(const MegakernelParams& p, int norm, int lane, const float (&sq)[2]) {
+  float s[2] = {sq[0], sq[1]};
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+#pragma unroll
+    for (int off = 4; off < kWarpSize; off *= 2) s[q] += __shfl_xor_sync(0xffffffffu, s[q], off);
+  if (lane < 4)
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+      if (2 * lane + q < p.batch) sq_part_of(p, norm)[blockIdx.x * kMaxBatch + 2 * lane + q] = s[q];
 }
 
 // RMSNorm of x (norm `norm`, its rows written by `writer` of `writer_layer`) times `weight`,
