@@ -44,24 +44,49 @@ struct WeightRing {
 
   __device__ const uint4* stage(int s) const { return reinterpret_cast<const uint4*>(data + s * kStageBytes); }
 
-  // Producer, one thread: copy `bytes` (multiple of 16) from global into the next stage; cycles
-  // spent waiting for the consumers to free it are added to `waited`. False when the step was
-  // aborted meanwhile.
+  // Producer, one thread: copy `bytes` (multiple of 16) of weights from global into the next
+  // stage; cycles spent waiting for the consumers to free it are added to `waited`. False when
+  // the step was aborted meanwhile.
   __device__ bool push(RingCursor& c, const void* src, int bytes, const MegakernelParams& p, long long& waited) const {
+    uint8_t* dst;
+    if (!claim(c, bytes, p, waited, dst)) return false;
+    if (dst == nullptr) return true;
+    if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
+      bulk_copy_evict_first(src, &full[c.stage], dst, bytes);
+    else
+      cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], dst, bytes);
+    c.advance(stages);
+    return true;
+  }
+
+  // The same for a KV-cache stage: `bytes` of keys into the stage's first half and as many of
+  // values into its second (no L2 hint: the cache is read again next step).
+  __device__ bool push_kv(RingCursor& c, const void* keys, const void* values, int bytes, const MegakernelParams& p,
+                          long long& waited) const {
+    uint8_t* dst;
+    if (!claim(c, 2 * bytes, p, waited, dst)) return false;
+    if (dst == nullptr) return true;
+    cute::SM90_BULK_COPY_G2S::copy(keys, &full[c.stage], dst, bytes);
+    cute::SM90_BULK_COPY_G2S::copy(values, &full[c.stage], dst + kStageBytes / 2, bytes);
+    c.advance(stages);
+    return true;
+  }
+
+  // Producer: wait until the stage at `c` is free, then arm its full barrier for `bytes` (before
+  // any copy can land) and set `dst` to its data. Under kSkipLoads the stage "lands" at once
+  // with stale bytes, the cursor moves on and `dst` is null. False when the step was aborted.
+  __device__ bool claim(RingCursor& c, int bytes, const MegakernelParams& p, long long& waited, uint8_t*& dst) const {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
     if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
-    if (p.timing_variant & kSkipLoads) {  // timing only: the stage "lands" at once with stale bytes
+    dst = nullptr;
+    if (p.timing_variant & kSkipLoads) {
       FullBarrier::arrive(&full[c.stage]);
       c.advance(stages);
       return true;
     }
-    FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);  // arm before the copy can land
-    if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
-      bulk_copy_evict_first(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
-    else
-      cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], data + c.stage * kStageBytes, bytes);
-    c.advance(stages);
+    FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);
+    dst = data + c.stage * kStageBytes;
     return true;
   }
 

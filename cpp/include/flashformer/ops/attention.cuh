@@ -1,9 +1,11 @@
 // Split-KV flash-decoding attention. Units are (kv head, sequence chunk) pairs; the number of
-// chunks follows this step's longest context and batch. Inside a unit the batch rows run on
-// separate warps. With one chunk, its unit writes the O projection's B fragments and signals the
-// op itself; with more, each unit writes partial (o, m, l) for the q heads of its group and
-// every batch row, and the last unit of a kv head to finish merges them and signals. Scores use
-// exp2 (q is pre-scaled by log2 e).
+// chunks follows this step's longest context and batch. The past positions' K and V do not
+// depend on this step, so the producer streams them through the weight ring (KV stages) before
+// the qkv op is done; only the current position's K and V, and q, are read after the wait.
+// Inside a unit the batch rows run on separate warps. With one chunk, its unit writes the O
+// projection's B fragments and signals the op itself; with more, each unit writes partial
+// (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
+// finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
 #pragma once
 
 #include <cfloat>
@@ -20,14 +22,66 @@ struct AttentionOp {
   static constexpr Op kOp = Op::kAttention;
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
-  static constexpr int kUnroll = 16 / kDimsPerLane;   // positions per group: 64 B of K+V per lane (two groups in flight)
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
+  // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
+  // stage's middle) their values.
+  static constexpr int kStagePositions = kStageBytes / 2 / (D * 2);
+  static constexpr int kGroupPositions = 2;  // positions a warp scores at once (independent shuffle chains)
 
-  __device__ static bool produce(Producer<T>&, int, int, int) { return true; }  // K and V are loaded directly
+  // Past positions of row b in the chunk ending at c1: they end before the row's current
+  // position, whose K and V the qkv op writes this step (read directly, after the wait).
+  __device__ static int past_end(const MegakernelParams& p, int b, int c1) { return min(c1, int(p.positions[b])); }
+  __device__ static int stages_of(int c0, int end) { return end > c0 ? (end - c0 + kStagePositions - 1) / kStagePositions : 0; }
+
+  // The KV stages of a pass over rows [b0, b0 + rows) of the chunk [c0, c1), in ring order: round
+  // i holds stage i of every row that has one, so the rows' warps work side by side. Calls
+  // fn(row r, first position, positions) for each; stops early (false) when fn returns false.
+  template <class Fn>
+  __device__ static bool for_each_kv_stage(const MegakernelParams& p, int c0, int c1, int b0, int rows, Fn&& fn) {
+    int rounds = 0;
+    for (int r = 0; r < rows; ++r) rounds = max(rounds, stages_of(c0, past_end(p, b0 + r, c1)));
+#pragma unroll 1
+    for (int i = 0; i < rounds; ++i)
+#pragma unroll 1
+      for (int r = 0; r < rows; ++r) {
+        const int pos = c0 + i * kStagePositions, end = past_end(p, b0 + r, c1);
+        if (pos < end && !fn(r, pos, min(kStagePositions, end - pos))) return false;
+      }
+    return true;
+  }
+
+  // Rows in passes of up to kConsumerWarps (`per_row` warps on each row at once).
+  struct RowPass {
+    int rows, per_row;
+  };
+  __device__ static RowPass row_pass(const MegakernelParams& p, int b0) {
+    const int rows = min(p.batch - b0, kConsumerWarps);
+    return {rows, kConsumerWarps / rows};
+  }
+
+  // Past K and V never depend on this step: the producer streams them through the ring ahead of
+  // the qkv wait, in the order consume() takes them.
+  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
+    const MegakernelParams& p = pr.p;
+    if (p.timing_variant & kSkipAttention) return true;
+    const int chunks = p.attn_chunks;
+    const auto [context, active, chunk_len] = chunking(p);
+    for (int unit = u0; unit < u1; ++unit) {
+      const int kv_head = unit / chunks, chunk = unit % chunks;
+      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context);
+      for (int b0 = 0; b0 < p.batch && chunk < active; b0 += kConsumerWarps) {
+        const bool ok = for_each_kv_stage(p, c0, c1, b0, row_pass(p, b0).rows, [&](int r, int pos, int n) {
+          const int64_t k = kv_index<T>(p, layer, 0, b0 + r, kv_head, pos), v = kv_index<T>(p, layer, 1, b0 + r, kv_head, pos);
+          return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
+        });
+        if (!ok) return false;
+      }
+    }
+    return true;
+  }
 
   // Raw K or V bf16 of one position for this lane: kDimsPerLane values in one 4- or 8-byte load.
   using RawRow = std::conditional_t<kDimsPerLane == 4, uint2, unsigned>;
-  __device__ static RawRow load_raw(const bf16_t* src) { return __ldcg(reinterpret_cast<const RawRow*>(src)); }
   __device__ static void unpack(const RawRow& r, float (&out)[kDimsPerLane]) {
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
 #pragma unroll
@@ -37,64 +91,121 @@ struct AttentionOp {
     }
   }
 
-  // Positions [p0, p1) of batch row b, every `stride`-th group of kUnroll starting at group
-  // `first`, into this warp's scratch slot (o, m, l per q head). The next group's K and V are
-  // loaded before the current one is computed, so two groups' loads are in flight.
-  __device__ static void warp_partial(Consumer<T>& c, int layer, int b, int kv_head, int p0, int p1, int first,
-                                      int stride) {
-    const MegakernelParams& p = c.p;
+  // One warp's online-softmax state for the G q heads of its kv head and batch row.
+  struct WarpState {
     float q[G][kDimsPerLane], o[G][kDimsPerLane], m[G], l[G];
+
+    // Folds up to kGroupPositions positions in: key[j] and value[j] for j < n (the rest ignored).
+    __device__ void add(const RawRow (&key)[kGroupPositions], const RawRow (&value)[kGroupPositions], int n) {
+      float s[kGroupPositions][G];
 #pragma unroll
-    for (int h = 0; h < G; ++h) {
-      const float* qh = p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G + h) * D + c.lane * kDimsPerLane;
-#pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) q[h][i] = __ldcg(qh + i), o[h][i] = 0.f;
-      m[h] = -FLT_MAX, l[h] = 0.f;
-    }
-    const bf16_t* keys = p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, 0) + c.lane * kDimsPerLane;
-    const bf16_t* values = p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, 0) + c.lane * kDimsPerLane;
-    RawRow next_k[kUnroll], next_v[kUnroll];
-    auto load_group = [&](int base) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u < p1) next_k[u] = load_raw(keys + int64_t(base + u) * D), next_v[u] = load_raw(values + int64_t(base + u) * D);
-    };
-    const int step = stride * kUnroll;
-    int base = p0 + first * kUnroll;
-    if (base < p1) load_group(base);
-    for (; base < p1; base += step) {
-      RawRow raw_k[kUnroll], raw_v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) raw_k[u] = next_k[u], raw_v[u] = next_v[u];
-      if (base + step < p1) load_group(base + step);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (base + u >= p1) break;
-        float k[kDimsPerLane], v[kDimsPerLane];
-        unpack(raw_k[u], k), unpack(raw_v[u], v);
+      for (int j = 0; j < kGroupPositions; ++j) {
+        float k[kDimsPerLane];
+        unpack(key[j], k);
 #pragma unroll
         for (int h = 0; h < G; ++h) {
-          float s = 0.f;
+          float d = 0.f;
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) s += q[h][i] * k[i];
-#pragma unroll
-          for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-          const float m_new = fmaxf(m[h], s);
-          const float corr = exp2f(m[h] - m_new), w = exp2f(s - m_new);
-          l[h] = l[h] * corr + w;
-#pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * corr + w * v[i];
-          m[h] = m_new;
+          for (int i = 0; i < kDimsPerLane; ++i) d += q[h][i] * k[i];
+          s[j][h] = d;
         }
       }
+#pragma unroll
+      for (int off = kWarpSize / 2; off > 0; off /= 2)
+#pragma unroll
+        for (int j = 0; j < kGroupPositions; ++j)
+#pragma unroll
+          for (int h = 0; h < G; ++h) s[j][h] += __shfl_xor_sync(0xffffffffu, s[j][h], off);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float m_new = m[h];
+#pragma unroll
+        for (int j = 0; j < kGroupPositions; ++j)
+          if (j < n) m_new = fmaxf(m_new, s[j][h]);
+        const float corr = exp2f(m[h] - m_new);
+        l[h] *= corr;
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= corr;
+#pragma unroll
+        for (int j = 0; j < kGroupPositions; ++j) {
+          if (j >= n) break;
+          float v[kDimsPerLane];
+          unpack(value[j], v);
+          const float w = exp2f(s[j][h] - m_new);
+          l[h] += w;
+#pragma unroll
+          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += w * v[i];
+        }
+        m[h] = m_new;
+      }
+    }
+
+    // Positions first, first + stride, ... below n of a KV stage in shared memory.
+    __device__ void add_stage(const uint8_t* stage, int n, int first, int stride, int lane) {
+      const RawRow* keys = reinterpret_cast<const RawRow*>(stage) + lane;
+      const RawRow* values = reinterpret_cast<const RawRow*>(stage + kStageBytes / 2) + lane;
+#pragma unroll 1
+      for (int u = first; u < n; u += kGroupPositions * stride) {
+        RawRow key[kGroupPositions], value[kGroupPositions];
+#pragma unroll
+        for (int j = 0; j < kGroupPositions; ++j) {
+          const int uj = min(u + j * stride, n - 1);  // past n: a valid slot, ignored by add()
+          key[j] = keys[uj * kWarpSize], value[j] = values[uj * kWarpSize];
+        }
+        add(key, value, min(kGroupPositions, (n - u + stride - 1) / stride));
+      }
+    }
+  };
+
+  // This warp's partial over row (b0 + warp / per_row)'s positions of the chunk [c0, c1), into its
+  // scratch slot (o, m, l per q head): every per_row-th position of each KV stage of the row, and
+  // the current position (from global memory: written by this step's qkv op) on the row's first
+  // warp. Every warp takes and frees every stage of the pass. False when the step was aborted.
+  __device__ static bool warp_partial(Consumer<T>& c, int layer, int b0, int rows, int per_row, int kv_head, int c0,
+                                      int c1) {
+    const MegakernelParams& p = c.p;
+    const int r = c.warp / per_row, first = c.warp % per_row, b = b0 + r;
+    const bool mine = r < rows;
+    WarpState st;
+    if (mine) {
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float* qh = p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G + h) * D + c.lane * kDimsPerLane;
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) st.q[h][i] = __ldcg(qh + i), st.o[h][i] = 0.f;
+        st.m[h] = -FLT_MAX, st.l[h] = 0.f;
+      }
+    }
+    // The current position (on the row's first warp): its loads go out now, its scores after the stages.
+    const int pos = mine ? int(p.positions[b]) : -1;
+    const bool current = first == 0 && c0 <= pos && pos < c1;
+    RawRow cur_k, cur_v;
+    if (current) {
+      cur_k = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, pos)) + c.lane);
+      cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
+    }
+    const bool ok = for_each_kv_stage(p, c0, c1, b0, rows, [&](int row, int, int n) {
+      if (!c.ring.wait_full(c.cursor, p, c.data_wait)) return false;
+      if (row == r) st.add_stage(reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage)), n, first, per_row, c.lane);
+      c.ring.release(c.cursor);
+      return true;
+    });
+    if (!ok) return false;
+    if (!mine) return true;
+    if (current) {
+      RawRow key[kGroupPositions], value[kGroupPositions];
+#pragma unroll
+      for (int j = 0; j < kGroupPositions; ++j) key[j] = cur_k, value[j] = cur_v;
+      st.add(key, value, 1);
     }
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       float* dst = c.attn + (c.warp * G + h) * kPartStride;
 #pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) dst[c.lane * kDimsPerLane + i] = o[h][i];
-      if (c.lane == 0) dst[D] = m[h], dst[D + 1] = l[h];
+      for (int i = 0; i < kDimsPerLane; ++i) dst[c.lane * kDimsPerLane + i] = st.o[h][i];
+      if (c.lane == 0) dst[D] = st.m[h], dst[D + 1] = st.l[h];
     }
+    return true;
   }
 
   // The longest context this step (positions are 0-based), the same on every SM.
@@ -132,9 +243,8 @@ struct AttentionOp {
       // Rows in passes of up to kConsumerWarps, `per_row` warps on each row at once; the warps of
       // a row then merge their partials through shared memory.
       for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
-        const int rows = min(p.batch - b0, kConsumerWarps), per_row = kConsumerWarps / rows;
-        const int r = c.warp / per_row;
-        if (r < rows) warp_partial(c, layer, b0 + r, kv_head, c0, min(c1, int(p.positions[b0 + r]) + 1), c.warp % per_row, per_row);
+        const auto [rows, per_row] = row_pass(p, b0);
+        if (!warp_partial(c, layer, b0, rows, per_row, kv_head, c0, c1)) return false;
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < rows * G * D; j += kConsumerThreads) {
           const int row = j / (G * D), h = (j / D) % G, d = j % D, b = b0 + row;

@@ -42,14 +42,26 @@ struct Producer {
   __device__ bool stream(const void* src, int64_t bytes) {
     const uint8_t* bytes_src = static_cast<const uint8_t*>(src);
     for (int64_t off = 0; off < bytes; off += kStageBytes) {
-      if (in_flight == p.inflight_stages) {
-        if (!ring.wait_landed(landed, p, land_wait)) return false;
-        --in_flight;
-      }
-      if (!ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
+      if (!make_room() ||
+          !ring.push(cursor, bytes_src + off, int(bytes - off < kStageBytes ? bytes - off : kStageBytes), p, slot_wait))
         return false;
       ++in_flight;
     }
+    return true;
+  }
+
+  // One KV-cache stage (ring.push_kv) under the same in-flight limit.
+  __device__ bool stream_kv(const void* keys, const void* values, int bytes) {
+    if (!make_room() || !ring.push_kv(cursor, keys, values, bytes, p, slot_wait)) return false;
+    ++in_flight;
+    return true;
+  }
+
+  // Waits for the oldest copy to land when p.inflight_stages are outstanding.
+  __device__ bool make_room() {
+    if (in_flight < p.inflight_stages) return true;
+    if (!ring.wait_landed(landed, p, land_wait)) return false;
+    --in_flight;
     return true;
   }
 };
