@@ -41,7 +41,9 @@ enum class RowOrder : int {
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
-inline constexpr int kMiscBytes = 1024;  // mbarriers (2 x kMaxStages), flags, per-batch scalars
+inline constexpr int kMiscBytes = 1024;  // mbarriers (2 x kMaxStages), flags, per-batch scalars and ends
+static_assert(2 * kMaxStages * 8 + 2 * 4 + 3 * kMaxBatch * 4 <= kMiscBytes,
+              "misc holds the ring's mbarriers, two flags, rinv[kMaxBatch] and two kv_ends[kMaxBatch]");
 
 // Shared memory of one step, laid out as
 //   misc (kMiscBytes) | ring (stages x kStageBytes) | union (union_bytes) | reduce (kReduceBytes).

@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   uint64_t* barriers = reinterpret_cast<uint64_t*>(smem);  // full[kMaxStages], empty[kMaxStages]
   int* flags = reinterpret_cast<int*>(barriers + 2 * kMaxStages);
   float* rinv = reinterpret_cast<float*>(flags + 2);
+  int* kv_ends = reinterpret_cast<int*>(rinv + kMaxBatch);  // [2][kMaxBatch]: consumers', producer's
   const WeightRing ring{ring_data, barriers, barriers + kMaxStages, p.ring_stages};
 
   if (threadIdx.x == 0) ring.init();
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (warp_role(warp) == WarpRole::kProducer) {
     if (lane == 0) {
-      Producer<T> pr{p, ring, {}};
+      Producer<T> pr{p, ring, kv_ends + kMaxBatch};
       run_producer(pr);
     }
     return;
@@ -145,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
                 reduce,
                 flags,
                 rinv,
+                kv_ends,
                 int(threadIdx.x),
                 warp,
                 lane};

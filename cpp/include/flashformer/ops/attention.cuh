@@ -26,25 +26,27 @@ struct AttentionOp {
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
   // stage's middle) their values.
   static constexpr int kStagePositions = kStageBytes / 2 / (D * 2);
-  static constexpr int kGroupPositions = 2;  // positions a warp scores at once (independent shuffle chains)
+  static constexpr int kGroupPositions = 1;  // positions a warp scores at once (independent shuffle chains)
 
-  // Past positions of row b in the chunk ending at c1: they end before the row's current
-  // position, whose K and V the qkv op writes this step (read directly, after the wait).
-  __device__ static int past_end(const MegakernelParams& p, int b, int c1) { return min(c1, int(p.positions[b])); }
+  // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
+  // (shared memory): before each row's current position, whose K and V the qkv op writes this
+  // step (read directly, after the wait). Read from global memory once per pass, not per stage:
+  // under the full weight stream a global load is an L2 round trip.
+  __device__ static void row_ends(const MegakernelParams& p, int b0, int rows, int c1, int* ends, int tid, int threads) {
+    for (int r = tid; r < rows; r += threads) ends[r] = min(c1, int(p.positions[b0 + r]));
+  }
   __device__ static int stages_of(int c0, int end) { return end > c0 ? (end - c0 + kStagePositions - 1) / kStagePositions : 0; }
 
-  // The KV stages of a pass over rows [b0, b0 + rows) of the chunk [c0, c1), in ring order: round
-  // i holds stage i of every row that has one, so the rows' warps work side by side. Calls
-  // fn(row r, first position, positions) for each; stops early (false) when fn returns false.
+  // The KV stages of a pass over `rows` rows of the chunk starting at c0, in ring order: round i
+  // holds stage i of every row that has one, so the rows' warps work side by side. Calls fn(row
+  // r, first position, positions) for each; stops early (false) when fn returns false.
   template <class Fn>
-  __device__ static bool for_each_kv_stage(const MegakernelParams& p, int c0, int c1, int b0, int rows, Fn&& fn) {
+  __device__ static bool for_each_kv_stage(const int* ends, int c0, int rows, Fn&& fn) {
     int rounds = 0;
-    for (int r = 0; r < rows; ++r) rounds = max(rounds, stages_of(c0, past_end(p, b0 + r, c1)));
-#pragma unroll 1
+    for (int r = 0; r < rows; ++r) rounds = max(rounds, stages_of(c0, ends[r]));
     for (int i = 0; i < rounds; ++i)
-#pragma unroll 1
       for (int r = 0; r < rows; ++r) {
-        const int pos = c0 + i * kStagePositions, end = past_end(p, b0 + r, c1);
+        const int pos = c0 + i * kStagePositions, end = ends[r];
         if (pos < end && !fn(r, pos, min(kStagePositions, end - pos))) return false;
       }
     return true;
@@ -70,7 +72,9 @@ struct AttentionOp {
       const int kv_head = unit / chunks, chunk = unit % chunks;
       const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context);
       for (int b0 = 0; b0 < p.batch && chunk < active; b0 += kConsumerWarps) {
-        const bool ok = for_each_kv_stage(p, c0, c1, b0, row_pass(p, b0).rows, [&](int r, int pos, int n) {
+        const int rows = row_pass(p, b0).rows;
+        row_ends(p, b0, rows, c1, pr.kv_ends, 0, 1);
+        const bool ok = for_each_kv_stage(pr.kv_ends, c0, rows, [&](int r, int pos, int n) {
           const int64_t k = kv_index<T>(p, layer, 0, b0 + r, kv_head, pos), v = kv_index<T>(p, layer, 1, b0 + r, kv_head, pos);
           return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
         });
@@ -184,7 +188,7 @@ struct AttentionOp {
       cur_k = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, pos)) + c.lane);
       cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
     }
-    const bool ok = for_each_kv_stage(p, c0, c1, b0, rows, [&](int row, int, int n) {
+    const bool ok = for_each_kv_stage(c.kv_ends, c0, rows, [&](int row, int, int n) {
       if (!c.ring.wait_full(c.cursor, p, c.data_wait)) return false;
       if (row == r) st.add_stage(reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage)), n, first, per_row, c.lane);
       c.ring.release(c.cursor);
@@ -244,6 +248,8 @@ struct AttentionOp {
       // a row then merge their partials through shared memory.
       for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
         const auto [rows, per_row] = row_pass(p, b0);
+        row_ends(p, b0, rows, c1, c.kv_ends, c.tid, kConsumerThreads);
+        c.sync();  // the ends are visible (the last pass's readers are past its closing barrier)
         if (!warp_partial(c, layer, b0, rows, per_row, kv_head, c0, c1)) return false;
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < rows * G * D; j += kConsumerThreads) {

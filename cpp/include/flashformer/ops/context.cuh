@@ -30,6 +30,7 @@ template <class T>
 struct Producer {
   const MegakernelParams& p;
   WeightRing ring;
+  int* kv_ends;             // [kMaxBatch] the producer's copy of attention's per-row ends (shared memory)
   RingCursor cursor;
   RingCursor landed;        // the oldest stage pushed and not yet seen landed
   int in_flight = 0;        // stages pushed and not yet seen landed
@@ -78,6 +79,7 @@ struct Consumer {
   float* reduce;       // 2 x (warps, 32 lanes, 4): cross-warp accumulator reduction, double-buffered
   int* flags;          // [0] abort the step, [1] this CTA finished a reduction group last
   float* rinv;         // [kMaxBatch] RMSNorm scale of each batch row
+  int* kv_ends;        // [kMaxBatch] attention: where each row's past positions end in the unit's chunk
   int tid, warp, lane; // tid < kConsumerThreads
   int reduce_parity = 0;
   long long data_wait = 0;  // cycles spent waiting for weight stages to land (read by the step trace)
