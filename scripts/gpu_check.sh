@@ -7,7 +7,7 @@
 # PYTEST_ARGS adds pytest arguments, e.g. PYTEST_ARGS="-k tiny".
 # Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
 # PROFILE_ARGS adds arguments) and ncu (one 8-layer 8B step under Nsight Compute, exported as
-# CSV). compare: the same profile for another commit, alternating with this tree's, in one lease
+# CSV; NCU_CASES, default 1x128). compare: the same profile for another commit, alternating with this tree's, in one lease
 # (git archive --prefix=base/ COMMIT > .carry/base.tar here first; COMPARE_ROUNDS, default 2).
 # Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
 # $OUT/summary.txt.
@@ -76,7 +76,7 @@ fi
 if has ncu; then
   step ncu timeout 300 ncu --clock-control none --kernel-name regex:megakernel --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
-    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models llama-3.1-8b --layers 8 --cases 1x128 --ncu-step
+    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models llama-3.1-8b --layers 8 --cases "${NCU_CASES:-1x128}" --ncu-step
   ncu -i "$NCU/mk.ncu-rep" --page details --csv >"$NCU/details.csv" 2>&1
   ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source sass >"$NCU/sass.csv" 2>&1
   ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source cuda >"$NCU/cuda.csv" 2>&1
