@@ -26,7 +26,6 @@ struct AttentionOp {
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
   // stage's middle) their values.
   static constexpr int kStagePositions = kStageBytes / 2 / (D * 2);
-  static constexpr int kGroupPositions = 1;  // positions a warp scores at once (independent shuffle chains)
 
   // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
   // (shared memory): before each row's current position, whose K and V the qkv op writes this
@@ -95,52 +94,75 @@ struct AttentionOp {
     }
   }
 
-  // One warp's online-softmax state for the G q heads of its kv head and batch row.
-  struct WarpState {
-    float q[G][kDimsPerLane], o[G][kDimsPerLane], m[G], l[G];
+  // exp2 as the one MUFU instruction (inputs are <= 0 here; tiny results flush to zero).
+  __device__ static float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+  }
 
-    // Folds up to kGroupPositions positions in: key[j] and value[j] for j < n (the rest ignored).
-    __device__ void add(const RawRow (&key)[kGroupPositions], const RawRow (&value)[kGroupPositions], int n) {
-      float s[kGroupPositions][G];
+  // q heads rounded up to a power of two: the score reduction below halves them across lanes.
+  static constexpr int kHeadSlots = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  static_assert(G <= kHeadSlots && kHeadSlots <= 8, "the score reduction spreads at most 8 q heads over a warp");
+
+  // The q head whose score lane `lane` ends up holding in WarpState::add: bit `off` of the lane
+  // picks the upper half of the heads still held, round by round (off = 16, 8, ...).
+  __device__ static int head_of_lane(int lane) {
+    int h = 0;
 #pragma unroll
-      for (int j = 0; j < kGroupPositions; ++j) {
-        float k[kDimsPerLane];
-        unpack(key[j], k);
+    for (int width = kHeadSlots, off = kWarpSize / 2; width > 1; width /= 2, off /= 2)
+      if (lane & off) h += width / 2;
+    return h;
+  }
+  // The lowest lane holding head h's score.
+  __device__ static int lane_of_head(int h) {
+    int lane = 0;
 #pragma unroll
-        for (int h = 0; h < G; ++h) {
-          float d = 0.f;
+    for (int width = kHeadSlots, off = kWarpSize / 2; width > 1; width /= 2, off /= 2)
+      if (h % width >= width / 2) lane += off;
+    return lane;
+  }
+
+  // One warp's online-softmax state for the G q heads of its kv head and batch row. Each lane
+  // holds kDimsPerLane dims of q and o for every head, and the running max m and sum l of
+  // head_of_lane(lane).
+  struct WarpState {
+    float q[G][kDimsPerLane], o[G][kDimsPerLane], m, l;
+
+    // Folds one position in. The G partial dot products of each lane are summed across the warp
+    // by halving them round by round (each lane keeps half and sends half), so the warp spends
+    // about log2(32) + G shuffles instead of G * log2(32); the lanes of head_of_lane(lane) end
+    // with its score, update that head's m and l, and broadcast its weights.
+    __device__ void add(const RawRow& key, const RawRow& value, int lane) {
+      float k[kDimsPerLane], v[kDimsPerLane], part[kHeadSlots];
+      unpack(key, k);
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) d += q[h][i] * k[i];
-          s[j][h] = d;
+      for (int h = 0; h < kHeadSlots; ++h) {
+        part[h] = 0.f;
+        if (h < G)
+#pragma unroll
+          for (int i = 0; i < kDimsPerLane; ++i) part[h] += q[h][i] * k[i];
+      }
+      int off = kWarpSize / 2;
+#pragma unroll
+      for (int width = kHeadSlots; width > 1; width /= 2, off /= 2) {
+        const bool upper = lane & off;
+#pragma unroll
+        for (int i = 0; i < width / 2; ++i) {
+          const float keep = upper ? part[i + width / 2] : part[i], send = upper ? part[i] : part[i + width / 2];
+          part[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
         }
       }
-#pragma unroll
-      for (int off = kWarpSize / 2; off > 0; off /= 2)
-#pragma unroll
-        for (int j = 0; j < kGroupPositions; ++j)
-#pragma unroll
-          for (int h = 0; h < G; ++h) s[j][h] += __shfl_xor_sync(0xffffffffu, s[j][h], off);
+      for (; off > 0; off /= 2) part[0] += __shfl_xor_sync(0xffffffffu, part[0], off);
+      const float m_new = fmaxf(m, part[0]);
+      const float corr = fast_exp2(m - m_new), w = fast_exp2(part[0] - m_new);
+      l = l * corr + w, m = m_new;
+      unpack(value, v);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        float m_new = m[h];
+        const float ch = __shfl_sync(0xffffffffu, corr, lane_of_head(h)), wh = __shfl_sync(0xffffffffu, w, lane_of_head(h));
 #pragma unroll
-        for (int j = 0; j < kGroupPositions; ++j)
-          if (j < n) m_new = fmaxf(m_new, s[j][h]);
-        const float corr = exp2f(m[h] - m_new);
-        l[h] *= corr;
-#pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= corr;
-#pragma unroll
-        for (int j = 0; j < kGroupPositions; ++j) {
-          if (j >= n) break;
-          float v[kDimsPerLane];
-          unpack(value[j], v);
-          const float w = exp2f(s[j][h] - m_new);
-          l[h] += w;
-#pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += w * v[i];
-        }
-        m[h] = m_new;
+        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * ch + wh * v[i];
       }
     }
 
@@ -149,15 +171,7 @@ struct AttentionOp {
       const RawRow* keys = reinterpret_cast<const RawRow*>(stage) + lane;
       const RawRow* values = reinterpret_cast<const RawRow*>(stage + kStageBytes / 2) + lane;
 #pragma unroll 1
-      for (int u = first; u < n; u += kGroupPositions * stride) {
-        RawRow key[kGroupPositions], value[kGroupPositions];
-#pragma unroll
-        for (int j = 0; j < kGroupPositions; ++j) {
-          const int uj = min(u + j * stride, n - 1);  // past n: a valid slot, ignored by add()
-          key[j] = keys[uj * kWarpSize], value[j] = values[uj * kWarpSize];
-        }
-        add(key, value, min(kGroupPositions, (n - u + stride - 1) / stride));
-      }
+      for (int u = first; u < n; u += stride) add(keys[u * kWarpSize], values[u * kWarpSize], lane);
     }
   };
 
@@ -177,8 +191,8 @@ struct AttentionOp {
         const float* qh = p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G + h) * D + c.lane * kDimsPerLane;
 #pragma unroll
         for (int i = 0; i < kDimsPerLane; ++i) st.q[h][i] = __ldcg(qh + i), st.o[h][i] = 0.f;
-        st.m[h] = -FLT_MAX, st.l[h] = 0.f;
       }
+      st.m = -FLT_MAX, st.l = 0.f;
     }
     // The current position (on the row's first warp): its loads go out now, its scores after the stages.
     const int pos = mine ? int(p.positions[b]) : -1;
@@ -196,18 +210,13 @@ struct AttentionOp {
     });
     if (!ok) return false;
     if (!mine) return true;
-    if (current) {
-      RawRow key[kGroupPositions], value[kGroupPositions];
-#pragma unroll
-      for (int j = 0; j < kGroupPositions; ++j) key[j] = cur_k, value[j] = cur_v;
-      st.add(key, value, 1);
-    }
+    if (current) st.add(cur_k, cur_v, c.lane);
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       float* dst = c.attn + (c.warp * G + h) * kPartStride;
 #pragma unroll
       for (int i = 0; i < kDimsPerLane; ++i) dst[c.lane * kDimsPerLane + i] = st.o[h][i];
-      if (c.lane == 0) dst[D] = st.m[h], dst[D + 1] = st.l[h];
+      if (c.lane == lane_of_head(h)) dst[D] = st.m, dst[D + 1] = st.l;
     }
     return true;
   }
