@@ -129,49 +129,83 @@ struct AttentionOp {
   struct WarpState {
     float q[G][kDimsPerLane], o[G][kDimsPerLane], m, l;
 
-    // Folds one position in. The G partial dot products of each lane are summed across the warp
-    // by halving them round by round (each lane keeps half and sends half), so the warp spends
-    // about log2(32) + G shuffles instead of G * log2(32); the lanes of head_of_lane(lane) end
-    // with its score, update that head's m and l, and broadcast its weights.
-    __device__ void add(const RawRow& key, const RawRow& value, int lane) {
-      float k[kDimsPerLane], v[kDimsPerLane], part[kHeadSlots];
-      unpack(key, k);
+    // Folds N positions in (two interleave their shuffle chains). The G partial dot products of
+    // each lane are summed across the warp by halving them round by round (each lane keeps half
+    // and sends half), so a position costs about log2(32) + 2G shuffles instead of G * log2(32);
+    // the lanes of head_of_lane(lane) end with its scores, update that head's m and l, and
+    // broadcast its weights.
+    template <int N>
+    __device__ void add(const RawRow (&key)[N], const RawRow (&value)[N], int lane) {
+      float part[N][kHeadSlots];
 #pragma unroll
-      for (int h = 0; h < kHeadSlots; ++h) {
-        part[h] = 0.f;
-        if (h < G)
+      for (int j = 0; j < N; ++j) {
+        float k[kDimsPerLane];
+        unpack(key[j], k);
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) part[h] += q[h][i] * k[i];
+        for (int h = 0; h < kHeadSlots; ++h) {
+          part[j][h] = 0.f;
+          if (h < G)
+#pragma unroll
+            for (int i = 0; i < kDimsPerLane; ++i) part[j][h] += q[h][i] * k[i];
+        }
       }
       int off = kWarpSize / 2;
 #pragma unroll
       for (int width = kHeadSlots; width > 1; width /= 2, off /= 2) {
         const bool upper = lane & off;
 #pragma unroll
-        for (int i = 0; i < width / 2; ++i) {
-          const float keep = upper ? part[i + width / 2] : part[i], send = upper ? part[i] : part[i + width / 2];
-          part[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-        }
+        for (int j = 0; j < N; ++j)
+#pragma unroll
+          for (int i = 0; i < width / 2; ++i) {
+            const float keep = upper ? part[j][i + width / 2] : part[j][i];
+            const float send = upper ? part[j][i] : part[j][i + width / 2];
+            part[j][i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+          }
       }
-      for (; off > 0; off /= 2) part[0] += __shfl_xor_sync(0xffffffffu, part[0], off);
-      const float m_new = fmaxf(m, part[0]);
-      const float corr = fast_exp2(m - m_new), w = fast_exp2(part[0] - m_new);
-      l = l * corr + w, m = m_new;
-      unpack(value, v);
+#pragma unroll
+      for (; off > 0; off /= 2)
+#pragma unroll
+        for (int j = 0; j < N; ++j) part[j][0] += __shfl_xor_sync(0xffffffffu, part[j][0], off);
+      float m_new = m, w[N];
+#pragma unroll
+      for (int j = 0; j < N; ++j) m_new = fmaxf(m_new, part[j][0]);
+      const float corr = fast_exp2(m - m_new);
+      l *= corr, m = m_new;
+#pragma unroll
+      for (int j = 0; j < N; ++j) w[j] = fast_exp2(part[j][0] - m_new), l += w[j];
+      float v[N][kDimsPerLane];
+#pragma unroll
+      for (int j = 0; j < N; ++j) unpack(value[j], v[j]);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        const float ch = __shfl_sync(0xffffffffu, corr, lane_of_head(h)), wh = __shfl_sync(0xffffffffu, w, lane_of_head(h));
+        const int src = lane_of_head(h);
+        const float ch = __shfl_sync(0xffffffffu, corr, src);
 #pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = o[h][i] * ch + wh * v[i];
+        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= ch;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          const float wh = __shfl_sync(0xffffffffu, w[j], src);
+#pragma unroll
+          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += wh * v[j][i];
+        }
       }
     }
 
-    // Positions first, first + stride, ... below n of a KV stage in shared memory.
+    // Positions first, first + stride, ... below n of a KV stage in shared memory, two at a time.
     __device__ void add_stage(const uint8_t* stage, int n, int first, int stride, int lane) {
       const RawRow* keys = reinterpret_cast<const RawRow*>(stage) + lane;
       const RawRow* values = reinterpret_cast<const RawRow*>(stage + kStageBytes / 2) + lane;
+      int u = first;
 #pragma unroll 1
-      for (int u = first; u < n; u += stride) add(keys[u * kWarpSize], values[u * kWarpSize], lane);
+      for (; u + stride < n; u += 2 * stride) {
+        const RawRow key[2] = {keys[u * kWarpSize], keys[(u + stride) * kWarpSize]};
+        const RawRow value[2] = {values[u * kWarpSize], values[(u + stride) * kWarpSize]};
+        add(key, value, lane);
+      }
+      if (u < n) {
+        const RawRow key[1] = {keys[u * kWarpSize]}, value[1] = {values[u * kWarpSize]};
+        add(key, value, lane);
+      }
     }
   };
 
@@ -210,7 +244,10 @@ struct AttentionOp {
     });
     if (!ok) return false;
     if (!mine) return true;
-    if (current) st.add(cur_k, cur_v, c.lane);
+    if (current) {
+      const RawRow key[1] = {cur_k}, value[1] = {cur_v};
+      st.add(key, value, c.lane);
+    }
 #pragma unroll
     for (int h = 0; h < G; ++h) {
       float* dst = c.attn + (c.warp * G + h) * kPartStride;
