@@ -105,16 +105,8 @@ struct AttentionOp {
   static constexpr int kHeadSlots = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
   static_assert(G <= kHeadSlots && kHeadSlots <= 8, "the score reduction spreads at most 8 q heads over a warp");
 
-  // The q head whose score lane `lane` ends up holding in WarpState::add: bit `off` of the lane
-  // picks the upper half of the heads still held, round by round (off = 16, 8, ...).
-  __device__ static int head_of_lane(int lane) {
-    int h = 0;
-#pragma unroll
-    for (int width = kHeadSlots, off = kWarpSize / 2; width > 1; width /= 2, off /= 2)
-      if (lane & off) h += width / 2;
-    return h;
-  }
-  // The lowest lane holding head h's score.
+  // The lowest lane holding head h's score after WarpState::add's reduction: round by round
+  // (off = 16, 8, ...), bit `off` of a lane picks the upper half of the heads it still holds.
   __device__ static int lane_of_head(int h) {
     int lane = 0;
 #pragma unroll
@@ -124,15 +116,15 @@ struct AttentionOp {
   }
 
   // One warp's online-softmax state for the G q heads of its kv head and batch row. Each lane
-  // holds kDimsPerLane dims of q and o for every head, and the running max m and sum l of
-  // head_of_lane(lane).
+  // holds kDimsPerLane dims of q and o for every head, and the running max m and sum l of the
+  // head whose scores it holds (see lane_of_head).
   struct WarpState {
     float q[G][kDimsPerLane], o[G][kDimsPerLane], m, l;
 
     // Folds N positions in (two interleave their shuffle chains). The G partial dot products of
     // each lane are summed across the warp by halving them round by round (each lane keeps half
     // and sends half), so a position costs about log2(32) + 2G shuffles instead of G * log2(32);
-    // the lanes of head_of_lane(lane) end with its scores, update that head's m and l, and
+    // each lane ends with the scores of one head, updates that head's m and l, and
     // broadcast its weights.
     template <int N>
     __device__ void add(const RawRow (&key)[N], const RawRow (&value)[N], int lane) {
