@@ -124,8 +124,8 @@ struct AttentionOp {
     // Folds N positions in (two interleave their shuffle chains). The G partial dot products of
     // each lane are summed across the warp by halving them round by round (each lane keeps half
     // and sends half), so a position costs about log2(32) + 2G shuffles instead of G * log2(32);
-    // each lane ends with the scores of one head, updates that head's m and l, and
-    // broadcast its weights.
+    // each lane ends with the scores of one head, updates that head's m and l, and broadcasts
+    // its weights.
     template <int N>
     __device__ void add(const RawRow (&key)[N], const RawRow (&value)[N], int lane) {
       float part[N][kHeadSlots];
