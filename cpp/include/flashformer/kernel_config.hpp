@@ -41,9 +41,13 @@ enum class RowOrder : int {
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
-inline constexpr int kMiscBytes = 1024;  // mbarriers (2 x kMaxStages), flags, per-batch scalars and ends
-static_assert(2 * kMaxStages * 8 + 2 * 4 + 3 * kMaxBatch * 4 <= kMiscBytes,
-              "misc holds the ring's mbarriers, two flags, rinv[kMaxBatch] and two kv_ends[kMaxBatch]");
+// The misc region, byte offsets: the ring's mbarriers (full[kMaxStages], empty[kMaxStages]),
+// two int flags, rinv[kMaxBatch] (float), kv_ends[2][kMaxBatch] (int: the consumers', the producer's).
+inline constexpr int kMiscBytes = 1024;
+inline constexpr int kMiscFlags = 2 * kMaxStages * 8;
+inline constexpr int kMiscRinv = kMiscFlags + 2 * 4;
+inline constexpr int kMiscKvEnds = kMiscRinv + kMaxBatch * 4;
+static_assert(kMiscKvEnds + 2 * kMaxBatch * 4 <= kMiscBytes, "the misc region holds its fields");
 
 // Shared memory of one step, laid out as
 //   misc (kMiscBytes) | ring (stages x kStageBytes) | union (union_bytes) | reduce (kReduceBytes).

@@ -121,10 +121,10 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   uint8_t* ring_data = smem + kMiscBytes;
   uint8_t* union_region = ring_data + p.ring_stages * kStageBytes;
   float* reduce = reinterpret_cast<float*>(union_region + p.union_bytes);
-  uint64_t* barriers = reinterpret_cast<uint64_t*>(smem);  // full[kMaxStages], empty[kMaxStages]
-  int* flags = reinterpret_cast<int*>(barriers + 2 * kMaxStages);
-  float* rinv = reinterpret_cast<float*>(flags + 2);
-  int* kv_ends = reinterpret_cast<int*>(rinv + kMaxBatch);  // [2][kMaxBatch]: consumers', producer's
+  uint64_t* barriers = reinterpret_cast<uint64_t*>(smem);  // the misc region: kernel_config.hpp
+  int* flags = reinterpret_cast<int*>(smem + kMiscFlags);
+  float* rinv = reinterpret_cast<float*>(smem + kMiscRinv);
+  int* kv_ends = reinterpret_cast<int*>(smem + kMiscKvEnds);
   const WeightRing ring{ring_data, barriers, barriers + kMaxStages, p.ring_stages};
 
   if (threadIdx.x == 0) ring.init();
