@@ -61,7 +61,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TIMING_VARIANTS") = py::dict(py::arg("skip_waits") = int(kSkipWaits), py::arg("skip_attention") = int(kSkipAttention),
                                        py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue),
                                        py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin),
-                                       py::arg("skip_loads") = int(kSkipLoads), py::arg("skip_reduce") = int(kSkipReduce));
+                                       py::arg("skip_loads") = int(kSkipLoads), py::arg("skip_reduce") = int(kSkipReduce),
+                                       py::arg("relaxed_signals") = int(kRelaxedSignals));
   m.def(
       "configs",
       [] {

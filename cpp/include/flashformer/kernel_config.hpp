@@ -9,13 +9,28 @@
 namespace flashformer {
 
 inline constexpr int kWarpSize = 32;
-inline constexpr int kConsumerWarps = 8;
+inline constexpr int kWarpGroupWarps = 4;  // setmaxnreg works on warpgroups
+inline constexpr int kConsumerWarps = 8;   // two warpgroups
 inline constexpr int kConsumerThreads = kConsumerWarps * kWarpSize;
-inline constexpr int kThreads = kConsumerThreads + kWarpSize;  // + one producer warp
+// + a third warpgroup for the producer, of which one warp works. Registers are split per SM
+// sub-partition, so with 9 warps one sub-partition holds 3 and every thread was capped at 168
+// registers; a whole warpgroup can hand its registers to the consumers (setmaxnreg).
+inline constexpr int kThreads = (kConsumerWarps + kWarpGroupWarps) * kWarpSize;
+inline constexpr int kProducerWarp = kConsumerWarps;
 
-// Warps [0, kConsumerWarps) compute; the last warp streams weights.
-enum class WarpRole : int { kConsumer, kProducer };
-constexpr WarpRole warp_role(int warp) { return warp < kConsumerWarps ? WarpRole::kConsumer : WarpRole::kProducer; }
+// Registers per thread after the split (setmaxnreg: multiples of 8 in 24..256, within the 64 K
+// of the SM); at launch every thread has 65536 / kThreads, rounded down to a multiple of 8.
+inline constexpr int kProducerRegisters = 56;
+inline constexpr int kConsumerRegisters = 224;
+static_assert(kWarpGroupWarps * kWarpSize * kProducerRegisters + kConsumerThreads * kConsumerRegisters <= 65536,
+              "the register split exceeds the register file");
+
+// Warps [0, kConsumerWarps) compute; warp kProducerWarp streams weights, and the rest of its
+// warpgroup only gives its registers away.
+enum class WarpRole : int { kConsumer, kProducer, kIdle };
+constexpr WarpRole warp_role(int warp) {
+  return warp < kConsumerWarps ? WarpRole::kConsumer : warp == kProducerWarp ? WarpRole::kProducer : WarpRole::kIdle;
+}
 
 // Named barrier ids (0 is __syncthreads). Only consumer warps take part in kConsumers.
 enum class NamedBarrier : int { kConsumers = 1 };

@@ -102,7 +102,7 @@ __device__ void run_consumers(Consumer<T>& c) {
       c.sync();  // this CTA's outputs of the op are written
       if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSyncedNs, global_ns());
       const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
-      if (c.tid == 0 && !hooked) publish(c.counter(layer, op));
+      if (c.tid == 0 && !hooked) publish(c.counter(layer, op), p);
     }
     if (c.tid == 0 && tr.on()) {
       const unsigned long long now = global_ns();
@@ -131,13 +131,15 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   __syncthreads();  // barriers initialized before any role touches them
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (warp_role(warp) == WarpRole::kProducer) {
-    if (lane == 0) {
+  if (warp_role(warp) != WarpRole::kConsumer) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));  // the whole warpgroup
+    if (warp_role(warp) == WarpRole::kProducer && lane == 0) {
       Producer<T> pr{p, ring, kv_ends + kMaxBatch};
       run_producer(pr);
     }
     return;
   }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegisters));
   Consumer<T> c{p,
                 ring,
                 {},

@@ -35,6 +35,7 @@ enum TimingVariant : int {
   kPollEverySpin = 32,  // barrier spins look at the abort flag on every failed try (the old behaviour)
   kSkipLoads = 64,      // the producer marks stages full without copying: consumers run at their own pace
   kSkipReduce = 128,    // matmuls skip the cross-warp reduction of each row block (and its barrier)
+  kRelaxedSignals = 256,  // op signals without the release fence (readers may see stale inputs)
 };
 
 // L2 eviction priority of the weight stream's bulk copies. Weights are read once per step;

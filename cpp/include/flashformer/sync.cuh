@@ -90,9 +90,13 @@ __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
 }
 
 // The same publication when nobody needs the old value: a release reduction, so the thread
-// does not wait for the counter's round trip.
-__device__ __forceinline__ void publish(unsigned* counter) {
-  asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+// does not wait for the counter's round trip. (Under the timing variant kRelaxedSignals, without
+// the release ordering: what the fence costs a hand-off.)
+__device__ __forceinline__ void publish(unsigned* counter, const MegakernelParams& p) {
+  if (p.timing_variant & kRelaxedSignals)
+    asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+  else
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
 }
 
 }  // namespace flashformer

@@ -318,7 +318,7 @@ struct AttentionOp {
         // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
         // the op at once. Every unit still counts towards the group (its epoch target).
         if (c.tid == 0) {
-          if (chunk == 0) publish(c.counter(layer, kOp));
+          if (chunk == 0) publish(c.counter(layer, kOp), p);
           atomicAdd(group, 1u);
         }
         c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
@@ -327,7 +327,7 @@ struct AttentionOp {
       if (c.finished_last(group, unsigned(chunks))) {  // the other chunks' partials are visible
         if (!skip) merge_chunks(c, kv_head, active);
         c.sync();  // the merged output is written before the signal
-        if (c.tid == 0) publish(c.counter(layer, kOp));
+        if (c.tid == 0) publish(c.counter(layer, kOp), p);
       }
     }
     return true;
