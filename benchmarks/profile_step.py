@@ -223,7 +223,8 @@ def main() -> int:
     if args.variants == "none":
         variants = {"all": 0}
     elif args.variants != "all":
-        variants = {"all": 0, **{k: known[k] for k in args.variants.split(",")}}
+        # (a variant this build does not know is left out: `compare` runs older builds with the same arguments)
+        variants = {"all": 0, **{k: known[k] for k in args.variants.split(",") if k in known}}
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     sweeps = [(a, [int(v) for v in vs.split(",")]) for a, vs in (sw.split("=") for sw in args.sweep)]
     sweep_variants = args.sweep_variants.split(",")

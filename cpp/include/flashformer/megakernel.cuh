@@ -61,7 +61,7 @@ struct TraceWriter {
 };
 
 template <class T>
-__device__ void run_producer(Producer<T>& pr) {
+__device__ __forceinline__ void run_producer(Producer<T>& pr) {  // (called once: inlined, so its state stays in registers)
   const TraceWriter tr{pr.p};
   for_each_task(pr.p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;
@@ -78,7 +78,7 @@ __device__ void run_producer(Producer<T>& pr) {
 }
 
 template <class T>
-__device__ void run_consumers(Consumer<T>& c) {
+__device__ __forceinline__ void run_consumers(Consumer<T>& c) {  // (called once: inlined, so c stays in registers)
   const MegakernelParams& p = c.p;
   const TraceWriter tr{p};
   if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kStartNs, global_ns()), tr.header(TraceHeader::kStartCycles, clock64());
