@@ -62,8 +62,7 @@ PYBIND11_MODULE(_C, m) {
                                        py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue),
                                        py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin),
                                        py::arg("skip_loads") = int(kSkipLoads), py::arg("skip_reduce") = int(kSkipReduce),
-                                       py::arg("relaxed_signals") = int(kRelaxedSignals),
-                                       py::arg("late_data_poll") = int(kLateDataPoll));
+                                       py::arg("relaxed_signals") = int(kRelaxedSignals));
   m.def(
       "configs",
       [] {

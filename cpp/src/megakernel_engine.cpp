@@ -56,9 +56,6 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   int coop = 0;
   FF_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   if (!coop) throw std::runtime_error("megakernel: device does not support cooperative launches");
-  if (num_sms_ > kMaxSms)
-    throw std::runtime_error("megakernel: " + std::to_string(num_sms_) + " SMs, more than the kernel supports (" +
-                             std::to_string(kMaxSms) + ")");
   schedule_ = build_schedule(config_->dims, num_sms_, n_layers);
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());

@@ -17,7 +17,6 @@ inline constexpr int kConsumerThreads = kConsumerWarps * kWarpSize;
 // registers; a whole warpgroup can hand its registers to the consumers (setmaxnreg).
 inline constexpr int kThreads = (kConsumerWarps + kWarpGroupWarps) * kWarpSize;
 inline constexpr int kProducerWarp = kConsumerWarps;
-inline constexpr int kMaxSms = 256;  // the most SMs (CTAs) a launch may have: per-SM tables are polled a lane per 8
 
 // Registers per thread after the split (setmaxnreg: multiples of 8 in 24..256, within the 64 K
 // of the SM); at launch every thread has 65536 / kThreads, rounded down to a multiple of 8.

@@ -36,7 +36,6 @@ enum TimingVariant : int {
   kSkipLoads = 64,      // the producer marks stages full without copying: consumers run at their own pace
   kSkipReduce = 128,    // matmuls skip the cross-warp reduction of each row block (and its barrier)
   kRelaxedSignals = 256,  // op signals without the release fence (readers may see stale inputs)
-  kLateDataPoll = 512,    // experiment: RMSNorms poll x only after its sums of squares are complete
 };
 
 // L2 eviction priority of the weight stream's bulk copies. Weights are read once per step;

@@ -68,49 +68,19 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
       if (j < total) a[u].load(x + 4 * int64_t(j)), wu[u] = w4[j % kVecs];
     }
   };
-  // Reloads the stale vectors of the batch at j0 (all in flight at once); true when all are current.
-  auto refresh = [&](int j0) {
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int j = j0 + u * kConsumerThreads;
-      if (j < total && !a[u].current(tag)) a[u].load(x + 4 * int64_t(j));
-    }
-    bool all = true;
-#pragma unroll
-    for (int u = 0; u < kInFlight; ++u) all &= j0 + u * kConsumerThreads >= total || a[u].current(tag);
-    return all;
-  };
   load(c.tid);
-  // The first vectors are polled now, alongside the sums below (experiment: kLateDataPoll waits
-  // for the sums first).
-  if (!(p.timing_variant & kLateDataPoll)) poll_tagged([&] { return refresh(c.tid); }, p, op, layer);
   // Warp b sums row b's partials over the SMs that wrote rows, in a fixed order (every CTA gets
-  // the same scale), polling those not yet written (all of a lane's in flight at once).
+  // the same scale); a partial not yet written is polled until it is.
   if (c.warp < p.batch) {
-    constexpr int kSlots = kMaxSms / kWarpSize;  // a lane's SMs: lane, lane + 32, ...
-    const uint64_t* part = sq_part_of(p, norm) + c.warp;
-    uint64_t v[kSlots];
-    bool wrote[kSlots];  // (slots of SMs without rows are stale)
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      const int sm = c.lane + i * kWarpSize;
-      wrote[i] = sm < int(gridDim.x) && owns_units(p, writer, writer_layer, sm);
-      v[i] = wrote[i] ? load_tagged(part + sm * kMaxBatch) : 0;
-    }
-    poll_tagged(
-        [&] {
-#pragma unroll
-          for (int i = 0; i < kSlots; ++i)
-            if (wrote[i] && tag_of(v[i]) != tag) v[i] = load_tagged(part + (c.lane + i * kWarpSize) * kMaxBatch);
-          bool all = true;
-#pragma unroll
-          for (int i = 0; i < kSlots; ++i) all &= !wrote[i] || tag_of(v[i]) == tag;
-          return all;
-        },
-        p, op, layer);
+    const uint64_t* part = sq_part_of(p, norm);
     float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) s += wrote[i] ? value_of(v[i]) : 0.f;
+    for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize) {
+      const uint64_t* slot = part + sm * kMaxBatch + c.warp;
+      uint64_t v = load_tagged(slot);  // loaded with the schedule, not after it
+      if (!owns_units(p, writer, writer_layer, sm)) continue;  // (slots of SMs without rows are stale)
+      poll_tagged([&] { return tag_of(v) == tag || tag_of(v = load_tagged(slot)) == tag; }, p, op, layer);
+      s += value_of(v);
+    }
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (c.lane == 0) c.rinv[c.warp] = rsqrtf(s / T::kHidden + p.rms_eps);
@@ -129,11 +99,13 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
   };
   for (int j0 = c.tid; j0 < total; j0 += kInFlight * kConsumerThreads) {
     if (j0 != c.tid) load(j0);
-    poll_tagged([&] { return refresh(j0); }, p, op, layer);
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u * kConsumerThreads;
-      if (j < total) put(j / kVecs, j % kVecs, a[u], wu[u]);
+      if (j >= total) continue;
+      TaggedVec4& t = a[u];
+      poll_tagged([&] { return t.current(tag) || (t.load(x + 4 * int64_t(j)), t.current(tag)); }, p, op, layer);
+      put(j / kVecs, j % kVecs, t, wu[u]);
     }
   }
   c.sync();  // the fragments are complete before any warp loads them
