@@ -108,8 +108,6 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("byte_imbalance", [](const MegakernelEngine& e) { return byte_imbalance(e.schedule()); })
       .def_readwrite("timeout_ms", &MegakernelEngine::timeout_ms)
       .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
-      .def_readwrite("epoch_limit", &MegakernelEngine::epoch_limit,
-                     "steps before the tagged words and counters are zeroed and the epochs start again (tests lower it)")
       .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
                      "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,

@@ -18,16 +18,15 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
     at += (bytes + 255) / 256 * 256;
     return off;
   };
-  constexpr int64_t kTaggedWord = sizeof(uint64_t);  // tagged.cuh
-  l.x = take(int64_t(kMaxBatch) * d.hidden * kTaggedWord);
-  l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * kTaggedWord);
-  l.counters = take(int64_t(s.layers) * (kNumOps + d.kv_heads) * 4);
-  l.sync_bytes = at - l.x;
+  l.x = take(int64_t(kMaxBatch) * d.hidden * 4);
   l.q = take(int64_t(kMaxBatch) * d.q_rows() * 4);
   l.attn_frag = take(int64_t(kMaxBatch) * d.q_rows() * 2);
   l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
   l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
   l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
+  l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * 4);
+  l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
+  l.counters = take(l.counters_bytes);
   l.error = take(kErrorWords * sizeof(int));
   l.layer_table = take(int64_t(s.layers) * sizeof(LayerWeights));
   l.schedule = take(int64_t(s.layers) * kNumOps * (s.num_sms + 1) * 4);
@@ -60,7 +59,6 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
-  epoch_limit = max_tagged_epoch(n_layers);
   config_->prepare();
   FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
 }
@@ -91,13 +89,13 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.kv_cache = model.kv_cache;
   p.max_batch = max_batch_;
   p.max_seq = max_seq_;
-  p.scratch = Scratch{reinterpret_cast<uint64_t*>(scratch_ + layout_.x),
+  p.scratch = Scratch{reinterpret_cast<float*>(scratch_ + layout_.x),
                       reinterpret_cast<float*>(scratch_ + layout_.q),
                       reinterpret_cast<bf16_t*>(scratch_ + layout_.attn_frag),
                       reinterpret_cast<bf16_t*>(scratch_ + layout_.act_frag),
                       reinterpret_cast<float*>(scratch_ + layout_.attn_part),
                       reinterpret_cast<float*>(scratch_ + layout_.argmax_part),
-                      reinterpret_cast<uint64_t*>(scratch_ + layout_.sq_part),
+                      reinterpret_cast<float*>(scratch_ + layout_.sq_part),
                       reinterpret_cast<unsigned*>(scratch_ + layout_.counters),
                       reinterpret_cast<int*>(scratch_ + layout_.error)};
   p.schedule = reinterpret_cast<const int*>(scratch_ + layout_.schedule);
@@ -113,11 +111,6 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: batch " + std::to_string(batch) + " outside 1.." +
                                 std::to_string(std::min(max_batch_, kMaxBatch)));
   if (!tokens || !positions || !next_tokens) throw std::invalid_argument("megakernel: null token or position buffer");
-  if (epoch_limit < 1 || epoch_limit > max_tagged_epoch(schedule_.layers))
-    throw std::invalid_argument("megakernel: epoch_limit must be in 1.." +
-                                std::to_string(max_tagged_epoch(schedule_.layers)) + ", got " +
-                                std::to_string(epoch_limit));
-  if (epoch_ >= epoch_limit) restart_epochs(stream);
   MegakernelParams& p = params_;
   p.batch = batch;
   p.tokens = tokens;
@@ -162,11 +155,10 @@ void MegakernelEngine::check(cudaStream_t stream) {
     checked_batch_ = params_.next_tokens ? params_.batch : 0;
     return;
   }
-  // The counters and tagged words hold a partial step: start the epochs afresh so the engine
-  // stays usable.
-  restart_epochs(stream);
-  FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.error, 0, kErrorWords * sizeof(int), stream));
-  FF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  // The counters hold a partial step: start the epochs afresh so the engine stays usable.
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.counters, 0, layout_.counters_bytes));
+  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, kErrorWords * sizeof(int)));
+  epoch_ = 0;
   const int op = err[1], layer = err[2];
   if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");
   const Dependency dep = dependency_at(Op(op), layer);  // the one the waiter was waiting for
@@ -176,12 +168,6 @@ void MegakernelEngine::check(cudaStream_t stream) {
                            ms + " ms for " + kOpNames[int(dep.op)] + " of layer " + std::to_string(dep.layer) +
                            " (needed by " + kOpNames[op] + " of layer " + std::to_string(layer) +
                            "), which never completed; the step's outputs are invalid and the engine has been reset");
-}
-
-void MegakernelEngine::restart_epochs(cudaStream_t stream) {
-  FF_CUDA_CHECK(cudaSetDevice(device_));
-  FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.x, 0, layout_.sync_bytes, stream));
-  epoch_ = 0;
 }
 
 }  // namespace flashformer

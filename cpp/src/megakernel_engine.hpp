@@ -17,9 +17,7 @@ namespace flashformer {
 // Byte offsets of the scratch regions (256-byte aligned) and the total size.
 struct ScratchLayout {
   int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, error, layer_table, schedule, total;
-  // [x, x + sync_bytes): the tagged words and the counters (x, sq_part, counters, in that order),
-  // zeroed together when the epochs start afresh.
-  int64_t sync_bytes;
+  int64_t counters_bytes;
 };
 
 // Device pointers the step reads and writes that are not per-step arguments.
@@ -55,8 +53,8 @@ class MegakernelEngine {
   void step(const int64_t* tokens, const int64_t* positions, int32_t* next_tokens, float* logits, int batch,
             cudaStream_t stream);
 
-  // Waits for `stream`; if a step aborted, resets the counters and tagged words and throws
-  // std::runtime_error saying which dependency never completed.
+  // Waits for `stream`; if a step aborted, resets the counters and throws std::runtime_error
+  // saying which dependency never completed.
   void check(cudaStream_t stream);
 
   // The arg-max tokens of the step the last successful check() waited for (its batch rows).
@@ -66,9 +64,6 @@ class MegakernelEngine {
 
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
   int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
-  // Steps per era: after this many, the next step first zeroes the tagged words and counters and
-  // starts again at epoch 1 (tags never wrap: megakernel_params.hpp). Tests lower it; 1..the default.
-  unsigned epoch_limit;
   int timing_variant = 0;      // TimingVariant flags, for differential timing only
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
   // Tuning (benchmarks/NOTES.md has the sweeps that chose the defaults).
@@ -89,7 +84,6 @@ class MegakernelEngine {
   int* host_words_ = nullptr;  // pinned, filled by check(): the error words, then the arg-max tokens
   int checked_batch_ = 0;      // rows of arg-max tokens in host_words_ (0: none valid)
   unsigned epoch_ = 0;
-  void restart_epochs(cudaStream_t stream);  // zero the tagged words and counters; the next step is epoch 1
 };
 
 }  // namespace flashformer

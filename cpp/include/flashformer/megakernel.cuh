@@ -85,8 +85,7 @@ __device__ __forceinline__ void run_consumers(Consumer<T>& c) {  // (called once
   for_each_task(p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;  // nothing to do, nothing to wait for
     if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kTaskStartNs, global_ns());
-    // (An op that polls its tagged input waits inside its own work.)
-    if (op != Op::kEmbed && !polls_its_input(op) && !(p.timing_variant & kSkipWaits)) {
+    if (op != Op::kEmbed && !(p.timing_variant & kSkipWaits)) {
       const Dependency dep = dependency_at(op, layer);
       if (c.tid == 0) c.flags[0] = !wait_counter(c.counter(dep.layer, dep.op), c.target(dep.op), p, int(op), layer);
       c.sync();  // the wait's outcome (and, through thread 0's acquire, the inputs) for everyone
@@ -103,7 +102,7 @@ __device__ __forceinline__ void run_consumers(Consumer<T>& c) {  // (called once
       c.sync();  // this CTA's outputs of the op are written
       if (c.tid == 0 && tr.on()) tr.task(op, layer, TraceField::kSyncedNs, global_ns());
       const bool hooked = p.debug_skip_signal == int(op) && blockIdx.x == 0;  // test hook: a lost signal
-      if (c.tid == 0 && !hooked && awaited_by_counter(op)) publish(c.counter(layer, op), p);
+      if (c.tid == 0 && !hooked) publish(c.counter(layer, op), p);
     }
     if (c.tid == 0 && tr.on()) {
       const unsigned long long now = global_ns();

@@ -43,26 +43,20 @@ enum TimingVariant : int {
 // stream, the KV cache of the current token).
 enum class WeightL2Policy : int { kNormal = 0, kEvictFirst = 1 };
 
-// Tags of flag-in-data words (tagged.cuh): epoch * tags_per_step + layer * kNumOps + op, unique
-// within an era of the engine. Before an epoch past max_tagged_epoch the engine zeroes every
-// tagged word and counter and starts again at epoch 1, so a stale word can never match.
-constexpr uint32_t tags_per_step(int layers) { return uint32_t(layers) * kNumOps; }
-constexpr uint32_t max_tagged_epoch(int layers) { return (0xFFFFFFFFu - tags_per_step(layers)) / tags_per_step(layers); }
-
 // Why a step stopped early (written once, by the first SM that gave up).
 enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
 inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, op, layer, SM
 
 // Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in engine.cpp).
 struct Scratch {
-  uint64_t* x;             // [kMaxBatch][hidden] residual stream, fp32, tagged (tagged.cuh)
+  float* x;                // [kMaxBatch][hidden] residual stream, fp32
   float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
   bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
   bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
   float* attn_part;        // [kMaxBatch][heads][chunks][attn_part_stride]: o, m, l per chunk
   float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits)
-  uint64_t* sq_part;       // [2 * layers + 1 norms][num_sms][kMaxBatch]: each SM's share of sum(x^2) of
-                           // every RMSNorm's input, written by the op that wrote its rows of x (tagged)
+  float* sq_part;          // [2 * layers + 1 norms][num_sms][kMaxBatch]: each SM's share of sum(x^2) of
+                           // every RMSNorm's input, written by the op that wrote its rows of x
   unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
   int* error;              // [kErrorWords]: StepError, op, layer, SM
 };

@@ -36,19 +36,6 @@ constexpr Op dependency_of(Op op) {
   }
 }
 
-// Ops whose input is the residual stream (read by their RMSNorm): it travels as tagged words
-// (tagged.cuh), so they poll the data instead of waiting on their dependency's counter.
-constexpr bool polls_its_input(Op op) { return op == Op::kQkv || op == Op::kGateUp || op == Op::kLmHead; }
-
-// Whether an op waits on `op`'s counter; the others' completion is seen only in their tagged outputs.
-constexpr bool awaited_by_counter(Op op) {
-  for (int o = int(Op::kQkv); o < kNumOps; ++o)
-    if (!polls_its_input(Op(o)) && dependency_of(Op(o)) == op) return true;
-  return false;
-}
-static_assert(awaited_by_counter(Op::kQkv) && awaited_by_counter(Op::kAttention) && awaited_by_counter(Op::kGateUp) &&
-              !awaited_by_counter(Op::kEmbed) && !awaited_by_counter(Op::kOProj) && !awaited_by_counter(Op::kDown));
-
 // The (op, layer) whose completion `op` of `layer` waits for: kEmbed for layer 0's qkv, the
 // previous layer's down projection for a later qkv, the same layer's dependency_of otherwise.
 // (Meaningless for kEmbed, which waits for nothing.)

@@ -15,13 +15,12 @@ struct EmbedOp {
   // Also leaves this SM's sum of squares of its slice per batch row for the first RMSNorm (norm 0).
   __device__ static bool consume(Consumer<T>& c, int /*layer*/, int u0, int u1) {
     const int d0 = u0 * kRowBlock, width = (u1 - u0) * kRowBlock;
-    const uint32_t tag = write_tag(c.p, kOp, 0);  // x and the sums of squares are tagged (tagged.cuh)
     float* partial = c.reduce;  // (warps, kMaxBatch): free between row blocks
     for (int b = 0; b < c.p.batch; ++b) {
       float sq = 0.f;
       for (int i = c.tid; i < width; i += kConsumerThreads) {
         const float v = __bfloat162float(c.p.embed[c.p.tokens[b] * T::kHidden + d0 + i]);
-        store_tagged(c.p.scratch.x + b * T::kHidden + d0 + i, tagged(v, tag));
+        c.p.scratch.x[b * T::kHidden + d0 + i] = v;
         sq += v * v;
       }
 #pragma unroll
@@ -32,7 +31,7 @@ struct EmbedOp {
     if (c.tid < c.p.batch) {
       float s = 0.f;
       for (int w = 0; w < kConsumerWarps; ++w) s += partial[w * kMaxBatch + c.tid];
-      store_tagged(sq_part_of(c.p, 0) + blockIdx.x * kMaxBatch + c.tid, tagged(s, tag));
+      sq_part_of(c.p, 0)[blockIdx.x * kMaxBatch + c.tid] = s;
     }
     return true;
   }

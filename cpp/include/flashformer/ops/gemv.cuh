@@ -155,11 +155,11 @@ __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kbloc
 }
 
 // RMSNorm of x (norm `norm`, its rows last written by `writer` of `writer_layer`: rmsnorm.cuh)
-// into shared memory, then the matmul over it (K = hidden), as `op` of `layer`.
+// into shared memory, then the matmul over it (K = hidden).
 template <class T, class Epilogue>
-__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Op writer, int writer_layer, Op op,
+__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Op writer, int writer_layer,
                                  int layer, int u0, int u1) {
-  rmsnorm_to_fragments(c, norm_weight, norm, writer, writer_layer, op, layer);
+  rmsnorm_to_fragments(c, norm_weight, norm, writer, writer_layer);
   return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
 }
 

@@ -68,8 +68,8 @@ struct LmHeadOp {
     return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1, kOp,
-                                                 layer, u0, u1))
+    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1, layer,
+                                                 u0, u1))
       return false;
     c.sync();  // this CTA's candidates are written
     if (!c.finished_last(c.counter(layer, kOp), unsigned(c.p.op_signals[int(kOp)])))

@@ -67,9 +67,8 @@ struct QkvOp {
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     // x was last written by the previous layer's down projection (by the embedding in layer 0)
-    const Dependency writer = dependency_at(kOp, layer);
-    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[layer].attn_norm, 2 * layer, writer.op, writer.layer, kOp,
-                                               layer, u0, u1);
+    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[layer].attn_norm, 2 * layer,
+                                               layer ? Op::kDown : Op::kEmbed, layer ? layer - 1 : 0, layer, u0, u1);
   }
 };
 

@@ -1,11 +1,8 @@
 // RMSNorm of the residual stream into shared memory, in the mma B-fragment order. Every CTA
 // recomputes it on the whole hidden vector it needs: 8-64 KB from L2 beats a grid-wide sync.
-// The residual stream and the sums of squares are tagged words (tagged.cuh): the norm polls them
-// until they carry the writer's tag, which is also its op's dependency wait.
 #pragma once
 
 #include "flashformer/ops/context.cuh"
-#include "flashformer/tagged.cuh"
 #include "flashformer/weight_layout.cuh"
 
 namespace flashformer {
@@ -13,13 +10,13 @@ namespace flashformer {
 // RMSNorm inputs: the attention norm of layer l is norm 2l, the MLP norm 2l+1, the final norm
 // 2L. The op that writes rows of x for norm n leaves its SM's sum of their squares (per batch
 // row) in sq_part[n][sm], so a norm needs no pass over x to find its scale.
-__device__ inline uint64_t* sq_part_of(const MegakernelParams& p, int norm) {
+__device__ inline float* sq_part_of(const MegakernelParams& p, int norm) {
   return p.scratch.sq_part + int64_t(norm) * gridDim.x * kMaxBatch;
 }
 
-// Warp 0 of an op that wrote rows of x (with tag `tag`): lanes hold partial sums of squares for
-// batch columns 2t, 2t+1 (t = lane % 4) over their rows; reduce them and publish this SM's share.
-__device__ inline void publish_sq_part(const MegakernelParams& p, int norm, uint32_t tag, int lane, const float (&sq)[2]) {
+// Warp 0 of an op that wrote rows of x: lanes hold partial sums of squares for batch columns
+// 2t, 2t+1 (t = lane % 4) over their rows; reduce them and publish this SM's share.
+__device__ inline void publish_sq_part(const MegakernelParams& p, int norm, int lane, const float (&sq)[2]) {
   float s[2] = {sq[0], sq[1]};
 #pragma unroll
   for (int q = 0; q < 2; ++q)
@@ -28,66 +25,50 @@ __device__ inline void publish_sq_part(const MegakernelParams& p, int norm, uint
   if (lane < 4)
 #pragma unroll
     for (int q = 0; q < 2; ++q)
-      if (2 * lane + q < p.batch) store_tagged(sq_part_of(p, norm) + blockIdx.x * kMaxBatch + 2 * lane + q, tagged(s[q], tag));
+      if (2 * lane + q < p.batch) sq_part_of(p, norm)[blockIdx.x * kMaxBatch + 2 * lane + q] = s[q];
 }
-
-// Four consecutive fp32 values of the residual stream (two 16-byte loads of tagged words).
-struct TaggedVec4 {
-  ulonglong2 lo, hi;
-  __device__ void load(const uint64_t* src) { lo = load_tagged2(src), hi = load_tagged2(src + 2); }
-  __device__ bool current(uint32_t tag) const {
-    return (tag_of(lo.x) == tag) & (tag_of(lo.y) == tag) & (tag_of(hi.x) == tag) & (tag_of(hi.y) == tag);
-  }
-  __device__ float4 values() const { return make_float4(value_of(lo.x), value_of(lo.y), value_of(hi.x), value_of(hi.y)); }
-};
 
 // RMSNorm of x (norm `norm`, its rows written by `writer` of `writer_layer`) times `weight`,
 // into this CTA's shared memory in B-fragment order. Every CTA does it for the whole vector it
-// needs: 8-64 KB from L2 beats a grid-wide sync. Polls the writer's words, which is the wait of
-// its caller, `op` of `layer` (named if the wait times out).
+// needs: 8-64 KB from L2 beats a grid-wide sync.
 template <class T>
-__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, Op writer, int writer_layer, Op op,
-                                     int layer) {
+__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, Op writer, int writer_layer) {
+  if (c.p.timing_variant & kSkipNorm) return;
+  constexpr int kVecs = T::kHidden / 4;  // float4 per batch row
+  static_assert(T::kHidden % 4 == 0, "rows are read as float4");
   const MegakernelParams& p = c.p;
-  if (p.timing_variant & kSkipNorm) return;
-  const uint32_t tag = write_tag(p, writer, writer_layer);
-  constexpr int kVecs = T::kHidden / 4;  // 4-value vectors per batch row
-  static_assert(T::kHidden % 4 == 0, "rows are read as 4-value vectors");
-  const uint64_t* x = p.scratch.x;  // (batch, hidden) tagged fp32, written by other CTAs this step
-  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per vector of x
-  // kInFlight vectors of x (and their weights) per thread at a time over the flattened (row,
+  // (batch, hidden) fp32, written by other CTAs this step: read through L2
+  const float4* x = reinterpret_cast<const float4*>(p.scratch.x);
+  const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
+  // kInFlight float4 of x (and their weights) per thread at a time over the flattened (row,
   // vector) range. The first ones are loaded before the scale's sum, so both round trips overlap.
   constexpr int kInFlight = 4;
   const int total = p.batch * kVecs;
-  TaggedVec4 a[kInFlight];
+  float4 a[kInFlight];
   uint2 wu[kInFlight];
   auto load = [&](int j0) {
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u * kConsumerThreads;
-      if (j < total) a[u].load(x + 4 * int64_t(j)), wu[u] = w4[j % kVecs];
+      if (j < total) a[u] = __ldcg(x + j), wu[u] = w4[j % kVecs];
     }
   };
   load(c.tid);
   // Warp b sums row b's partials over the SMs that wrote rows, in a fixed order (every CTA gets
-  // the same scale); a partial not yet written is polled until it is.
+  // the same scale).
   if (c.warp < p.batch) {
-    const uint64_t* part = sq_part_of(p, norm);
+    const float* part = sq_part_of(p, norm);
     float s = 0.f;
     for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize) {
-      const uint64_t* slot = part + sm * kMaxBatch + c.warp;
-      uint64_t v = load_tagged(slot);  // loaded with the schedule, not after it
-      if (!owns_units(p, writer, writer_layer, sm)) continue;  // (slots of SMs without rows are stale)
-      poll_tagged([&] { return tag_of(v) == tag || tag_of(v = load_tagged(slot)) == tag; }, p, op, layer);
-      s += value_of(v);
+      const float v = __ldcg(part + sm * kMaxBatch + c.warp);     // loaded with the schedule, not after it
+      if (owns_units(p, writer, writer_layer, sm)) s += v;         // (slots of SMs without rows are stale)
     }
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (c.lane == 0) c.rinv[c.warp] = rsqrtf(s / T::kHidden + p.rms_eps);
   }
   c.sync();  // rinv visible
-  auto put = [&](int b, int v, const TaggedVec4& t, uint2 wu) {
-    const float4 a = t.values();
+  auto put = [&](int b, int v, float4 a, uint2 wu) {
     const float r = c.rinv[b];
     const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
     const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
@@ -102,10 +83,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
       const int j = j0 + u * kConsumerThreads;
-      if (j >= total) continue;
-      TaggedVec4& t = a[u];
-      poll_tagged([&] { return t.current(tag) || (t.load(x + 4 * int64_t(j)), t.current(tag)); }, p, op, layer);
-      put(j / kVecs, j % kVecs, t, wu[u]);
+      if (j < total) put(j / kVecs, j % kVecs, a[u], wu[u]);
     }
   }
   c.sync();  // the fragments are complete before any warp loads them

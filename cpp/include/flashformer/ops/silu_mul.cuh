@@ -32,7 +32,7 @@ struct GateUpOp {
     return stream_row_blocks(pr, pr.p.layers[layer].gate_up, T::kHidden, u0, u1);
   }
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return norm_then_matmul<T, SiluMulEpilogue<T>>(c, c.p.layers[layer].mlp_norm, 2 * layer + 1, Op::kOProj, layer, kOp,
+    return norm_then_matmul<T, SiluMulEpilogue<T>>(c, c.p.layers[layer].mlp_norm, 2 * layer + 1, Op::kOProj, layer,
                                                    layer, u0, u1);
   }
 };
