@@ -7,8 +7,8 @@
 # PYTEST_ARGS adds pytest arguments, e.g. PYTEST_ARGS="-k tiny".
 # Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
 # PROFILE_ARGS adds arguments) and ncu (one 8-layer 8B step under Nsight Compute, exported as
-# CSV; NCU_CASES, default 1x128). compare: the same profile for another commit, alternating with this tree's, in one lease
-# (git archive --prefix=base/ COMMIT > .carry/base.tar here first; COMPARE_ROUNDS, default 2).
+# CSV; NCU_CASES, default 1x128). compare: the same profile for other commits, alternating with this tree's, in one lease
+# (git archive --prefix=base/ COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2).
 # Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
 # $OUT/summary.txt.
 set -uo pipefail
@@ -59,17 +59,25 @@ if has profile; then
   cat "$LOGS/profile.log"
 fi
 if has compare; then
-  [ -f .carry/base.tar ] || { echo "compare: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
-  BASE=$(mktemp -d)
-  tar xf .carry/base.tar -C "$BASE"
-  step build-base python3 -m pip install --no-build-isolation --no-deps --target "$BASE/site" "$BASE/base" \
-    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
+  # Every .carry/base*.tar (git archive --prefix=base/ COMMIT) is built and profiled in turn with this tree.
+  bases=(.carry/base*.tar)
+  [ -f "${bases[0]}" ] || { echo "compare: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
+  for tarball in "${bases[@]}"; do
+    name=$(basename "$tarball" .tar) dir=$(mktemp -d)
+    tar xf "$tarball" -C "$dir"
+    step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
+      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
+    eval "site_$name=$dir/site"
+  done
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    # shellcheck disable=SC2086
-    step "base-$round" env PYTHONPATH="$BASE/site" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
+    for tarball in "${bases[@]}"; do
+      name=$(basename "$tarball" .tar) site_var="site_$(basename "$tarball" .tar)"
+      # shellcheck disable=SC2086
+      step "$name-$round" env PYTHONPATH="${!site_var}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
+      grep -h "^llama" "$LOGS/$name-$round.log" | sed "s/^/$name /"
+    done
     # shellcheck disable=SC2086
     step "head-$round" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
-    grep -h "^llama" "$LOGS/base-$round.log" | sed 's/^/base /'
     grep -h "^llama" "$LOGS/head-$round.log" | sed 's/^/head /'
   done
 fi
