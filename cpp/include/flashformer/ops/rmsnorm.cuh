@@ -42,9 +42,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
   const uint2* w4 = reinterpret_cast<const uint2*>(weight);  // 4 bf16 per float4 of x
   // kInFlight float4 of x (and their weights) per thread at a time over the flattened (row,
   // vector) range. The first ones are loaded before the scale's sum, so both round trips overlap.
-  // Each further group is one more L2 round trip (at batch 8 on 8B: 4 groups with 8 in flight, 8
-  // with 4); 16 made every config spill.
-  constexpr int kInFlight = 8;
+  constexpr int kInFlight = 4;
   const int total = p.batch * kVecs;
   float4 a[kInFlight];
   uint2 wu[kInFlight];
