@@ -156,7 +156,7 @@ struct AttentionOp {
       // tile's scores stay live in registers.
       float* weights = scratch + kHeadSlots;
       float mx = -INFINITY;
-#pragma unroll 1
+#pragma unroll 2
       for (int j = 0; 8 * j < n; ++j) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* row = reinterpret_cast<const uint4*>(keys + min(8 * j + g, n - 1) * D) + t;  // past n: a valid row
@@ -199,7 +199,7 @@ struct AttentionOp {
         for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= ch;
       }
       const RawRow* vrow = reinterpret_cast<const RawRow*>(values) + lane;
-#pragma unroll 2
+#pragma unroll 4
       for (int u = 0; u < n; ++u) {
         float v[kDimsPerLane], w[kHeadSlots];
         unpack(vrow[u * kWarpSize], v);
