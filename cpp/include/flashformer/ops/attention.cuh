@@ -101,152 +101,179 @@ struct AttentionOp {
     return y;
   }
 
-  // q heads rounded up to a power of two: the score reduction below halves them across lanes.
+  // q heads rounded up to a power of two: the stride of the weights in the scoring scratch.
   static constexpr int kHeadSlots = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
-  static_assert(G <= kHeadSlots && kHeadSlots <= 8, "the score reduction spreads at most 8 q heads over a warp");
+  // Scores run on the tensor cores (mma.m16n8k16): rows are the G q heads (of 16), columns 8
+  // positions (one tile), the reduction the head dims, in chunks of 32 (two k-steps).
+  static constexpr int kTiles = kStagePositions / 8;
+  static constexpr int kChunks = D / 32;
+  static_assert(G <= 8 && D % 32 == 0, "scores map the q heads onto the mma's rows, head_dim onto 32-dim chunks");
+  // A warp's scoring scratch is its partial slot (written only after its last stage): the
+  // stage's rescale factors (kHeadSlots floats), then its weights [kStagePositions][kHeadSlots];
+  // for the current position, its K and V rows from kCurrentRows floats on.
+  static constexpr int kCurrentRows = 2 * kHeadSlots < 8 ? 8 : 2 * kHeadSlots;
+  static_assert(kHeadSlots * (1 + kStagePositions) <= G * kPartStride && kCurrentRows + D <= G * kPartStride,
+                "the scoring scratch fits in the warp's partial slot");
 
-  // The lowest lane holding head h's score after WarpState::add's reduction: round by round
-  // (off = 16, 8, ...), bit `off` of a lane picks the upper half of the heads it still holds.
-  __device__ static int lane_of_head(int h) {
-    int lane = 0;
-#pragma unroll
-    for (int width = kHeadSlots, off = kWarpSize / 2; width > 1; width /= 2, off /= 2)
-      if (h % width >= width / 2) lane += off;
-    return lane;
-  }
-
-  // One warp's online-softmax state for the G q heads of its kv head and batch row. Each lane
-  // holds kDimsPerLane dims of q and o for every head, and the running max m and sum l of the
-  // head whose scores it holds (see lane_of_head).
+  // One warp's online-softmax state for the G q heads of its kv head and batch row.
   struct WarpState {
-    float q[G][kDimsPerLane], o[G][kDimsPerLane], m, l;
+    // q as bf16 A fragments of the score mma, rows g < G (the rest zero): lane t's k indices of
+    // chunk ch's two k-steps are dims 32 ch + 8 t .. + 7 (the same permutation as the keys' B
+    // fragments, one 16-byte load each).
+    uint32_t qa[kChunks][4];
+    float o[G][kDimsPerLane];  // every head's o at dims lane * kDimsPerLane.. (CUDA cores)
+    float m, l;                // head lane / 4: its running max, and this lane's share of the sum
 
-    // Folds N positions in (two interleave their shuffle chains). The G partial dot products of
-    // each lane are summed across the warp by halving them round by round (each lane keeps half
-    // and sends half), so a position costs about log2(32) + 2G shuffles instead of G * log2(32);
-    // each lane ends with the scores of one head, updates that head's m and l, and broadcasts
-    // its weights.
-    template <int N>
-    __device__ void add(const RawRow (&key)[N], const RawRow (&value)[N], int lane) {
-      float part[N][kHeadSlots];
+    __device__ void start(const float* q_heads, int lane) {  // q_heads: the G heads of this kv head, [G][D] fp32
+      const int g = lane / 4, t = lane % 4;
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        float k[kDimsPerLane];
-        unpack(key[j], k);
+      for (int ch = 0; ch < kChunks; ++ch) {
+        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+        if (g < G) {
+          const float4* src = reinterpret_cast<const float4*>(q_heads + g * D + 32 * ch + 8 * t);
+          lo = __ldcg(src), hi = __ldcg(src + 1);
+        }
+        qa[ch][0] = pack(lo.x, lo.y), qa[ch][1] = pack(lo.z, lo.w), qa[ch][2] = pack(hi.x, hi.y), qa[ch][3] = pack(hi.z, hi.w);
+      }
 #pragma unroll
-        for (int h = 0; h < kHeadSlots; ++h) {
-          part[j][h] = 0.f;
-          if (h < G)
+      for (int h = 0; h < G; ++h)
 #pragma unroll
-            for (int i = 0; i < kDimsPerLane; ++i) part[j][h] += q[h][i] * k[i];
+        for (int i = 0; i < kDimsPerLane; ++i) o[h][i] = 0.f;
+      m = -INFINITY, l = 0.f;
+    }
+    __device__ static uint32_t pack(float a, float b) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    }
+
+    // Folds positions [0, n) (1 <= n <= kStagePositions) of the K and V rows at `keys` and
+    // `values` (shared memory, D bf16 a row) in. Scores: one mma per tile and k-step, lane (g, t)
+    // ends with head g's scores of positions 2t, 2t+1 of each tile; their weights go through
+    // `scratch` to every lane, which accumulates o for its dims on the CUDA cores.
+    __device__ void add(const bf16_t* keys, const bf16_t* values, int n, float* scratch, int lane) {
+      const int g = lane / 4, t = lane % 4;
+      // Raw scores into the weights' places first (each lane reads back only its own), so no
+      // tile's scores stay live in registers.
+      float* weights = scratch + kHeadSlots;
+      float mx = -INFINITY;
+#pragma unroll 2
+      for (int j = 0; 8 * j < n; ++j) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        const uint4* row = reinterpret_cast<const uint4*>(keys + min(8 * j + g, n - 1) * D) + t;  // past n: a valid row
+#pragma unroll
+        for (int ch = 0; ch < kChunks; ++ch) {
+          const uint4 k = row[4 * ch];
+          mma_fragment(acc, make_uint4(qa[ch][0], 0u, qa[ch][1], 0u), make_uint2(k.x, k.y));
+          mma_fragment(acc, make_uint4(qa[ch][2], 0u, qa[ch][3], 0u), make_uint2(k.z, k.w));
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int u = 8 * j + 2 * t + e;
+          if (u < n) {
+            mx = fmaxf(mx, acc[e]);
+            if (g < G) weights[u * kHeadSlots + g] = acc[e];
+          }
         }
       }
-      int off = kWarpSize / 2;
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));  // finite: lane t = 0 holds position 0
+      const float m_new = fmaxf(m, mx), corr = fast_exp2(m - m_new);
+      float sum = 0.f;
+      if (g < G)
+#pragma unroll 1
+        for (int u = 2 * t; u < n; u += 8)
 #pragma unroll
-      for (int width = kHeadSlots; width > 1; width /= 2, off /= 2) {
-        const bool upper = lane & off;
-#pragma unroll
-        for (int j = 0; j < N; ++j)
-#pragma unroll
-          for (int i = 0; i < width / 2; ++i) {
-            const float keep = upper ? part[j][i + width / 2] : part[j][i];
-            const float send = upper ? part[j][i] : part[j][i + width / 2];
-            part[j][i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-          }
-      }
-#pragma unroll
-      for (; off > 0; off /= 2)
-#pragma unroll
-        for (int j = 0; j < N; ++j) part[j][0] += __shfl_xor_sync(0xffffffffu, part[j][0], off);
-      float m_new = m, w[N];
-#pragma unroll
-      for (int j = 0; j < N; ++j) m_new = fmaxf(m_new, part[j][0]);
-      const float corr = fast_exp2(m - m_new);
-      l *= corr, m = m_new;
-#pragma unroll
-      for (int j = 0; j < N; ++j) w[j] = fast_exp2(part[j][0] - m_new), l += w[j];
-      float v[N][kDimsPerLane];
-#pragma unroll
-      for (int j = 0; j < N; ++j) unpack(value[j], v[j]);
+          for (int e = 0; e < 2; ++e)
+            if (u + e < n) {
+              float& w = weights[(u + e) * kHeadSlots + g];
+              w = fast_exp2(w - m_new);
+              sum += w;
+            }
+      l = l * corr + sum, m = m_new;
+      if (t == 0 && g < G) scratch[g] = corr;
+      __syncwarp();  // the weights and factors are visible to the warp
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        const int src = lane_of_head(h);
-        const float ch = __shfl_sync(0xffffffffu, corr, src);
+        const float ch = scratch[h];
 #pragma unroll
         for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= ch;
+      }
+      const RawRow* vrow = reinterpret_cast<const RawRow*>(values) + lane;
+#pragma unroll 4
+      for (int u = 0; u < n; ++u) {
+        float v[kDimsPerLane], w[kHeadSlots];
+        unpack(vrow[u * kWarpSize], v);
+        load_weights(weights + u * kHeadSlots, w);
 #pragma unroll
-        for (int j = 0; j < N; ++j) {
-          const float wh = __shfl_sync(0xffffffffu, w[j], src);
+        for (int h = 0; h < G; ++h)
 #pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += wh * v[j][i];
-        }
+          for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += w[h] * v[i];
+      }
+      __syncwarp();  // the scratch is read before the next call writes it
+    }
+    __device__ static void load_weights(const float* src, float (&w)[kHeadSlots]) {
+      if constexpr (kHeadSlots == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+      } else {
+#pragma unroll
+        for (int h = 0; h < kHeadSlots; ++h) w[h] = src[h];
       }
     }
 
-    // Positions first, first + stride, ... below n of a KV stage in shared memory, two at a time.
-    __device__ void add_stage(const uint8_t* stage, int n, int first, int stride, int lane) {
-      const RawRow* keys = reinterpret_cast<const RawRow*>(stage) + lane;
-      const RawRow* values = reinterpret_cast<const RawRow*>(stage + kStageBytes / 2) + lane;
-      int u = first;
-#pragma unroll 1
-      for (; u + stride < n; u += 2 * stride) {
-        const RawRow key[2] = {keys[u * kWarpSize], keys[(u + stride) * kWarpSize]};
-        const RawRow value[2] = {values[u * kWarpSize], values[(u + stride) * kWarpSize]};
-        add(key, value, lane);
-      }
-      if (u < n) {
-        const RawRow key[1] = {keys[u * kWarpSize]}, value[1] = {values[u * kWarpSize]};
-        add(key, value, lane);
-      }
+    // The partial (o, m, l) of every head into `slots` ([G][kPartStride]).
+    __device__ void write(float* slots, int lane) const {
+      const int g = lane / 4, t = lane % 4;
+      float l_sum = l + __shfl_xor_sync(0xffffffffu, l, 1);
+      l_sum += __shfl_xor_sync(0xffffffffu, l_sum, 2);
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int i = 0; i < kDimsPerLane; ++i) slots[h * kPartStride + lane * kDimsPerLane + i] = o[h][i];
+      if (t == 0 && g < G) slots[g * kPartStride + D] = m, slots[g * kPartStride + D + 1] = l_sum;
     }
   };
 
   // This warp's partial over row (b0 + warp / per_row)'s positions of the chunk [c0, c1), into its
-  // scratch slot (o, m, l per q head): every per_row-th position of each KV stage of the row, and
-  // the current position (from global memory: written by this step's qkv op) on the row's first
-  // warp. Every warp takes and frees every stage of the pass. False when the step was aborted.
+  // slot (o, m, l per q head): the row's KV stages go round-robin to its per_row warps, and the
+  // current position (from global memory: written by this step's qkv op) to the next warp in
+  // that order. Every warp takes and frees every stage of the pass. False when the step was
+  // aborted.
   __device__ static bool warp_partial(Consumer<T>& c, int layer, int b0, int rows, int per_row, int kv_head, int c0,
                                       int c1) {
     const MegakernelParams& p = c.p;
     const int r = c.warp / per_row, first = c.warp % per_row, b = b0 + r;
     const bool mine = r < rows;
+    float* slots = c.attn + c.warp * G * kPartStride;  // also the scoring scratch until the end
     WarpState st;
-    if (mine) {
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        const float* qh = p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G + h) * D + c.lane * kDimsPerLane;
-#pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) st.q[h][i] = __ldcg(qh + i), st.o[h][i] = 0.f;
-      }
-      st.m = -FLT_MAX, st.l = 0.f;
-    }
-    // The current position (on the row's first warp): its loads go out now, its scores after the stages.
+    if (mine) st.start(p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G) * D, c.lane);
+    // The current position: its loads go out now, its scores after the stages.
     const int pos = mine ? int(p.positions[b]) : -1;
-    const bool current = first == 0 && c0 <= pos && pos < c1;
+    const bool current = c0 <= pos && pos < c1 && stages_of(c0, mine ? c.kv_ends[r] : 0) % per_row == first;
     RawRow cur_k, cur_v;
     if (current) {
       cur_k = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, pos)) + c.lane);
       cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
     }
-    const bool ok = for_each_kv_stage(c.kv_ends, c0, rows, [&](int row, int, int n) {
+    const bool ok = for_each_kv_stage(c.kv_ends, c0, rows, [&](int row, int at, int n) {
       if (!c.ring.wait_full(c.cursor, p, c.data_wait)) return false;
-      if (row == r) st.add_stage(reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage)), n, first, per_row, c.lane);
+      if (row == r && (at - c0) / kStagePositions % per_row == first) {
+        const bf16_t* keys = reinterpret_cast<const bf16_t*>(c.ring.stage(c.cursor.stage));
+        st.add(keys, keys + kStageBytes / 4, n, slots, c.lane);  // values from the stage's middle
+      }
       c.ring.release(c.cursor);
       return true;
     });
     if (!ok) return false;
     if (!mine) return true;
     if (current) {
-      const RawRow key[1] = {cur_k}, value[1] = {cur_v};
-      st.add(key, value, c.lane);
+      RawRow* rows_kv = reinterpret_cast<RawRow*>(slots + kCurrentRows);  // K row, then V row
+      rows_kv[c.lane] = cur_k, rows_kv[kWarpSize + c.lane] = cur_v;
+      __syncwarp();
+      const bf16_t* keys = reinterpret_cast<const bf16_t*>(rows_kv);
+      st.add(keys, keys + D, 1, slots, c.lane);
     }
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float* dst = c.attn + (c.warp * G + h) * kPartStride;
-#pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) dst[c.lane * kDimsPerLane + i] = st.o[h][i];
-      if (c.lane == lane_of_head(h)) dst[D] = st.m, dst[D + 1] = st.l;
-    }
+    st.write(slots, c.lane);
     return true;
   }
 
