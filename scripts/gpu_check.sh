@@ -62,18 +62,18 @@ if has compare; then
   # Every .carry/base*.tar (git archive --prefix=base/ COMMIT) is built and profiled in turn with this tree.
   bases=(.carry/base*.tar)
   [ -f "${bases[0]}" ] || { echo "compare: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
+  declare -A site  # base name -> its install
   for tarball in "${bases[@]}"; do
     name=$(basename "$tarball" .tar) dir=$(mktemp -d)
     tar xf "$tarball" -C "$dir"
     step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
       -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
-    eval "site_$name=$dir/site"
+    site[$name]=$dir/site
   done
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    for tarball in "${bases[@]}"; do
-      name=$(basename "$tarball" .tar) site_var="site_$(basename "$tarball" .tar)"
+    for name in "${!site[@]}"; do
       # shellcheck disable=SC2086
-      step "$name-$round" env PYTHONPATH="${!site_var}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
+      step "$name-$round" env PYTHONPATH="${site[$name]}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
       grep -h "^llama" "$LOGS/$name-$round.log" | sed "s/^/$name /"
     done
     # shellcheck disable=SC2086

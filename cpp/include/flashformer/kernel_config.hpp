@@ -24,6 +24,8 @@ inline constexpr int kProducerRegisters = 56;
 inline constexpr int kConsumerRegisters = 224;
 static_assert(kWarpGroupWarps * kWarpSize * kProducerRegisters + kConsumerThreads * kConsumerRegisters <= 65536,
               "the register split exceeds the register file");
+static_assert(kProducerRegisters <= 65536 / kThreads / 8 * 8 && kConsumerRegisters >= 65536 / kThreads / 8 * 8,
+              "setmaxnreg lowers the producer's warpgroup and raises the consumers' from the launch count");
 
 // Warps [0, kConsumerWarps) compute; warp kProducerWarp streams weights, and the rest of its
 // warpgroup only gives its registers away.

@@ -60,8 +60,9 @@ struct TraceWriter {
   }
 };
 
+// (Called once, and inlined so that its state stays in registers.)
 template <class T>
-__device__ __forceinline__ void run_producer(Producer<T>& pr) {  // (called once: inlined, so its state stays in registers)
+__device__ __forceinline__ void run_producer(Producer<T>& pr) {
   const TraceWriter tr{pr.p};
   for_each_task(pr.p, [&](Op op, int layer, int u0, int u1) {
     if (u0 == u1) return true;
@@ -77,8 +78,9 @@ __device__ __forceinline__ void run_producer(Producer<T>& pr) {  // (called once
   });
 }
 
+// (Called once, and inlined: as a function of its own, c went to local memory.)
 template <class T>
-__device__ __forceinline__ void run_consumers(Consumer<T>& c) {  // (called once: inlined, so c stays in registers)
+__device__ __forceinline__ void run_consumers(Consumer<T>& c) {
   const MegakernelParams& p = c.p;
   const TraceWriter tr{p};
   if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kStartNs, global_ns()), tr.header(TraceHeader::kStartCycles, clock64());
