@@ -59,12 +59,24 @@ constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
 // The misc region, byte offsets: the ring's mbarriers (full[kMaxStages], empty[kMaxStages]),
-// two int flags, rinv[kMaxBatch] (float), kv_ends[2][kMaxBatch] (int: the consumers', the producer's).
+// two int flags, rinv[kMaxBatch] (float), kv_ends[2][kMaxBatch] (int: the consumers', the producer's),
+// the StepShape.
 inline constexpr int kMiscBytes = 1024;
 inline constexpr int kMiscFlags = 2 * kMaxStages * 8;
 inline constexpr int kMiscRinv = kMiscFlags + 2 * 4;
 inline constexpr int kMiscKvEnds = kMiscRinv + kMaxBatch * 4;
-static_assert(kMiscKvEnds + 2 * kMaxBatch * 4 <= kMiscBytes, "the misc region holds its fields");
+inline constexpr int kMiscShape = kMiscKvEnds + 2 * kMaxBatch * 4;
+
+// What tasks read about the step's rows, copied into the misc region once per step by the
+// kernel's prologue (load_step_shape) rather than from global memory by every attention task
+// and qkv epilogue.
+struct StepShape {
+  int positions[kMaxBatch];  // each row's position (KV slot) this step
+  int context;               // the longest context (positions are 0-based)
+  int active_chunks;         // attention chunks holding positions (at most attn_chunks)
+  int chunk_len;             // positions per attention chunk
+};
+static_assert(kMiscShape + int(sizeof(StepShape)) <= kMiscBytes, "the misc region holds its fields");
 
 // Shared memory of one step, laid out as
 //   misc (kMiscBytes) | ring (stages x kStageBytes) | union (union_bytes) | reduce (kReduceBytes).

@@ -127,16 +127,17 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
   int* flags = reinterpret_cast<int*>(smem + kMiscFlags);
   float* rinv = reinterpret_cast<float*>(smem + kMiscRinv);
   int* kv_ends = reinterpret_cast<int*>(smem + kMiscKvEnds);
+  StepShape* shape = reinterpret_cast<StepShape*>(smem + kMiscShape);
   const WeightRing ring{ring_data, barriers, barriers + kMaxStages, p.ring_stages};
 
-  if (threadIdx.x == 0) ring.init();
-  __syncthreads();  // barriers initialized before any role touches them
+  if (threadIdx.x == 0) ring.init(), load_step_shape(p, *shape);
+  __syncthreads();  // barriers initialized and the step's shape loaded before any role touches them
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   if (warp_role(warp) != WarpRole::kConsumer) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegisters));  // the whole warpgroup
     if (warp_role(warp) == WarpRole::kProducer && lane == 0) {
-      Producer<T> pr{p, ring, kv_ends + kMaxBatch};
+      Producer<T> pr{p, ring, kv_ends + kMaxBatch, shape};
       run_producer(pr);
     }
     return;
@@ -151,6 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant_
                 flags,
                 rinv,
                 kv_ends,
+                shape,
                 int(threadIdx.x),
                 warp,
                 lane};

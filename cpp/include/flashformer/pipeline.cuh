@@ -48,45 +48,39 @@ struct WeightRing {
   // stage; cycles spent waiting for the consumers to free it are added to `waited`. False when
   // the step was aborted meanwhile.
   __device__ bool push(RingCursor& c, const void* src, int bytes, const MegakernelParams& p, long long& waited) const {
-    uint8_t* dst;
-    if (!claim(c, bytes, p, waited, dst)) return false;
-    if (dst == nullptr) return true;
-    if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
-      bulk_copy_evict_first(src, &full[c.stage], dst, bytes);
-    else
-      cute::SM90_BULK_COPY_G2S::copy(src, &full[c.stage], dst, bytes);
-    c.advance(stages);
-    return true;
+    return fill(c, bytes, p, waited, [&](uint8_t* dst, uint64_t* bar) {
+      if (p.weight_l2_policy == int(WeightL2Policy::kEvictFirst))
+        bulk_copy_evict_first(src, bar, dst, bytes);
+      else
+        cute::SM90_BULK_COPY_G2S::copy(src, bar, dst, bytes);
+    });
   }
 
   // The same for a KV-cache stage: `bytes` of keys into the stage's first half and as many of
   // values into its second (no L2 hint: the cache is read again next step).
   __device__ bool push_kv(RingCursor& c, const void* keys, const void* values, int bytes, const MegakernelParams& p,
                           long long& waited) const {
-    uint8_t* dst;
-    if (!claim(c, 2 * bytes, p, waited, dst)) return false;
-    if (dst == nullptr) return true;
-    cute::SM90_BULK_COPY_G2S::copy(keys, &full[c.stage], dst, bytes);
-    cute::SM90_BULK_COPY_G2S::copy(values, &full[c.stage], dst + kStageBytes / 2, bytes);
-    c.advance(stages);
-    return true;
+    return fill(c, 2 * bytes, p, waited, [&](uint8_t* dst, uint64_t* bar) {
+      cute::SM90_BULK_COPY_G2S::copy(keys, bar, dst, bytes);
+      cute::SM90_BULK_COPY_G2S::copy(values, bar, dst + kStageBytes / 2, bytes);
+    });
   }
 
-  // Producer: wait until the stage at `c` is free, then arm its full barrier for `bytes` (before
-  // any copy can land) and set `dst` to its data. Under kSkipLoads the stage "lands" at once
-  // with stale bytes, the cursor moves on and `dst` is null. False when the step was aborted.
-  __device__ bool claim(RingCursor& c, int bytes, const MegakernelParams& p, long long& waited, uint8_t*& dst) const {
+  // Producer: wait until the stage at `c` is free, arm its full barrier for `bytes` (before any
+  // copy can land), issue copy(stage data, full barrier) and move on. Under kSkipLoads the stage
+  // "lands" at once with stale bytes and nothing is copied. False when the step was aborted.
+  template <class Copy>
+  __device__ bool fill(RingCursor& c, int bytes, const MegakernelParams& p, long long& waited, Copy&& copy) const {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
     if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
-    dst = nullptr;
     if (p.timing_variant & kSkipLoads) {
       FullBarrier::arrive(&full[c.stage]);
-      c.advance(stages);
-      return true;
+    } else {
+      FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);
+      copy(data + c.stage * kStageBytes, &full[c.stage]);
     }
-    FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);
-    dst = data + c.stage * kStageBytes;
+    c.advance(stages);
     return true;
   }
 

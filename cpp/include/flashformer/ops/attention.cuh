@@ -29,10 +29,9 @@ struct AttentionOp {
 
   // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
   // (shared memory): before each row's current position, whose K and V the qkv op writes this
-  // step (read directly, after the wait). Read from global memory once per pass, not per stage:
-  // under the full weight stream a global load is an L2 round trip.
-  __device__ static void row_ends(const MegakernelParams& p, int b0, int rows, int c1, int* ends, int tid, int threads) {
-    for (int r = tid; r < rows; r += threads) ends[r] = min(c1, int(p.positions[b0 + r]));
+  // step (read directly, after the wait). Once per pass, not per stage.
+  __device__ static void row_ends(const StepShape& s, int b0, int rows, int c1, int* ends, int tid, int threads) {
+    for (int r = tid; r < rows; r += threads) ends[r] = min(c1, s.positions[b0 + r]);
   }
   __device__ static int stages_of(int c0, int end) { return end > c0 ? (end - c0 + kStagePositions - 1) / kStagePositions : 0; }
 
@@ -66,13 +65,13 @@ struct AttentionOp {
     const MegakernelParams& p = pr.p;
     if (p.timing_variant & kSkipAttention) return true;
     const int chunks = p.attn_chunks;
-    const auto [context, active, chunk_len] = chunking(p);
+    const StepShape& s = *pr.shape;
     for (int unit = u0; unit < u1; ++unit) {
       const int kv_head = unit / chunks, chunk = unit % chunks;
-      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context);
-      for (int b0 = 0; b0 < p.batch && chunk < active; b0 += kConsumerWarps) {
+      const int c0 = chunk * s.chunk_len, c1 = min(c0 + s.chunk_len, s.context);
+      for (int b0 = 0; b0 < p.batch && chunk < s.active_chunks; b0 += kConsumerWarps) {
         const int rows = row_pass(p, b0).rows;
-        row_ends(p, b0, rows, c1, pr.kv_ends, 0, 1);
+        row_ends(s, b0, rows, c1, pr.kv_ends, 0, 1);
         const bool ok = for_each_kv_stage(pr.kv_ends, c0, rows, [&](int r, int pos, int n) {
           const int64_t k = kv_index<T>(p, layer, 0, b0 + r, kv_head, pos), v = kv_index<T>(p, layer, 1, b0 + r, kv_head, pos);
           return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
@@ -105,7 +104,6 @@ struct AttentionOp {
   static constexpr int kHeadSlots = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
   // Scores run on the tensor cores (mma.m16n8k16): rows are the G q heads (of 16), columns 8
   // positions (one tile), the reduction the head dims, in chunks of 32 (two k-steps).
-  static constexpr int kTiles = kStagePositions / 8;
   static constexpr int kChunks = D / 32;
   static_assert(G <= 8 && D % 32 == 0, "scores map the q heads onto the mma's rows, head_dim onto 32-dim chunks");
   // A warp's scoring scratch is its partial slot (written only after its last stage): the
@@ -248,7 +246,7 @@ struct AttentionOp {
     WarpState st;
     if (mine) st.start(p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G) * D, c.lane);
     // The current position: its loads go out now, its scores after the stages.
-    const int pos = mine ? int(p.positions[b]) : -1;
+    const int pos = mine ? c.shape->positions[b] : -1;
     const bool current = c0 <= pos && pos < c1 && stages_of(c0, mine ? c.kv_ends[r] : 0) % per_row == first;
     RawRow cur_k, cur_v;
     if (current) {
@@ -277,43 +275,24 @@ struct AttentionOp {
     return true;
   }
 
-  // The longest context this step (positions are 0-based), the same on every SM.
-  __device__ static int context_of(const MegakernelParams& p) {
-    int context = 0;
-    for (int b = 0; b < p.batch; ++b) context = max(context, int(p.positions[b]) + 1);
-    return context;
-  }
-  // Row-positions per unit below which splitting a context across more SMs costs more (in the
-  // cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
-  static constexpr int kMinUnitWork = 256;
-
-  // The longest context, the chunks holding positions this step (at most attn_chunks) and their length.
-  struct Chunking {
-    int context, active, len;
-  };
-  __device__ static Chunking chunking(const MegakernelParams& p) {
-    const int context = context_of(p), min_chunk = max(kMinUnitWork / p.batch, 16);
-    const int active = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
-    return {context, active, (context + active - 1) / active};
-  }
-
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
 
   __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
     const MegakernelParams& p = c.p;
     const int chunks = p.attn_chunks;
-    const auto [context, active, chunk_len] = chunking(p);
+    const StepShape& s = *c.shape;
+    const int active = s.active_chunks;
     for (int unit = u0; unit < u1; ++unit) {
       const int kv_head = unit / chunks, chunk = unit % chunks;
-      const int c0 = chunk * chunk_len, c1 = min(c0 + chunk_len, context);
+      const int c0 = chunk * s.chunk_len, c1 = min(c0 + s.chunk_len, s.context);
       // Chunks past the active ones have no positions: they only count towards the group.
       const bool skip = p.timing_variant & kSkipAttention;
       // Rows in passes of up to kConsumerWarps, `per_row` warps on each row at once; the warps of
       // a row then merge their partials through shared memory.
       for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
         const auto [rows, per_row] = row_pass(p, b0);
-        row_ends(p, b0, rows, c1, c.kv_ends, c.tid, kConsumerThreads);
+        row_ends(s, b0, rows, c1, c.kv_ends, c.tid, kConsumerThreads);
         c.sync();  // the ends are visible (the last pass's readers are past its closing barrier)
         if (!warp_partial(c, layer, b0, rows, per_row, kv_head, c0, c1)) return false;
         c.sync();  // every warp's partial is in scratch

@@ -25,12 +25,27 @@ __device__ inline bool owns_units(const MegakernelParams& p, Op op, int layer, i
   return begin[sm + 1] > begin[sm];
 }
 
+// Row-positions per attention unit below which splitting a context across more SMs costs more
+// (in the cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
+inline constexpr int kMinUnitWork = 256;
+
+// One thread, in the kernel's prologue: the step's positions and attention chunking.
+__device__ inline void load_step_shape(const MegakernelParams& p, StepShape& s) {
+  int context = 0;
+  for (int b = 0; b < p.batch; ++b) context = max(context, (s.positions[b] = int(p.positions[b])) + 1);
+  const int min_chunk = max(kMinUnitWork / p.batch, 16);
+  s.context = context;
+  s.active_chunks = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
+  s.chunk_len = (context + s.active_chunks - 1) / s.active_chunks;
+}
+
 // The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {
   const MegakernelParams& p;
   WeightRing ring;
   int* kv_ends;             // [kMaxBatch] the producer's copy of attention's per-row ends (shared memory)
+  const StepShape* shape;   // shared memory
   RingCursor cursor;
   RingCursor landed;        // the oldest stage pushed and not yet seen landed
   int in_flight = 0;        // stages pushed and not yet seen landed
@@ -80,6 +95,7 @@ struct Consumer {
   int* flags;          // [0] abort the step, [1] this CTA finished a reduction group last
   float* rinv;         // [kMaxBatch] RMSNorm scale of each batch row
   int* kv_ends;        // [kMaxBatch] attention: where each row's past positions end in the unit's chunk
+  const StepShape* shape;  // shared memory
   int tid, warp, lane; // tid < kConsumerThreads
   int reduce_parity = 0;
   long long data_wait = 0;  // cycles spent waiting for weight stages to land (read by the step trace)

@@ -17,7 +17,7 @@ struct QkvEpilogue {
     if (c.warp != 0) return;
 #pragma unroll
     for (int q = 0; q < 2; ++q)
-      if (2 * (c.lane % 4) + q < c.p.batch) pos[q] = int(c.p.positions[2 * (c.lane % 4) + q]);
+      if (2 * (c.lane % 4) + q < c.p.batch) pos[q] = c.shape->positions[2 * (c.lane % 4) + q];
   }
   __device__ static int freq(int rb, int g) { return 8 * ((rb * kRowBlock % D) / kRowBlock) + g; }  // < D/2
 
