@@ -181,13 +181,27 @@ def test_a_lost_dependency_raises_instead_of_hanging():
     prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (3, 7)]
     mk.prefill(prompts), ref.prefill(prompts)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([3, 7], device="cuda")
-    mk.engine.debug_skip_signal = flashformer._core.load().OPS.index("gate_up")
+    lost = flashformer._core.load().OPS.index("gate_up")
+    mk.engine.debug_skip_signal = lost
     mk.engine.timeout_ms = 100.0
     # Which SM times out first depends on where each one waits; all wait on work downstream of it.
-    with pytest.raises(RuntimeError, match=r"megakernel step aborted: SM \d+ waited more than 100 ms for \w+ of layer \d"):
-        mk.decode(tokens, positions)
+    aborted = r"megakernel step aborted: SM \d+ waited more than 100 ms for \w+ of layer \d"
+    mk.decode(tokens, positions)  # does not wait for its step: the next check reports it
+    with pytest.raises(RuntimeError, match=aborted):
+        mk.synchronize()
+    mk.decode(tokens, positions)
+    with pytest.raises(RuntimeError, match=aborted + r".*\(the decode step before this call"):
+        mk.decode(tokens, positions)  # the next decode() reports the previous step
     mk.engine.debug_skip_signal = -1  # the engine reset itself: the same step now runs clean
-    assert rel_l2(mk.decode(tokens, positions), ref.decode(tokens, positions)) < 0.05
+    logits = mk.decode(tokens, positions)
+    mk.synchronize()
+    assert rel_l2(logits, ref.decode(tokens, positions)) < 0.05
+    with pytest.raises(RuntimeError, match=aborted):  # greedy_tokens() checks too
+        mk.engine.debug_skip_signal = lost
+        mk.decode(tokens, positions)
+        mk.greedy_tokens(2)
+    mk.engine.debug_skip_signal = -1
+    mk.synchronize()  # nothing pending after a raise
 
 
 @pytest.mark.gpu
@@ -268,4 +282,4 @@ def test_sanitizer_smoke():
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()
         assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
-        assert mk.greedy_tokens(2) == logits.argmax(-1).tolist()  # brought back by decode()'s wait
+        assert mk.greedy_tokens(2) == logits.argmax(-1).tolist()  # copied back by the step's record

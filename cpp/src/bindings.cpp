@@ -156,7 +156,19 @@ PYBIND11_MODULE(_C, m) {
             py::gil_scoped_release release;
             e.check(reinterpret_cast<cudaStream_t>(stream));
           },
-          py::arg("stream") = 0)
+          py::arg("stream") = 0, "Wait for the last step on `stream`; raise RuntimeError if it aborted.")
+      .def(
+          "record",
+          [](MegakernelEngine& e, std::uintptr_t stream) { e.record(reinterpret_cast<cudaStream_t>(stream)); },
+          py::arg("stream") = 0,
+          "Queue copies of the last step's outcome (error words, arg-max tokens) to the host; no wait.")
+      .def(
+          "check_recorded",
+          [](MegakernelEngine& e) {
+            py::gil_scoped_release release;
+            e.check_recorded();
+          },
+          "Wait for what record() queued (if anything); raise RuntimeError if that step aborted.")
       .def_property_readonly("checked_next_tokens", &MegakernelEngine::checked_next_tokens,
                              "arg-max tokens of the step the last successful check() waited for, one per batch row");
 

@@ -61,9 +61,13 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   layout_ = scratch_layout(config_->dims, schedule_);
   config_->prepare();
   FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
+  FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
 }
 
-MegakernelEngine::~MegakernelEngine() { cudaFreeHost(host_words_); }
+MegakernelEngine::~MegakernelEngine() {
+  cudaEventDestroy(recorded_);
+  cudaFreeHost(host_words_);
+}
 
 void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   if (!scratch) throw std::invalid_argument("megakernel: scratch is null");
@@ -139,25 +143,37 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   config_->launch(p, num_sms_, stream);
 }
 
-void MegakernelEngine::check(cudaStream_t stream) {
+void MegakernelEngine::record(cudaStream_t stream) {
   if (!scratch_) return;
+  if (recorded_batch_ >= 0) check_recorded();  // the pinned words are still to be read
   // Asynchronous copies into pinned memory (the error words, the last step's arg-max tokens) and
-  // one wait: a plain cudaMemcpy would wait twice, and reading the tokens later once more.
+  // one event: check_recorded() waits once, and the tokens need no transfer of their own.
   FF_CUDA_CHECK(cudaMemcpyAsync(host_words_, scratch_ + layout_.error, kErrorWords * sizeof(int), cudaMemcpyDeviceToHost,
                                 stream));
   checked_batch_ = 0;
   if (params_.next_tokens)
     FF_CUDA_CHECK(cudaMemcpyAsync(host_words_ + kErrorWords, params_.next_tokens, params_.batch * sizeof(int32_t),
                                   cudaMemcpyDeviceToHost, stream));
-  FF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  FF_CUDA_CHECK(cudaEventRecord(recorded_, stream));
+  recorded_batch_ = params_.next_tokens ? params_.batch : 0;
+  recorded_stream_ = stream;
+}
+
+void MegakernelEngine::check_recorded() {
+  if (recorded_batch_ < 0) return;
+  const int batch = recorded_batch_;
+  recorded_batch_ = -1;
+  FF_CUDA_CHECK(cudaEventSynchronize(recorded_));
   const int* err = host_words_;
   if (err[0] == int(StepError::kNone)) {
-    checked_batch_ = params_.next_tokens ? params_.batch : 0;
+    checked_batch_ = batch;
     return;
   }
-  // The counters hold a partial step: start the epochs afresh so the engine stays usable.
-  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.counters, 0, layout_.counters_bytes));
-  FF_CUDA_CHECK(cudaMemset(scratch_ + layout_.error, 0, kErrorWords * sizeof(int)));
+  // The counters hold a partial step: start the epochs afresh so the engine stays usable (on the
+  // steps' stream, after any step launched since: it saw the error word and stopped early).
+  FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.counters, 0, layout_.counters_bytes, recorded_stream_));
+  FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.error, 0, kErrorWords * sizeof(int), recorded_stream_));
+  FF_CUDA_CHECK(cudaStreamSynchronize(recorded_stream_));
   epoch_ = 0;
   const int op = err[1], layer = err[2];
   if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");

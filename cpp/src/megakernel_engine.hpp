@@ -53,11 +53,19 @@ class MegakernelEngine {
   void step(const int64_t* tokens, const int64_t* positions, int32_t* next_tokens, float* logits, int batch,
             cudaStream_t stream);
 
-  // Waits for `stream`; if a step aborted, resets the counters and throws std::runtime_error
-  // saying which dependency never completed.
-  void check(cudaStream_t stream);
+  // Queues, on `stream` after the last step, copies of its outcome (the error words and arg-max
+  // tokens) into pinned host memory, without waiting: check_recorded() reads them.
+  void record(cudaStream_t stream);
+  // Waits for what record() queued (nothing to do when nothing is pending); if that step aborted,
+  // resets the counters and throws std::runtime_error saying which dependency never completed.
+  void check_recorded();
+  // record(stream), then check_recorded(): waits for the last step on `stream`.
+  void check(cudaStream_t stream) {
+    record(stream);
+    check_recorded();
+  }
 
-  // The arg-max tokens of the step the last successful check() waited for (its batch rows).
+  // The arg-max tokens of the step the last successful check waited for (its batch rows).
   std::vector<int> checked_next_tokens() const {
     return std::vector<int>(host_words_ + kErrorWords, host_words_ + kErrorWords + checked_batch_);
   }
@@ -81,8 +89,11 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
-  int* host_words_ = nullptr;  // pinned, filled by check(): the error words, then the arg-max tokens
+  int* host_words_ = nullptr;  // pinned, filled by record(): the error words, then the arg-max tokens
   int checked_batch_ = 0;      // rows of arg-max tokens in host_words_ (0: none valid)
+  int recorded_batch_ = -1;    // rows of arg-max tokens record() queued (-1: nothing pending)
+  cudaEvent_t recorded_ = nullptr;  // after record()'s copies
+  cudaStream_t recorded_stream_ = nullptr;  // where they were queued (an abort's reset goes there too)
   unsigned epoch_ = 0;
 };
 

@@ -190,8 +190,8 @@ def _probe_times(device: torch.device, nbytes: int, counts: Counts) -> tuple[lis
 def _time_calls(fn: Callable[[], object], counts: Counts, device: torch.device, per_call: bool = False) -> list[float]:
     """Milliseconds per call of `fn` after `counts.warmup` untimed calls. On a GPU the intervals
     between CUDA events recorded after consecutive calls (the timer adds no synchronization; a
-    callee that waits itself pays for it: the megakernel's decode() waits for its step to check
-    it, so its figure includes that host round trip, which the gpt-fast peer does not pay); with
+    callee that waits itself pays for it: the megakernel's decode() waits only for the step
+    before it, after queueing its own, as the gpt-fast peer's calls queue theirs); with
     `per_call`, the wall time of each call synchronized at both ends."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -391,6 +391,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
         positions = torch.full((batch,), ctx, dtype=torch.long, device=device)
         median, p10, p90 = _stats(_time_calls(partial(backend.decode, tokens, positions), counts["engine"], device))
+        getattr(backend, "synchronize", lambda: None)()  # the last timed step completed (raises if not)
         nbytes = step_bytes(spec, weights, batch, ctx)
         floor = nbytes / (result["read_bw_gbs"] * 1e9) * 1e3 if result["read_bw_gbs"] else None
         rows[batch, ctx] = {

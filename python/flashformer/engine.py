@@ -42,6 +42,8 @@ class Backend(Protocol):
     # Optional: `greedy_tokens(batch) -> list[int]`, the arg-max of each row of the last decode
     # step's logits, when the backend computes it itself (the megakernel fuses it); the engine
     # then reads greedy picks from it instead of arg-maxing the logits.
+    # Optional: `synchronize()`, for a backend whose decode() returns before its step is known to
+    # have completed (the megakernel): waits for it and raises if it failed.
 
 
 def select_backend(
@@ -288,6 +290,7 @@ class Engine:
         positions = [len(r.prompt_ids) for r in requests]  # where each row's newest token goes
         tokens = [0] * len(requests)
         fused_argmax = getattr(self.backend, "greedy_tokens", None)  # optional (see Backend)
+        synchronize = getattr(self.backend, "synchronize", None)  # optional (see Backend)
         decoded = False
         while True:
             # Every greedy row's pick in one transfer: the backend's fused arg-max of a decode step
@@ -306,5 +309,7 @@ class Engine:
             # only rewrites its own dead cache entry. Tokens and positions travel in one copy.
             step = torch.tensor([tokens, positions], device=device)
             logits = self.backend.decode(step[0], step[1])
+            if synchronize:  # the tokens picked next come from this step: it must have completed
+                synchronize()
             decoded = True
             positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]

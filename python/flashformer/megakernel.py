@@ -133,17 +133,24 @@ class MegakernelBackend:
 
     def greedy_tokens(self, batch: int) -> list[int]:
         """The last decode step's arg-max token of rows 0..batch-1 (the kernel's fused arg-max over
-        the logits it wrote: the lowest index among equal maxima, as torch.argmax). decode()'s
-        wait already brought them to the host: no further transfer."""
+        the logits it wrote: the lowest index among equal maxima, as torch.argmax). Waits for that
+        step (raising as synchronize() does); decode() already queued the tokens' copy to the host."""
+        self.synchronize()
         tokens = self.engine.checked_next_tokens
         if batch > len(tokens):
             raise ValueError(f"greedy_tokens: the last decode step had {len(tokens)} rows, asked for {batch}")
         return tokens[:batch]
 
+    def synchronize(self) -> None:
+        """Wait for the last decode step; raise RuntimeError if it aborted (a dependency inside the
+        kernel never completed within the watchdog, FLASHFORMER_WATCHDOG_MS: its logits are invalid,
+        and the engine has reset itself so the next step runs clean)."""
+        self.engine.check_recorded()
+
     def _int64_on_device(self, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """`values` itself when the kernel can read it (int64, contiguous, on this device: no copy
-        launch per step), else a copy in `buffer`. decode() waits for the step, so either stays
-        alive for as long as the kernel reads it."""
+        launch per step), else a copy in `buffer`. The kernel reads either in stream order, as a
+        torch op would: the caching allocator reuses a freed input only for work queued after it."""
         if values.dtype == torch.int64 and values.is_contiguous() and values.device == buffer.device:
             return values
         return buffer[: values.shape[0]].copy_(values)
@@ -163,13 +170,22 @@ class MegakernelBackend:
         return self.reference.prefill(prompts)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32. The kernel's
-        fused arg-max of each row is left in `self.next_tokens[:B]`."""
+        """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32, on the current
+        stream like any torch op: the call does not wait for its step, so the next call's launch
+        queues behind it and the GPU runs steps back to back. Whether a step completed is checked
+        at the next decode() (after its launch), greedy_tokens() or synchronize(): a step that
+        aborted raises RuntimeError there. The kernel's fused arg-max of each row is left in
+        `self.next_tokens[:B]`."""
         b = tokens.shape[0]
         tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.engine.step(
             tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream
         )
-        self.engine.check(stream)  # raises RuntimeError if a dependency never completed
+        try:
+            self.engine.check_recorded()  # the previous step, which ran before this one
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} (the decode step before this call; this call's step ran after it and is invalid "
+                               "too)") from None
+        self.engine.record(stream)  # this step's outcome, read by the next check
         return self.logits[:b].clone()
