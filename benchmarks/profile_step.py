@@ -11,7 +11,7 @@ For each model shape (random bf16 weights) and (batch, context) case:
     (land_wait). Summarized per op type as wall-clock time on the critical path (an op's span =
     its last SM's completion - the previous op's).
 
-  python benchmarks/profile_step.py --models llama-3.1-8b --cases 1x128,8x1024 --out DIR
+  python benchmarks/profile_step.py --models SHAPE[,SHAPE] --cases 1x128,8x1024 --out DIR
   python benchmarks/profile_step.py --ncu-step ...   # warm up, then one untraced step for ncu (gpu_check.sh)
 
 Prints compact tables; writes DIR/profile.json with every figure and the trace summaries, and
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from flashformer import _core
-from flashformer.bench import WEIGHT_STD, git_commit, shape_config, step_bytes
+from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, git_commit, shape_config, step_bytes
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
+from flashformer.reference import KVCache
 from flashformer.weights import random_weights
 
-OP_NAMES = ("embed", "qkv", "attention", "o_proj", "gate_up", "down", "lm_head")
 
 
 def launch(mk: MegakernelBackend, batch: int, stream: int) -> None:
@@ -93,11 +93,8 @@ def decode_ms(mk: MegakernelBackend, tokens, positions, n: int = 30) -> float:
 
 
 def task_ops(layers: int) -> list[tuple[str, int]]:
-    """(op name, layer) of each trace task, in the kernel's order."""
-    ops = [("embed", 0)]
-    for layer in range(layers):
-        ops += [(name, layer) for name in OP_NAMES[1:6]]
-    return ops + [("lm_head", layers - 1)]
+    """(op name, layer) of each trace task, in the kernel's order (ops.hpp, through the core)."""
+    return [tuple(t) for t in _core.load().step_tasks(layers)]
 
 
 def take_trace(mk: MegakernelBackend, batch: int, variant: int = 0) -> np.ndarray:
@@ -184,7 +181,7 @@ def format_trace(s: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="llama-3.1-8b,llama-3.2-1b")
+    ap.add_argument("--models", default=",".join(reversed(DEFAULT_MODELS)), help="shape names (flashformer bench's)")
     ap.add_argument("--cases", default="1x128,8x1024", help="comma-separated BATCHxCONTEXT")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (ncu runs)")
     ap.add_argument("--variants", default="all", help="'all', 'none', or comma-separated TIMING_VARIANTS sums by name")
@@ -200,6 +197,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     C = _core.load()
+    if not C.INSTRUMENTED and not args.ncu_step:
+        ap.error("timing variants and the step trace need the instrumented kernels: build with "
+                 "-Ccmake.define.FLASHFORMER_INSTRUMENTED=ON (scripts/gpu_check.sh does)")
     V = C.TIMING_VARIANTS
     four = V["skip_waits"] | V["skip_attention"] | V["skip_norm"] | V["skip_epilogue"]
     known = {
@@ -217,8 +217,7 @@ def main() -> int:
         "consumers_no_reduce": four | V["skip_loads"] | V["skip_reduce"],  # the stage loop alone
         "handshake_only": four | V["skip_loads"] | V["skip_math"],  # the ring's barriers alone, no data
     }
-    if "relaxed_signals" in V:  # (builds before 5011d83 lack it: `compare` runs this script against them)
-        known["no_fence"] = V["relaxed_signals"]  # op signals without their release fence
+    known["no_fence"] = V["relaxed_signals"]  # op signals without their release fence
     variants = known
     if args.variants == "none":
         variants = {"all": 0}
@@ -242,7 +241,8 @@ def main() -> int:
         spec = spec_from_dict(cfg)
         w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen)
         max_ctx = max(ctx for _, ctx in cases)
-        mk = MegakernelBackend(spec, w, max(b for b, _ in cases), max_ctx + 8)
+        cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda")
+        mk = MegakernelBackend(spec, w, cache)
         mk.kv_cache.uniform_(-1, 1, generator=gen)
         rows = result["models"].setdefault(model, {})
         for batch, ctx in cases:

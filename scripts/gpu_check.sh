@@ -5,10 +5,17 @@
 # then the device tool: run(command="bash scripts/gpu_check.sh", carry=[".carry"])
 # Stages (default: build ctest pytest sanitize): bash scripts/gpu_check.sh build pytest
 # PYTEST_ARGS adds pytest arguments, e.g. PYTEST_ARGS="-k tiny".
+# The build holds both builds of the megakernel (FLASHFORMER_INSTRUMENTED=ON): the GPU tests run the
+# shipped kernel, and the instrumented one where they need timing variants, the trace or test hooks.
 # Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
-# PROFILE_ARGS adds arguments) and ncu (one 8-layer 8B step under Nsight Compute, exported as
-# CSV; NCU_CASES, default 1x128). compare: the same profile for other commits, alternating with this tree's, in one lease
-# (git archive --prefix=base/ COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2).
+# PROFILE_ARGS adds arguments) and ncu (one 8-layer step of the largest default bench shape, or
+# NCU_MODEL, under Nsight Compute, exported as CSV; NCU_CASES, default 1x128). compare: the same
+# profile for other commits, alternating with this tree's, in one lease (git archive --prefix=base/
+# COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2; the
+# bases need this profile_step.py's API). benchcmp: `flashformer bench` (each commit's own) of every
+# .carry/base*.tar and of this tree, alternating, COMPARE_ROUNDS rounds (BENCH_ARGS, default
+# "--batch 1,8 --peers none"), then a table of engine ms per row. bench: this tree's bench of
+# record into $OUT/h200 (BENCH_ARGS, default "--batch 1,8 --peers fast"; FLASHFORMER_COMMIT names it).
 # Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
 # $OUT/summary.txt.
 set -uo pipefail
@@ -39,7 +46,8 @@ if has build; then
   # machine can make an incremental build miss an edit.
   rm -rf build
   step build python3 -m pip install --no-build-isolation --no-deps -v . \
-    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || { tail -n 60 "$LOGS/build.log"; exit 1; }
+    -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON ||
+    { tail -n 60 "$LOGS/build.log"; exit 1; }
   cuobjdump --dump-resource-usage build/libflashformer_kernels.a >"$LOGS/resources.txt" 2>&1
   grep -A1 "Function.*megakernel" "$LOGS/resources.txt" | grep -o "REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*" | tee -a "$OUT/summary.txt"
 fi
@@ -47,7 +55,7 @@ has ctest && step ctest ctest --test-dir build --output-on-failure
 # shellcheck disable=SC2086
 has pytest && step pytest python3 -m pytest -m gpu -v -p no:cacheprovider ${PYTEST_ARGS:-}
 if has sanitize; then
-  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build/cpp/tests/test_gpu
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 build/cpp/tests/test_ops
   for tool in memcheck racecheck synccheck; do
     step "mk-$tool" env FLASHFORMER_WATCHDOG_MS=600000 compute-sanitizer --tool "$tool" --kernel-name kns=megakernel \
       --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider tests/test_megakernel.py -k sanitizer_smoke
@@ -67,7 +75,7 @@ if has compare; then
     name=$(basename "$tarball" .tar) dir=$(mktemp -d)
     tar xf "$tarball" -C "$dir"
     step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
-      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
+      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON || exit 1
     site[$name]=$dir/site
   done
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
@@ -81,10 +89,58 @@ if has compare; then
     grep -h "^llama" "$LOGS/head-$round.log" | sed 's/^/head /'
   done
 fi
+bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
+if has benchcmp; then
+  bases=(.carry/base*.tar)
+  [ -f "${bases[0]}" ] || { echo "benchcmp: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
+  declare -A bsite
+  for tarball in "${bases[@]}"; do
+    name=$(basename "$tarball" .tar) dir=$(mktemp -d)
+    tar xf "$tarball" -C "$dir"
+    step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
+      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
+    bsite[$name]=$dir/site
+  done
+  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
+    for name in "${!bsite[@]}"; do
+      # shellcheck disable=SC2086
+      step "bench-$name-$round" env PYTHONPATH="${bsite[$name]}" FLASHFORMER_COMMIT="$name" "${bench_cli[@]}" \
+        --out "$LOGS/bench-$name-$round" ${BENCH_ARGS:---batch 1,8 --peers none}
+    done
+    # shellcheck disable=SC2086
+    step "bench-head-$round" "${bench_cli[@]}" --out "$LOGS/bench-head-$round" ${BENCH_ARGS:---batch 1,8 --peers none}
+  done
+  python3 - "$LOGS" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+from pathlib import Path
+runs = {p.parent.name[len("bench-"):]: json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("bench-*/bench.json"))}
+names = sorted({k.rsplit("-", 1)[0] for k in runs})
+best = {n: {} for n in names}  # the fastest round of each row (noise only ever adds time)
+for key, doc in runs.items():
+    for r in doc["rows"]:
+        row = (r["model"], r["batch"], r["ctx"])
+        d = best[key.rsplit("-", 1)[0]]
+        d[row] = min(d.get(row, 1e9), r["engine_ms"])
+    for t in doc["ttft"]:
+        row = (t["model"], "ttft", t["prompt_len"])
+        d = best[key.rsplit("-", 1)[0]]
+        d[row] = min(d.get(row, 1e9), t["engine_ms"])
+print("model batch ctx " + " ".join(names) + "  (ms, best of rounds; last column / first - 1)")
+for row in sorted(best[names[0]], key=str):
+    vals = [best[n].get(row) for n in names]
+    ratio = f"{vals[-1] / vals[0] - 1:+.1%}" if None not in vals else ""
+    print(*row, *(f"{v:.3f}" if v else "-" for v in vals), ratio)
+PY
+fi
+if has bench; then
+  # shellcheck disable=SC2086
+  step bench "${bench_cli[@]}" --out "$OUT/h200" ${BENCH_ARGS:---batch 1,8 --peers fast}
+fi
 if has ncu; then
+  model=${NCU_MODEL:-$(python3 -c 'from flashformer.bench import DEFAULT_MODELS; print(DEFAULT_MODELS[-1])')}
   step ncu timeout 300 ncu --clock-control none --kernel-name regex:megakernel --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
-    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models llama-3.1-8b --layers 8 --cases "${NCU_CASES:-1x128}" --ncu-step
+    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models "$model" --layers 8 --cases "${NCU_CASES:-1x128}" --ncu-step
   ncu -i "$NCU/mk.ncu-rep" --page details --csv >"$NCU/details.csv" 2>&1
   ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source sass >"$NCU/sass.csv" 2>&1
   ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source cuda >"$NCU/cuda.csv" 2>&1

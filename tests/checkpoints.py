@@ -185,3 +185,25 @@ def rel_l2(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """||ours - ref|| / ||ref|| in fp32; non-finite `ours` fails."""
     assert torch.isfinite(ours).all(), "non-finite logits"
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def clone_weights(w):
+    """A copy of `Weights` on the same device (tied stays tied): backends may reorder theirs in place."""
+    import dataclasses
+
+    from flashformer.weights import LayerWeights, Weights
+
+    def c(t):
+        return None if t is None else t.clone()
+
+    layers = [LayerWeights(**{f.name: c(getattr(l, f.name)) for f in dataclasses.fields(l)}) for l in w.layers]
+    embed = c(w.embed)
+    return Weights(embed=embed, final_norm=c(w.final_norm), lm_head=embed if w.tied else c(w.lm_head), layers=layers,
+                   fragment_order=w.fragment_order)
+
+
+def kv_cache(spec, weights, max_batch_size: int, max_seq_len: int):
+    """A fresh KVCache for `weights` (dtype and device), as the Engine makes one."""
+    from flashformer.reference import KVCache
+
+    return KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=weights.embed.dtype, device=weights.embed.device)

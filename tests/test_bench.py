@@ -19,6 +19,8 @@ from flashformer.config import spec_from_dict
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import load_weights
 
+from checkpoints import kv_cache
+
 ROW_FIELDS = {
     "model": str,
     "batch": int,
@@ -49,7 +51,7 @@ def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(
     for row in result["rows"]:
         for field, kind in ROW_FIELDS.items():
             assert isinstance(row[field], kind), (field, row[field])
-        assert row["model"] == "tiny"
+        assert row["model"] == "tiny-gqa"
         assert 0 < row["engine_p10_ms"] <= row["engine_ms"] <= row["engine_p90_ms"]
         assert row["floor_ms"] is None and row["floor_fraction"] is None  # no probe on a CPU
         assert row["gptfast_ms"] is None and row["speedup_vs_gptfast"] is None
@@ -57,11 +59,11 @@ def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(
         assert row["speedup_vs_hf_eager"] == pytest.approx(row["hf_eager_ms"] / row["engine_ms"])
     assert [t["prompt_len"] for t in result["ttft"]] == list(bench.QUICK_PROMPT_LENS)
     for entry in result["ttft"]:
-        assert entry["model"] == "tiny" and entry["engine_ms"] > 0 and entry["hf_eager_ms"] > 0
+        assert entry["model"] == "tiny-gqa" and entry["engine_ms"] > 0 and entry["hf_eager_ms"] > 0
 
     table = (tmp_path / "bench.md").read_text()
     assert table.startswith(f"> **{result['note']}**")
-    assert table.count("| tiny |") == len(result["rows"]) + len(result["ttft"])
+    assert table.count("| tiny-gqa |") == len(result["rows"]) + len(result["ttft"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     captured = capsys.readouterr()
     assert bench.CPU_NOTE in captured.out and "bench.png" in captured.err
@@ -85,7 +87,7 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
         )
     assert result["errors"] == [
         {
-            "model": "tiny",
+            "model": "tiny-gqa",
             "peer": "hf_eager",
             "error": "failed: RuntimeError: no such attention implementation (its figures are left empty)",
         }
@@ -93,7 +95,7 @@ def test_a_failing_peer_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
     (row,) = result["rows"]
     assert row["engine_ms"] > 0 and row["hf_eager_ms"] is None and result["ttft"] == []
     assert json.loads((tmp_path / "bench.json").read_text())["errors"] == result["errors"]
-    assert "- tiny, hf_eager peer: failed: RuntimeError" in (tmp_path / "bench.md").read_text()
+    assert "- tiny-gqa, hf_eager peer: failed: RuntimeError" in (tmp_path / "bench.md").read_text()
 
 
 def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path):
@@ -156,7 +158,7 @@ def test_floor_of_the_8b_shape_matches_the_anchor():
 
 
 def test_random_weights_are_random_and_tied_when_asked():
-    spec = spec_from_dict(bench.shape_config("tiny"))
+    spec = spec_from_dict(bench.shape_config("tiny-gqa"))
     weights = random_weights(spec, tied=True, device="cpu", generator=torch.Generator().manual_seed(1))
     assert weights.tied and weights.embed.dtype == torch.bfloat16
     tensors = [
@@ -170,7 +172,7 @@ def test_random_weights_are_random_and_tied_when_asked():
 
 
 def _tiny_fp32():
-    cfg = bench.shape_config("tiny")
+    cfg = bench.shape_config("tiny-gqa")
     spec = spec_from_dict(cfg)
     generator = torch.Generator().manual_seed(0)
     weights = random_weights(spec, tied=False, device="cpu", dtype=torch.float32, generator=generator)
@@ -179,7 +181,7 @@ def _tiny_fp32():
 
 def _fp32_model(name, tmp_path):
     """(config.json dict, spec, fp32 weights on the CPU, generator): the tiny shape, or a checkpoint."""
-    if name == "tiny":
+    if name == "tiny-gqa":
         return _tiny_fp32()
     from checkpoints import make_checkpoint
 
@@ -189,14 +191,14 @@ def _fp32_model(name, tmp_path):
     return cfg, spec, load_weights(path, spec, dtype=torch.float32, progress=False), torch.Generator().manual_seed(0)
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama3", "llama_tied", "qwen3"])
+@pytest.mark.parametrize("name", ["tiny-gqa", "llama3", "llama_tied", "qwen3"])
 def test_peers_compute_what_the_reference_computes(name, tmp_path):
     """Same weights, same cache contents: the gpt-fast model (run eagerly here) and HF transformers
     return the reference decoder's logits, step after step (biases, tied embeddings, q/k norms too)."""
     pytest.importorskip("transformers")
     cfg, spec, weights, generator = _fp32_model(name, tmp_path)
     batch, ctx = 2, 40
-    reference = ReferenceBackend(spec, weights, batch, 64)
+    reference = ReferenceBackend(spec, weights, kv_cache(spec, weights, batch, 64))
     reference.kv_cache.normal_(generator=generator)
     source = reference.kv_cache.clone()
     fast = GptFast(spec, weights, 64, compile=False)
@@ -217,7 +219,7 @@ def test_hf_prefill_matches_the_reference():
     pytest.importorskip("transformers")
     cfg, spec, weights, generator = _tiny_fp32()
     prompt = torch.randint(spec.vocab_size, (24,), generator=generator)
-    expected = ReferenceBackend(spec, weights, 1, 64).prefill([prompt])
+    expected = ReferenceBackend(spec, weights, kv_cache(spec, weights, 1, 64)).prefill([prompt])
     torch.testing.assert_close(HFEager(spec, weights, hf_config(cfg)).prefill(prompt), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -238,7 +240,7 @@ def test_compiled_gptfast_runs_and_says_when_cuda_graphs_were_skipped():
     rows = {(1, 16): {}}
     with tqdm(disable=True) as bar:
         problem = bench._run_gptfast(
-            "tiny", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar
+            "tiny-gqa", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar
         )
     assert "skipped CUDA graphs" in problem and "understate gpt-fast" in problem
     assert rows[1, 16]["gptfast_ms"] > 0

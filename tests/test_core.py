@@ -1,5 +1,5 @@
 """The compiled core: import without a GPU, device reporting, the build's nvcc check, and the
-TMA tile-load kernel (GPU)."""
+configs, ops and task order it reports (derived from its one list of each)."""
 
 import os
 import shutil
@@ -41,14 +41,6 @@ def test_core_info_lists_devices():
         assert dev["sm_count"] > 0
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
-def test_engine_without_gpu_says_why():
-    from flashformer import _C
-
-    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
-        _C.Engine(0)
-
-
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_build_without_nvcc_says_what_to_do(tmp_path):
     env = dict(os.environ, CUDACXX=str(tmp_path / "no-such-nvcc"))
@@ -63,37 +55,26 @@ def test_build_without_nvcc_says_what_to_do(tmp_path):
     assert "CUDACXX=/path/to/nvcc" in out
 
 
-@pytest.mark.gpu
-def test_engine_binds_to_the_hopper_device():
-    from flashformer import _C
-
-    engine = _C.Engine(0)
-    dev = engine.device
-    assert dev["supported"] and dev["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
-    with pytest.raises(RuntimeError, match="does not exist"):
-        _C.Engine(torch.cuda.device_count())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("rows,cols", [(64, 64), (200, 392), (1, 8), (4096, 4096), (777, 1032)])
-def test_tma_tile_copy_is_exact(rows, cols):
-    from flashformer import _C
-
-    src = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)  # fresh data every run
-    dst = torch.full_like(src, float("nan"))  # poisoned: an unwritten element fails
-    _C.testing.tma_tile_copy(src.data_ptr(), dst.data_ptr(), rows, cols, torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
-    assert torch.equal(dst.view(torch.int16), src.view(torch.int16))
+def test_the_task_order_is_the_ops_list_unrolled_over_the_layers():
+    C = flashformer._core.load()
+    tasks = C.step_tasks(3)
+    assert tasks[0] == ("embed", 0) and tasks[-1] == ("lm_head", 2)
+    body = [op for op, _ in tasks[1:-1]]
+    per_layer = body[: len(body) // 3]
+    assert per_layer == [op for op in C.OPS if op not in ("embed", "lm_head")]  # list order
+    assert body == per_layer * 3 and [layer for _, layer in tasks[1:-1]] == sorted(list(range(3)) * len(per_layer))
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        C.step_tasks(0)
 
 
-@pytest.mark.gpu
-def test_tma_tile_copy_rejects_bad_input():
-    from flashformer import _C
-
-    src = torch.randn(64, 12, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        _C.testing.tma_tile_copy(src.data_ptr(), src.data_ptr(), 64, 12)
-    host = torch.randn(64, 64, dtype=torch.bfloat16)
-    dev = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="device memory"):
-        _C.testing.tma_tile_copy(host.data_ptr(), dev.data_ptr(), 64, 64)
+def test_each_config_says_how_its_layer_weights_are_laid_out():
+    C = flashformer._core.load()
+    names = [c["name"] for c in C.configs()]
+    assert len(names) == len(set(names))
+    for c in C.configs():
+        fields = {f["name"]: f for f in c["layer_weights"]}
+        assert fields["qkv"]["row_order"] == C.ROW_ORDERS["rope_pairs"] and fields["qkv"]["order_param"] == c["head_dim"]
+        assert fields["gate_up"]["row_order"] == C.ROW_ORDERS["gate_up"]
+        assert fields["gate_up"]["order_param"] == c["intermediate_size"]
+        assert not fields["attn_norm"]["packed"] and fields["down"]["packed"]
+        assert c["layers"] >= 1 and isinstance(c["tied"], bool)

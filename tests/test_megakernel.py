@@ -21,20 +21,22 @@ from flashformer.megakernel import MegakernelBackend, compiled_configs, match_co
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import Weights, random_weights
 
-from checkpoints import make_llama_checkpoint, rel_l2
+from checkpoints import clone_weights, kv_cache, make_llama_checkpoint, rel_l2
 
-# The tiny compiled test configs (2 layers); the real shapes come from the benchmark's table.
-TINY = {
-    "tiny-gqa": dict(shape_config("tiny"), tie_word_embeddings=False),
-    "tiny-d128": dict(
-        shape_config("tiny"), intermediate_size=768, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
-        vocab_size=1024, tie_word_embeddings=True,
-    ),
-}
+TINY = ("tiny-gqa", "tiny-d128")  # the compiled test configs: tiny-gqa untied, tiny-d128 tied
 
 
 def llama_config(name: str) -> dict:
-    return dict(TINY[name]) if name in TINY else shape_config(name)
+    """config.json of a compiled shape (the benchmark's: the compiled core's list)."""
+    return shape_config(name)
+
+
+def megakernel(spec, weights, batch: int, max_seq: int) -> MegakernelBackend:
+    return MegakernelBackend(spec, weights, kv_cache(spec, weights, batch, max_seq))
+
+
+def reference(spec, weights, batch: int, max_seq: int) -> ReferenceBackend:
+    return ReferenceBackend(spec, weights, kv_cache(spec, weights, batch, max_seq))
 
 
 def tied(name: str) -> bool:
@@ -42,9 +44,9 @@ def tied(name: str) -> bool:
 
 
 def test_every_compiled_shape_is_matched_by_its_llama_spec():
-    names = {c["name"] for c in compiled_configs()}
-    assert {"tiny-gqa", "tiny-d128", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"} <= names
-    for name in [*TINY, "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]:
+    names = [c["name"] for c in compiled_configs()]
+    assert set(TINY) <= set(names) and len(names) >= 5
+    for name in names:
         assert match_config(spec_from_dict(llama_config(name))) == name
 
 
@@ -83,17 +85,19 @@ def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> t
 
 def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
     """Teacher-forced logits of the megakernel, the bf16 reference and the fp32 reference on the
-    same fresh random prompts and forced tokens."""
+    same fresh random prompts and forced tokens. The megakernel packs `weights` in place and hands
+    them back row-major (release_weights) before the references run on them."""
     batch = len(prompt_lens)
     prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
     forced = torch.randint(0, spec.vocab_size, (steps, batch))
-    mk = MegakernelBackend(spec, weights, batch, max_seq)
+    mk = megakernel(spec, weights, batch, max_seq)
     mk.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
     out = {"mk": teacher_forced(mk, prompts, forced)}
     out["mk_next"] = mk.next_tokens[:batch].cpu()
+    mk.release_weights()
     del mk
-    out["bf16"] = teacher_forced(ReferenceBackend(spec, weights, batch, max_seq), prompts, forced)
-    out["fp32"] = teacher_forced(ReferenceBackend(spec, to_fp32(weights), batch, max_seq), prompts, forced)
+    out["bf16"] = teacher_forced(reference(spec, weights, batch, max_seq), prompts, forced)
+    out["fp32"] = teacher_forced(reference(spec, to_fp32(weights), batch, max_seq), prompts, forced)
     return out
 
 
@@ -135,7 +139,13 @@ def test_tiny_context_8192(name):
 def test_real_shapes_teacher_forced_logits_match_reference(name):
     spec = spec_from_dict(llama_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.02)
+    original = clone_weights(weights)
     check_errors(run_three(spec, weights, [1], steps=4, max_seq=64))
+    # packed in place and handed back: bit for bit the same weights (tied stays tied)
+    assert weights.tied == original.tied and torch.equal(weights.lm_head, original.lm_head)
+    assert all(torch.equal(a, b) for la, lb in zip(weights.layers, original.layers)
+               for a, b in ((la.wqkv, lb.wqkv), (la.wo, lb.wo), (la.w_gate_up, lb.w_gate_up), (la.w_down, lb.w_down)))
+    del original
     check_errors(run_three(spec, weights, [8191, 1, 700, 2, 4096, 33, 129, 5000], steps=3, max_seq=8200))
 
 
@@ -171,13 +181,19 @@ def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     assert ours[:first_tie] == theirs[:first_tie]
 
 
+instrumented = pytest.mark.skipif(
+    not _core.load().INSTRUMENTED, reason="needs the instrumented kernels (FLASHFORMER_INSTRUMENTED=ON, as gpu_check.sh builds)"
+)
+
+
 @pytest.mark.gpu
 @gpu
+@instrumented
 def test_a_lost_dependency_raises_instead_of_hanging():
     spec = spec_from_dict(llama_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
-    mk = MegakernelBackend(spec, weights, 2, 64)
-    ref = ReferenceBackend(spec, weights, 2, 64)
+    ref = reference(spec, clone_weights(weights), 2, 64)
+    mk = megakernel(spec, weights, 2, 64)
     prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (3, 7)]
     mk.prefill(prompts), ref.prefill(prompts)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([3, 7], device="cuda")
@@ -206,6 +222,7 @@ def test_a_lost_dependency_raises_instead_of_hanging():
 
 @pytest.mark.gpu
 @gpu
+@instrumented
 def test_step_trace_is_ordered_and_changes_nothing():
     """The step trace (trace.hpp): every task ran on some SM, each SM's timestamps are ordered
     (start <= dependency met <= computed <= synced <= signalled, tasks in sequence), and a traced step
@@ -213,7 +230,7 @@ def test_step_trace_is_ordered_and_changes_nothing():
     C = flashformer._core.load()
     spec = spec_from_dict(llama_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
-    mk = MegakernelBackend(spec, weights, 2, 64)
+    mk = megakernel(spec, weights, 2, 64)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([5, 9], device="cuda")
     mk.kv_cache.uniform_(-1, 1)
     plain = mk.decode(tokens, positions)
@@ -226,7 +243,7 @@ def test_step_trace_is_ordered_and_changes_nothing():
     layout = C.TRACE_LAYOUT
     nh, nf = len(layout["header"]), len(layout["fields"])
     raw = trace.view(mk.engine.num_sms, -1).cpu()
-    tasks = 2 + layout["layer_ops"] * spec.num_layers
+    tasks = len(C.step_tasks(spec.num_layers))
     assert raw.shape[1] == nh + tasks * nf
     head = dict(zip(layout["header"], raw[:, :nh].T))
     assert (head["start_ns"] > 0).all() and (head["end_ns"] >= head["start_ns"]).all()
@@ -251,7 +268,7 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
     fixed order). Out-of-range values are refused with a message naming the setting."""
     spec = spec_from_dict(llama_config("tiny-d128"))
     weights = random_weights(spec, tied=True, dtype=torch.bfloat16, device="cuda", std=0.1)
-    mk = MegakernelBackend(spec, weights, 2, 64)
+    mk = megakernel(spec, weights, 2, 64)
     mk.kv_cache.uniform_(-1, 1)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([7, 40], device="cuda")
     default = mk.decode(tokens, positions)
@@ -276,10 +293,79 @@ def test_sanitizer_smoke():
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised)."""
     spec = spec_from_dict(llama_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
-    mk = MegakernelBackend(spec, weights, 2, 16)
+    mk = megakernel(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()
         assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
         assert mk.greedy_tokens(2) == logits.argmax(-1).tolist()  # copied back by the step's record
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_step_with_non_finite_logits_raises_naming_the_row():
+    """NaN in one token's embedding row makes the row that feeds it non-finite: the kernel's check
+    beside its arg-max fails the step (no token is emitted from it), naming that batch row."""
+    spec = spec_from_dict(llama_config("tiny-gqa"))  # untied: the embedding table is its own
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    weights.embed[7] = float("nan")
+    mk = megakernel(spec, weights, 2, 16)
+    for bad_row in (1, 0):
+        tokens = torch.tensor([3, 7] if bad_row else [7, 3], device="cuda")
+        mk.decode(tokens, torch.tensor([0, 0], device="cuda"))
+        with pytest.raises(RuntimeError, match=f"non-finite logits \\(NaN or inf\\) in batch row {bad_row}"):
+            mk.synchronize()
+    logits = mk.decode(torch.tensor([3, 4], device="cuda"), torch.tensor([1, 1], device="cuda"))  # finite again
+    mk.synchronize()
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_the_packed_weights_are_the_only_copy_on_the_device(name):
+    """Building the backend adds only its scratch, the prefill's two layer buffers, the kernel's
+    half RoPE tables and its I/O buffers: the matrices (and a tied table) are reordered in place."""
+    cfg = dict(llama_config(name), num_hidden_layers=2)
+    spec = spec_from_dict(cfg)
+    weights = random_weights(spec, tied=cfg["tie_word_embeddings"], dtype=torch.bfloat16, device="cuda", std=0.02)
+    cache = kv_cache(spec, weights, 8, 256)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    mk = MegakernelBackend(spec, weights, cache)
+    torch.cuda.synchronize()
+    added = torch.cuda.memory_allocated() - before
+    own = (mk.scratch.nbytes + sum(b.nbytes for b in mk.prefill_model.buffers) + mk.rope_cos.nbytes
+           + mk.rope_sin.nbytes + mk.logits.nbytes + mk.tokens.nbytes + mk.positions.nbytes + mk.next_tokens.nbytes)
+    assert added <= own + (1 << 20), f"{added - own} bytes beyond the backend's own buffers"
+    assert weights.fragment_order and weights.tied == cfg["tie_word_embeddings"]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", TINY)
+def test_prefill_over_the_packed_weights_is_the_reference_prefill(name):
+    """Ragged prompts, layer by layer over unpacked buffers (a side stream ahead of the compute):
+    the same logits and KV cache as the reference over row-major weights."""
+    spec = spec_from_dict(llama_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
+    ref = reference(spec, clone_weights(weights), 3, 600)
+    mk = megakernel(spec, weights, 3, 600)
+    prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (1, 37, 513)]
+    for _ in range(2):  # twice: the second prefill reuses the buffers the first one left
+        ours, theirs = mk.prefill(prompts), ref.prefill(prompts)
+        assert rel_l2(ours, theirs) < 1e-3
+        assert rel_l2(mk.kv_cache.float(), ref.kv_cache.float()) < 1e-3
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(_core.load().INSTRUMENTED, reason="checks a build without the instrumented kernels")
+def test_measurement_settings_need_the_instrumented_build():
+    spec = spec_from_dict(llama_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    mk = megakernel(spec, weights, 1, 16)
+    mk.engine.timing_variant = _core.load().TIMING_VARIANTS["skip_norm"]
+    with pytest.raises(ValueError, match="FLASHFORMER_INSTRUMENTED=ON"):
+        mk.decode(torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))

@@ -28,7 +28,7 @@ def synthetic_trace(layers: int, sms: int, idle_sm_task: int) -> np.ndarray:
     signal (of which the last 70 ns after the CTA barrier); SM s starts s ns late; one SM has no units of task `idle_sm_task`. 2 cycles per ns."""
     layout = _core.load().TRACE_LAYOUT
     nh, nf = len(layout["header"]), len(layout["fields"])
-    tasks = 2 + layout["layer_ops"] * layers
+    tasks = len(_core.load().step_tasks(layers))
     raw = np.zeros((sms, nh + tasks * nf), dtype=np.uint64)
     f = {name: i for i, name in enumerate(layout["fields"])}
     last_signal = 1_000 + (sms - 1) + tasks * 1_100  # the last SM's last task
@@ -51,7 +51,7 @@ def test_summary_of_a_synthetic_trace(profile_step):
     layers, sms = 3, 4
     s = profile_step.summarize_trace(synthetic_trace(layers, sms, idle_sm_task=2), layers)
     ops = s["per_op"]
-    assert set(ops) == set(profile_step.OP_NAMES)
+    assert set(ops) == set(_core.load().OPS)
     assert s["clock_ghz"] == pytest.approx(2.0, rel=1e-3)
     assert sum(d["span"] for d in ops.values()) == pytest.approx(s["span_ms"], abs=1e-9)
     assert ops["qkv"]["tasks"] == layers and ops["embed"]["tasks"] == 1 and ops["lm_head"]["tasks"] == 1

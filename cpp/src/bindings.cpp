@@ -1,11 +1,19 @@
 // pybind11 module flashformer._C: the only file that knows about Python.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
-#include "engine.hpp"
+#include <iterator>
+#include <map>
+#include <string>
+
+#include "devices.hpp"
+#include "flashformer/fragment_layout.hpp"
 #include "flashformer/kernel_config.hpp"
+#include "flashformer/ops.hpp"
+#include "flashformer/trace.hpp"
 #include "kernels/launch.hpp"
 #include "megakernel_engine.hpp"
 
@@ -48,16 +56,26 @@ PYBIND11_MODULE(_C, m) {
       },
       "Facts about the compiled core and the CUDA devices it sees.");
 
-  py::class_<Engine>(m, "Engine")
-      .def(py::init<int>(), py::arg("device") = 0)
-      .def_property_readonly("device", [](const Engine& e) { return device_dict(e.device()); });
-
-  m.attr("OPS") = py::cast(std::vector<std::string>(kOpNames.begin(), kOpNames.end()));
+  std::vector<std::string> op_names;
+  for (const OpInfo& op : kOps) op_names.push_back(op.name);
+  m.attr("OPS") = op_names;
+  m.def(
+      "step_tasks",
+      [](int layers) {
+        if (layers < 1) throw std::invalid_argument("step_tasks: layers must be >= 1");
+        py::list out;
+        for (int t = 0; t < task_count(layers); ++t) {
+          const Task task = task_at(t, layers);
+          out.append(py::make_tuple(kOps[task.op].name, task.layer));
+        }
+        return out;
+      },
+      py::arg("layers"), "The decode step's tasks in order, as (op name, layer) pairs (ops.hpp).");
   m.attr("MAX_BATCH") = kMaxBatch;
   m.attr("MIN_RING_STAGES") = kMinStages;
+  m.attr("INSTRUMENTED") = has_instrumented_kernels();
   m.attr("TRACE_LAYOUT") = py::dict(py::arg("header") = std::vector<std::string>(kTraceHeaderNames.begin(), kTraceHeaderNames.end()),
-                                     py::arg("fields") = std::vector<std::string>(kTraceFieldNames.begin(), kTraceFieldNames.end()),
-                                     py::arg("layer_ops") = kLayerOps);
+                                     py::arg("fields") = std::vector<std::string>(kTraceFieldNames.begin(), kTraceFieldNames.end()));
   m.attr("TIMING_VARIANTS") = py::dict(py::arg("skip_waits") = int(kSkipWaits), py::arg("skip_attention") = int(kSkipAttention),
                                        py::arg("skip_norm") = int(kSkipNorm), py::arg("skip_epilogue") = int(kSkipEpilogue),
                                        py::arg("skip_math") = int(kSkipMath), py::arg("poll_every_spin") = int(kPollEverySpin),
@@ -76,6 +94,14 @@ PYBIND11_MODULE(_C, m) {
           d["num_kv_heads"] = c.dims.kv_heads;
           d["head_dim"] = c.dims.head_dim;
           d["vocab_size"] = c.dims.vocab;
+          d["layers"] = c.dims.layers;
+          d["tied"] = c.dims.tied;
+          py::list fields;  // how the engine fills each layer's LayerWeights
+          for (const LayerWeightField& f : kLayerWeightFields)
+            fields.append(py::dict(py::arg("name") = f.name, py::arg("packed") = f.packed,
+                                   py::arg("row_order") = int(f.order),
+                                   py::arg("order_param") = row_order_param(f.order, c.dims)));
+          d["layer_weights"] = fields;
           py::list stages;  // weight-ring depth at batch 1..MAX_BATCH (smem_split)
           for (int b = 1; b <= kMaxBatch; ++b) stages.append(smem_split(c.dims, b).stages);
           d["ring_stages"] = stages;
@@ -98,8 +124,32 @@ PYBIND11_MODULE(_C, m) {
       py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("row_order"),
       py::arg("order_param") = 0, py::arg("stream") = 0,
       "Pack a row-major bf16 matrix (device pointers) into the megakernel's fragment order.");
+  m.def(
+      "unpack_weight",
+      [](std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
+         std::uintptr_t stream) {
+        unpack_weight(reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst), rows, cols, row_order,
+                      order_param, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("row_order"),
+      py::arg("order_param") = 0, py::arg("stream") = 0,
+      "The inverse of pack_weight: a fragment-ordered bf16 matrix (device pointers) back to row-major.");
+  m.def(
+      "fragment_sources",
+      [](int64_t rows, int64_t cols, int row_order, int64_t order_param) {
+        if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock || rows * cols > (int64_t{1} << 26))
+          throw std::invalid_argument("fragment_sources: rows and cols must be positive multiples of 16, at most 2^26 elements");
+        py::array_t<int64_t> out(rows * cols);
+        int64_t* o = out.mutable_data();
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            o[weight_fragment_index(r, c, cols)] = source_row(RowOrder(row_order), r, order_param) * cols + c;
+        return out;
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("row_order"), py::arg("order_param") = 0,
+      "For each element of a packed (rows, cols) matrix, the flat index of its source element in the row-major "
+      "matrix (the host statement of the fragment order, for tests).");
 
-  using LayerPtrs = std::array<std::uintptr_t, 6>;  // qkv, o, gate_up, down, attn_norm, mlp_norm
   py::class_<MegakernelEngine>(m, "MegakernelEngine")
       .def(py::init<std::string, int, int, int, int>(), py::arg("config"), py::arg("device"), py::arg("n_layers"),
            py::arg("max_batch"), py::arg("max_seq"))
@@ -107,9 +157,14 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_sms", [](const MegakernelEngine& e) { return e.schedule().num_sms; })
       .def_property_readonly("byte_imbalance", [](const MegakernelEngine& e) { return byte_imbalance(e.schedule()); })
       .def_readwrite("timeout_ms", &MegakernelEngine::timeout_ms)
-      .def_readwrite("debug_skip_signal", &MegakernelEngine::debug_skip_signal)
-      .def_readwrite("timing_variant", &MegakernelEngine::timing_variant,
-                     "TIMING_VARIANTS flags leaving parts of the step out (outputs are then garbage)")
+      .def_property(
+          "debug_skip_signal", [](const MegakernelEngine& e) { return e.instr.skip_signal_op; },
+          [](MegakernelEngine& e, int op) { e.instr.skip_signal_op = op; },
+          "test hook (instrumented build): SM 0 never signals this op (an index into OPS; -1: off)")
+      .def_property(
+          "timing_variant", [](const MegakernelEngine& e) { return e.instr.timing_variant; },
+          [](MegakernelEngine& e, int v) { e.instr.timing_variant = v; },
+          "TIMING_VARIANTS flags leaving parts of the step out (instrumented build; outputs are then garbage)")
       .def_readwrite("ring_stages_limit", &MegakernelEngine::ring_stages_limit,
                      "timing only: use at most this many weight-ring stages (0: as planned; else at least MIN_RING_STAGES)")
       .def_readwrite("inflight_stages_limit", &MegakernelEngine::inflight_stages_limit,
@@ -118,18 +173,30 @@ PYBIND11_MODULE(_C, m) {
                      "L2 eviction priority of the weight stream: 0 normal, 1 evict first")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
       .def_property(
-          "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.trace); },
-          [](MegakernelEngine& e, std::uintptr_t ptr) { e.trace = reinterpret_cast<unsigned long long*>(ptr); },
-          "device pointer of a trace_words uint64 buffer the next steps fill (trace.hpp), or 0: off")
+          "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.instr.trace); },
+          [](MegakernelEngine& e, std::uintptr_t ptr) { e.instr.trace = reinterpret_cast<unsigned long long*>(ptr); },
+          "device pointer of a trace_words uint64 buffer the next steps fill (trace.hpp; instrumented build), or 0: off")
       .def(
           "bind",
-          [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<LayerPtrs>& layers, std::uintptr_t embed,
-             std::uintptr_t final_norm, std::uintptr_t lm_head, std::uintptr_t rope_cos, std::uintptr_t rope_sin,
-             std::uintptr_t kv_cache, float rms_eps) {
+          [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<std::map<std::string, std::uintptr_t>>& layers,
+             std::uintptr_t embed, bool embed_packed, std::uintptr_t final_norm, std::uintptr_t lm_head,
+             std::uintptr_t rope_cos, std::uintptr_t rope_sin, std::uintptr_t kv_cache, float rms_eps) {
             auto bf = [](std::uintptr_t v) { return reinterpret_cast<bf16_t*>(v); };
             ModelPointers mp;
-            for (const LayerPtrs& l : layers) mp.layers.push_back({bf(l[0]), bf(l[1]), bf(l[2]), bf(l[3]), bf(l[4]), bf(l[5])});
+            for (const auto& given : layers) {  // one {field name: device pointer} per layer (kLayerWeightFields)
+              LayerWeights l{};
+              for (const LayerWeightField& f : kLayerWeightFields) {
+                const auto it = given.find(f.name);
+                if (it == given.end() || it->second == 0)
+                  throw std::invalid_argument(std::string("megakernel bind: layer weight '") + f.name + "' missing");
+                l.*f.field = bf(it->second);
+              }
+              if (given.size() != std::size(kLayerWeightFields))
+                throw std::invalid_argument("megakernel bind: unknown layer weight names (expected those of configs()[i]['layer_weights'])");
+              mp.layers.push_back(l);
+            }
             mp.embed = bf(embed);
+            mp.embed_packed = embed_packed;
             mp.final_norm = bf(final_norm);
             mp.lm_head = bf(lm_head);
             mp.rope_cos = reinterpret_cast<const float*>(rope_cos);
@@ -138,7 +205,8 @@ PYBIND11_MODULE(_C, m) {
             mp.rms_eps = rms_eps;
             e.bind(reinterpret_cast<void*>(scratch), mp);
           },
-          py::arg("scratch"), py::arg("layers"), py::arg("embed"), py::arg("final_norm"), py::arg("lm_head"),
+          py::arg("scratch"), py::arg("layers"), py::arg("embed"), py::arg("embed_packed"), py::arg("final_norm"),
+          py::arg("lm_head"),
           py::arg("rope_cos"), py::arg("rope_sin"), py::arg("kv_cache"), py::arg("rms_eps"))
       .def(
           "step",
@@ -172,16 +240,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("checked_next_tokens", &MegakernelEngine::checked_next_tokens,
                              "arg-max tokens of the step the last successful check() waited for, one per batch row");
 
-  py::module_ testing = m.def_submodule("testing", "Kernel probes used by the test suite");
-  testing.def(
-      "tma_tile_copy",
-      [](std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t cols, std::uintptr_t stream) {
-        py::gil_scoped_release release;
-        tma_tile_copy(reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst), rows, cols,
-                      reinterpret_cast<cudaStream_t>(stream));
-      },
-      py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("stream") = 0,
-      "Copy a row-major bf16 matrix through shared memory in 64x64 TMA tiles (device pointers).");
+  py::module_ testing = m.def_submodule("testing", "Kernel probes used by the test suite and the benchmark");
   testing.def(
       "read_probe",
       [](std::uintptr_t src, int64_t bytes, std::uintptr_t sink, std::uintptr_t stream) {

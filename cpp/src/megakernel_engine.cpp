@@ -25,11 +25,13 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
   l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
   l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * 4);
-  l.counters_bytes = int64_t(s.layers) * (kNumOps + d.kv_heads) * 4;
+  // the task counters, then attention's per-kv-head group counters: one region, zeroed together
+  l.counters_bytes = (int64_t(s.tasks()) + int64_t(s.layers) * d.kv_heads) * 4;
   l.counters = take(l.counters_bytes);
+  l.attn_groups = l.counters + int64_t(s.tasks()) * 4;
   l.error = take(kErrorWords * sizeof(int));
   l.layer_table = take(int64_t(s.layers) * sizeof(LayerWeights));
-  l.schedule = take(int64_t(s.layers) * kNumOps * (s.num_sms + 1) * 4);
+  l.schedule = take(int64_t(s.tasks()) * (s.num_sms + 1) * 4);
   l.total = at;
   return l;
 }
@@ -59,7 +61,7 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
-  config_->prepare();
+  config_->shipped.prepare();
   FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
   FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
 }
@@ -85,6 +87,7 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.layers = reinterpret_cast<const LayerWeights*>(scratch_ + layout_.layer_table);
   p.n_layers = schedule_.layers;
   p.embed = model.embed;
+  p.embed_packed = model.embed_packed;
   p.final_norm = model.final_norm;
   p.lm_head = model.lm_head;
   p.rope_cos = model.rope_cos;
@@ -101,10 +104,10 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
                       reinterpret_cast<float*>(scratch_ + layout_.argmax_part),
                       reinterpret_cast<float*>(scratch_ + layout_.sq_part),
                       reinterpret_cast<unsigned*>(scratch_ + layout_.counters),
+                      reinterpret_cast<unsigned*>(scratch_ + layout_.attn_groups),
                       reinterpret_cast<int*>(scratch_ + layout_.error)};
   p.schedule = reinterpret_cast<const int*>(scratch_ + layout_.schedule);
-  for (int op = 0; op < kNumOps; ++op) p.op_signals[op] = schedule_.active_sms(Op(op));
-  p.op_signals[int(Op::kAttention)] = config_->dims.kv_heads;  // one per kv head, from its last chunk
+  for (int op = 0; op < kNumOps; ++op) p.arrivals[op] = schedule_.arrivals(config_->dims, op);
   p.attn_chunks = schedule_.attn_chunks;
 }
 
@@ -123,8 +126,19 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   p.logits = logits;
   p.epoch = ++epoch_;
   p.timeout_ns = static_cast<unsigned long long>(timeout_ms * 1e6);
-  p.debug_skip_signal = debug_skip_signal;
-  p.timing_variant = timing_variant;
+  if (instr.skip_signal_op >= kNumOps)
+    throw std::invalid_argument("megakernel: debug_skip_signal must be -1 (off) or an op index below " +
+                                std::to_string(kNumOps) + ", got " + std::to_string(instr.skip_signal_op));
+  p.instr = instr;
+  const KernelLaunch* kernel = &config_->shipped;
+  if (instr.any()) {
+    kernel = &config_->instrumented;
+    if (!*kernel)
+      throw std::invalid_argument(
+          "megakernel: timing_variant, trace and debug_skip_signal need the instrumented kernels, which this build "
+          "does not have (build with -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON, as scripts/gpu_check.sh does)");
+    if (!instrumented_prepared_) kernel->prepare(), instrumented_prepared_ = true;
+  }
   const SmemSplit split = smem_split(config_->dims, batch);
   if (ring_stages_limit != 0 && ring_stages_limit < kMinStages)
     throw std::invalid_argument("megakernel: ring_stages_limit must be 0 (the plan's) or >= " +
@@ -137,10 +151,9 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +
                                 std::to_string(weight_l2_policy));
   p.weight_l2_policy = weight_l2_policy;
-  p.trace = trace;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
-  config_->launch(p, num_sms_, stream);
+  kernel->launch(p, num_sms_, stream);
 }
 
 void MegakernelEngine::record(cudaStream_t stream) {
@@ -169,20 +182,27 @@ void MegakernelEngine::check_recorded() {
     checked_batch_ = batch;
     return;
   }
-  // The counters hold a partial step: start the epochs afresh so the engine stays usable (on the
-  // steps' stream, after any step launched since: it saw the error word and stopped early).
+  const int code = err[0], task = err[1], detail = err[2], sm = err[3];
+  const int layers = schedule_.layers;
+  // Any step launched since saw the error word and stopped early, so the counters may hold a
+  // partial step: start the epochs afresh so the engine stays usable (on the steps' stream, after
+  // those steps).
   FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.counters, 0, layout_.counters_bytes, recorded_stream_));
   FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.error, 0, kErrorWords * sizeof(int), recorded_stream_));
   FF_CUDA_CHECK(cudaStreamSynchronize(recorded_stream_));
   epoch_ = 0;
-  const int op = err[1], layer = err[2];
-  if (op <= int(Op::kEmbed) || op >= kNumOps) throw std::runtime_error("megakernel step aborted (unknown op)");
-  const Dependency dep = dependency_at(Op(op), layer);  // the one the waiter was waiting for
+  if (code == int(StepError::kNonFiniteLogits))
+    throw std::runtime_error("megakernel step produced non-finite logits (NaN or inf) in batch row " +
+                             std::to_string(detail) + " (found by " + task_name(task, layers) +
+                             "): its tokens are invalid; the weights or the inputs hold non-finite values");
+  if (code != int(StepError::kDependencyTimeout) || task <= 0 || task >= schedule_.tasks())
+    throw std::runtime_error("megakernel step aborted (error " + std::to_string(code) + ", task " +
+                             std::to_string(task) + ")");
   char ms[32];
   std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
-  throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(err[3]) + " waited more than " +
-                           ms + " ms for " + kOpNames[int(dep.op)] + " of layer " + std::to_string(dep.layer) +
-                           " (needed by " + kOpNames[op] + " of layer " + std::to_string(layer) +
+  // The waiter waits for the task before it (ops.hpp).
+  throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(sm) + " waited more than " +
+                           ms + " ms for " + task_name(task - 1, layers) + " (needed by " + task_name(task, layers) +
                            "), which never completed; the step's outputs are invalid and the engine has been reset");
 }
 

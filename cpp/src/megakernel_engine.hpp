@@ -10,13 +10,15 @@
 
 #include "flashformer/megakernel_params.hpp"
 #include "flashformer/schedule.hpp"
+#include "flashformer/trace.hpp"
 #include "kernels/configs.hpp"
 
 namespace flashformer {
 
 // Byte offsets of the scratch regions (256-byte aligned) and the total size.
 struct ScratchLayout {
-  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, error, layer_table, schedule, total;
+  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, attn_groups, error, layer_table, schedule,
+      total;
   int64_t counters_bytes;
 };
 
@@ -24,6 +26,7 @@ struct ScratchLayout {
 struct ModelPointers {
   std::vector<LayerWeights> layers;
   const bf16_t* embed;
+  bool embed_packed;  // tied: `embed` is the packed LM head (fragment order)
   const bf16_t* final_norm;
   const bf16_t* lm_head;
   const float* rope_cos;
@@ -56,8 +59,9 @@ class MegakernelEngine {
   // Queues, on `stream` after the last step, copies of its outcome (the error words and arg-max
   // tokens) into pinned host memory, without waiting: check_recorded() reads them.
   void record(cudaStream_t stream);
-  // Waits for what record() queued (nothing to do when nothing is pending); if that step aborted,
-  // resets the counters and throws std::runtime_error saying which dependency never completed.
+  // Waits for what record() queued (nothing to do when nothing is pending); if that step failed,
+  // throws std::runtime_error saying why: a dependency that never completed (the counters are
+  // reset first, so the next step runs clean) or a row whose logits were not finite.
   void check_recorded();
   // record(stream), then check_recorded(): waits for the last step on `stream`.
   void check(cudaStream_t stream) {
@@ -71,14 +75,13 @@ class MegakernelEngine {
   }
 
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
-  int debug_skip_signal = -1;  // test hook: SM 0 never signals this op (an Op value)
-  int timing_variant = 0;      // TimingVariant flags, for differential timing only
+  // Timing variants, the step trace and test hooks: a step with any of them set runs the
+  // instrumented build of the kernel (std::invalid_argument where this build has none).
+  Instrumentation instr;
   int ring_stages_limit = 0;   // timing only: use at most this many ring stages (0: the plan's)
   // Tuning (benchmarks/NOTES.md has the sweeps that chose the defaults).
   int inflight_stages_limit = 3;  // most weight stages in flight per SM (0: the whole ring)
   int weight_l2_policy = int(WeightL2Policy::kEvictFirst);  // of the weight stream
-  unsigned long long* trace = nullptr;  // device buffer of trace_words() words, or null: no trace
-
   // Size of the step trace (trace.hpp) for this engine's SMs and layers.
   int64_t trace_words() const { return int64_t(num_sms_) * trace_words_per_sm(schedule_.layers); }
 
@@ -95,6 +98,7 @@ class MegakernelEngine {
   cudaEvent_t recorded_ = nullptr;  // after record()'s copies
   cudaStream_t recorded_stream_ = nullptr;  // where they were queued (an abort's reset goes there too)
   unsigned epoch_ = 0;
+  bool instrumented_prepared_ = false;
 };
 
 }  // namespace flashformer

@@ -1,53 +1,32 @@
 // Host-side tests of what the core states without a GPU.
 
+#include <set>
+#include <string>
+
 #include "check.hpp"
 #include "flashformer/fragment_layout.hpp"
 #include "flashformer/kernel_config.hpp"
+#include "flashformer/megakernel_params.hpp"
+#include "flashformer/ops.hpp"
 #include "flashformer/schedule.hpp"
-#include "flashformer/tma_limits.hpp"
 #include "flashformer/trace.hpp"
 
-using flashformer::tma_2d_problem;
+using flashformer::kCompiledConfigs;
+using flashformer::kOps;
+using flashformer::op_index;
 
-static bool mentions(const std::string& s, const char* word) { return s.find(word) != std::string::npos; }
-
-FF_TEST(tma_accepts_aligned_row_major_bf16) {
-  FF_CHECK(tma_2d_problem(0x1000, 64, 64, 2).empty());
-  FF_CHECK(tma_2d_problem(0x1000, 1, 8, 2).empty());            // one 16-byte row
-  FF_CHECK(tma_2d_problem(0x1000, 128256, 4096, 2).empty());    // Llama-3 LM head
-  FF_CHECK(tma_2d_problem(0x1010, 200, 392, 2).empty());        // ragged tiles, 16-byte aligned base
-}
-
-FF_TEST(tma_rejects_what_the_engine_cannot_read) {
-  FF_CHECK(mentions(tma_2d_problem(0x1000, 0, 64, 2), "empty"));
-  FF_CHECK(mentions(tma_2d_problem(0x1000, 64, -1, 2), "empty"));
-  FF_CHECK(mentions(tma_2d_problem(0x1008, 64, 64, 2), "16-byte aligned"));
-  const std::string odd = tma_2d_problem(0x1000, 64, 12, 2);
-  FF_CHECK(mentions(odd, "multiple of 16") && mentions(odd, "multiple of 8"));
-  FF_CHECK(mentions(tma_2d_problem(0x1000, int64_t{1} << 32, 64, 2), "2^32"));
-  FF_CHECK(mentions(tma_2d_problem(0x1000, 2, int64_t{1} << 32, 2), "2^32"));
-}
-
-FF_TEST(tma_limits_are_the_hardware_ones) {
-  static_assert(flashformer::kTmaMaxBoxDim == 256);
-  static_assert(flashformer::kSwizzleBytes == 128);
-  FF_CHECK(flashformer::kSwizzleAtomAlignBytes == 8 * flashformer::kSwizzleBytes);  // 8 rows x 128 B
-}
-
-// Layers of the real models; the tiny test configs use 2. A new real config must be listed here.
-static int layers_of(const flashformer::ModelDims& d) {
-  const std::string name = d.name;
-  if (name == "llama-3.2-1b") return 16;
-  if (name == "llama-3.2-3b") return 28;
-  if (name == "llama-3.1-8b") return 32;
-  FF_CHECK(name.rfind("tiny", 0) == 0);  // an unlisted real config would be tested at 2 layers
-  return 2;
+FF_TEST(config_names_are_unique_and_shapes_are_published_ones) {
+  std::set<std::string> names;
+  for (const flashformer::ModelDims& d : kCompiledConfigs) {
+    FF_CHECK(names.insert(d.name).second);
+    FF_CHECK(d.layers >= 1);
+  }
 }
 
 FF_TEST(schedule_is_sound_for_every_config_at_132_and_114_sms) {
-  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs)
+  for (const flashformer::ModelDims& d : kCompiledConfigs)
     for (int sms : {132, 114}) {
-      const flashformer::Schedule s = flashformer::build_schedule(d, sms, layers_of(d));
+      const flashformer::Schedule s = flashformer::build_schedule(d, sms, d.layers);
       const std::vector<std::string> problems = flashformer::schedule_problems(s);
       for (const std::string& p : problems) std::printf("  %s @ %d SMs: %s\n", d.name, sms, p.c_str());
       FF_CHECK(problems.empty());
@@ -55,10 +34,10 @@ FF_TEST(schedule_is_sound_for_every_config_at_132_and_114_sms) {
 }
 
 FF_TEST(real_models_balance_weight_bytes_within_5_percent) {
-  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs) {
+  for (const flashformer::ModelDims& d : kCompiledConfigs) {
     if (std::string(d.name).rfind("tiny", 0) == 0) continue;  // fewer rows than SMs: balance is moot
     for (int sms : {132, 114}) {
-      const double imbalance = flashformer::byte_imbalance(flashformer::build_schedule(d, sms, layers_of(d)));
+      const double imbalance = flashformer::byte_imbalance(flashformer::build_schedule(d, sms, d.layers));
       std::printf("  %s @ %d SMs: largest SM streams %.4fx the mean\n", d.name, sms, imbalance);
       FF_CHECK(imbalance <= 1.05);
     }
@@ -66,9 +45,10 @@ FF_TEST(real_models_balance_weight_bytes_within_5_percent) {
 }
 
 FF_TEST(schedule_problems_catches_a_broken_split) {
-  flashformer::Schedule s = flashformer::build_schedule(flashformer::kCompiledConfigs[0], 8, 2);
-  s.split[1 * flashformer::kNumOps + int(flashformer::Op::kDown)][3] += 1;  // SM 2 takes one unit too many
-  s.split[0 * flashformer::kNumOps + int(flashformer::Op::kQkv)].back() -= 1;  // a unit nobody produces
+  using flashformer::task_index;
+  flashformer::Schedule s = flashformer::build_schedule(kCompiledConfigs[0], 8, 2);
+  s.split[task_index(op_index<flashformer::DownOp>, 1, 2)][3] += 1;  // SM 2 takes one unit too many
+  s.split[task_index(op_index<flashformer::QkvOp>, 0, 2)].back() -= 1;  // a unit nobody produces
   const std::vector<std::string> problems = flashformer::schedule_problems(s);
   bool qkv = false, down = false;
   for (const std::string& p : problems) qkv |= p.rfind("qkv of layer 0", 0) == 0, down |= p.rfind("down of layer 1", 0) == 0;
@@ -76,7 +56,7 @@ FF_TEST(schedule_problems_catches_a_broken_split) {
 }
 
 FF_TEST(shared_memory_split_fits_227_kb_for_every_config_and_batch) {
-  for (const flashformer::ModelDims& d : flashformer::kCompiledConfigs) {
+  for (const flashformer::ModelDims& d : kCompiledConfigs) {
     std::printf("  %s: ring stages at batch 1..8:", d.name);
     for (int batch = 1; batch <= flashformer::kMaxBatch; ++batch) {
       const flashformer::SmemSplit s = flashformer::smem_split(d, batch);
@@ -105,18 +85,50 @@ FF_TEST(act_pair_index_is_the_fragment_index_of_even_k) {
         FF_CHECK(flashformer::act_fragment_index(n, k, rows) == flashformer::act_pair_index(n, k, rows));
 }
 
-FF_TEST(trace_tasks_are_numbered_in_kernel_order) {
-  using flashformer::Op;
+FF_TEST(task_order_is_embed_then_every_layer_then_the_lm_head) {
+  using namespace flashformer;
   const int layers = 3;
-  std::vector<int> order = {flashformer::trace_task(Op::kEmbed, 0, layers)};
+  FF_CHECK(task_count(layers) == 2 + kLayerOps * layers);
+  FF_CHECK(kLayerOps == 5);
+  std::vector<int> expected = {op_index<EmbedOp>};
   for (int l = 0; l < layers; ++l)
-    for (Op op : {Op::kQkv, Op::kAttention, Op::kOProj, Op::kGateUp, Op::kDown})
-      order.push_back(flashformer::trace_task(op, l, layers));
-  order.push_back(flashformer::trace_task(Op::kLmHead, layers - 1, layers));
-  FF_CHECK(int(order.size()) == flashformer::trace_tasks(layers));
-  for (int i = 0; i < int(order.size()); ++i) FF_CHECK(order[i] == i);  // one slot each, in order
-  FF_CHECK(flashformer::trace_words_per_sm(layers) ==
-           flashformer::kTraceHeader + int64_t(order.size()) * flashformer::kTraceFields);
+    for (int op : {op_index<QkvOp>, op_index<AttentionOp>, op_index<OProjOp>, op_index<GateUpOp>, op_index<DownOp>})
+      expected.push_back(op);
+  expected.push_back(op_index<LmHeadOp>);
+  FF_CHECK(int(expected.size()) == task_count(layers));
+  for (int t = 0; t < task_count(layers); ++t) {
+    const Task task = task_at(t, layers);
+    FF_CHECK(task.index == t && task.op == expected[t]);
+    FF_CHECK(task.layer == (t == 0 ? 0 : t == task_count(layers) - 1 ? layers - 1 : (t - 1) / kLayerOps));
+    FF_CHECK(task_index(task.op, task.layer, layers) == t);  // one slot each, both ways
+  }
+  FF_CHECK(task_index(op_index<EmbedOp>, 1, layers) == -1 && task_index(op_index<LmHeadOp>, 0, layers) == -1);
+  FF_CHECK(task_name(task_index(op_index<DownOp>, 2, layers), layers) == "down of layer 2");
+  FF_CHECK(trace_words_per_sm(layers) == kTraceHeader + int64_t(task_count(layers)) * kTraceFields);
+}
+
+FF_TEST(op_facts_are_those_the_kernel_relies_on) {
+  using namespace flashformer;
+  const ModelDims& d = kCompiledConfigs[kNumConfigs - 1];
+  // only the first task has nothing to wait for; attention and the LM head publish themselves
+  for (int op = 0; op < kNumOps; ++op) FF_CHECK(kOps[op].waits == (op != op_index<EmbedOp>));
+  FF_CHECK(kOps[op_index<AttentionOp>].signal == Signal::kItself && kOps[op_index<LmHeadOp>].signal == Signal::kItself);
+  FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == d.kv_heads);
+  FF_CHECK(kOps[op_index<QkvOp>].arrivals(d, 100) == 100);
+  FF_CHECK(kOps[op_index<QkvOp>].units(d, 132) * kRowBlock == d.qkv_rows());
+  FF_CHECK(kOps[op_index<DownOp>].unit_bytes(d) == int64_t(kRowBlock) * d.intermediate * 2);
+  std::set<std::string> names;
+  for (const OpInfo& op : kOps) FF_CHECK(names.insert(op.name).second);
+}
+
+FF_TEST(every_packed_layer_weight_has_its_row_order_parameter) {
+  using namespace flashformer;
+  for (const ModelDims& d : kCompiledConfigs)
+    for (const LayerWeightField& f : kLayerWeightFields) {
+      if (f.order == RowOrder::kRopePairs) FF_CHECK(row_order_param(f.order, d) == d.head_dim);
+      if (f.order == RowOrder::kGateUp) FF_CHECK(row_order_param(f.order, d) == d.intermediate);
+      FF_CHECK(f.packed || f.order == RowOrder::kIdentity);
+    }
 }
 
 int main() { return fftest::run_all(); }

@@ -34,66 +34,51 @@ import torch
 
 from .config import ModelSpec, load_spec, spec_from_dict
 from .engine import BACKENDS, select_backend
+from .reference import KVCache
 from .weights import Weights, load_weights, random_weights
 
+# The config.json of each compiled megakernel shape (its dimensions, layer count and tied LM head
+# come from the compiled core's list, model_traits.hpp); the weights are random, nothing is
+# downloaded. The rest is Llama-3's (RoPE without scaling: the tables do not change a step's cost).
 _LLAMA = dict(
     architectures=["LlamaForCausalLM"],
     model_type="llama",
-    vocab_size=128256,
     hidden_act="silu",
     rms_norm_eps=1e-5,
+    rope_theta=500000.0,
     max_position_embeddings=131072,
-    bos_token_id=128000,
-    eos_token_id=128001,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
-def _llama3_rope(factor: float) -> dict:
-    return dict(
-        rope_theta=500000.0,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=factor,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-    )
+def shapes() -> dict[str, dict]:
+    """Shape name -> config.json dict, for every compiled megakernel config."""
+    from .megakernel import compiled_configs
 
+    return {
+        c["name"]: dict(
+            _LLAMA,
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["layers"],
+            num_attention_heads=c["num_heads"],
+            num_key_value_heads=c["num_kv_heads"],
+            head_dim=c["head_dim"],
+            tie_word_embeddings=c["tied"],
+        )
+        for c in compiled_configs()
+    }
 
-def _shape(hidden, layers, heads, head_dim, inter, tied, rope_factor, **overrides) -> dict:
-    cfg = dict(
-        _LLAMA,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=8,
-        head_dim=head_dim,
-        intermediate_size=inter,
-        tie_word_embeddings=tied,
-        **_llama3_rope(rope_factor),
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-# Shape name -> config.json of the real model (weights are random; nothing is downloaded).
-SHAPES: dict[str, dict] = {
-    "llama-3.2-1b": _shape(2048, 16, 32, 64, 8192, True, 32.0),
-    "llama-3.2-3b": _shape(3072, 28, 24, 128, 8192, True, 32.0),
-    "llama-3.1-8b": _shape(4096, 32, 32, 128, 14336, False, 8.0),
-    # --quick: a tiny Llama that the CPU reference path decodes in about a millisecond; the shape of
-    # the compiled "tiny-gqa" megakernel config, so on a Hopper GPU the quick run uses the kernel.
-    "tiny": _shape(
-        256, 2, 4, 64, 512, False, 8.0, vocab_size=512, num_key_value_heads=2, bos_token_id=1, eos_token_id=2
-    ),
-}
 
 DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
 DEFAULT_BATCHES = (1, 2, 4, 8)
 DEFAULT_CTXS = (128, 1024, 8192, 32768)
 DEFAULT_PROMPT_LENS = (128, 1024, 8192)
-QUICK_MODELS, QUICK_BATCHES, QUICK_CTXS, QUICK_PROMPT_LENS = ("tiny",), (1, 2), (32, 128), (32, 128)
+# --quick: a tiny compiled shape that the CPU reference path decodes in about a millisecond (on a
+# Hopper GPU the quick run uses the kernel).
+QUICK_MODELS, QUICK_BATCHES, QUICK_CTXS, QUICK_PROMPT_LENS = ("tiny-gqa",), (1, 2), (32, 128), (32, 128)
 PEERS = ("none", "fast", "all")
 DEFAULT_OUT = "bench-results"
 
@@ -133,12 +118,13 @@ QUICK_COUNTS = {
 
 
 def shape_config(name: str) -> dict:
-    """The config.json dict of shape `name` (a key of SHAPES)."""
-    if name not in SHAPES:
+    """The config.json dict of shape `name` (a key of shapes())."""
+    known = shapes()
+    if name not in known:
         raise ValueError(
-            f"unknown model shape {name!r} (choose from {', '.join(SHAPES)}, or pass a checkpoint directory)"
+            f"unknown model shape {name!r} (choose from {', '.join(known)}, or pass a checkpoint directory)"
         )
-    return dict(SHAPES[name])
+    return known[name]
 
 
 def weight_bytes(weights: Weights) -> int:
@@ -236,7 +222,7 @@ def git_commit() -> str | None:
 def _load_model(model: str, device: torch.device, generator) -> tuple[str, ModelSpec, Weights, dict]:
     """(name, spec, weights, config.json dict) of a shape name or a checkpoint directory."""
     path = Path(model)
-    if model not in SHAPES and path.is_dir():
+    if model not in shapes() and path.is_dir():
         spec = load_spec(path)
         weights = load_weights(path, spec, dtype=torch.bfloat16, device=device, progress=False)
         return path.name, spec, weights, json.loads((path / "config.json").read_text())
@@ -285,7 +271,7 @@ def run_bench(
     """Run the benchmark; return the result (the JSON document) and, when `out` is given, write
     bench.md, bench.json and bench.png there.
 
-    models: shape names (SHAPES) or checkpoint directories; batches, ctxs: the decode sweep;
+    models: shape names (shapes()) or checkpoint directories; batches, ctxs: the decode sweep;
     prompt_lens: time-to-first-token prompts (batch 1; empty for none); peers: "none", "fast"
     (gpt-fast style) or "all" (also HF transformers eager); quick: a tiny shape and a small sweep
     (explicit arguments still win); steps: timed engine tokens per row.
@@ -312,7 +298,7 @@ def run_bench(
     if steps is not None:
         counts["engine"] = Counts(counts["engine"].warmup, _ints([steps], "steps")[0])
     for model in models:
-        if model not in SHAPES and not Path(model).is_dir():
+        if model not in shapes() and not Path(model).is_dir():
             shape_config(model)
     notes = [CPU_NOTE] if device.type == "cpu" else []
     if quick:
@@ -382,8 +368,14 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     grid = [(b, c) for b in batches for c in ctxs]
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
-    backend = backend_cls(spec, weights, max(batches), max_seq)
+    cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device)
+    backend = backend_cls(spec, weights, cache)
     result["models"][name]["backend"] = backend.name
+    result["models"][name]["kv_cache_bytes"] = cache.nbytes
+    # everything the engine holds on the device once built: weights, KV cache, RoPE tables, scratch
+    result["models"][name]["device_memory_bytes"] = (
+        torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    )
     backend.kv_cache.normal_(generator=generator)
     rows = {}
     for batch, ctx in grid:
@@ -419,7 +411,9 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         median = _median(_time_calls(partial(backend.prefill, [prompt]), counts["ttft"], device, per_call=True))
         ttft[length] = {"model": name, "prompt_len": length, "engine_ms": median, "hf_eager_ms": None}
         bar.update()
-    del backend
+    if hasattr(backend, "release_weights"):  # the peers multiply the same tensors, row-major
+        backend.release_weights()
+    del backend, cache
     _release()
     if "gptfast" in run_peers:
         args = (name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar)

@@ -1,8 +1,9 @@
 """`Engine`: load a checkpoint directory, then generate, stream and chat.
 
 The engine owns the request loop (validation, sampling, stop conditions, detokenization, timing)
-and drives the model through a `Backend`: `prefill` fills the KV cache from the prompts and
-`decode` runs one step for the whole batch. `select_backend` is the one place that picks it.
+and the decode state (`KVCache`: the KV cache and the RoPE tables), and drives the model through
+a `Backend` built over that state: `prefill` fills the KV cache from the prompts and `decode` runs
+one step for the whole batch. `select_backend` is the one place that picks it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Iterator, Protocol, Sequence
 import torch
 
 from .config import ModelSpec, load_spec
-from .reference import ReferenceBackend
+from .reference import KVCache, ReferenceBackend
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
 from .weights import Weights, load_weights, resolve_dtype
@@ -25,11 +26,12 @@ BACKENDS = ("auto", "reference", "megakernel")
 
 
 class Backend(Protocol):
-    """What the engine needs from a decoder. The KV cache is one tensor
-    [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] in the model dtype."""
+    """What the engine needs from a decoder, built as `Backend(spec, weights, cache)` over the
+    engine's `KVCache` (cache.kv: [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] in
+    the model dtype). A backend may reorder the weights in place (the megakernel packs them)."""
 
     name: str
-    kv_cache: torch.Tensor
+    kv_cache: torch.Tensor  # cache.kv
 
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Write prompt b (1-D token ids on the device) into cache row b from position 0;
@@ -146,17 +148,9 @@ class _Request:
 
 
 class Engine:
-    def __init__(
-        self,
-        spec: ModelSpec,
-        weights: Weights,
-        backend: Backend,
-        tokenizer: Tokenizer | None,
-        max_batch_size: int,
-        max_seq_len: int,
-    ):
-        self.spec, self.weights, self.backend, self.tokenizer = spec, weights, backend, tokenizer
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, backend: Backend, tokenizer: Tokenizer | None):
+        self.spec, self.weights, self.cache, self.backend, self.tokenizer = spec, weights, cache, backend, tokenizer
+        self.max_batch_size, self.max_seq_len = cache.max_batch_size, cache.max_seq_len
         self.device = weights.embed.device
         eos = spec.eos_token_ids
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -186,14 +180,8 @@ class Engine:
         backend_cls = select_backend(backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size)
         tokenizer = Tokenizer.load(model_dir)
         weights = load_weights(model_dir, spec, dtype=torch_dtype, device=device, progress=progress)
-        return cls(
-            spec,
-            weights,
-            backend_cls(spec, weights, max_batch_size, max_seq_len),
-            tokenizer,
-            max_batch_size,
-            max_seq_len,
-        )
+        cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device)
+        return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)
 
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
         """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""

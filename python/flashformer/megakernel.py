@@ -1,9 +1,11 @@
 """The megakernel decode backend: each decode step is one persistent-kernel launch of the
-compiled core (cpp/include/flashformer/megakernel.cuh). Prefill and the KV cache are the
-reference backend's (the same cache layout), so only the decode step changes.
+compiled core (cpp/include/flashformer/megakernel.cuh), over the Engine's KV cache.
 
-At construction the matrices are packed once into the kernel's fragment order (a second copy
-of the weights: the reference prefill keeps reading the originals).
+At construction the matrices are reordered in place into the kernel's fragment order
+(packing.py), one at a time: the device then holds one copy of the weights, the kernel's. A
+tied embedding table is the packed LM head itself (the kernel's embedding lookup reads it in
+that order). Prefill runs the reference decoder over that copy: each layer's matrices are
+unpacked into one of two reusable buffers on a side stream while the layer before computes.
 
 A step whose inter-SM dependency does not complete within the watchdog (5 s, or the
 FLASHFORMER_WATCHDOG_MS environment variable: raise it under compute-sanitizer) raises
@@ -12,14 +14,19 @@ RuntimeError instead of hanging the GPU.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import _core
 from .config import ModelSpec
-from .reference import ReferenceBackend
-from .weights import Weights
+from .packing import gather_rows, pack, row_orders, unpack
+from .reference import KVCache, Transformer, prefill_logits
+from .weights import LayerWeights, Weights
 
 # Architectures whose decode step is exactly the Llama one the kernel implements.
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -30,6 +37,25 @@ _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads"
 def compiled_configs() -> list[dict]:
     """The compiled megakernel configs (name and shape of each)."""
     return list(_core.load().configs())
+
+
+# The kernel's name of each per-layer weight (compiled core: configs()[i]["layer_weights"]) -> the
+# LayerWeights field holding it.
+LAYER_FIELDS = {
+    "qkv": "wqkv",
+    "o": "wo",
+    "gate_up": "w_gate_up",
+    "down": "w_down",
+    "attn_norm": "attn_norm",
+    "mlp_norm": "mlp_norm",
+}
+
+
+def config_named(name: str) -> dict:
+    for c in compiled_configs():
+        if c["name"] == name:
+            return c
+    raise ValueError(f"no compiled megakernel config named {name!r} (compiled: {config_names()})")
 
 
 def config_names() -> str:
@@ -79,73 +105,183 @@ def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype
     return None
 
 
+class PackedTransformer(Transformer):
+    """The reference decoder over weights in fragment order. Each layer's matrices (and the LM head,
+    in row chunks) are unpacked into one of two buffers, the next one on a side stream while the
+    current one computes; a tied embedding table is read from the packed LM head."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, layer_weights: list[dict]):
+        super().__init__(spec, weights, cache)
+        self.matrices = [(LAYER_FIELDS[f["name"]], f["row_order"], f["order_param"]) for f in layer_weights if f["packed"]]
+        first = weights.layers[0]
+        elems = sum(getattr(first, attr).numel() for attr, _, _ in self.matrices)
+        device, dtype = weights.lm_head.device, weights.lm_head.dtype
+        self.buffers = [torch.empty(elems, dtype=dtype, device=device) for _ in range(2)]
+        self.lm_head_rows = max(16, elems // spec.hidden_size // 16 * 16)  # LM-head rows per buffer
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def check_layout(self) -> None:
+        if not self.weights.fragment_order:
+            raise ValueError("these weights are row-major again (release_weights): the packed decoder cannot read them")
+
+    def _unpacked(self, jobs: list[list[tuple[torch.Tensor, int, int]]]) -> Iterator[list[torch.Tensor]]:
+        """For each job (packed matrices with their row order and its parameter), the row-major
+        matrices, in buffers[job % 2]. Job j + 1 unpacks on the side stream while the caller's work
+        on job j runs; each buffer is rewritten only after the work queued on it is done."""
+        cuda = self.side is not None
+        main = torch.cuda.current_stream(self.buffers[0].device) if cuda else None
+        ready = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        free = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        if cuda:
+            self.side.wait_stream(main)  # the buffers' readers queued before this call are done first
+
+        def launch(j: int) -> list[torch.Tensor]:
+            slot, at, out = j % 2, 0, []
+            with torch.cuda.stream(self.side) if cuda else contextlib.nullcontext():
+                if cuda:
+                    self.side.wait_event(free[slot])  # the work on job j - 2 (same buffer) is done
+                for packed, order, param in jobs[j]:
+                    view = self.buffers[slot][at : at + packed.numel()].view(packed.shape)
+                    out.append(unpack(packed, order, param, out=view))
+                    at += packed.numel()
+                if cuda:
+                    ready[slot].record(self.side)
+            return out
+
+        pending = launch(0) if jobs else None
+        for j in range(len(jobs)):
+            current = pending
+            if j + 1 < len(jobs):
+                pending = launch(j + 1)
+            if cuda:
+                main.wait_event(ready[j % 2])
+            yield current
+            if cuda:
+                free[j % 2].record(main)
+
+    def layer_weights(self) -> Iterator[LayerWeights]:
+        jobs = [[(getattr(layer, attr), order, param) for attr, order, param in self.matrices] for layer in self.weights.layers]
+        for layer, mats in zip(self.weights.layers, self._unpacked(jobs)):
+            yield dataclasses.replace(layer, **{attr: m for (attr, _, _), m in zip(self.matrices, mats)})
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.weights.tied:  # the table is the packed LM head
+            return gather_rows(self.weights.embed, tokens)
+        return F.embedding(tokens, self.weights.embed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head, step = self.weights.lm_head, self.lm_head_rows
+        identity = row_orders()["identity"]
+        # rows r0..r1 of a packed matrix (row blocks outermost) are the packed form of those rows
+        jobs = [[(head[r0 : r0 + step], identity, 0)] for r0 in range(0, head.shape[0], step)]
+        return torch.cat([F.linear(hidden, mats[0]) for mats in self._unpacked(jobs)], dim=-1).float()
+
+
+def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
+    """Reorder every matrix of `weights` into fragment order, one at a time (each original is freed
+    as its packed copy replaces it, so the device never holds two copies of the model)."""
+    if weights.fragment_order:
+        raise ValueError("these weights are already in fragment order")
+    for layer in weights.layers:
+        for f in layer_weights:
+            if f["packed"]:
+                attr = LAYER_FIELDS[f["name"]]
+                setattr(layer, attr, pack(getattr(layer, attr), f["row_order"], f["order_param"]))
+    tied = weights.tied
+    weights.lm_head = pack(weights.lm_head, row_orders()["identity"])
+    if tied:
+        weights.embed = weights.lm_head
+    weights.fragment_order = True
+
+
+def unpack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
+    """The inverse of pack_in_place."""
+    for layer in weights.layers:
+        for f in layer_weights:
+            if f["packed"]:
+                attr = LAYER_FIELDS[f["name"]]
+                setattr(layer, attr, unpack(getattr(layer, attr), f["row_order"], f["order_param"]))
+    tied = weights.tied
+    weights.lm_head = unpack(weights.lm_head, row_orders()["identity"])
+    if tied:
+        weights.embed = weights.lm_head
+    weights.fragment_order = False
+
+
 class MegakernelBackend:
-    """Decode with the compiled megakernel; prefill with the reference path into the same cache."""
+    """Decode with the compiled megakernel; prefill with the reference decoder over the same,
+    packed weights, into the same cache."""
 
     name = "megakernel"
+    checks_logits = True  # a step with non-finite logits raises (the kernel checks beside its arg-max)
 
-    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
         device = weights.embed.device
-        reason = unavailable_reason(spec, device, weights.embed.dtype, max_batch_size)
+        reason = unavailable_reason(spec, device, weights.embed.dtype, cache.max_batch_size)
         if reason:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
         C = _core.load()
-        self.reference = ReferenceBackend(spec, weights, max_batch_size, max_seq_len)
-        self.device = device
-        self.engine = C.MegakernelEngine(match_config(spec), _device_index(device), spec.num_layers, max_batch_size,
-                                         max_seq_len)
+        config = config_named(match_config(spec))
+        self.device, self.cache, self.spec = device, cache, spec
+        self.layer_weights = config["layer_weights"]
+        self.engine = C.MegakernelEngine(config["name"], _device_index(device), spec.num_layers, cache.max_batch_size,
+                                         cache.max_seq_len)
         self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
         self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
-
-        order = C.ROW_ORDERS
-        self.packed = [
-            (
-                self._pack(layer.wqkv, order["rope_pairs"], spec.head_dim),
-                self._pack(layer.wo, order["identity"]),
-                self._pack(layer.w_gate_up, order["gate_up"], spec.intermediate_size),
-                self._pack(layer.w_down, order["identity"]),
-            )
-            for layer in weights.layers
-        ]
-        self.lm_head = self._pack(weights.lm_head, order["identity"])
+        pack_in_place(weights, self.layer_weights)
+        self.weights = weights  # keep every pointer the kernel reads alive
+        self.prefill_model = PackedTransformer(spec, weights, cache, self.layer_weights)
         half = spec.head_dim // 2
-        model = self.reference.model
-        self.rope_cos, self.rope_sin = model.cos[:, :half].contiguous(), model.sin[:, :half].contiguous()
+        self.rope_cos, self.rope_sin = cache.cos[:, :half].contiguous(), cache.sin[:, :half].contiguous()
         self.engine.bind(
             self.scratch.data_ptr(),
-            [
-                (qkv.data_ptr(), o.data_ptr(), gu.data_ptr(), down.data_ptr(), lw.attn_norm.data_ptr(), lw.mlp_norm.data_ptr())
-                for (qkv, o, gu, down), lw in zip(self.packed, weights.layers)
-            ],
+            [{f["name"]: getattr(layer, LAYER_FIELDS[f["name"]]).data_ptr() for f in self.layer_weights}
+             for layer in weights.layers],
             weights.embed.data_ptr(),
+            weights.tied,
             weights.final_norm.data_ptr(),
-            self.lm_head.data_ptr(),
+            weights.lm_head.data_ptr(),
             self.rope_cos.data_ptr(),
             self.rope_sin.data_ptr(),
-            self.kv_cache.data_ptr(),
+            cache.kv.data_ptr(),
             spec.rms_norm_eps,
         )
-        self.weights = weights  # keep every pointer the kernel reads alive
-        self.tokens = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
-        self.next_tokens = torch.zeros(max_batch_size, dtype=torch.int32, device=device)
-        self.logits = torch.empty(max_batch_size, spec.vocab_size, dtype=torch.float32, device=device)
+        b = cache.max_batch_size
+        self.tokens = torch.zeros(b, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=device)
+        self.next_tokens = torch.zeros(b, dtype=torch.int32, device=device)
+        self.logits = torch.empty(b, spec.vocab_size, dtype=torch.float32, device=device)
+
+    def release_weights(self) -> Weights:
+        """Hand the weights back in row-major order (in place, one matrix at a time), e.g. to run
+        another decoder on them; this backend cannot decode afterwards."""
+        self.synchronize()
+        unpack_in_place(self.weights, self.layer_weights)
+        self.engine = None
+        return self.weights
+
+    def _live_engine(self):
+        if self.engine is None:
+            raise RuntimeError("this megakernel backend released its weights (release_weights) and cannot run")
+        return self.engine
 
     def greedy_tokens(self, batch: int) -> list[int]:
         """The last decode step's arg-max token of rows 0..batch-1 (the kernel's fused arg-max over
         the logits it wrote: the lowest index among equal maxima, as torch.argmax). Waits for that
         step (raising as synchronize() does); decode() already queued the tokens' copy to the host."""
         self.synchronize()
-        tokens = self.engine.checked_next_tokens
+        tokens = self._live_engine().checked_next_tokens
         if batch > len(tokens):
             raise ValueError(f"greedy_tokens: the last decode step had {len(tokens)} rows, asked for {batch}")
         return tokens[:batch]
 
     def synchronize(self) -> None:
-        """Wait for the last decode step; raise RuntimeError if it aborted (a dependency inside the
-        kernel never completed within the watchdog, FLASHFORMER_WATCHDOG_MS: its logits are invalid,
-        and the engine has reset itself so the next step runs clean)."""
-        self.engine.check_recorded()
+        """Wait for the last decode step; raise RuntimeError if it failed: a dependency inside the
+        kernel never completed within the watchdog (FLASHFORMER_WATCHDOG_MS; the engine has reset
+        itself so the next step runs clean), or a row's logits were not finite. Its logits are then
+        invalid."""
+        if self.engine is not None:
+            self.engine.check_recorded()
 
     def _int64_on_device(self, values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """`values` itself when the kernel can read it (int64, contiguous, on this device: no copy
@@ -155,37 +291,31 @@ class MegakernelBackend:
             return values
         return buffer[: values.shape[0]].copy_(values)
 
-    def _pack(self, w: torch.Tensor, row_order: int, order_param: int = 0) -> torch.Tensor:
-        w = w.contiguous()
-        out = torch.empty_like(w)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        _core.load().pack_weight(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], row_order, order_param, stream)
-        return out
-
     @property
     def kv_cache(self) -> torch.Tensor:
-        return self.reference.kv_cache
+        return self.cache.kv
 
+    @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        return self.reference.prefill(prompts)
+        self._live_engine()
+        return prefill_logits(self.prefill_model, prompts)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32, on the current
         stream like any torch op: the call does not wait for its step, so the next call's launch
         queues behind it and the GPU runs steps back to back. Whether a step completed is checked
         at the next decode() (after its launch), greedy_tokens() or synchronize(): a step that
-        aborted raises RuntimeError there. The kernel's fused arg-max of each row is left in
+        failed raises RuntimeError there. The kernel's fused arg-max of each row is left in
         `self.next_tokens[:B]`."""
+        engine = self._live_engine()
         b = tokens.shape[0]
         tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.engine.step(
-            tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream
-        )
+        engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream)
         try:
-            self.engine.check_recorded()  # the previous step, which ran before this one
+            engine.check_recorded()  # the previous step, which ran before this one
         except RuntimeError as e:
             raise RuntimeError(f"{e} (the decode step before this call; this call's step ran after it and is invalid "
                                "too)") from None
-        self.engine.record(stream)  # this step's outcome, read by the next check
+        engine.record(stream)  # this step's outcome, read by the next check
         return self.logits[:b].clone()

@@ -5,11 +5,16 @@ cache `[layers, 2, batch, kv_heads, max_seq, head_dim]` (DESIGN.md §2) at each 
 positions, then attends over everything that row has cached. The math follows HF transformers:
 matmuls in the weights' dtype, RMSNorm in fp32 cast back before the weight, RoPE tables in fp32
 cast to the model dtype, rotate_half (non-interleaved) RoPE, softmax in fp32 (inside SDPA).
+
+The KV cache and the RoPE tables (`KVCache`) belong to the Engine, which hands them to its
+backend; a backend never makes its own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,37 @@ def rope_tables(spec: ModelSpec, max_seq_len: int, device) -> tuple[torch.Tensor
     return emb.cos(), emb.sin()
 
 
+@dataclass
+class KVCache:
+    """What a decode step reads and writes besides the weights: the KV cache
+    `kv` [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] in the model dtype (the one
+    layout of the reference path and the megakernel) and the RoPE tables `cos`, `sin`
+    [max_seq_len, head_dim] in fp32 (halves repeated, rotate_half layout)."""
+
+    kv: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def allocate(cls, spec: ModelSpec, max_batch_size: int, max_seq_len: int, *, dtype: torch.dtype, device) -> KVCache:
+        shape = (spec.num_layers, 2, max_batch_size, spec.num_kv_heads, max_seq_len, spec.head_dim)
+        cos, sin = rope_tables(spec, max_seq_len, device)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), cos, sin)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the KV cache itself (the RoPE tables are small beside it)."""
+        return self.kv.nbytes
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
@@ -57,37 +93,67 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class Transformer:
-    """A Llama-family decoder over packed `Weights`, owning the KV cache and the RoPE tables."""
+# One group of rows forward together: tokens [B, T] at positions start[b] .. start[b] + T - 1 of
+# cache rows row0 .. row0 + B - 1.
+Segment = tuple[torch.Tensor, torch.Tensor, int]
 
-    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
-        self.spec, self.weights = spec, weights
-        device, dtype = weights.embed.device, weights.embed.dtype
-        shape = (spec.num_layers, 2, max_batch_size, spec.num_kv_heads, max_seq_len, spec.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.cos, self.sin = rope_tables(spec, max_seq_len, device)
+
+class Transformer:
+    """A Llama-family decoder over row-major `Weights` and a `KVCache`. Layers run one after the
+    other for every segment (each layer's weights are taken once per forward, `layer_weights`)."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
+        self.spec, self.weights, self.cache = spec, weights, cache
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Raise unless the weights are in the order this decoder reads (row-major)."""
+        if self.weights.fragment_order:
+            raise ValueError("the reference decoder needs row-major weights; these are in the megakernel's fragment order")
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.cache.kv
+
+    def layer_weights(self) -> Iterator[LayerWeights]:
+        """Each layer's weights, in order (row-major: what F.linear multiplies by)."""
+        return iter(self.weights.layers)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weights.embed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weights.lm_head).float()
 
     def forward(self, tokens: torch.Tensor, start: torch.Tensor, row0: int = 0) -> torch.Tensor:
         """tokens [B, T] at positions start[b] .. start[b] + T - 1 of cache rows row0 .. row0 + B - 1.
 
         Returns the final-normed hidden states [B, T, hidden] in the model dtype.
         """
-        B, T = tokens.shape
-        positions = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        length = int(positions.max()) + 1
-        mask = torch.arange(length, device=tokens.device) <= positions[:, :, None]  # (B, T, length)
-        dtype = self.weights.embed.dtype
-        cos, sin = self.cos[positions][:, None].to(dtype), self.sin[positions][:, None].to(dtype)  # (B,1,T,D)
-        x = F.embedding(tokens, self.weights.embed)
-        eps = self.spec.rms_norm_eps
-        for i, layer in enumerate(self.weights.layers):
-            cache = self.kv_cache[i, :, row0 : row0 + B, :, :length]  # (2, B, kv_heads, length, D)
-            x = x + self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask)
-            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
-        return rms_norm(x, self.weights.final_norm, eps)
+        return self.forward_segments([(tokens, start, row0)])[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights.lm_head).float()
+    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """`forward` of several segments (ragged prompts, say), layer by layer."""
+        self.check_layout()  # (a backend may have reordered them since this decoder was made)
+        dtype = self.cache.kv.dtype
+        eps = self.spec.rms_norm_eps
+        xs, views = [], []
+        for tokens, start, row0 in segments:
+            B, T = tokens.shape
+            positions = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+            length = int(positions.max()) + 1
+            mask = torch.arange(length, device=tokens.device) <= positions[:, :, None]  # (B, T, length)
+            cos = self.cache.cos[positions][:, None].to(dtype)  # (B, 1, T, D)
+            sin = self.cache.sin[positions][:, None].to(dtype)
+            xs.append(self.embed(tokens))
+            views.append((slice(row0, row0 + B), length, positions, cos, sin, mask))
+        for i, layer in enumerate(self.layer_weights()):
+            for s, (rows, length, positions, cos, sin, mask) in enumerate(views):
+                cache = self.cache.kv[i, :, rows, :, :length]  # (2, B, kv_heads, length, D)
+                x = xs[s]
+                x = x + self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask)
+                xs[s] = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
+        return [rms_norm(x, self.weights.final_norm, eps) for x in xs]
 
     def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask) -> torch.Tensor:
         spec = self.spec
@@ -117,8 +183,8 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def __init__(self, spec: ModelSpec, weights: Weights, max_batch_size: int, max_seq_len: int):
-        self.model = Transformer(spec, weights, max_batch_size, max_seq_len)
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
+        self.model = Transformer(spec, weights, cache)
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -127,12 +193,17 @@ class ReferenceBackend:
     @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """Prompt b (1-D token ids) fills cache row b from position 0; returns last-position logits
-        [B, vocab] in fp32. Rows are prefilled one by one, so ragged prompts need no padding."""
-        start = torch.zeros(1, dtype=torch.long, device=self.kv_cache.device)
-        last = [self.model.forward(p[None], start, row0=b)[:, -1] for b, p in enumerate(prompts)]
-        return self.model.logits(torch.cat(last))
+        [B, vocab] in fp32. Each prompt is its own segment, so ragged prompts need no padding."""
+        return prefill_logits(self.model, prompts)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for cache rows 0 .. B-1: tokens[b] at positions[b]; returns logits [B, vocab] fp32."""
         return self.model.logits(self.model.forward(tokens[:, None], positions))[:, 0]
+
+
+def prefill_logits(model: Transformer, prompts: list[torch.Tensor]) -> torch.Tensor:
+    """Prompt b into cache row b from position 0; the last position's logits of each [B, vocab] fp32."""
+    start = torch.zeros(1, dtype=torch.long, device=model.kv_cache.device)
+    hidden = model.forward_segments([(p[None], start, b) for b, p in enumerate(prompts)])
+    return model.logits(torch.cat([h[:, -1] for h in hidden]))

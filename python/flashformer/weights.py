@@ -53,6 +53,9 @@ class Weights:
     final_norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the very tensor `embed` when the checkpoint ties them
     layers: list[LayerWeights] = field(default_factory=list)
+    # The matrices (and a tied embedding table) are in the megakernel's fragment order: the
+    # megakernel backend reorders them in place, so the device holds one copy (megakernel.py).
+    fragment_order: bool = False
 
     @property
     def tied(self) -> bool:

@@ -103,10 +103,20 @@ constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
 // Compile-time checks of every batch size of config T.
 template <class T>
 struct SmemPlan {
-  static constexpr SmemSplit kLargestBatch = smem_split(dims_of<T>(), kMaxBatch);
+  static constexpr SmemSplit kLargestBatch = smem_split(T::kDims, kMaxBatch);
   static_assert(kLargestBatch.stages >= kMinStages, "the weight ring needs at least kMinStages stages to hide a dependency");
   static_assert(kLargestBatch.total_bytes <= kSmemLimit - kStaticSmemReserve, "shared memory plan exceeds 227 KB");
   static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
+};
+
+// Two builds of every config's kernel: the shipped one, and one for measurement that also
+// holds the timing variants, the step trace and the test hooks (MegakernelParams::instr). The
+// shipped kernel compiles every one of their branches away (kInstrumented is a constant).
+enum class Build : int { kShipped = 0, kInstrumented = 1 };
+
+template <int Config, Build B>
+struct KernelTraits : ModelTraits<Config> {
+  static constexpr bool kInstrumented = B == Build::kInstrumented;
 };
 
 }  // namespace flashformer

@@ -6,8 +6,8 @@
 
 #include <cstdint>
 
-#include "flashformer/schedule.hpp"
-#include "flashformer/trace.hpp"
+#include "flashformer/kernel_config.hpp"
+#include "flashformer/op.hpp"
 
 namespace flashformer {
 
@@ -23,8 +23,30 @@ struct LayerWeights {
   const bf16_t* mlp_norm;  // [hidden]
 };
 
+// How the engine fills LayerWeights: the field, and for a matrix the row order it is packed in
+// (the epilogues rely on it) with that order's parameter for a config.
+struct LayerWeightField {
+  const char* name;
+  const bf16_t* LayerWeights::*field;
+  bool packed;      // a matrix in fragment order; else a plain vector
+  RowOrder order;   // when packed
+};
+inline constexpr LayerWeightField kLayerWeightFields[] = {
+    {"qkv", &LayerWeights::qkv, true, RowOrder::kRopePairs},
+    {"o", &LayerWeights::o, true, RowOrder::kIdentity},
+    {"gate_up", &LayerWeights::gate_up, true, RowOrder::kGateUp},
+    {"down", &LayerWeights::down, true, RowOrder::kIdentity},
+    {"attn_norm", &LayerWeights::attn_norm, false, RowOrder::kIdentity},
+    {"mlp_norm", &LayerWeights::mlp_norm, false, RowOrder::kIdentity},
+};
+// The parameter of a row order for a config (weight_layout.cuh's source_row).
+constexpr int row_order_param(RowOrder order, const ModelDims& d) {
+  return order == RowOrder::kRopePairs ? d.head_dim : order == RowOrder::kGateUp ? d.intermediate : 0;
+}
+
 // Timing variants for differential measurement (benchmarks/NOTES.md): each flag leaves one
-// part of the step out. Outputs are garbage with any flag set; never set outside measurement.
+// part of the step out. Outputs are garbage with any flag set. Only the instrumented build
+// (Build::kInstrumented) looks at them.
 enum TimingVariant : int {
   kTimeAll = 0,
   kSkipWaits = 1,       // consumers never wait on other SMs' counters
@@ -38,33 +60,47 @@ enum TimingVariant : int {
   kRelaxedSignals = 256,  // op signals without the release fence (readers may see stale inputs)
 };
 
+// What only the instrumented build reads (the shipped kernel ignores every field).
+struct Instrumentation {
+  int timing_variant = 0;            // TimingVariant flags
+  int skip_signal_op = -1;           // test hook: SM 0 never signals this op (an index into StepOps; -1: off)
+  unsigned long long* trace = nullptr;  // [num_sms][trace_words_per_sm] (trace.hpp), or nullptr: off
+  bool any() const { return timing_variant != 0 || skip_signal_op >= 0 || trace != nullptr; }
+};
+
 // L2 eviction priority of the weight stream's bulk copies. Weights are read once per step;
 // evict-first keeps them from pushing out what the step reads again (activations, the residual
 // stream, the KV cache of the current token).
 enum class WeightL2Policy : int { kNormal = 0, kEvictFirst = 1 };
 
-// Why a step stopped early (written once, by the first SM that gave up).
-enum class StepError : int { kNone = 0, kDependencyTimeout = 1 };
-inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, op, layer, SM
+// Why a step stopped early, or what it found wrong (written once, by the first SM to see it).
+enum class StepError : int {
+  kNone = 0,
+  kDependencyTimeout = 1,  // detail: the SM that gave up waiting
+  kNonFiniteLogits = 2,    // detail: the batch row
+};
+inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, task, detail, SM
 
-// Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in engine.cpp).
+// Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in megakernel_engine.cpp).
 struct Scratch {
   float* x;                // [kMaxBatch][hidden] residual stream, fp32
   float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
   bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
   bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
   float* attn_part;        // [kMaxBatch][heads][chunks][attn_part_stride]: o, m, l per chunk
-  float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits)
+  float* argmax_part;      // [kMaxBatch][num_sms][2]: best logit and its index (as float bits; -1: non-finite seen)
   float* sq_part;          // [2 * layers + 1 norms][num_sms][kMaxBatch]: each SM's share of sum(x^2) of
                            // every RMSNorm's input, written by the op that wrote its rows of x
-  unsigned* counters;      // [layers][kNumOps] op counters, then [layers][kv_heads] attention
-  int* error;              // [kErrorWords]: StepError, op, layer, SM
+  unsigned* counters;      // [tasks]: one per task of the step (ops.hpp's task order)
+  unsigned* attn_groups;   // [layers][kv_heads]: attention's last-chunk counters (after the task counters)
+  int* error;              // [kErrorWords]: StepError, task, detail, SM
 };
 
 struct MegakernelParams {
   const LayerWeights* layers;  // device array [n_layers]
   int n_layers;
-  const bf16_t* embed;         // [vocab, hidden] row-major
+  const bf16_t* embed;         // [vocab, hidden]: row-major, or (embed_packed) the LM head's fragment order
+  bool embed_packed;           // tied embeddings: the table is the packed LM head itself
   const bf16_t* final_norm;    // [hidden]
   const bf16_t* lm_head;       // [vocab, hidden] in fragment order
   const float* rope_cos;       // [max_seq, head_dim / 2]
@@ -79,8 +115,8 @@ struct MegakernelParams {
   int32_t* next_tokens;        // [batch] greedy (arg-max) next token
   float* logits;               // [batch][vocab] fp32, or nullptr
   Scratch scratch;
-  const int* schedule;         // [n_layers][kNumOps][num_sms + 1] unit ranges (schedule.hpp)
-  int op_signals[kNumOps];     // arrivals that complete an op in one step
+  const int* schedule;         // [tasks][num_sms + 1] unit ranges (schedule.hpp)
+  int arrivals[kMaxOps];       // counter arrivals that complete a task of each op (ops.hpp order), per step
   int attn_chunks;
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
@@ -88,9 +124,7 @@ struct MegakernelParams {
   int weight_l2_policy;        // WeightL2Policy
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
-  int debug_skip_signal;       // test hook: SM 0 never signals this op (-1: off)
-  int timing_variant;          // TimingVariant flags; 0 in normal operation
-  unsigned long long* trace;   // [num_sms][trace_words_per_sm] (trace.hpp), or nullptr: off
+  Instrumentation instr;       // read by the instrumented build only
 };
 
 }  // namespace flashformer

@@ -25,6 +25,7 @@ struct RingCursor {
   }
 };
 
+template <class T>  // the kernel's traits: its build decides whether timing variants exist
 struct WeightRing {
   using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBarrier = cutlass::arch::ClusterBarrier;
@@ -73,8 +74,8 @@ struct WeightRing {
   __device__ bool fill(RingCursor& c, int bytes, const MegakernelParams& p, long long& waited, Copy&& copy) const {
     // Parity phase^1 of the empty barrier: the consumers' release of this stage's previous use
     // (the first pass finds the "previous" phase complete and does not wait).
-    if (!spin_until([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
-    if (p.timing_variant & kSkipLoads) {
+    if (!spin_until<T>([&] { return EmptyBarrier::try_wait(&empty[c.stage], c.phase ^ 1); }, p, waited)) return false;
+    if (variant_on<T>(p, kSkipLoads)) {
       FullBarrier::arrive(&full[c.stage]);
     } else {
       FullBarrier::arrive_and_expect_tx(&full[c.stage], bytes);
@@ -87,7 +88,7 @@ struct WeightRing {
   // Producer: wait until the stage at `c` has landed (it was pushed, and the producer re-arms a
   // stage only after passing it here, so its full barrier is at most one phase ahead).
   __device__ bool wait_landed(RingCursor& c, const MegakernelParams& p, long long& waited) const {
-    if (!spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited)) return false;
+    if (!spin_until<T>([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited)) return false;
     c.advance(stages);
     return true;
   }
@@ -106,7 +107,7 @@ struct WeightRing {
   // False when the step was aborted (the producer then stopped, so every consumer warp ends up
   // here on the same stage).
   __device__ bool wait_full(const RingCursor& c, const MegakernelParams& p, long long& waited) const {
-    return spin_until([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
+    return spin_until<T>([&] { return FullBarrier::try_wait(&full[c.stage], c.phase); }, p, waited);
   }
 
   // Consumer warp: done reading the stage; its lane 0 frees it for the producer.

@@ -26,13 +26,24 @@ __device__ __forceinline__ int load_relaxed(const int* p) {
   return v;
 }
 
+// Whether timing variant `flags` is on. Always false in the shipped build (T::kInstrumented is
+// false), so the branch it guards compiles away there.
+template <class T>
+__device__ __forceinline__ bool variant_on(const MegakernelParams& p, int flags) {
+  if constexpr (T::kInstrumented)
+    return (p.instr.timing_variant & flags) != 0;
+  else
+    return false;
+}
+
 __device__ __forceinline__ bool step_aborted(const Scratch& s) { return load_relaxed(s.error) != 0; }
 
-// First caller wins; the rest of the grid notices through step_aborted().
-__device__ __forceinline__ void raise_error(const Scratch& s, StepError code, int op, int layer) {
+// First caller wins; the rest of the grid notices through step_aborted(). `task`: the task that
+// found the problem; `detail`: what StepError says it is.
+__device__ __forceinline__ void raise_error(const Scratch& s, StepError code, int task, int detail) {
   if (atomicCAS(s.error, 0, int(code)) == 0) {
-    s.error[1] = op;
-    s.error[2] = layer;
+    s.error[1] = task;
+    s.error[2] = detail;
     s.error[3] = int(blockIdx.x);
     __threadfence();
   }
@@ -46,10 +57,10 @@ inline constexpr unsigned kAbortPollSpins = 32;
 // Spin until ready() (an mbarrier try_wait, which itself suspends the thread for a while),
 // looking at the abort flag every kAbortPollSpins failed tries; the cycles spent are added to
 // `waited`. False when the step aborted.
-template <class Ready>
+template <class T, class Ready>
 __device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams& p, long long& waited) {
   const long long t0 = clock64();
-  const unsigned poll_mask = (p.timing_variant & kPollEverySpin) ? 0u : kAbortPollSpins - 1;
+  const unsigned poll_mask = variant_on<T>(p, kPollEverySpin) ? 0u : kAbortPollSpins - 1;
   bool ok = true;
   for (unsigned spins = 0; !ready(); ++spins)
     if ((spins & poll_mask) == poll_mask && step_aborted(p.scratch)) {
@@ -68,14 +79,14 @@ __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_re
 // by this wait timing out or by another SM. (Polling with ld.acquire measured ~1% faster than
 // relaxed polls and one fence after: benchmarks/NOTES.md.)
 __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,
-                                             int op, int layer) {
+                                             int task) {
   const uint64_t start = global_ns();
   for (unsigned spins = 0;; ++spins) {
     if (int(load_acquire(counter) - target) >= 0) return true;  // acquire: the producers' writes are visible
     if ((spins & 63) == 63) {
       if (step_aborted(p.scratch)) return false;
       if (global_ns() - start > p.timeout_ns) {
-        raise_error(p.scratch, StepError::kDependencyTimeout, op, layer);
+        raise_error(p.scratch, StepError::kDependencyTimeout, task, int(blockIdx.x));
         return false;
       }
     }
@@ -92,8 +103,9 @@ __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
 // The same publication when nobody needs the old value: a release reduction, so the thread
 // does not wait for the counter's round trip. (Under the timing variant kRelaxedSignals, without
 // the release ordering: what the fence costs a hand-off.)
+template <class T>
 __device__ __forceinline__ void publish(unsigned* counter, const MegakernelParams& p) {
-  if (p.timing_variant & kRelaxedSignals)
+  if (variant_on<T>(p, kRelaxedSignals))
     asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
   else
     asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");

@@ -1,17 +1,17 @@
 // The step trace: optional per-SM timestamps and wait counters of one decode step, for finding
 // where time goes (benchmarks/profile_step.py reads it). Host-visible so Python and the engine
-// size the buffer from the same constants. Off (a null pointer) in normal operation.
+// size the buffer from the same constants. Written only by the instrumented build, when
+// MegakernelParams::instr.trace is set.
 #pragma once
 
 #include <array>
 #include <cstdint>
 
-#include "flashformer/schedule.hpp"
+#include "flashformer/ops.hpp"
 
 namespace flashformer {
 
-// Per SM: kTraceHeader words, then kTraceFields words for each task (an op of a layer, in
-// for_each_task order: embed, then qkv..down of every layer, then the LM head).
+// Per SM: kTraceHeader words, then kTraceFields words for each task of the step (ops.hpp's task order).
 enum class TraceHeader : int { kStartNs, kStartCycles, kEndNs, kEndCycles, kCount };
 enum class TraceField : int {
   kTaskStartNs,    // consumers: the task begins (before its dependency wait)
@@ -34,14 +34,6 @@ inline constexpr std::array<const char*, kTraceFields> kTraceFieldNames = {
     "task_start_ns", "ready_ns", "computed_ns", "synced_ns", "signalled_ns",
     "data_wait_cycles", "produce_start_ns", "produce_end_ns", "slot_wait_cycles", "land_wait_cycles"};
 
-inline constexpr int kLayerOps = int(Op::kDown) - int(Op::kQkv) + 1;  // qkv, attention, o, gate_up, down
-
-constexpr int trace_tasks(int layers) { return 2 + kLayerOps * layers; }
-constexpr int64_t trace_words_per_sm(int layers) { return kTraceHeader + int64_t(trace_tasks(layers)) * kTraceFields; }
-
-// Task index of (op, layer) in for_each_task order.
-constexpr int trace_task(Op op, int layer, int layers) {
-  return op == Op::kEmbed ? 0 : op == Op::kLmHead ? 1 + kLayerOps * layers : 1 + kLayerOps * layer + int(op) - int(Op::kQkv);
-}
+constexpr int64_t trace_words_per_sm(int layers) { return kTraceHeader + int64_t(task_count(layers)) * kTraceFields; }
 
 }  // namespace flashformer

@@ -1,26 +1,37 @@
-// The compiled megakernel configs, as the engine sees them: shape, shared-memory plan, launcher.
+// The compiled megakernel configs, as the engine sees them: shape and launchers of both builds.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <vector>
 
+#include "flashformer/kernel_config.hpp"
 #include "flashformer/megakernel_params.hpp"
 #include "flashformer/model_traits.hpp"
 
 namespace flashformer {
 
-struct CompiledConfig {
-  ModelDims dims;
-  void (*prepare)();  // per device, before the first launch: opt in to the shared memory
-  void (*launch)(const MegakernelParams&, int num_sms, cudaStream_t);
+struct KernelLaunch {
+  void (*prepare)() = nullptr;  // per device, before the first launch: opt in to the shared memory
+  void (*launch)(const MegakernelParams&, int num_sms, cudaStream_t) = nullptr;
+  explicit operator bool() const { return launch != nullptr; }
 };
 
-// Defined in kernels/megakernel_launch.cuh, instantiated once per config in its own .cu file.
-template <class T>
-CompiledConfig compiled_config();
+struct CompiledConfig {
+  ModelDims dims;
+  KernelLaunch shipped;
+  KernelLaunch instrumented;  // empty unless the build has the instrumented kernels (FLASHFORMER_INSTRUMENTED)
+};
 
-// Every compiled config, in CompiledConfigTypes order.
+// Defined in kernels/megakernel_launch.cuh; CMake generates one translation unit per config and
+// build that instantiates it (from kCompiledConfigs, model_traits.hpp).
+template <int Config, Build B>
+KernelLaunch kernel_launch();
+
+// Every compiled config, in kCompiledConfigs order.
 const std::vector<CompiledConfig>& compiled_configs();
+
+// Whether this build holds the instrumented kernels (timing variants, step trace, test hooks).
+bool has_instrumented_kernels();
 
 }  // namespace flashformer

@@ -1,5 +1,5 @@
-// Host launcher of the megakernel for one config; each cpp/src/kernels/megakernel_<config>.cu
-// instantiates it once, so every config compiles in its own translation unit.
+// Host launcher of the megakernel for one config and build; CMake generates a translation unit
+// per (config, build) that instantiates kernel_launch<Config, B>, so each compiles on its own.
 #pragma once
 
 #include <stdexcept>
@@ -26,14 +26,15 @@ void launch_megakernel(const MegakernelParams& params, int num_sms, cudaStream_t
   void* args[] = {const_cast<MegakernelParams*>(&params)};
   // Cooperative: the runtime refuses a grid that cannot be resident at once, so the counters'
   // spin-waits can never wait on a CTA that is not running.
-  const int smem = smem_split(dims_of<T>(), params.batch).total_bytes;
+  const int smem = smem_split(T::kDims, params.batch).total_bytes;
   FF_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(megakernel<T>), dim3(num_sms),
                                             dim3(kThreads), args, smem, stream));
 }
 
-template <class T>
-CompiledConfig compiled_config() {
-  return {dims_of<T>(), &prepare_megakernel<T>, &launch_megakernel<T>};
+template <int Config, Build B>
+KernelLaunch kernel_launch() {
+  using T = KernelTraits<Config, B>;
+  return {&prepare_megakernel<T>, &launch_megakernel<T>};
 }
 
 }  // namespace flashformer

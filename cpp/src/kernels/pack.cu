@@ -1,4 +1,5 @@
-// Load-time packing of weight matrices into the megakernel's fragment order.
+// Packing of weight matrices into the megakernel's fragment order (at load), and back (a layer at
+// a time, for prefill's matmuls).
 #include <stdexcept>
 #include <string>
 
@@ -31,19 +32,65 @@ __global__ void pack_weight_kernel(const uint16_t* __restrict__ src, uint4* __re
   dst[vec] = out;
 }
 
+// Fragment (k) blocks of one row block per CTA of the unpack kernel: a 16 x 512 tile (16 KB).
+constexpr int kUnpackSpan = 32;
+constexpr int kUnpackThreads = 256;
+
+// The inverse of pack_weight_kernel: one CTA per (row block, span of k blocks) reads its packed
+// fragments as coalesced 16-byte vectors, transposes them through shared memory, and writes whole
+// 16-byte runs of its rows (at their source rows under `order`).
+__global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uint4* __restrict__ src,
+                                                                       uint16_t* __restrict__ dst, int64_t cols,
+                                                                       RowOrder order, int64_t param) {
+  __shared__ __align__(16) uint16_t tile[kRowBlock][kUnpackSpan * kKBlock];  // (16 rows, span * 16 cols)
+  const int64_t kblocks = cols / kKBlock, rb = blockIdx.y, kb0 = int64_t(blockIdx.x) * kUnpackSpan;
+  const int span = int(kblocks - kb0 < kUnpackSpan ? kblocks - kb0 : kUnpackSpan);
+  const uint4* frags = src + (rb * kblocks + kb0) * kWarpSize;  // (span fragments, 32 lanes)
+  for (int i = threadIdx.x; i < span * kWarpSize; i += kUnpackThreads) {
+    const uint4 v = frags[i];
+    const int f = i / kWarpSize, g = i % kWarpSize / 4, t = i % 4;
+    const uint32_t pairs[4] = {v.x, v.y, v.z, v.w};  // (col half, row half) = (0,0), (0,1), (1,0), (1,1)
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      *reinterpret_cast<uint32_t*>(&tile[(q % 2) * 8 + g][f * kKBlock + (q / 2) * 8 + 2 * t]) = pairs[q];
+  }
+  __syncthreads();  // the tile is complete before any row of it is written out
+  const int vecs_per_row = span * kKBlock / 8;
+  for (int i = threadIdx.x; i < kRowBlock * vecs_per_row; i += kUnpackThreads) {
+    const int r = i / vecs_per_row, v = i % vecs_per_row;
+    const int64_t row = source_row(order, rb * kRowBlock + r, param);
+    *reinterpret_cast<uint4*>(dst + row * cols + kb0 * kKBlock + v * 8) = *reinterpret_cast<const uint4*>(&tile[r][v * 8]);
+  }
+}
+
+void check_shape(const char* what, int64_t rows, int64_t cols, int row_order, int64_t order_param) {
+  if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock)
+    throw std::invalid_argument(std::string(what) + ": shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                ") is not a positive multiple of 16 in both dimensions");
+  if (row_order < 0 || row_order > int(RowOrder::kGateUp)) throw std::invalid_argument(std::string(what) + ": unknown row order");
+  const RowOrder order = RowOrder(row_order);
+  if (order == RowOrder::kRopePairs && (order_param <= 0 || order_param % 32 || rows % order_param))
+    throw std::invalid_argument(std::string(what) + ": RoPE row order needs head_dim a multiple of 32 dividing rows");
+  if (order == RowOrder::kGateUp && (order_param <= 0 || order_param % 8 || rows != 2 * order_param))
+    throw std::invalid_argument(std::string(what) + ": gate/up row order needs rows == 2 * intermediate");
+}
+
 }  // namespace
+
+void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
+                   cudaStream_t stream) {
+  check_shape("unpack_weight", rows, cols, row_order, order_param);
+  if (rows / kRowBlock > 65535) throw std::invalid_argument("unpack_weight: more than 65535 row blocks");
+  const dim3 grid(unsigned((cols / kKBlock + kUnpackSpan - 1) / kUnpackSpan), unsigned(rows / kRowBlock));
+  unpack_weight_kernel<<<grid, kUnpackThreads, 0, stream>>>(static_cast<const uint4*>(src), static_cast<uint16_t*>(dst),
+                                                           cols, RowOrder(row_order), order_param);
+  FF_CUDA_CHECK(cudaGetLastError());
+}
 
 void pack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
                  cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock)
-    throw std::invalid_argument("pack_weight: shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
-                                ") is not a positive multiple of 16 in both dimensions");
-  if (row_order < 0 || row_order > int(RowOrder::kGateUp)) throw std::invalid_argument("pack_weight: unknown row order");
+  check_shape("pack_weight", rows, cols, row_order, order_param);
   const RowOrder order = RowOrder(row_order);
-  if (order == RowOrder::kRopePairs && (order_param <= 0 || order_param % 32 || rows % order_param))
-    throw std::invalid_argument("pack_weight: RoPE row order needs head_dim a multiple of 32 dividing rows");
-  if (order == RowOrder::kGateUp && (order_param <= 0 || order_param % 8 || rows != 2 * order_param))
-    throw std::invalid_argument("pack_weight: gate/up row order needs rows == 2 * intermediate");
   const int64_t vecs = rows * cols / 8;
   constexpr int kBlock = 256;
   pack_weight_kernel<<<unsigned((vecs + kBlock - 1) / kBlock), kBlock, 0, stream>>>(

@@ -8,18 +8,25 @@
 // finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
 #pragma once
 
+#include <algorithm>
+
+#include "flashformer/kernel_config.hpp"
+#include "flashformer/op.hpp"
+#ifdef __CUDACC__
 #include <cfloat>
 #include <type_traits>
 
-#include "flashformer/ops/context.cuh"
+#include "flashformer/context.cuh"
 #include "flashformer/sync.cuh"
 #include "flashformer/weight_layout.cuh"
+#endif
 
 namespace flashformer {
 
+#ifdef __CUDACC__
+// The attention op's device code for config T (AttentionOp below forwards its roles here).
 template <class T>
-struct AttentionOp {
-  static constexpr Op kOp = Op::kAttention;
+struct AttentionKernel {
   static constexpr int D = T::kHeadDim, G = T::kGroup;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
@@ -63,7 +70,7 @@ struct AttentionOp {
   // the qkv wait, in the order consume() takes them.
   __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
     const MegakernelParams& p = pr.p;
-    if (p.timing_variant & kSkipAttention) return true;
+    if (variant_on<T>(p, kSkipAttention)) return true;
     const int chunks = p.attn_chunks;
     const StepShape& s = *pr.shape;
     for (int unit = u0; unit < u1; ++unit) {
@@ -278,7 +285,8 @@ struct AttentionOp {
   // Merge weights of partial (m, l) pairs against their maximum; an empty partial has l == 0.
   __device__ static float rescale(float m, float l, float m_max) { return l == 0.f ? 0.f : exp2f(m - m_max); }
 
-  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
+  __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
+    const int layer = task.layer;
     const MegakernelParams& p = c.p;
     const int chunks = p.attn_chunks;
     const StepShape& s = *c.shape;
@@ -287,7 +295,7 @@ struct AttentionOp {
       const int kv_head = unit / chunks, chunk = unit % chunks;
       const int c0 = chunk * s.chunk_len, c1 = min(c0 + s.chunk_len, s.context);
       // Chunks past the active ones have no positions: they only count towards the group.
-      const bool skip = p.timing_variant & kSkipAttention;
+      const bool skip = variant_on<T>(p, kSkipAttention);
       // Rows in passes of up to kConsumerWarps, `per_row` warps on each row at once; the warps of
       // a row then merge their partials through shared memory.
       for (int b0 = 0; b0 < p.batch && chunk < active && !skip; b0 += kConsumerWarps) {
@@ -319,12 +327,12 @@ struct AttentionOp {
         }
         c.sync();  // scratch is free for the next pass
       }
-      unsigned* group = p.scratch.counters + p.n_layers * kNumOps + layer * T::kKvHeads + kv_head;
+      unsigned* group = p.scratch.attn_groups + layer * T::kKvHeads + kv_head;
       if (active == 1 && !skip) {
         // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
         // the op at once. Every unit still counts towards the group (its epoch target).
         if (c.tid == 0) {
-          if (chunk == 0) publish(c.counter(layer, kOp), p);
+          if (chunk == 0) publish<T>(c.counter(task.index), p);
           atomicAdd(group, 1u);
         }
         c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
@@ -333,7 +341,7 @@ struct AttentionOp {
       if (c.finished_last(group, unsigned(chunks))) {  // the other chunks' partials are visible
         if (!skip) merge_chunks(c, kv_head, active);
         c.sync();  // the merged output is written before the signal
-        if (c.tid == 0) publish(c.counter(layer, kOp), p);
+        if (c.tid == 0) publish<T>(c.counter(task.index), p);
       }
     }
     return true;
@@ -388,6 +396,30 @@ struct AttentionOp {
       *reinterpret_cast<__nv_bfloat162*>(out + act_fragment_index(pair / G, k + 2)) = __floats2bfloat162_rn(o.z * inv, o.w * inv);
     }
   }
+};
+#endif
+
+// Attention is split into this many sequence chunks per kv head, so that about one
+// (kv head, chunk) unit lands on each SM; the chunk length follows the context at run time.
+inline int attention_chunks(const ModelDims& d, int num_sms) { return std::max(1, num_sms / d.kv_heads); }
+
+struct AttentionOp : OpDefaults {
+  static constexpr const char* kName = "attention";
+  // The last chunk of each kv head to finish publishes that head's output (one arrival per kv head).
+  static constexpr Signal kSignal = Signal::kItself;
+  static int units(const ModelDims& d, int num_sms) { return d.kv_heads * attention_chunks(d, num_sms); }
+  static constexpr int arrivals(const ModelDims& d, int) { return d.kv_heads; }
+
+#ifdef __CUDACC__
+  template <class T>
+  __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
+    return AttentionKernel<T>::produce(pr, task.layer, u0, u1);
+  }
+  template <class T>
+  __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
+    return AttentionKernel<T>::consume(c, task, u0, u1);
+  }
+#endif
 };
 
 }  // namespace flashformer

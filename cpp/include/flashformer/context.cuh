@@ -1,4 +1,5 @@
-// Producer and consumer contexts: what every op's two roles work with.
+// Producer and consumer contexts: what every op's two roles work with, and the shared-memory
+// regions of a launch (carved once by the kernel's prologue).
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -14,14 +15,14 @@ __device__ int64_t kv_index(const MegakernelParams& p, int layer, int kv, int b,
   return ((((int64_t(layer) * 2 + kv) * p.max_batch + b) * T::kKvHeads + kv_head) * p.max_seq + pos) * T::kHeadDim;
 }
 
-// The schedule's unit ranges of (op, layer): SM s owns units [begin[s], begin[s + 1]).
-__device__ inline const int* schedule_of(const MegakernelParams& p, Op op, int layer) {
-  return p.schedule + (layer * kNumOps + int(op)) * (gridDim.x + 1);
+// The schedule's unit ranges of task `task`: SM s owns units [begin[s], begin[s + 1]).
+__device__ inline const int* schedule_of(const MegakernelParams& p, int task) {
+  return p.schedule + task * (gridDim.x + 1);
 }
 
-// Whether SM `sm` owns units of `op` in `layer` (its schedule range is not empty).
-__device__ inline bool owns_units(const MegakernelParams& p, Op op, int layer, int sm) {
-  const int* begin = schedule_of(p, op, layer);
+// Whether SM `sm` owns units of task `task` (its schedule range is not empty).
+__device__ inline bool owns_units(const MegakernelParams& p, int task, int sm) {
+  const int* begin = schedule_of(p, task);
   return begin[sm + 1] > begin[sm];
 }
 
@@ -39,11 +40,38 @@ __device__ inline void load_step_shape(const MegakernelParams& p, StepShape& s) 
   s.chunk_len = (context + s.active_chunks - 1) / s.active_chunks;
 }
 
+// The shared-memory regions of one launch, as smem_split() (kernel_config.hpp) plans them:
+//   misc (kMiscBytes) | ring (ring_stages x kStageBytes) | union (union_bytes) | reduce (kReduceBytes)
+// with the misc region's fields at the kMisc* offsets.
+struct SmemRegions {
+  uint8_t* ring_data;
+  uint8_t* union_region;
+  float* reduce;
+  uint64_t* barriers;  // full[kMaxStages], then empty[kMaxStages]
+  int* flags;
+  float* rinv;
+  int* kv_ends;        // [2][kMaxBatch]: the consumers', then the producer's
+  StepShape* shape;
+  __device__ SmemRegions(uint8_t* smem, const MegakernelParams& p)
+      : ring_data(smem + kMiscBytes),
+        union_region(ring_data + p.ring_stages * kStageBytes),
+        reduce(reinterpret_cast<float*>(union_region + p.union_bytes)),
+        barriers(reinterpret_cast<uint64_t*>(smem)),
+        flags(reinterpret_cast<int*>(smem + kMiscFlags)),
+        rinv(reinterpret_cast<float*>(smem + kMiscRinv)),
+        kv_ends(reinterpret_cast<int*>(smem + kMiscKvEnds)),
+        shape(reinterpret_cast<StepShape*>(smem + kMiscShape)) {}
+  template <class T>
+  __device__ WeightRing<T> ring(const MegakernelParams& p) const {
+    return {ring_data, barriers, barriers + kMaxStages, p.ring_stages};
+  }
+};
+
 // The producer warp's side: streams contiguous weight bytes through the ring, stage by stage.
 template <class T>
 struct Producer {
   const MegakernelParams& p;
-  WeightRing ring;
+  WeightRing<T> ring;
   int* kv_ends;             // [kMaxBatch] the producer's copy of attention's per-row ends (shared memory)
   const StepShape* shape;   // shared memory
   RingCursor cursor;
@@ -51,6 +79,9 @@ struct Producer {
   int in_flight = 0;        // stages pushed and not yet seen landed
   long long slot_wait = 0;  // cycles spent waiting for free stages (read by the step trace)
   long long land_wait = 0;  // cycles spent waiting for in-flight room (read by the step trace)
+
+  __device__ Producer(const MegakernelParams& p_, const SmemRegions& s)
+      : p(p_), ring(s.ring<T>(p_)), kv_ends(s.kv_ends + kMaxBatch), shape(s.shape) {}
 
   // Copies `bytes` from src through the ring, at most p.inflight_stages copies outstanding: the
   // ring still fills during dependency waits, but fewer bytes queue in the memory system, so
@@ -87,7 +118,7 @@ struct Producer {
 template <class T>
 struct Consumer {
   const MegakernelParams& p;
-  WeightRing ring;
+  WeightRing<T> ring;
   RingCursor cursor;
   bf16_t* act;         // (batch, K) activations in fragment order: normalized or staged (union region)
   float* attn;         // attention merge scratch; aliases act (never live at once)
@@ -99,6 +130,20 @@ struct Consumer {
   int tid, warp, lane; // tid < kConsumerThreads
   int reduce_parity = 0;
   long long data_wait = 0;  // cycles spent waiting for weight stages to land (read by the step trace)
+
+  __device__ Consumer(const MegakernelParams& p_, const SmemRegions& s, int tid_)
+      : p(p_),
+        ring(s.ring<T>(p_)),
+        act(reinterpret_cast<bf16_t*>(s.union_region)),
+        attn(reinterpret_cast<float*>(s.union_region)),
+        reduce(s.reduce),
+        flags(s.flags),
+        rinv(s.rinv),
+        kv_ends(s.kv_ends),
+        shape(s.shape),
+        tid(tid_),
+        warp(tid_ / kWarpSize),
+        lane(tid_ % kWarpSize) {}
 
   __device__ void sync() const {  // all consumer warps; the producer warp never joins
     cutlass::arch::NamedBarrier::sync(kConsumerThreads, int(NamedBarrier::kConsumers));
@@ -113,8 +158,8 @@ struct Consumer {
     fence_acq_rel_gpu();  // acquire side: the others signalled after writing
     return true;
   }
-  __device__ unsigned* counter(int layer, Op op) const { return p.scratch.counters + layer * kNumOps + int(op); }
-  __device__ unsigned target(Op op) const { return p.epoch * unsigned(p.op_signals[int(op)]); }
+  __device__ unsigned* counter(int task) const { return p.scratch.counters + task; }
+  __device__ unsigned target(int op) const { return p.epoch * unsigned(p.arrivals[op]); }
 };
 
 }  // namespace flashformer

@@ -1,5 +1,4 @@
-// The C++ engine behind flashformer._C.Engine. Python owns every device buffer; the engine
-// receives raw pointers. For now it binds to one Hopper device and reports what it found.
+// The CUDA devices the runtime sees, and which of them the compiled kernels run on.
 #pragma once
 
 #include <cstddef>
@@ -28,15 +27,5 @@ std::vector<DeviceInfo> list_devices();
 
 // True when some device is one the compiled kernels run on.
 bool cuda_available();
-
-class Engine {
- public:
-  // Binds to `device`; throws std::runtime_error naming the problem if it is absent or not sm_90.
-  explicit Engine(int device = 0);
-  const DeviceInfo& device() const { return device_; }
-
- private:
-  DeviceInfo device_;
-};
 
 }  // namespace flashformer

@@ -5,8 +5,8 @@
 // Units are 16-row blocks; a row block's K columns span one or more ring stages.
 #pragma once
 
-#include "flashformer/ops/context.cuh"
-#include "flashformer/ops/rmsnorm.cuh"
+#include "flashformer/context.cuh"
+#include "flashformer/rmsnorm.cuh"
 #include "flashformer/weight_layout.cuh"
 
 namespace flashformer {
@@ -57,7 +57,7 @@ using AccTile = float[4];
 template <class T, class Source>
 __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
   constexpr int kPerWarp = kFragmentsPerStage / kConsumerWarps;  // fragments of a stage per warp
-  if (c.p.timing_variant & kSkipMath) {  // timing only: take and free the stages, nothing else
+  if (variant_on<T>(c.p, kSkipMath)) {  // timing only: take and free the stages, nothing else
     for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
       if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
       c.ring.release(c.cursor);
@@ -138,8 +138,8 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
     AccTile acc;
     if (c.warp == 0) epi.prefetch(rb);
     if (!gemv_row_block(c, src, kblocks, acc)) return false;
-    if (!(c.p.timing_variant & (kSkipMath | kSkipReduce))) reduce_row_block(c, acc);
-    if (c.warp == 0 && !(c.p.timing_variant & kSkipEpilogue)) epi.row_block(rb, acc);
+    if (!variant_on<T>(c.p, kSkipMath | kSkipReduce)) reduce_row_block(c, acc);
+    if (c.warp == 0 && !variant_on<T>(c.p, kSkipEpilogue)) epi.row_block(rb, acc);
   }
   epi.finish();
   return true;
@@ -154,13 +154,12 @@ __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kbloc
   return run_matmul<T, GlobalActivations, Epilogue>(c, {act}, kblocks, layer, u0, u1);
 }
 
-// RMSNorm of x (norm `norm`, its rows last written by `writer` of `writer_layer`: rmsnorm.cuh)
-// into shared memory, then the matmul over it (K = hidden).
+// RMSNorm of x (norm `norm`, whose rows the task before `task` wrote: rmsnorm.cuh) into shared
+// memory, then the matmul over it (K = hidden).
 template <class T, class Epilogue>
-__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Op writer, int writer_layer,
-                                 int layer, int u0, int u1) {
-  rmsnorm_to_fragments(c, norm_weight, norm, writer, writer_layer);
-  return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, layer, u0, u1);
+__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Task task, int u0, int u1) {
+  rmsnorm_to_fragments(c, norm_weight, norm, task.index - 1);
+  return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, task.layer, u0, u1);
 }
 
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own

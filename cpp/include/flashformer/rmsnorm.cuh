@@ -2,7 +2,7 @@
 // recomputes it on the whole hidden vector it needs: 8-64 KB from L2 beats a grid-wide sync.
 #pragma once
 
-#include "flashformer/ops/context.cuh"
+#include "flashformer/context.cuh"
 #include "flashformer/weight_layout.cuh"
 
 namespace flashformer {
@@ -28,12 +28,12 @@ __device__ inline void publish_sq_part(const MegakernelParams& p, int norm, int 
       if (2 * lane + q < p.batch) sq_part_of(p, norm)[blockIdx.x * kMaxBatch + 2 * lane + q] = s[q];
 }
 
-// RMSNorm of x (norm `norm`, its rows written by `writer` of `writer_layer`) times `weight`,
-// into this CTA's shared memory in B-fragment order. Every CTA does it for the whole vector it
-// needs: 8-64 KB from L2 beats a grid-wide sync.
+// RMSNorm of x (norm `norm`, its rows written by task `writer`) times `weight`, into this CTA's
+// shared memory in B-fragment order. Every CTA does it for the whole vector it needs: 8-64 KB
+// from L2 beats a grid-wide sync.
 template <class T>
-__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, Op writer, int writer_layer) {
-  if (c.p.timing_variant & kSkipNorm) return;
+__device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, int writer) {
+  if (variant_on<T>(c.p, kSkipNorm)) return;
   constexpr int kVecs = T::kHidden / 4;  // float4 per batch row
   static_assert(T::kHidden % 4 == 0, "rows are read as float4");
   const MegakernelParams& p = c.p;
@@ -61,7 +61,7 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     float s = 0.f;
     for (int sm = c.lane; sm < int(gridDim.x); sm += kWarpSize) {
       const float v = __ldcg(part + sm * kMaxBatch + c.warp);     // loaded with the schedule, not after it
-      if (owns_units(p, writer, writer_layer, sm)) s += v;         // (slots of SMs without rows are stale)
+      if (owns_units(p, writer, sm)) s += v;         // (slots of SMs without rows are stale)
     }
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);

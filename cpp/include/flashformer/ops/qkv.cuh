@@ -2,10 +2,14 @@
 // in rows g and g+8 of one block, so the rotation happens in the accumulator registers.
 #pragma once
 
-#include "flashformer/ops/gemv.cuh"
+#include "flashformer/op.hpp"
+#ifdef __CUDACC__
+#include "flashformer/gemv.cuh"
+#endif
 
 namespace flashformer {
 
+#ifdef __CUDACC__
 template <class T>
 struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
@@ -59,17 +63,24 @@ struct QkvEpilogue {
   __device__ void finish() {}
 };
 
-template <class T>
-struct QkvOp {
-  static constexpr Op kOp = Op::kQkv;
-  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.layers[layer].qkv, T::kHidden, u0, u1);
+#endif
+
+struct QkvOp : OpDefaults {
+  static constexpr const char* kName = "qkv";
+  static constexpr int units(const ModelDims& d, int) { return d.qkv_rows() / kRowBlock; }
+  static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
+
+#ifdef __CUDACC__
+  template <class T>
+  __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
+    return stream_row_blocks(pr, pr.p.layers[task.layer].qkv, T::kHidden, u0, u1);
   }
-  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    // x was last written by the previous layer's down projection (by the embedding in layer 0)
-    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[layer].attn_norm, 2 * layer,
-                                               layer ? Op::kDown : Op::kEmbed, layer ? layer - 1 : 0, layer, u0, u1);
+  // x was last written by the task before (the previous layer's down projection, or the embedding)
+  template <class T>
+  __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
+    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[task.layer].attn_norm, 2 * task.layer, task, u0, u1);
   }
+#endif
 };
 
 }  // namespace flashformer

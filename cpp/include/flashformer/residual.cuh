@@ -1,8 +1,8 @@
-// O projection and down projection: matmul on activations another op wrote to global memory,
-// added into the fp32 residual stream (each row is owned by exactly one CTA).
+// The epilogue of the O and down projections: the matmul's rows added into the fp32 residual
+// stream (each row is owned by exactly one CTA), with the sums of squares the next RMSNorm needs.
 #pragma once
 
-#include "flashformer/ops/gemv.cuh"
+#include "flashformer/gemv.cuh"
 
 namespace flashformer {
 
@@ -37,29 +37,6 @@ struct ResidualEpilogue {
   }
   __device__ void finish() {
     if (c.warp == 0) publish_sq_part(c.p, norm, c.lane, sq);
-  }
-};
-
-template <class T>
-struct OProjOp {
-  static constexpr Op kOp = Op::kOProj;
-  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.layers[layer].o, T::kQRows, u0, u1);
-  }
-  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul_global_b<T, ResidualEpilogue<T, 1>>(c, c.p.scratch.attn_frag, T::kQRows / kKBlock, layer, u0, u1);
-  }
-};
-
-template <class T>
-struct DownOp {
-  static constexpr Op kOp = Op::kDown;
-  __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.layers[layer].down, T::kIntermediate, u0, u1);
-  }
-  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    return run_matmul_global_b<T, ResidualEpilogue<T, 2>>(c, c.p.scratch.act_frag, T::kIntermediate / kKBlock, layer, u0,
-                                                         u1);
   }
 };
 

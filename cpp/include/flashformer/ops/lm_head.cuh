@@ -1,24 +1,34 @@
 // Final RMSNorm + LM head with a fused arg-max: logits optionally written out, each CTA reduces
-// its rows to a (value, index) per batch row, and the last CTA to finish picks the winner.
+// its rows to a (value, index) per batch row, and the last CTA to finish picks the winner. A
+// non-finite logit anywhere in a row fails the step (StepError::kNonFiniteLogits) instead of
+// emitting a token.
 #pragma once
 
+#include "flashformer/op.hpp"
+#ifdef __CUDACC__
 #include <cfloat>
 
-#include "flashformer/ops/gemv.cuh"
+#include "flashformer/gemv.cuh"
 #include "flashformer/sync.cuh"
+#endif
 
 namespace flashformer {
 
+#ifdef __CUDACC__
 // Larger logit wins; ties go to the lower index (torch.argmax's choice).
 __device__ __forceinline__ bool better(float v, int i, float best_v, int best_i) {
   return v > best_v || (v == best_v && i < best_i);
 }
+
+// A CTA's candidate index for a row in which it saw a non-finite logit.
+inline constexpr int kNonFiniteIndex = -1;
 
 template <class T>
 struct LmHeadEpilogue {
   Consumer<T>& c;
   float best_v[2] = {-FLT_MAX, -FLT_MAX};  // warp 0: batch columns 2t and 2t+1
   int best_i[2] = {INT_MAX, INT_MAX};
+  bool finite[2] = {true, true};           // every logit of the column seen so far is finite
   __device__ LmHeadEpilogue(Consumer<T>& c_, int) : c(c_) {}
   __device__ void prefetch(int) {}  // reads nothing
 
@@ -33,6 +43,7 @@ struct LmHeadEpilogue {
         const int row = rb * kRowBlock + g + 8 * h;
         const float v = acc[2 * h + q];
         if (c.p.logits) c.p.logits[int64_t(n) * T::kVocab + row] = v;
+        finite[q] &= isfinite(v);
         if (better(v, row, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = row;
       }
     }
@@ -42,13 +53,15 @@ struct LmHeadEpilogue {
   __device__ void finish() {
     if (c.warp != 0) return;
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
+    for (int q = 0; q < 2; ++q) {
 #pragma unroll
       for (int off = 4; off < kWarpSize; off *= 2) {
         const float v = __shfl_xor_sync(0xffffffffu, best_v[q], off);
         const int i = __shfl_xor_sync(0xffffffffu, best_i[q], off);
         if (better(v, i, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = i;
+        finite[q] &= __shfl_xor_sync(0xffffffffu, int(finite[q]), off) != 0;
       }
+    }
     if (c.lane < 4)
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
@@ -56,38 +69,50 @@ struct LmHeadEpilogue {
         if (n >= c.p.batch) continue;
         float* part = c.p.scratch.argmax_part + (int64_t(n) * gridDim.x + blockIdx.x) * 2;
         part[0] = best_v[q];
-        part[1] = __int_as_float(best_i[q]);
+        part[1] = __int_as_float(finite[q] ? best_i[q] : kNonFiniteIndex);
       }
   }
 };
+#endif
 
-template <class T>
-struct LmHeadOp {
-  static constexpr Op kOp = Op::kLmHead;
-  __device__ static bool produce(Producer<T>& pr, int, int u0, int u1) {
+struct LmHeadOp : OpDefaults {
+  static constexpr const char* kName = "lm_head";
+  static constexpr Scope kScope = Scope::kOnceLast;
+  static constexpr Signal kSignal = Signal::kItself;  // its last CTA reduces the arg-max, nothing waits after it
+  static constexpr int units(const ModelDims& d, int) { return d.vocab / kRowBlock; }
+  static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
+
+#ifdef __CUDACC__
+  template <class T>
+  __device__ static bool produce(Producer<T>& pr, Task, int u0, int u1) {
     return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
   }
-  __device__ static bool consume(Consumer<T>& c, int layer, int u0, int u1) {
-    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, Op::kDown, c.p.n_layers - 1, layer,
-                                                 u0, u1))
-      return false;
+  // x's rows were written by the task before (the last layer's down projection): the final norm.
+  template <class T>
+  __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
+    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, task, u0, u1)) return false;
     c.sync();  // this CTA's candidates are written
-    if (!c.finished_last(c.counter(layer, kOp), unsigned(c.p.op_signals[int(kOp)])))
+    if (!c.finished_last(c.counter(task.index), unsigned(c.p.arrivals[task.op])))
       return true;  // the last LM-head CTA picks the winners, from every CTA's candidates
     if (c.tid < c.p.batch) {
       float best_v = -FLT_MAX;
       int best_i = INT_MAX;
+      bool finite = true;
       for (int s = 0; s < int(gridDim.x); ++s) {
-        if (!owns_units(c.p, kOp, layer, s)) continue;  // this SM owns no LM-head rows
+        if (!owns_units(c.p, task.index, s)) continue;  // this SM owns no LM-head rows
         const float* part = c.p.scratch.argmax_part + (int64_t(c.tid) * gridDim.x + s) * 2;
         const float v = __ldcg(part);
         const int i = __float_as_int(__ldcg(part + 1));
+        finite &= i != kNonFiniteIndex;
         if (better(v, i, best_v, best_i)) best_v = v, best_i = i;
       }
       c.p.next_tokens[c.tid] = best_i;
+      // (timing variants compute garbage on purpose: only a real step is checked)
+      if (!finite && !variant_on<T>(c.p, ~0)) raise_error(c.p.scratch, StepError::kNonFiniteLogits, task.index, c.tid);
     }
     return true;
   }
+#endif
 };
 
 }  // namespace flashformer

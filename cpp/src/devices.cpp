@@ -1,6 +1,4 @@
-#include "engine.hpp"
-
-#include <stdexcept>
+#include "devices.hpp"
 
 #include "cuda_check.hpp"
 
@@ -37,21 +35,6 @@ bool cuda_available() {
   for (const DeviceInfo& d : list_devices())
     if (d.supported()) return true;
   return false;
-}
-
-Engine::Engine(int device) {
-  const std::vector<DeviceInfo> devices = list_devices();
-  if (devices.empty())
-    throw std::runtime_error("flashformer: no CUDA device is visible (no driver, or CUDA_VISIBLE_DEVICES hides them)");
-  if (device < 0 || device >= int(devices.size()))
-    throw std::runtime_error("flashformer: CUDA device " + std::to_string(device) + " does not exist (" +
-                             std::to_string(devices.size()) + " visible)");
-  device_ = devices[device];
-  if (!device_.supported())
-    throw std::runtime_error("flashformer: device " + std::to_string(device) + " (" + device_.name +
-                             ") has compute capability " + std::to_string(device_.major) + "." +
-                             std::to_string(device_.minor) + "; the compiled kernels need 9.0 (Hopper, " +
-                             kCompiledArch + ")");
 }
 
 }  // namespace flashformer
