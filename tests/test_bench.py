@@ -60,6 +60,10 @@ def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(
     assert [t["prompt_len"] for t in result["ttft"]] == list(bench.QUICK_PROMPT_LENS)
     for entry in result["ttft"]:
         assert entry["model"] == "tiny-gqa" and entry["engine_ms"] > 0 and entry["hf_eager_ms"] > 0
+    model = result["models"]["tiny-gqa"]
+    spec = spec_from_dict(bench.shape_config("tiny-gqa"))
+    max_seq = model["kv_cache_bytes"] // (spec.num_layers * 2 * max(bench.QUICK_BATCHES) * spec.num_kv_heads * spec.head_dim * 2)
+    assert max_seq > max(bench.QUICK_CTXS) and model["device_memory_bytes"] is None  # (no device to measure)
 
     table = (tmp_path / "bench.md").read_text()
     assert table.startswith(f"> **{result['note']}**")
@@ -313,6 +317,9 @@ def test_quick_run_on_the_gpu_has_a_floor_and_both_peers(tmp_path):
     assert result["probe"]["method"] == "flashformer._C.testing.read_probe"
     assert 500 < result["read_bw_gbs"] < 20_000
     assert result["errors"] == []
+    model = result["models"]["tiny-gqa"]
+    assert model["backend"] == "megakernel"
+    assert model["device_memory_bytes"] >= model["kv_cache_bytes"] + 2 * model["parameters"]  # bf16 weights + cache
     for row in result["rows"]:
         assert 0 < row["floor_fraction"] <= 1.1
         assert row["gptfast_ms"] > 0 and row["hf_eager_ms"] > 0
