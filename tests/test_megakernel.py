@@ -326,7 +326,7 @@ def test_a_step_with_non_finite_logits_raises_naming_the_row():
 @gpu
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
 def test_the_packed_weights_are_the_only_copy_on_the_device(name):
-    """Building the backend adds only its scratch, the prefill's two layer buffers, the kernel's
+    """Building the backend adds only its scratch, the prefill's layer buffer, the kernel's
     half RoPE tables and its I/O buffers: the matrices (and a tied table) are reordered in place."""
     cfg = dict(llama_config(name), num_hidden_layers=2)
     spec = spec_from_dict(cfg)
@@ -337,7 +337,7 @@ def test_the_packed_weights_are_the_only_copy_on_the_device(name):
     mk = MegakernelBackend(spec, weights, cache)
     torch.cuda.synchronize()
     added = torch.cuda.memory_allocated() - before
-    own = (mk.scratch.nbytes + sum(b.nbytes for b in mk.prefill_model.buffers) + mk.rope_cos.nbytes
+    own = (mk.scratch.nbytes + mk.prefill_model.buffer.nbytes + mk.rope_cos.nbytes
            + mk.rope_sin.nbytes + mk.logits.nbytes + mk.tokens.nbytes + mk.positions.nbytes + mk.next_tokens.nbytes)
     assert added <= own + (1 << 20), f"{added - own} bytes beyond the backend's own buffers"
     assert weights.fragment_order and weights.tied == cfg["tie_word_embeddings"]
@@ -347,14 +347,14 @@ def test_the_packed_weights_are_the_only_copy_on_the_device(name):
 @gpu
 @pytest.mark.parametrize("name", TINY)
 def test_prefill_over_the_packed_weights_is_the_reference_prefill(name):
-    """Ragged prompts, layer by layer over unpacked buffers (a side stream ahead of the compute):
+    """Ragged prompts, layer by layer over the unpacked buffer:
     the same logits and KV cache as the reference over row-major weights."""
     spec = spec_from_dict(llama_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     ref = reference(spec, clone_weights(weights), 3, 600)
     mk = megakernel(spec, weights, 3, 600)
     prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (1, 37, 513)]
-    for _ in range(2):  # twice: the second prefill reuses the buffers the first one left
+    for _ in range(2):  # twice: the second prefill reuses the buffer the first one left
         ours, theirs = mk.prefill(prompts), ref.prefill(prompts)
         assert rel_l2(ours, theirs) < 1e-3
         assert rel_l2(mk.kv_cache.float(), ref.kv_cache.float()) < 1e-3

@@ -48,7 +48,7 @@ def test_packing_refuses_shapes_it_cannot_lay_out():
 
 @pytest.mark.parametrize("name,tied", [("tiny-gqa", False), ("tiny-d128", True)])
 def test_prefill_over_packed_weights_is_the_reference_prefill(name, tied):
-    """Layer by layer over unpacked buffers, LM head in row chunks, a tied table read packed: the
+    """Layer by layer over the unpacked buffer, LM head in row chunks, a tied table read packed: the
     very same logits and KV cache as the reference decoder (CPU, fp32: the same operations)."""
     from flashformer.bench import shape_config
 

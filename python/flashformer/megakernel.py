@@ -5,7 +5,7 @@ At construction the matrices are reordered in place into the kernel's fragment o
 (packing.py), one at a time: the device then holds one copy of the weights, the kernel's. A
 tied embedding table is the packed LM head itself (the kernel's embedding lookup reads it in
 that order). Prefill runs the reference decoder over that copy: each layer's matrices are
-unpacked into one of two reusable buffers on a side stream while the layer before computes.
+unpacked into one reusable buffer just before its matmuls.
 
 A step whose inter-SM dependency does not complete within the watchdog (5 s, or the
 FLASHFORMER_WATCHDOG_MS environment variable: raise it under compute-sanitizer) raises
@@ -14,7 +14,6 @@ RuntimeError instead of hanging the GPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -107,18 +106,18 @@ def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype
 
 class PackedTransformer(Transformer):
     """The reference decoder over weights in fragment order. Each layer's matrices (and the LM head,
-    in row chunks) are unpacked into one of two buffers, the next one on a side stream while the
-    current one computes; a tied embedding table is read from the packed LM head."""
+    in row chunks) are unpacked into one reusable buffer just before they are multiplied; a tied
+    embedding table is read from the packed LM head. (On the stream of the compute, in its order:
+    measured on the H200, a second buffer filled on a side stream hid none of the unpacking behind
+    the matmuls, which occupy every SM, and slowed the 1B prefill by the events; NOTES.md.)"""
 
     def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, layer_weights: list[dict]):
         super().__init__(spec, weights, cache)
         self.matrices = [(LAYER_FIELDS[f["name"]], f["row_order"], f["order_param"]) for f in layer_weights if f["packed"]]
         first = weights.layers[0]
         elems = sum(getattr(first, attr).numel() for attr, _, _ in self.matrices)
-        device, dtype = weights.lm_head.device, weights.lm_head.dtype
-        self.buffers = [torch.empty(elems, dtype=dtype, device=device) for _ in range(2)]
-        self.lm_head_rows = max(16, elems // spec.hidden_size // 16 * 16)  # LM-head rows per buffer
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.buffer = torch.empty(elems, dtype=weights.lm_head.dtype, device=weights.lm_head.device)
+        self.lm_head_rows = max(16, elems // spec.hidden_size // 16 * 16)  # LM-head rows per unpacking
 
     def check_layout(self) -> None:
         if not self.weights.fragment_order:
@@ -126,38 +125,15 @@ class PackedTransformer(Transformer):
 
     def _unpacked(self, jobs: list[list[tuple[torch.Tensor, int, int]]]) -> Iterator[list[torch.Tensor]]:
         """For each job (packed matrices with their row order and its parameter), the row-major
-        matrices, in buffers[job % 2]. Job j + 1 unpacks on the side stream while the caller's work
-        on job j runs; each buffer is rewritten only after the work queued on it is done."""
-        cuda = self.side is not None
-        main = torch.cuda.current_stream(self.buffers[0].device) if cuda else None
-        ready = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
-        free = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
-        if cuda:
-            self.side.wait_stream(main)  # the buffers' readers queued before this call are done first
-
-        def launch(j: int) -> list[torch.Tensor]:
-            slot, at, out = j % 2, 0, []
-            with torch.cuda.stream(self.side) if cuda else contextlib.nullcontext():
-                if cuda:
-                    self.side.wait_event(free[slot])  # the work on job j - 2 (same buffer) is done
-                for packed, order, param in jobs[j]:
-                    view = self.buffers[slot][at : at + packed.numel()].view(packed.shape)
-                    out.append(unpack(packed, order, param, out=view))
-                    at += packed.numel()
-                if cuda:
-                    ready[slot].record(self.side)
-            return out
-
-        pending = launch(0) if jobs else None
-        for j in range(len(jobs)):
-            current = pending
-            if j + 1 < len(jobs):
-                pending = launch(j + 1)
-            if cuda:
-                main.wait_event(ready[j % 2])
-            yield current
-            if cuda:
-                free[j % 2].record(main)
+        matrices in the buffer, valid until the next job (stream order keeps the caller's work on
+        one job ahead of the next job's unpacking)."""
+        for job in jobs:
+            at, out = 0, []
+            for packed, order, param in job:
+                view = self.buffer[at : at + packed.numel()].view(packed.shape)
+                out.append(unpack(packed, order, param, out=view))
+                at += packed.numel()
+            yield out
 
     def layer_weights(self) -> Iterator[LayerWeights]:
         jobs = [[(getattr(layer, attr), order, param) for attr, order, param in self.matrices] for layer in self.weights.layers]

@@ -132,8 +132,11 @@ class Transformer:
         """
         return self.forward_segments([(tokens, start, row0)])[0]
 
-    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
-        """`forward` of several segments (ragged prompts, say), layer by layer."""
+    def forward_segments(self, segments: list[Segment], last_only: bool = False) -> list[torch.Tensor]:
+        """`forward` of several segments (ragged prompts, say), layer by layer. With `last_only`
+        each segment's hidden state comes back for its last position alone [B, 1, hidden]: the last
+        layer still writes every position's K and V, but its attention output and MLP run for that
+        position only (what a prefill needs)."""
         self.check_layout()  # (a backend may have reordered them since this decoder was made)
         dtype = self.cache.kv.dtype
         eps = self.spec.rms_norm_eps
@@ -148,14 +151,18 @@ class Transformer:
             xs.append(self.embed(tokens))
             views.append((slice(row0, row0 + B), length, positions, cos, sin, mask))
         for i, layer in enumerate(self.layer_weights()):
+            last = last_only and i == self.spec.num_layers - 1
             for s, (rows, length, positions, cos, sin, mask) in enumerate(views):
                 cache = self.cache.kv[i, :, rows, :, :length]  # (2, B, kv_heads, length, D)
                 x = xs[s]
-                x = x + self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask)
+                h = self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask, last)
+                x = (x[:, -1:] if last else x) + h
                 xs[s] = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
         return [rms_norm(x, self.weights.final_norm, eps) for x in xs]
 
-    def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask) -> torch.Tensor:
+    def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask, last_only=False) -> torch.Tensor:
+        """Appends the K and V of every position of x to the cache; the output of every position,
+        or of the last one alone (`last_only`)."""
         spec = self.spec
         B, T, _ = x.shape
         q, k, v = F.linear(x, layer.wqkv, layer.bqkv).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
@@ -170,7 +177,14 @@ class Transformer:
         cache[1, rows, :, positions] = v.view(B, T, spec.num_kv_heads, spec.head_dim)
         group = spec.num_heads // spec.num_kv_heads
         keys, values = cache[0].repeat_interleave(group, dim=1), cache[1].repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=spec.head_dim**-0.5)
+        length = cache.shape[3]
+        if last_only:  # each row's last position (one row: the last of the cache, which sees all of it)
+            q, T, attn = q[:, :, -1:], 1, dict(attn_mask=mask[:, None, -1:] if B > 1 else None)
+        elif length == T:  # the rows start at position 0 (a prompt from scratch): the mask is causal
+            attn = dict(is_causal=True)
+        else:
+            attn = dict(attn_mask=mask[:, None])
+        out = F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, **attn)
         return F.linear(out.transpose(1, 2).reshape(B, T, spec.q_size), layer.wo, layer.bo)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
@@ -205,5 +219,5 @@ class ReferenceBackend:
 def prefill_logits(model: Transformer, prompts: list[torch.Tensor]) -> torch.Tensor:
     """Prompt b into cache row b from position 0; the last position's logits of each [B, vocab] fp32."""
     start = torch.zeros(1, dtype=torch.long, device=model.kv_cache.device)
-    hidden = model.forward_segments([(p[None], start, b) for b, p in enumerate(prompts)])
+    hidden = model.forward_segments([(p[None], start, b) for b, p in enumerate(prompts)], last_only=True)
     return model.logits(torch.cat([h[:, -1] for h in hidden]))

@@ -32,8 +32,11 @@ __global__ void pack_weight_kernel(const uint16_t* __restrict__ src, uint4* __re
   dst[vec] = out;
 }
 
-// Fragment (k) blocks of one row block per CTA of the unpack kernel: a 16 x 512 tile (16 KB).
+// Fragment (k) blocks of one row block per CTA of the unpack kernel: a 16 x 512 tile (16 KB). Its
+// rows are padded by 16 bytes, so the lanes of a fragment (8 rows x 4 column pairs) store to 32
+// different banks.
 constexpr int kUnpackSpan = 32;
+constexpr int kUnpackPad = 8;
 constexpr int kUnpackThreads = 256;
 
 // The inverse of pack_weight_kernel: one CTA per (row block, span of k blocks) reads its packed
@@ -42,7 +45,7 @@ constexpr int kUnpackThreads = 256;
 __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uint4* __restrict__ src,
                                                                        uint16_t* __restrict__ dst, int64_t cols,
                                                                        RowOrder order, int64_t param) {
-  __shared__ __align__(16) uint16_t tile[kRowBlock][kUnpackSpan * kKBlock];  // (16 rows, span * 16 cols)
+  __shared__ __align__(16) uint16_t tile[kRowBlock][kUnpackSpan * kKBlock + kUnpackPad];  // (16 rows, span * 16 cols)
   const int64_t kblocks = cols / kKBlock, rb = blockIdx.y, kb0 = int64_t(blockIdx.x) * kUnpackSpan;
   const int span = int(kblocks - kb0 < kUnpackSpan ? kblocks - kb0 : kUnpackSpan);
   const uint4* frags = src + (rb * kblocks + kb0) * kWarpSize;  // (span fragments, 32 lanes)
