@@ -207,25 +207,26 @@ def test_megakernel_backend_says_why_it_cannot_run(ckpt):
 
 
 def test_prompt_longer_than_max_seq_len(engine):
-    with pytest.raises(ValueError, match="prompt 0 has 40 tokens, too long for max_seq_len=32"):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[0\] has 40 tokens, too long for max_seq_len=32"):
         engine.generate(prompt_token_ids=[[5] * 40])
-    with pytest.raises(ValueError, match="prompt 0 has 32 tokens, too long for max_seq_len=32"):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[0\] has 32 tokens, too long for max_seq_len=32"):
         engine.generate(prompt_token_ids=[[5] * 32])
 
 
 def test_token_id_outside_the_vocabulary(engine):
     with pytest.raises(
-        ValueError, match=f"prompt 1: token id {VOCAB} is outside the vocabulary \\(vocab_size={VOCAB}\\)"
+        ValueError,
+        match=rf"prompt_token_ids\[1\]: token id {VOCAB} \(at index 1\) is outside the vocabulary \(vocab_size={VOCAB}\)",
     ):
         engine.generate(prompt_token_ids=[[1, 2], [3, VOCAB]])
-    with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[0\]: token id -1 \(at index 0\) is outside the vocabulary"):
         engine.generate(prompt_token_ids=[[-1]])
 
 
 def test_malformed_prompts(engine):
-    with pytest.raises(ValueError, match="prompt 0 is empty"):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[0\] is empty"):
         engine.generate(prompt_token_ids=[[]])
-    with pytest.raises(ValueError, match="prompt 0 must be a list of int token ids"):
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[0\] must be a list of int token ids, got \[1.5, 2\]"):
         engine.generate(prompt_token_ids=[[1.5, 2]])
     with pytest.raises(ValueError, match="pass exactly one of prompts"):
         engine.generate()
