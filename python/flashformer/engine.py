@@ -297,8 +297,8 @@ class Engine:
             raise ValueError(f"no prompts given ({name} is empty)")
         if n > self.max_batch_size:
             raise ValueError(
-                f"{n} prompts exceed max_batch_size={self.max_batch_size} "
-                "(set max_batch_size in Engine.from_pretrained)"
+                f"{n} prompts exceed max_batch_size={self.max_batch_size} ({name} holds {n}; "
+                "set max_batch_size in Engine.from_pretrained)"
             )
 
     def _sampling(self, sampling, n: int) -> list[SamplingParams]:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ModelSpec
-from .validate import DTYPE_NAMES
+from .validate import DTYPE_NAMES, show
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # safetensors dtype names of the floating-point tensors a checkpoint may hold (cast at load).
@@ -34,9 +34,9 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype in DTYPES:
+    if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    raise ValueError(f"unsupported dtype {show(dtype)} (supported: {', '.join(DTYPES)})")
 
 
 @dataclass
