@@ -576,6 +576,7 @@ def test_a_file_as_the_checkpoint_directory(ckpt):
         load(None)
 
 
+@pytest.mark.filterwarnings("ignore:max_seq_len=1000000000 is beyond")
 def test_a_kv_cache_that_cannot_fit_says_how_many_bytes(ckpt):
     # KV: 2 layers x 2 x 1 row x 4 kv heads x 10**9 positions x 16 dims x 4 bytes = 1.024e12 bytes;
     # RoPE: cos and sin, 10**9 x 16 fp32 = 1.28e11 bytes
