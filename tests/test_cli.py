@@ -165,7 +165,7 @@ def test_generate_json_stop_and_ignore_eos(path, engine, capsys):
     assert main(["generate", str(path), "-p", "hello", "-p", "the lazy dog", "--max-tokens", "6", "--ignore-eos",
                  "--json", *CPU]) == 0
     captured = capsys.readouterr()
-    lines = captured.out.splitlines()
+    lines = captured.out.split("\n")[:-1]  # not splitlines: a generated text may hold U+2028
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     for i, (line, prompt) in enumerate(zip(lines, ["hello", "the lazy dog"], strict=True)):
         record, expected = json.loads(line), engine.generate(prompt, sampling=params)[0]
@@ -175,7 +175,8 @@ def test_generate_json_stop_and_ignore_eos(path, engine, capsys):
     assert captured.err == ""
 
     full = engine.generate("the lazy dog", sampling=SamplingParams(max_tokens=12, ignore_eos=True))[0].text
-    stop = full[2:4]
+    stop = next((full[i : i + 2] for i in range(1, len(full) - 1) if "\ufffd" not in full[i : i + 2]), None)
+    assert stop, "the greedy continuation decodes to too little clean text to pick a stop string from"
     assert main(["generate", str(path), "-p", "the lazy dog", "--max-tokens", "12", "--ignore-eos", "--stop", stop,
                  *CPU]) == 0
     assert capsys.readouterr().out == full[: full.index(stop)] + "\n"
@@ -237,22 +238,33 @@ def test_ctrl_c_at_the_chat_prompt_ends_the_session(path, capsys, monkeypatch):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_chat_keeps_going_when_the_history_outgrows_max_seq_len(path, capsys, monkeypatch):
+def record_chat(monkeypatch) -> tuple[list[str], list[str]]:
+    """Record each prompt chat sends (decoded with its special tokens) and each reply's text."""
     from flashformer.engine import Engine
 
-    prompts, real = [], Engine.stream
+    prompts, replies, real = [], [], Engine.stream
 
     def recording(self, *args, **kwargs):
         prompts.append(self.tokenizer.decode(kwargs["prompt_token_ids"][0], skip_special_tokens=False))
-        return real(self, *args, **kwargs)
+        replies.append("")
+        for delta in real(self, *args, **kwargs):
+            replies[-1] += delta.text
+            yield delta
 
     monkeypatch.setattr("flashformer.engine.Engine.stream", recording)
+    return prompts, replies
+
+
+def test_chat_keeps_going_when_the_history_outgrows_max_seq_len(path, capsys, monkeypatch):
+    from flashformer.engine import Engine
+
+    prompts, replies = record_chat(monkeypatch)
     turns = [f"turn {i}: the quick brown fox jumps over the lazy dog" for i in range(6)]
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(t + "\n" for t in turns)))
     argv = ["chat", str(path), "--system", "be brief", "--max-tokens", "8", "--ignore-eos", *CPU[:-1], "96"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert len(captured.out.splitlines()) == 6  # every turn got its reply
+    assert len(replies) == 6 and captured.out == "".join(r + "\n" for r in replies)  # every turn got its reply
     assert "flashformer: the conversation outgrew --max-seq-len=96: dropped the 1 oldest turn, kept the system " \
            "prompt\n" in captured.err
     assert len(prompts) == 6
@@ -264,12 +276,14 @@ def test_chat_keeps_going_when_the_history_outgrows_max_seq_len(path, capsys, mo
 
 
 def test_chat_refuses_a_message_too_long_alone_and_goes_on(path, capsys, monkeypatch):
+    prompts, replies = record_chat(monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("hello " * 100 + "\nhello\n"))
     assert main(["chat", str(path), "--max-tokens", "4", *CPU[:-1], "32"]) == 0
     captured = capsys.readouterr()
     assert captured.err.startswith("flashformer: error: this message makes a prompt of ")
     assert "--max-seq-len=32 holds at most 31: not sent" in captured.err
-    assert len(captured.out.splitlines()) == 1  # the second message was answered
+    assert len(replies) == 1 and captured.out == replies[0] + "\n"  # the second message was answered
+    assert prompts[0].endswith("<|user|>hello</s><|assistant|>")
 
 
 def test_version(capsys):
