@@ -130,10 +130,11 @@ class _Request:
             self.finish_reason = "length"
         end = len(self.text)
         if self.finish_reason is None:
-            # Hold back what may still change: an incomplete UTF-8 character, the start of a stop string.
-            end -= max((len(s) - 1 for s in self.params.stop), default=0)
+            # Hold back what may still change: an incomplete UTF-8 character at the end (its "\ufffd"s
+            # may become fewer characters), then the start of a stop string before it.
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
+            end -= max((len(s) - 1 for s in self.params.stop), default=0)
         delta = self.text[self.emitted : max(end, self.emitted)]
         self.emitted += len(delta)
         output = self.output() if self.finish_reason else None
