@@ -136,7 +136,10 @@ def test_render_of_a_malformed_bench_json_names_the_file_and_field(tmp_path, cap
     (tmp_path / "bench.json").write_text(json.dumps({"rows": [], "ttft": []}))
     assert main(["bench", "--render", str(tmp_path / "bench.json")]) == 1
     err = capsys.readouterr().err
-    assert err == f"flashformer: error: {tmp_path / 'bench.json'} is not a bench.json written by flashformer bench (missing field 'note')\n"
+    assert err == (
+        f"flashformer: error: {tmp_path / 'bench.json'} is not a bench.json written by flashformer bench "
+        "(missing field 'note')\n"
+    )
     (tmp_path / "bench.json").write_text("{not json")
     assert main(["bench", "--render", str(tmp_path / "bench.json")]) == 1
     assert "is not a bench.json written by flashformer bench (JSONDecodeError" in capsys.readouterr().err

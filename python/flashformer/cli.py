@@ -144,7 +144,8 @@ def _print_json(index: int, output) -> None:
 def _generate(args) -> int:
     sampling = _sampling(args)
     if args.token_ids is not None:
-        output = _engine(args, args.max_batch_size or 1).generate(prompt_token_ids=[args.token_ids], sampling=sampling)[0]
+        engine = _engine(args, args.max_batch_size or 1)
+        output = engine.generate(prompt_token_ids=[args.token_ids], sampling=sampling)[0]
         if args.json:
             _print_json(0, output)
         else:

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Protocol
 
 import torch
 
@@ -192,9 +192,7 @@ class Engine:
         """
         torch_dtype = resolve_dtype(dtype)
         device = validate.resolve_device(device)
-        max_batch_size = validate.integer(
-            "max_batch_size", max_batch_size, minimum=1, requirement="an integer >= 1"
-        )
+        max_batch_size = validate.integer("max_batch_size", max_batch_size, minimum=1, requirement="an integer >= 1")
         if max_seq_len is not None:
             max_seq_len = validate.integer("max_seq_len", max_seq_len, minimum=2, requirement="an integer >= 2")
         validate.backend_name(backend)
@@ -216,7 +214,8 @@ class Engine:
         backend_cls = select_backend(backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size)
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
-        validate.check_model_fits(spec, checkpoint.nbytes(torch_dtype), device, torch_dtype, max_batch_size, max_seq_len)
+        weight_bytes = checkpoint.nbytes(torch_dtype)
+        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len)
         weights = load_weights(
             model_dir,
             spec,
@@ -258,7 +257,7 @@ class Engine:
         if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
-            raise ValueError(f'messages must be a list of {{"role": ..., "content": ...}} dicts, got {validate.show(messages)}')
+            validate.fail("messages", 'a list of {"role": ..., "content": ...} dicts', messages)
         if not messages:
             raise ValueError("messages is empty")
         for i, m in enumerate(messages):
