@@ -623,3 +623,16 @@ def test_max_seq_len_beyond_max_position_embeddings_warns_once(ckpt):
         warnings.simplefilter("error")
         engine.generate(prompt_token_ids=[[1] * 280], sampling=SamplingParams(max_tokens=4))
         assert load(ckpt).max_seq_len == 256  # the default: 4096, or max_position_embeddings when smaller
+
+
+def test_malformed_tokenizer_config_and_chat_template_name_the_file(ckpt):
+    (ckpt / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"tokenizer_config.json must hold a JSON object, got list"):
+        load(ckpt)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: 'chat_template' must be a string, got int"):
+        load(ckpt)
+    (ckpt / "tokenizer_config.json").write_text("{}")
+    (ckpt / "chat_template.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"chat_template.json is not valid JSON"):
+        load(ckpt)
