@@ -293,3 +293,12 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out == f"flashformer {flashformer.__version__}\n"
+
+
+def test_warnings_are_one_line(path, capsys):
+    assert main(["generate", str(path), "--token-ids", "5 6", "--max-tokens", "2", *CPU[:-1], "300"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "flashformer: warning: max_seq_len=300 is beyond the model's max_position_embeddings=256 (config.json)"
+    )
+    assert err.count("\n") == 2  # the warning and the summary
