@@ -93,7 +93,8 @@ def test_architecture_from_model_type_when_architectures_is_absent():
 
 
 def test_eos_ids_are_the_union_of_config_and_generation_config(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "eos_token_id": [128001, 128008]}))
+    config = {**LLAMA, "vocab_size": 128256, "eos_token_id": [128001, 128008]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128009, 128001], "bos_token_id": 7}))
     spec = load_spec(tmp_path)
     assert spec.eos_token_ids == (128001, 128008, 128009)

@@ -2,38 +2,114 @@
 `flashformer bench` (bench.py).
 
 Each subcommand is registered by an `_add_<name>` function that sets its handler with
-`set_defaults(run=...)`; a new subcommand is one more such function in `build_parser`.
+`set_defaults(run=...)`; a new subcommand is one more such function in `build_parser`. Building
+the parser imports neither torch nor the engine, so `--help` is fast: the handlers import them.
+Every error is one line, `flashformer: error: ...`, with exit status 1; Ctrl-C ends `generate`
+with one line and status 130, and stops the current reply of `chat`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import warnings
+from dataclasses import asdict
 
-from .engine import BACKENDS
-from .sampling import SamplingParams
-from .weights import DTYPES
+from . import __version__
+from .validate import BACKENDS, DTYPE_NAMES
+
+PROG = "flashformer"
+INTERRUPTED = 130  # the exit status of a command ended by SIGINT, as shells report it
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that appends each option's default, except where there is none to show
+    (None, an unset flag) or the help text already states it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, `flashformer: error: ...`, with exit status 1. `lazy_arguments`
+    (a function of the parser) adds arguments only when the parser parses, so that a subcommand's
+    imports happen only when it is the one run."""
+
+    lazy_arguments = None
+
+    def error(self, message):
+        self.exit(1, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.lazy_arguments is not None:
+            add, self.lazy_arguments = self.lazy_arguments, None
+            add(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        ids = []
+    if not ids:
+        raise argparse.ArgumentTypeError(f"expected token ids separated by spaces or commas, got {text!r}")
+    return ids
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
-    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length: prompt + output tokens")
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weight and activation dtype")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="KV cache length: prompt + output tokens (default: 4096, or the model's max_position_embeddings "
+        "when smaller)",
+    )
+    parser.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="auto: the megakernel where it can run, else reference"
+    )
+    parser.add_argument(
+        "--allow-unused-tensors",
+        action="store_true",
+        help="load a checkpoint that holds tensors the model does not use (refused otherwise)",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per request")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=-1, help="-1 disables")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens; -1 disables")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of this mass")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
+    parser.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop at TEXT (cut from the output); repeatable"
+    )
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per request (text, token ids, finish reason, metrics) instead of the text",
+    )
 
 
-def _sampling(args) -> SamplingParams:
+def _sampling(args):
+    from .sampling import SamplingParams
+
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -48,6 +124,7 @@ def _engine(args, max_batch_size: int = 1):
         max_seq_len=args.max_seq_len,
         backend=args.backend,
         progress=sys.stderr.isatty(),
+        allow_unused_tensors=args.allow_unused_tensors,
     )
 
 
@@ -61,73 +138,190 @@ def _report(output) -> None:
     )
 
 
+def _print_json(index: int, output) -> None:
+    print(json.dumps({"index": index, **asdict(output)}, ensure_ascii=False), flush=True)
+
+
 def _generate(args) -> int:
     sampling = _sampling(args)
     if args.token_ids is not None:
-        ids = [int(t) for t in args.token_ids.replace(",", " ").split()]
-        output = _engine(args).generate(prompt_token_ids=[ids], sampling=sampling)[0]
-        print(" ".join(map(str, output.token_ids)))
-        _report(output)
+        engine = _engine(args, args.max_batch_size or 1)
+        output = engine.generate(prompt_token_ids=[args.token_ids], sampling=sampling)[0]
+        if args.json:
+            _print_json(0, output)
+        else:
+            print(" ".join(map(str, output.token_ids)))
+            _report(output)
         return 0
-    engine = _engine(args, max_batch_size=len(args.prompt))
-    if len(args.prompt) == 1:
-        _report(_print_stream(engine.stream(args.prompt, sampling=sampling)))
-        return 0
-    for i, output in enumerate(engine.generate(args.prompt, sampling=sampling)):
-        print(f"--- prompt {i}: {output.prompt!r}")
-        print(output.text)
-        _report(output)
+    engine = _engine(args, max_batch_size=args.max_batch_size or len(args.prompt))
+    if args.json:
+        for i, output in enumerate(engine.generate(args.prompt, sampling=sampling)):
+            _print_json(i, output)
+    elif len(args.prompt) == 1:
+        _report(_print_stream(engine.stream(args.prompt, sampling=sampling), []))
+    else:
+        for i, output in enumerate(engine.generate(args.prompt, sampling=sampling)):
+            print(f"--- prompt {i}: {output.prompt!r}")
+            print(output.text)
+            _report(output)
     return 0
 
 
-def _print_stream(deltas):
-    """Print one request's text as it streams; return its RequestOutput."""
-    for delta in deltas:
-        print(delta.text, end="", flush=True)
-    print()
-    return delta.output
+def _print_stream(deltas, parts: list[str]):
+    """Print one request's text as it streams (also appended to `parts`); return its RequestOutput.
+    Ctrl-C propagates, after the line is ended."""
+    try:
+        output = None
+        for delta in deltas:
+            print(delta.text, end="", flush=True)
+            parts.append(delta.text)
+            output = delta.output
+        return output
+    finally:
+        deltas.close()
+        print(flush=True)
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """The next user message, or None at the end of input or /exit."""
+    if interactive:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return None
+    else:
+        line = sys.stdin.readline()
+        if not line:
+            return None
+    line = line.rstrip("\n")
+    return None if line.strip() in ("/exit", "/quit") else line
+
+
+def _chat_prompt(engine, system: list[dict], history: list[dict], max_tokens: int) -> list[int]:
+    """Token ids of the conversation, once its oldest turns (a user message and the reply) are
+    dropped from `history` until the prompt leaves room for a reply in the KV cache (max_tokens,
+    or half the cache when that is less); the system prompt and the newest message are always kept.
+    Says on stderr what it dropped; ValueError when the newest message alone does not fit."""
+    limit = engine.max_seq_len
+    room = min(max_tokens, limit // 2)
+    start = 0
+    while True:
+        ids = engine.tokenizer.encode_chat(system + history[start:])
+        if len(ids) + room <= limit or start + 1 >= len(history):
+            break
+        start += 2
+    if len(ids) >= limit:
+        raise ValueError(
+            f"this message makes a prompt of {len(ids)} tokens{' with the system prompt' if system else ''}, "
+            f"and --max-seq-len={limit} holds at most {limit - 1}: not sent"
+        )
+    if start:
+        del history[:start]
+        kept = ", kept the system prompt" if system else ""
+        print(
+            f"{PROG}: the conversation outgrew --max-seq-len={limit}: dropped the {start // 2} oldest "
+            f"turn{'s' if start > 2 else ''}{kept}",
+            file=sys.stderr,
+        )
+    return ids
 
 
 def _chat(args) -> int:
-    engine, sampling = _engine(args), _sampling(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = _sampling(args)
+    engine = _engine(args)
+    if engine.tokenizer is None:
+        raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.json")
+    if engine.tokenizer.chat_template is None:
+        raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []  # user and assistant messages, oldest first
     interactive = sys.stdin.isatty()
+    turn = 0
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() in ("/exit", "/quit"):
+        try:
+            line = _read_turn(interactive)
+        except KeyboardInterrupt:  # at the prompt: the session ends
+            print(file=sys.stderr)
+            return 0
+        if line is None:
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _print_stream(engine.chat_stream(messages, sampling))
-        messages.append({"role": "assistant", "content": reply.text})
+        history.append({"role": "user", "content": line})
+        try:
+            ids = _chat_prompt(engine, system, history, sampling.max_tokens)
+        except ValueError as exc:
+            history.pop()
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            continue
+        parts: list[str] = []
+        try:
+            deltas = engine.stream(prompt_token_ids=[ids], sampling=sampling)
+            if args.json:
+                output = None
+                for delta in deltas:
+                    parts.append(delta.text)
+                    output = delta.output
+                _print_json(turn, output)
+            else:
+                _print_stream(deltas, parts)
+        except KeyboardInterrupt:  # during a reply: stop it, keep what it said, back to the prompt
+            print(f"{PROG}: reply interrupted (Ctrl-C at the prompt or end of input exits)", file=sys.stderr)
+        history.append({"role": "assistant", "content": "".join(parts)})
+        turn += 1
 
 
 def _add_generate(sub) -> None:
-    parser = sub.add_parser("generate", help="complete prompts")
+    parser = sub.add_parser(
+        "generate",
+        help="complete prompts",
+        description="Complete prompts with a checkpoint: one prompt streams to stdout, several run as a batch.",
+        formatter_class=_HelpFormatter,
+    )
     _add_model_args(parser)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("-p", "--prompt", action="append", help="a prompt; repeat for a batch")
     group.add_argument(
-        "--token-ids", help="one prompt as token ids ('1 2 3' or '1,2,3'), for checkpoints without a tokenizer"
+        "--token-ids",
+        type=_token_ids,
+        help="one prompt as token ids ('1 2 3' or '1,2,3'), for checkpoints without a tokenizer",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="KV cache rows (default: the number of prompts)"
     )
     _add_sampling_args(parser)
     parser.set_defaults(run=_generate)
 
 
 def _add_chat(sub) -> None:
-    parser = sub.add_parser("chat", help="chat on stdin with the checkpoint's chat template (/exit ends)")
+    parser = sub.add_parser(
+        "chat",
+        help="chat on stdin with the checkpoint's chat template (/exit ends)",
+        description="Chat with the checkpoint's chat template: one user turn per line of stdin, each reply "
+        "streamed. When the conversation outgrows --max-seq-len the oldest turns are dropped (the system "
+        "prompt is kept). Ctrl-C stops a reply; Ctrl-C at the prompt, /exit or end of input ends the chat.",
+        formatter_class=_HelpFormatter,
+    )
     _add_model_args(parser)
     parser.add_argument("--system", default=None, help="a system message")
     _add_sampling_args(parser)
     parser.set_defaults(run=_chat)
 
 
-def _add_bench(sub) -> None:
-    from .bench import add_arguments, main
+def _bench(args) -> int:
+    from . import bench
 
+    if args.render is None:
+        return bench.main(args)
+    try:
+        return bench.main(args)
+    except (KeyError, TypeError, AttributeError, IndexError, json.JSONDecodeError) as exc:
+        why = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{args.render} is not a bench.json written by flashformer bench ({why})") from exc
+
+
+def _add_bench(sub) -> None:
     parser = sub.add_parser(
         "bench",
         help="decode latency next to gpt-fast and HF eager, against the floor",
@@ -135,24 +329,60 @@ def _add_bench(sub) -> None:
         "(gpt-fast-style torch.compile, HF transformers eager) in the same process and every figure "
         "against the floor (bytes read per step / measured read bandwidth). Writes bench.md, bench.json "
         "and bench.png under --out.",
+        formatter_class=_HelpFormatter,
     )
-    add_arguments(parser)
-    parser.set_defaults(run=main)
+
+    def add_arguments(parser):
+        from .bench import add_arguments
+
+        add_arguments(parser)
+
+    parser.lazy_arguments = add_arguments  # bench.py imports torch: only when bench runs
+    parser.set_defaults(run=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashformer", description="Llama-family LLM decoding on Hopper GPUs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(
+        prog=PROG, description="Llama-family LLM decoding on Hopper GPUs", formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_generate(sub)
     _add_chat(sub)
     _add_bench(sub)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (a usage error exits with 1, --help with 0)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"flashformer: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError, RuntimeError, MemoryError, ImportError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("FLASHFORMER_DEBUG"):
+            raise
+        print(
+            f"{PROG}: error: internal error, {type(exc).__name__}: {_one_line(exc)} "
+            "(FLASHFORMER_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -6,8 +6,11 @@ Every error names the file and the field; nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from .validate import checkpoint_path
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPES = {
@@ -53,6 +56,11 @@ class ModelSpec:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    tie_word_embeddings: bool | None = None  # as config.json says; None when it does not say
+
+    def kv_cache_bytes(self, max_batch_size: int, max_seq_len: int, itemsize: int) -> int:
+        """Bytes of the KV cache [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim]."""
+        return self.num_layers * 2 * max_batch_size * self.kv_size * max_seq_len * itemsize
 
     @property
     def q_size(self) -> int:
@@ -84,7 +92,11 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _field(cfg: dict, name: str, kind: type, default=None, *, minimum=None, where: str = "config.json"):
+def _field(
+    cfg: dict, name: str, kind: type, default=None, *, minimum=None, above=None, where: str = "config.json"
+):
+    """cfg[name] (or `default` when absent or null) checked to be of `kind`, finite for a float,
+    >= `minimum` and > `above` when they are given."""
     value = cfg.get(name)
     if value is None:
         if default is None:
@@ -94,15 +106,24 @@ def _field(cfg: dict, name: str, kind: type, default=None, *, minimum=None, wher
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"{where} field '{name}' must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{where} field '{name}' must be finite, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{where} field '{name}' must be >= {minimum}, got {value!r}")
+    if above is not None and value <= above:
+        raise ValueError(f"{where} field '{name}' must be > {above}, got {value!r}")
     return value
 
 
-def _token_ids(value, source: str) -> tuple[int, ...]:
-    ids = [] if value is None else [value] if isinstance(value, int) else value
+def _token_ids(value, source: str, vocab_size: int) -> tuple[int, ...]:
+    ids = [] if value is None else [value] if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"{source} field 'eos_token_id' must be an int or a list of ints, got {value!r}")
+    for i in ids:
+        if not 0 <= i < vocab_size:
+            raise ValueError(
+                f"{source} field 'eos_token_id': token id {i} is outside the vocabulary (vocab_size={vocab_size})"
+            )
     return tuple(ids)
 
 
@@ -120,18 +141,25 @@ def _rope(cfg: dict) -> RopeSpec:
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(f"config.json field '{field}': partial_rotary_factor != 1 is not supported")
     where = f"config.json {field}"
-    theta = _field({"rope_theta": cfg.get("rope_theta"), **params}, "rope_theta", float, 10000.0, where=where)
+    theta_where = where if "rope_theta" in params else "config.json"
+    theta = _field(
+        {"rope_theta": cfg.get("rope_theta"), **params}, "rope_theta", float, 10000.0, above=0, where=theta_where
+    )
     if rope_type == "default":
         return RopeSpec(theta=theta)
-    factor = _field(params, "factor", float, where=where)
+    factor = _field(params, "factor", float, above=0, where=where)
     if rope_type == "linear":
         return RopeSpec(theta=theta, rope_type="linear", factor=factor)
+    low = _field(params, "low_freq_factor", float, above=0, where=where)
+    high = _field(params, "high_freq_factor", float, where=where)
+    if high <= low:  # the llama3 rule interpolates over 1 / (high - low)
+        raise ValueError(f"{where} field 'high_freq_factor' must be > low_freq_factor={low}, got {high!r}")
     return RopeSpec(
         theta=theta,
         rope_type="llama3",
         factor=factor,
-        low_freq_factor=_field(params, "low_freq_factor", float, where=where),
-        high_freq_factor=_field(params, "high_freq_factor", float, where=where),
+        low_freq_factor=low,
+        high_freq_factor=high,
         original_max_position_embeddings=_field(
             params, "original_max_position_embeddings", int, minimum=1, where=where
         ),
@@ -187,19 +215,21 @@ def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpe
     attention_bias = _field(cfg, "attention_bias", bool, False)
     qwen2 = architecture == "Qwen2ForCausalLM"
     generation_config = generation_config or {}
-    eos = _token_ids(cfg.get("eos_token_id"), "config.json")
-    eos += _token_ids(generation_config.get("eos_token_id"), "generation_config.json")
+    vocab_size = _field(cfg, "vocab_size", int, minimum=1)
+    eos = _token_ids(cfg.get("eos_token_id"), "config.json", vocab_size)
+    eos += _token_ids(generation_config.get("eos_token_id"), "generation_config.json", vocab_size)
     bos = generation_config.get("bos_token_id", cfg.get("bos_token_id"))
+    tie = cfg.get("tie_word_embeddings")
     return ModelSpec(
         architecture=architecture,
-        vocab_size=_field(cfg, "vocab_size", int, minimum=1),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=_field(cfg, "intermediate_size", int, minimum=1),
         num_layers=_field(cfg, "num_hidden_layers", int, minimum=1),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6),
+        rms_norm_eps=_field(cfg, "rms_norm_eps", float, 1e-6, above=0),
         rope=_rope(cfg),
         max_position_embeddings=_field(cfg, "max_position_embeddings", int, 4096, minimum=1),
         qkv_bias=qwen2 or attention_bias,
@@ -209,14 +239,13 @@ def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpe
         sliding_window=_sliding_window(cfg, architecture),
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_ids=tuple(sorted(set(eos))),
+        tie_word_embeddings=_field(cfg, "tie_word_embeddings", bool) if tie is not None else None,
     )
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """Read `config.json` and, when present, `generation_config.json` from a checkpoint directory."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {model_dir} does not exist")
+    model_dir = checkpoint_path(model_dir)
     path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")

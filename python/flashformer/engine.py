@@ -12,17 +12,19 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Protocol
 
 import torch
 
+from . import validate
 from .config import ModelSpec, load_spec
 from .reference import KVCache, ReferenceBackend
 from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
-from .weights import Weights, load_weights, resolve_dtype
+from .validate import BACKENDS
+from .weights import Weights, inspect_checkpoint, load_weights, resolve_dtype
 
-BACKENDS = ("auto", "reference", "megakernel")
+DEFAULT_MAX_SEQ_LEN = 4096  # or the model's max_position_embeddings when smaller
 
 
 class Backend(Protocol):
@@ -46,6 +48,9 @@ class Backend(Protocol):
     # then reads greedy picks from it instead of arg-maxing the logits.
     # Optional: `synchronize()`, for a backend whose decode() returns before its step is known to
     # have completed (the megakernel): waits for it and raises if it failed.
+    # Optional: `checks_logits = True`, for a backend whose decode() itself raises when a step's
+    # logits are not finite (the engine checks the logits of prefill, and of the decode steps of
+    # every other backend, in the transfer that brings the step's picks to the host).
 
 
 def select_backend(
@@ -54,8 +59,7 @@ def select_backend(
     """The backend class that will decode `spec` on `device`. "auto" takes the megakernel where
     it can run (a Hopper GPU, bf16, a compiled config) and warns on a GPU where it cannot;
     "megakernel" raises RuntimeError saying why it cannot run."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    validate.backend_name(name)
     if name == "reference":
         return ReferenceBackend
     from .megakernel import MegakernelBackend, unavailable_reason
@@ -128,10 +132,11 @@ class _Request:
             self.finish_reason = "length"
         end = len(self.text)
         if self.finish_reason is None:
-            # Hold back what may still change: an incomplete UTF-8 character, the start of a stop string.
-            end -= max((len(s) - 1 for s in self.params.stop), default=0)
+            # Hold back what may still change: an incomplete UTF-8 character at the end (its "\ufffd"s
+            # may become fewer characters), then the start of a stop string before it.
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
+            end -= max((len(s) - 1 for s in self.params.stop), default=0)
         delta = self.text[self.emitted : max(end, self.emitted)]
         self.emitted += len(delta)
         output = self.output() if self.finish_reason else None
@@ -165,21 +170,54 @@ class Engine:
         dtype: str | torch.dtype = "bfloat16",
         device: str | torch.device | None = None,
         max_batch_size: int = 1,
-        max_seq_len: int = 4096,
+        max_seq_len: int | None = None,
         backend: str = "auto",
         progress: bool = True,
+        allow_unused_tensors: bool = False,
     ) -> Engine:
-        """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files)."""
-        model_dir = Path(path)
-        spec = load_spec(model_dir)
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        spec.check_max_seq_len(max_seq_len)
+        """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files).
+
+        `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
+        max_position_embeddings when that is smaller. Every argument is checked before a file is
+        read: a bad one is a ValueError naming it (FileNotFoundError or NotADirectoryError for
+        `path`). A checkpoint with tensors the model does not use is refused unless
+        `allow_unused_tensors`; one whose weights and KV cache cannot fit in the device's free
+        memory is refused before anything is allocated.
+        """
         torch_dtype = resolve_dtype(dtype)
-        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        device = validate.resolve_device(device)
+        max_batch_size = validate.integer("max_batch_size", max_batch_size, minimum=1, requirement="an integer >= 1")
+        if max_seq_len is not None:
+            max_seq_len = validate.integer("max_seq_len", max_seq_len, minimum=2, requirement="an integer >= 2")
+        validate.backend_name(backend)
+        validate.boolean("progress", progress)
+        validate.boolean("allow_unused_tensors", allow_unused_tensors)
+        model_dir = validate.checkpoint_path(path)
+
+        spec = load_spec(model_dir)
+        if max_seq_len is None:
+            max_seq_len = max(2, min(DEFAULT_MAX_SEQ_LEN, spec.max_position_embeddings))
+        spec.check_max_seq_len(max_seq_len)
+        if max_seq_len > spec.max_position_embeddings:
+            warnings.warn(
+                f"max_seq_len={max_seq_len} is beyond the model's max_position_embeddings="
+                f"{spec.max_position_embeddings} (config.json): positions past it were never trained, "
+                "so the output there may degrade",
+                stacklevel=2,
+            )
         backend_cls = select_backend(backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size)
         tokenizer = Tokenizer.load(model_dir)
-        weights = load_weights(model_dir, spec, dtype=torch_dtype, device=device, progress=progress)
+        checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
+        weight_bytes = checkpoint.nbytes(torch_dtype)
+        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len)
+        weights = load_weights(
+            model_dir,
+            spec,
+            dtype=torch_dtype,
+            device=device,
+            progress=progress,
+            allow_unused_tensors=allow_unused_tensors,
+        )
         cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device)
         return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)
 
@@ -204,70 +242,95 @@ class Engine:
     def _chat_ids(self, messages) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.json")
-        if not isinstance(messages, list) or not all(
+        if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
-            raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
-        return self.tokenizer.encode_chat(messages)
+            validate.fail("messages", 'a list of {"role": ..., "content": ...} dicts', messages)
+        if not messages:
+            raise ValueError("messages is empty")
+        for i, m in enumerate(messages):
+            for key in ("role", "content"):
+                if not isinstance(m[key], str):
+                    validate.fail(f"messages[{i}][{key!r}]", "a string", m[key])
+        return self.tokenizer.encode_chat(list(messages))
 
     def _requests(self, prompts, prompt_token_ids, sampling) -> list[_Request]:
         if (prompts is None) == (prompt_token_ids is None):
             raise ValueError("pass exactly one of prompts (strings) or prompt_token_ids (lists of token ids)")
         if prompts is not None:
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            if not all(isinstance(p, str) for p in prompts):
-                raise ValueError("prompts must be strings; pass token ids as prompt_token_ids")
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(
+                    f"prompts must be strings (a string or a list of them; pass token ids as prompt_token_ids), "
+                    f"got {validate.show(prompts)}"
+                )
+            self._check_batch(len(prompts), "prompts")
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer.json: pass prompt_token_ids instead of prompts")
             ids = [self.tokenizer.encode(p) for p in prompts]
+            names = [f"prompts[{i}]" for i in range(len(ids))]
         else:
-            ids = list(prompt_token_ids)
-            if ids and all(isinstance(t, int) for t in ids):
-                ids = [ids]
+            names, ids = _prompt_id_lists(prompt_token_ids)
+            self._check_batch(len(ids), "prompt_token_ids")
             prompts = [None] * len(ids)
-        if not ids:
-            raise ValueError("no prompts given")
-        if len(ids) > self.max_batch_size:
-            raise ValueError(
-                f"{len(ids)} prompts exceed max_batch_size={self.max_batch_size} "
-                "(set max_batch_size in Engine.from_pretrained)"
-            )
         params = self._sampling(sampling, len(ids))
-        for i, p in enumerate(ids):
-            self._check_prompt(i, p)
+        ids = [self._check_prompt(name, p) for name, p in zip(names, ids)]
         return [
-            _Request(i, prompts[i], list(p), params[i], self.tokenizer, self.eos_token_ids, self.device)
+            _Request(i, prompts[i], p, params[i], self.tokenizer, self.eos_token_ids, self.device)
             for i, p in enumerate(ids)
         ]
 
+    def _check_batch(self, n: int, name: str) -> None:
+        if n == 0:
+            raise ValueError(f"no prompts given ({name} is empty)")
+        if n > self.max_batch_size:
+            raise ValueError(
+                f"{n} prompts exceed max_batch_size={self.max_batch_size} ({name} holds {n}; "
+                "set max_batch_size in Engine.from_pretrained)"
+            )
+
     def _sampling(self, sampling, n: int) -> list[SamplingParams]:
         if sampling is None:
-            return [SamplingParams()] * n
-        if isinstance(sampling, SamplingParams):
-            return [sampling] * n
-        if (
-            isinstance(sampling, Sequence)
+            params = [SamplingParams()] * n
+        elif isinstance(sampling, SamplingParams):
+            params = [sampling] * n
+        elif (
+            isinstance(sampling, (list, tuple))
             and len(sampling) == n
             and all(isinstance(s, SamplingParams) for s in sampling)
         ):
-            return list(sampling)
-        raise ValueError(f"sampling must be a SamplingParams or a list of {n} SamplingParams, got {sampling!r}")
+            params = list(sampling)
+        else:
+            raise ValueError(
+                f"sampling must be a SamplingParams or a list of {n} SamplingParams, got {validate.show(sampling)}"
+            )
+        for i, p in enumerate(params):
+            bad = [t for t in p.stop_token_ids if t >= self.spec.vocab_size]
+            if bad:
+                name = "sampling" if isinstance(sampling, SamplingParams) else f"sampling[{i}]"
+                raise ValueError(
+                    f"{name}.stop_token_ids: token id {bad[0]} is outside the vocabulary "
+                    f"(vocab_size={self.spec.vocab_size})"
+                )
+        return params
 
-    def _check_prompt(self, i: int, ids) -> None:
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"prompt {i} must be a list of int token ids, got {ids!r:.80}")
+    def _check_prompt(self, name: str, ids) -> list[int]:
+        """One prompt's token ids as a list of ints, checked: not empty, short enough, in the vocabulary."""
+        ids = validate.token_ids(name, ids)
         if not ids:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"{name} is empty")
         if len(ids) >= self.max_seq_len:
             raise ValueError(
-                f"prompt {i} has {len(ids)} tokens, too long for max_seq_len={self.max_seq_len} "
+                f"{name} has {len(ids)} tokens, too long for max_seq_len={self.max_seq_len} "
                 f"(at most {self.max_seq_len - 1}, leaving room for output)"
             )
-        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.spec.vocab_size), None)
+        if bad is not None:
             raise ValueError(
-                f"prompt {i}: token id {bad[0]} is outside the vocabulary (vocab_size={self.spec.vocab_size})"
+                f"{name}: token id {ids[bad]} (at index {bad}) is outside the vocabulary "
+                f"(vocab_size={self.spec.vocab_size})"
             )
+        return ids
 
     def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
         """Prefill, then sample and decode until every request has finished."""
@@ -279,13 +342,32 @@ class Engine:
         tokens = [0] * len(requests)
         fused_argmax = getattr(self.backend, "greedy_tokens", None)  # optional (see Backend)
         synchronize = getattr(self.backend, "synchronize", None)  # optional (see Backend)
-        decoded = False
+        checks_logits = getattr(self.backend, "checks_logits", False)  # optional (see Backend)
+        decode_step = 0  # 0: the prefill's logits; then decode steps 1, 2, ...
         while True:
             # Every greedy row's pick in one transfer: the backend's fused arg-max of a decode step
-            # when it has one, else one batched arg-max of the logits (not a wait per row).
-            greedy = None
+            # when it has one, else one batched arg-max of the logits (not a wait per row). Whether
+            # each row's logits are finite travels in the same transfer, unless the backend checks.
+            greedy = finite = None
+            check = decode_step == 0 or not checks_logits
             if any(r.finish_reason is None and r.params.greedy for r in requests):
-                greedy = fused_argmax(len(requests)) if decoded and fused_argmax else logits.argmax(-1).tolist()
+                if decode_step and fused_argmax:
+                    greedy = fused_argmax(len(requests))
+                elif check:
+                    greedy, finite = torch.stack([logits.argmax(-1), logits.isfinite().all(-1).long()]).tolist()
+                else:
+                    greedy = logits.argmax(-1).tolist()
+            if check:
+                finite = logits.isfinite().all(-1).tolist() if finite is None else finite
+                bad = [b for b, r in enumerate(requests) if r.finish_reason is None and not finite[b]]
+                if bad:
+                    where = f"decode step {decode_step}" if decode_step else "the prefill"
+                    rows = f"row {bad[0]}" + (f" (and rows {bad[1:]})" if len(bad) > 1 else "")
+                    raise RuntimeError(
+                        f"{where} produced non-finite logits (NaN or inf) in {rows}: the activations "
+                        f"overflowed ({str(self.weights.embed.dtype).removeprefix('torch.')}) or the backend "
+                        "failed; no token was emitted for this step"
+                    )
             for b, r in enumerate(requests):
                 if r.finish_reason is None:
                     tokens[b] = greedy[b] if r.params.greedy else sample(logits[b], r.params, r.generator)
@@ -299,5 +381,30 @@ class Engine:
             logits = self.backend.decode(step[0], step[1])
             if synchronize:  # the tokens picked next come from this step: it must have completed
                 synchronize()
-            decoded = True
+            decode_step += 1
             positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]
+
+
+def _prompt_id_lists(prompt_token_ids) -> tuple[list[str], list]:
+    """The names and token ids of each prompt in prompt_token_ids: one prompt (a list of ints, or a
+    1-D integer array or tensor), a list of such prompts, or a 2-D array or tensor (a prompt per
+    row). The prompts are checked later, one by one."""
+    name = "prompt_token_ids"
+    single = None
+    if validate.is_array(prompt_token_ids):
+        if prompt_token_ids.ndim == 1:
+            single = prompt_token_ids
+        elif prompt_token_ids.ndim == 2:
+            rows = list(prompt_token_ids)
+            return [f"{name}[{i}]" for i in range(len(rows))], rows
+    elif isinstance(prompt_token_ids, (list, tuple)):
+        if not (prompt_token_ids and all(validate.is_int(t) for t in prompt_token_ids)):
+            return [f"{name}[{i}]" for i in range(len(prompt_token_ids))], list(prompt_token_ids)
+        single = prompt_token_ids
+    if single is not None:
+        return [name], [single]
+    validate.fail(
+        "prompt_token_ids",
+        "token ids (a list of ints, or a 1-D integer array or tensor) or a list of them",
+        prompt_token_ids,
+    )

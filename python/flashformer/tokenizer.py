@@ -18,19 +18,32 @@ def _raise_exception(message):
 
 def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+    text = value.get("content") if isinstance(value, dict) else value
+    return text if isinstance(text, str) else None
+
+
+def _read_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _chat_template(model_dir: Path, config: dict) -> str | None:
     """The default chat template: tokenizer_config.json's, else chat_template.jinja / .json."""
-    template = config.get("chat_template")
+    template, source = config.get("chat_template"), "tokenizer_config.json"
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is None and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text()
+        template, source = (model_dir / "chat_template.jinja").read_text(), "chat_template.jinja"
     if template is None and (model_dir / "chat_template.json").is_file():
-        template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+        template, source = _read_object(model_dir / "chat_template.json").get("chat_template"), "chat_template.json"
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{model_dir / source}: 'chat_template' must be a string, got {type(template).__name__}")
     return template
 
 
@@ -53,12 +66,7 @@ class Tokenizer:
         except Exception as exc:  # the tokenizers package raises a bare Exception on bad files
             raise ValueError(f"{path} could not be loaded: {exc}") from exc
         config_path = model_dir / "tokenizer_config.json"
-        config = {}
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+        config = _read_object(config_path) if config_path.is_file() else {}
         return cls(tokenizer, config, _chat_template(model_dir, config))
 
     @property

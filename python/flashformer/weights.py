@@ -1,13 +1,17 @@
 """Safetensors checkpoints (one file or sharded), streamed tensor by tensor to the target device.
 
-Each tensor is read by `safe_open(..., device=...)` straight onto the device, cast to the model
-dtype and copied into its final (packed) place, so neither host RAM nor the device ever holds a
-second full copy of the model. q|k|v and gate|up are packed here, once.
+`inspect_checkpoint` checks a checkpoint from its headers alone (no tensor data is read): every
+tensor the model needs is there with its shape and a floating dtype, and no tensor is left over.
+`load_weights` then reads each tensor by `safe_open(..., device=...)` straight onto the device,
+casts it to the model dtype, checks that it is finite and copies it into its final (packed)
+place, so neither host RAM nor the device ever holds a second full copy of the model. q|k|v and
+gate|up are packed here, once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +21,22 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ModelSpec
+from .validate import DTYPE_NAMES, show
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+# safetensors dtype names of the floating-point tensors a checkpoint may hold (cast at load).
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# Tensors that checkpoints carry and that no model needs: old Llama exports saved RoPE's inverse
+# frequencies as a buffer (transformers ignores them on load too).
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype in DTYPES:
+    if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    raise ValueError(f"unsupported dtype {show(dtype)} (supported: {', '.join(DTYPES)})")
 
 
 @dataclass
@@ -151,6 +161,78 @@ def _slots(spec: ModelSpec, names) -> dict[str, _Slot]:
     return slots
 
 
+@dataclass
+class Checkpoint:
+    """A checked checkpoint: where each tensor the model needs is (`files`) and goes (`slots`)."""
+
+    model_dir: Path
+    files: dict[str, Path]  # tensor name -> safetensors file, for the tensors in `slots`
+    slots: dict[str, _Slot]
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the weights on the device once cast to `dtype` (a tied LM head counted once)."""
+        return sum(math.prod(slot.part_shape) for slot in self.slots.values()) * dtype.itemsize
+
+
+def inspect_checkpoint(model_dir: str | Path, spec: ModelSpec, *, allow_unused_tensors: bool = False) -> Checkpoint:
+    """Check the checkpoint in `model_dir` against `spec` from the safetensors headers alone: every
+    tensor the model needs is there with the shape config.json implies and a floating dtype, and
+    (unless `allow_unused_tensors`) the checkpoint holds no tensor the model does not use."""
+    model_dir = Path(model_dir)
+    all_files = checkpoint_files(model_dir)
+    slots = _slots(spec, all_files)
+    missing = sorted(set(slots) - set(all_files), key=_natural)
+    if spec.tie_word_embeddings is False and "lm_head.weight" not in all_files:
+        missing.insert(0, "lm_head.weight")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        untied = " (config.json has tie_word_embeddings=false)" if missing[0] == "lm_head.weight" else ""
+        raise ValueError(f"checkpoint in {model_dir} is missing tensor {missing[0]}{untied}{more}")
+    unused = sorted((n for n in all_files if n not in slots and not _IGNORED.search(n)), key=_natural)
+    if unused and not allow_unused_tensors:
+        raise ValueError(_unused_message(model_dir, spec, unused))
+    files = {name: all_files[name] for name in slots}
+    for path in sorted(set(files.values())):
+        with _open(path, "cpu") as f:
+            for name in (n for n, p in files.items() if p == path):
+                _check_header(f, name, path, slots[name])
+    return Checkpoint(model_dir, files, slots)
+
+
+def _unused_message(model_dir: Path, spec: ModelSpec, unused: list[str]) -> str:
+    layers = {int(m.group(1)) for m in map(re.compile(r"model\.layers\.(\d+)\.").match, unused) if m}
+    extra_layers = sorted(i for i in layers if i >= spec.num_layers)
+    if extra_layers:
+        what = (
+            f"tensors of layers up to model.layers.{extra_layers[-1]}, but config.json has "
+            f"num_hidden_layers={spec.num_layers}"
+        )
+    else:
+        what = "tensors the model does not use"
+    shown = ", ".join(unused[:3]) + (f" (and {len(unused) - 3} more)" if len(unused) > 3 else "")
+    return (
+        f"checkpoint in {model_dir} has {len(unused)} {what}: {shown}; "
+        "pass allow_unused_tensors=True (--allow-unused-tensors) to load it without them"
+    )
+
+
+def _check_header(f, name: str, path: Path, slot: _Slot) -> None:
+    try:
+        header = f.get_slice(name)
+        shape, dtype = tuple(header.get_shape()), header.get_dtype()
+    except Exception as exc:
+        raise ValueError(f"tensor {name} is not in {path.name} (as its index says) or is unreadable: {exc}") from exc
+    if shape != slot.part_shape:
+        raise ValueError(
+            f"tensor {name} in {path.name} has shape {shape}, expected {slot.part_shape} from config.json"
+        )
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"tensor {name} in {path.name} has dtype {dtype}; weights must be floating point "
+            f"({', '.join(FLOAT_DTYPES)}; quantized checkpoints are not supported)"
+        )
+
+
 def load_weights(
     model_dir: str | Path,
     spec: ModelSpec,
@@ -158,18 +240,17 @@ def load_weights(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    allow_unused_tensors: bool = False,
 ) -> Weights:
     """Stream the checkpoint in `model_dir` onto `device` as `dtype`, packing fused matrices.
 
-    The output embedding is tied to the input one exactly when the checkpoint has no lm_head.weight.
+    The checkpoint is checked first (`inspect_checkpoint`); a tensor with a NaN or an infinity,
+    in the file or after the cast to `dtype`, is a ValueError naming it. The output embedding is
+    tied to the input one exactly when the checkpoint has no lm_head.weight.
     """
-    model_dir, device = Path(model_dir), torch.device(device)
-    files = checkpoint_files(model_dir)
-    slots = _slots(spec, files)
-    missing = sorted(set(slots) - set(files), key=_natural)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"checkpoint in {model_dir} is missing tensor {missing[0]}{more}")
+    device = torch.device(device)
+    checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
+    files, slots = checkpoint.files, checkpoint.slots
     by_file: dict[Path, list[str]] = {}
     for name in slots:
         by_file.setdefault(files[name], []).append(name)
@@ -178,15 +259,11 @@ def load_weights(
     with tqdm(total=len(slots), desc="loading weights", unit="tensor", disable=not progress) as bar:
         for path in sorted(by_file):
             with _open(path, str(device)) as f:
+                ranges = []  # (min, max) of each tensor, on the device: one transfer per file
                 for name in by_file[path]:
                     slot = slots[name]
-                    shape = tuple(_tensor_shape(f, name, path))
-                    if shape != slot.part_shape:
-                        expected = slot.part_shape
-                        raise ValueError(
-                            f"tensor {name} in {path.name} has shape {shape}, expected {expected} from config.json"
-                        )
                     tensor = _get(f, name, path).to(dtype)
+                    ranges.append(torch.stack(torch.aminmax(tensor)))  # NaN propagates into both
                     dest = top if slot.layer is None else layers[slot.layer]
                     if slot.rows is None:
                         dest[slot.attr] = tensor
@@ -195,6 +272,10 @@ def load_weights(
                             dest[slot.attr] = torch.empty(slot.shape, dtype=dtype, device=device)
                         dest[slot.attr][slot.rows[0] : slot.rows[1]].copy_(tensor)
                     bar.update()
+                finite = torch.stack(ranges).isfinite().all(-1).tolist()
+                for name, ok in zip(by_file[path], finite):
+                    if not ok:
+                        raise ValueError(_non_finite_message(f, name, path, dtype))
     return Weights(
         embed=top["embed"],
         final_norm=top["final_norm"],
@@ -203,11 +284,17 @@ def load_weights(
     )
 
 
-def _tensor_shape(f, name: str, path: Path):
-    try:
-        return f.get_slice(name).get_shape()
-    except Exception as exc:
-        raise ValueError(f"tensor {name} is not in {path.name} (as its index says) or is unreadable: {exc}") from exc
+def _non_finite_message(f, name: str, path: Path, dtype: torch.dtype) -> str:
+    """Why tensor `name` is not finite as `dtype`: NaN/inf in the file, or values beyond `dtype`'s range."""
+    source = _get(f, name, path)
+    if not bool(torch.isfinite(source).all()):
+        count = int((~torch.isfinite(source)).sum())
+        return f"tensor {name} in {path.name} has {count} non-finite values (NaN or inf)"
+    largest = float(source.abs().max())
+    return (
+        f"tensor {name} in {path.name} has values beyond the range of {str(dtype).removeprefix('torch.')} "
+        f"(largest magnitude {largest:.4g}, at most {torch.finfo(dtype).max:.4g}): load it with another dtype"
+    )
 
 
 def _get(f, name: str, path: Path) -> torch.Tensor:
