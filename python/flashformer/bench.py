@@ -648,8 +648,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-m",
         "--model",
         action="append",
-        help="a shape name (llama-3.2-1b, llama-3.2-3b, llama-3.1-8b: random bf16 weights, no download) "
-        "or a checkpoint directory; repeat for several (default: llama-3.2-1b and llama-3.1-8b)",
+        help=f"a shape name ({', '.join(shapes())}: random bf16 weights, no download) "
+        f"or a checkpoint directory; repeat for several (default: {' and '.join(DEFAULT_MODELS)})",
     )
     parser.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,2,4,8)")
     parser.add_argument("--ctx", type=_int_list, default=None, help="contexts in tokens (default 128,1024,8192,32768)")
