@@ -82,7 +82,8 @@ class ModelSpec:
             )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path` (ValueError naming the file otherwise)."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -250,5 +251,5 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
     generation_path = model_dir / "generation_config.json"
-    generation_config = _read_json(generation_path) if generation_path.is_file() else None
-    return spec_from_dict(_read_json(path), generation_config)
+    generation_config = read_json(generation_path) if generation_path.is_file() else None
+    return spec_from_dict(read_json(path), generation_config)

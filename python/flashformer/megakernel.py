@@ -153,34 +153,33 @@ class PackedTransformer(Transformer):
         return torch.cat([F.linear(hidden, mats[0]) for mats in self._unpacked(jobs)], dim=-1).float()
 
 
-def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
-    """Reorder every matrix of `weights` into fragment order, one at a time (each original is freed
-    as its packed copy replaces it, so the device never holds two copies of the model)."""
-    if weights.fragment_order:
-        raise ValueError("these weights are already in fragment order")
+def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> None:
+    """Replace every matrix of `weights` by reorder(matrix, row order, its parameter), one at a time
+    (each old tensor is freed as its new one replaces it: never two copies of the model)."""
     for layer in weights.layers:
         for f in layer_weights:
             if f["packed"]:
                 attr = LAYER_FIELDS[f["name"]]
-                setattr(layer, attr, pack(getattr(layer, attr), f["row_order"], f["order_param"]))
+                setattr(layer, attr, reorder(getattr(layer, attr), f["row_order"], f["order_param"]))
     tied = weights.tied
-    weights.lm_head = pack(weights.lm_head, row_orders()["identity"])
-    if tied:
+    weights.lm_head = reorder(weights.lm_head, row_orders()["identity"], 0)
+    if tied:  # the table is the LM head, in whichever order
         weights.embed = weights.lm_head
+
+
+def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
+    """Reorder every matrix of `weights` (and a tied embedding table) into fragment order."""
+    if weights.fragment_order:
+        raise ValueError("these weights are already in fragment order")
+    _reorder_in_place(weights, layer_weights, pack)
     weights.fragment_order = True
 
 
 def unpack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
-    """The inverse of pack_in_place."""
-    for layer in weights.layers:
-        for f in layer_weights:
-            if f["packed"]:
-                attr = LAYER_FIELDS[f["name"]]
-                setattr(layer, attr, unpack(getattr(layer, attr), f["row_order"], f["order_param"]))
-    tied = weights.tied
-    weights.lm_head = unpack(weights.lm_head, row_orders()["identity"])
-    if tied:
-        weights.embed = weights.lm_head
+    """The inverse of pack_in_place: row-major again."""
+    if not weights.fragment_order:
+        raise ValueError("these weights are already row-major")
+    _reorder_in_place(weights, layer_weights, unpack)
     weights.fragment_order = False
 
 

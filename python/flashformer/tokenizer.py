@@ -11,6 +11,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .config import read_json
+
 
 def _raise_exception(message):
     raise TemplateError(message)
@@ -22,16 +24,6 @@ def _token_text(value) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def _read_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _chat_template(model_dir: Path, config: dict) -> str | None:
     """The default chat template: tokenizer_config.json's, else chat_template.jinja / .json."""
     template, source = config.get("chat_template"), "tokenizer_config.json"
@@ -41,7 +33,7 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
     if template is None and (model_dir / "chat_template.jinja").is_file():
         template, source = (model_dir / "chat_template.jinja").read_text(), "chat_template.jinja"
     if template is None and (model_dir / "chat_template.json").is_file():
-        template, source = _read_object(model_dir / "chat_template.json").get("chat_template"), "chat_template.json"
+        template, source = read_json(model_dir / "chat_template.json").get("chat_template"), "chat_template.json"
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{model_dir / source}: 'chat_template' must be a string, got {type(template).__name__}")
     return template
@@ -66,7 +58,7 @@ class Tokenizer:
         except Exception as exc:  # the tokenizers package raises a bare Exception on bad files
             raise ValueError(f"{path} could not be loaded: {exc}") from exc
         config_path = model_dir / "tokenizer_config.json"
-        config = _read_object(config_path) if config_path.is_file() else {}
+        config = read_json(config_path) if config_path.is_file() else {}
         return cls(tokenizer, config, _chat_template(model_dir, config))
 
     @property
