@@ -16,14 +16,18 @@
 # .carry/base*.tar and of this tree, alternating, COMPARE_ROUNDS rounds (BENCH_ARGS, default
 # "--batch 1,8 --peers none"), then a table of engine ms per row. bench: this tree's bench of
 # record into $OUT/h200 (BENCH_ARGS, default "--batch 1,8 --peers fast"; FLASHFORMER_COMMIT names it).
-# Logs go to $OUT/logs.tgz (the device tool returns at most 8 files), the summary to
+# Logs go to $OUT/logs.tgz (logs-1.tgz ... for later runs in the same call; the device tool returns
+# at most 8 files), the summary to
 # $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flashformer-out}
 LOGS=$(mktemp -d) NCU=$(mktemp -d)
 mkdir -p "$OUT"
-trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" .; [ -z "$(ls "$NCU")" ] || tar czf "$OUT/ncu.tgz" -C "$NCU" .' EXIT
+# (a second run in the same call keeps the first one's logs: logs-1.tgz, ...)
+logs_tgz=$OUT/logs.tgz n=0
+while [ -e "$logs_tgz" ]; do logs_tgz=$OUT/logs-$((++n)).tgz; done
+trap 'tar czf "$logs_tgz" -C "$LOGS" .; [ -z "$(ls "$NCU")" ] || tar czf "$OUT/ncu.tgz" -C "$NCU" .' EXIT
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PYTHONUNBUFFERED=1
 stages=${*:-build ctest pytest sanitize}
 status=0
@@ -66,11 +70,11 @@ if has profile; then
   step profile python3 benchmarks/profile_step.py --out "$LOGS" ${PROFILE_ARGS:-}
   cat "$LOGS/profile.log"
 fi
-if has compare; then
-  # Every .carry/base*.tar (git archive --prefix=base/ COMMIT) is built and profiled in turn with this tree.
-  bases=(.carry/base*.tar)
-  [ -f "${bases[0]}" ] || { echo "compare: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
-  declare -A site  # base name -> its install
+declare -A site  # base name -> its install (build_bases)
+build_bases() {  # every .carry/base*.tar (git archive --prefix=base/ COMMIT), built once
+  [ ${#site[@]} -eq 0 ] || return 0
+  local bases=(.carry/base*.tar) tarball name dir
+  [ -f "${bases[0]}" ] || { echo "$1: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
   for tarball in "${bases[@]}"; do
     name=$(basename "$tarball" .tar) dir=$(mktemp -d)
     tar xf "$tarball" -C "$dir"
@@ -78,6 +82,9 @@ if has compare; then
       -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON || exit 1
     site[$name]=$dir/site
   done
+}
+if has compare; then
+  build_bases compare
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
     for name in "${!site[@]}"; do
       # shellcheck disable=SC2086
@@ -91,20 +98,11 @@ if has compare; then
 fi
 bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
 if has benchcmp; then
-  bases=(.carry/base*.tar)
-  [ -f "${bases[0]}" ] || { echo "benchcmp: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
-  declare -A bsite
-  for tarball in "${bases[@]}"; do
-    name=$(basename "$tarball" .tar) dir=$(mktemp -d)
-    tar xf "$tarball" -C "$dir"
-    step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
-      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" || exit 1
-    bsite[$name]=$dir/site
-  done
+  build_bases benchcmp
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    for name in "${!bsite[@]}"; do
+    for name in "${!site[@]}"; do
       # shellcheck disable=SC2086
-      step "bench-$name-$round" env PYTHONPATH="${bsite[$name]}" FLASHFORMER_COMMIT="$name" "${bench_cli[@]}" \
+      step "bench-$name-$round" env PYTHONPATH="${site[$name]}" FLASHFORMER_COMMIT="$name" "${bench_cli[@]}" \
         --out "$LOGS/bench-$name-$round" ${BENCH_ARGS:---batch 1,8 --peers none}
     done
     # shellcheck disable=SC2086
@@ -117,14 +115,11 @@ runs = {p.parent.name[len("bench-"):]: json.loads(p.read_text()) for p in sorted
 names = sorted({k.rsplit("-", 1)[0] for k in runs})
 best = {n: {} for n in names}  # the fastest round of each row (noise only ever adds time)
 for key, doc in runs.items():
-    for r in doc["rows"]:
-        row = (r["model"], r["batch"], r["ctx"])
-        d = best[key.rsplit("-", 1)[0]]
-        d[row] = min(d.get(row, 1e9), r["engine_ms"])
-    for t in doc["ttft"]:
-        row = (t["model"], "ttft", t["prompt_len"])
-        d = best[key.rsplit("-", 1)[0]]
-        d[row] = min(d.get(row, 1e9), t["engine_ms"])
+    d = best[key.rsplit("-", 1)[0]]
+    figures = [((r["model"], r["batch"], r["ctx"]), r["engine_ms"]) for r in doc["rows"]]
+    figures += [((t["model"], "ttft", t["prompt_len"]), t["engine_ms"]) for t in doc["ttft"]]
+    for row, ms in figures:
+        d[row] = min(d.get(row, 1e9), ms)
 print("model batch ctx " + " ".join(names) + "  (ms, best of rounds; last column / first - 1)")
 for row in sorted(best[names[0]], key=str):
     vals = [best[n].get(row) for n in names]

@@ -125,6 +125,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("order_param") = 0, py::arg("stream") = 0,
       "Pack a row-major bf16 matrix (device pointers) into the megakernel's fragment order.");
   m.def(
+      "pack_shape_problem", &pack_shape_problem, py::arg("rows"), py::arg("cols"), py::arg("row_order"),
+      py::arg("order_param") = 0, "Why a (rows, cols) matrix cannot be packed in that row order, or '' (fragment_layout.hpp).");
+  m.def(
       "unpack_weight",
       [](std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
          std::uintptr_t stream) {
@@ -137,8 +140,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fragment_sources",
       [](int64_t rows, int64_t cols, int row_order, int64_t order_param) {
-        if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock || rows * cols > (int64_t{1} << 26))
-          throw std::invalid_argument("fragment_sources: rows and cols must be positive multiples of 16, at most 2^26 elements");
+        const std::string problem = pack_shape_problem(rows, cols, row_order, order_param);
+        if (!problem.empty()) throw std::invalid_argument("fragment_sources: " + problem);
+        if (rows * cols > (int64_t{1} << 26)) throw std::invalid_argument("fragment_sources: at most 2^26 elements");
         py::array_t<int64_t> out(rows * cols);
         int64_t* o = out.mutable_data();
         for (int64_t r = 0; r < rows; ++r)

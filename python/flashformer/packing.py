@@ -39,14 +39,12 @@ def _split(rows: int, cols: int, order: int, param: int) -> tuple[tuple[int, ...
 
 
 def _check(w: torch.Tensor, order: int, param: int) -> None:
-    rows, cols = w.shape
-    if rows % 16 or cols % 16 or rows == 0 or cols == 0:
-        raise ValueError(f"a packed matrix needs both dimensions multiples of 16, got {tuple(w.shape)}")
-    names = row_orders()
-    if order == names["rope_pairs"] and (param <= 0 or param % 32 or rows % param):
-        raise ValueError(f"RoPE row order needs head_dim a multiple of 32 dividing {rows} rows, got {param}")
-    if order == names["gate_up"] and rows != 2 * param:
-        raise ValueError(f"gate/up row order needs rows == 2 * intermediate, got {rows} rows and {param}")
+    """The compiled core's rules (fragment_layout.hpp's pack_shape_problem), for either path."""
+    if w.dim() != 2:
+        raise ValueError(f"a packed matrix is 2-D, got shape {tuple(w.shape)}")
+    problem = _core.load().pack_shape_problem(*w.shape, order, param)
+    if problem:
+        raise ValueError(problem)
 
 
 def _stream(device: torch.device) -> int:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "flashformer/kernel_config.hpp"
 
@@ -53,6 +54,22 @@ constexpr int64_t source_row(RowOrder order, int64_t row, int64_t param) {
     default:
       return row;
   }
+}
+
+// Why a (rows, cols) matrix cannot be packed in `row_order` with `param` (source_row's), or ""
+// (host code: the pack and unpack launchers, and Python through the binding, check with it).
+inline std::string pack_shape_problem(int64_t rows, int64_t cols, int row_order, int64_t param) {
+  if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock)
+    return "shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
+           ") is not a positive multiple of 16 in both dimensions";
+  if (row_order < 0 || row_order > int(RowOrder::kGateUp)) return "unknown row order " + std::to_string(row_order);
+  if (RowOrder(row_order) == RowOrder::kRopePairs && (param <= 0 || param % 32 || rows % param))
+    return "RoPE row order needs head_dim a multiple of 32 dividing the rows, got head_dim " + std::to_string(param) +
+           " and " + std::to_string(rows) + " rows";
+  if (RowOrder(row_order) == RowOrder::kGateUp && (param <= 0 || param % 8 || rows != 2 * param))
+    return "gate/up row order needs rows == 2 * intermediate, got " + std::to_string(rows) + " rows and intermediate " +
+           std::to_string(param);
+  return "";
 }
 
 }  // namespace flashformer

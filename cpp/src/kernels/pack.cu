@@ -67,15 +67,8 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uin
 }
 
 void check_shape(const char* what, int64_t rows, int64_t cols, int row_order, int64_t order_param) {
-  if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock)
-    throw std::invalid_argument(std::string(what) + ": shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
-                                ") is not a positive multiple of 16 in both dimensions");
-  if (row_order < 0 || row_order > int(RowOrder::kGateUp)) throw std::invalid_argument(std::string(what) + ": unknown row order");
-  const RowOrder order = RowOrder(row_order);
-  if (order == RowOrder::kRopePairs && (order_param <= 0 || order_param % 32 || rows % order_param))
-    throw std::invalid_argument(std::string(what) + ": RoPE row order needs head_dim a multiple of 32 dividing rows");
-  if (order == RowOrder::kGateUp && (order_param <= 0 || order_param % 8 || rows != 2 * order_param))
-    throw std::invalid_argument(std::string(what) + ": gate/up row order needs rows == 2 * intermediate");
+  const std::string problem = pack_shape_problem(rows, cols, row_order, order_param);
+  if (!problem.empty()) throw std::invalid_argument(std::string(what) + ": " + problem);
 }
 
 }  // namespace
