@@ -141,8 +141,7 @@ def step_bytes(spec: ModelSpec, weights: Weights, batch: int, ctx: int) -> int:
     """The bytes a decode step of `batch` rows at context `ctx` must read from HBM: `weight_bytes`
     + the KV cache of the past positions (layers * 2 * batch * kv_heads * ctx * head_dim elements).
     The numerator of the floor, and of the achieved GB/s."""
-    kv = spec.num_layers * 2 * batch * spec.num_kv_heads * ctx * spec.head_dim * weights.embed.element_size()
-    return weight_bytes(weights) + kv
+    return weight_bytes(weights) + spec.kv_cache_bytes(batch, ctx, weights.embed.element_size())
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 4 << 30, iters: int = 20) -> tuple[float | None, dict]:

@@ -58,9 +58,13 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     tie_word_embeddings: bool | None = None  # as config.json says; None when it does not say
 
+    def kv_cache_shape(self, max_batch_size: int, max_seq_len: int) -> tuple[int, ...]:
+        """The KV cache's one layout (DESIGN.md §2), shared by the reference path and the kernel."""
+        return (self.num_layers, 2, max_batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
+
     def kv_cache_bytes(self, max_batch_size: int, max_seq_len: int, itemsize: int) -> int:
-        """Bytes of the KV cache [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim]."""
-        return self.num_layers * 2 * max_batch_size * self.kv_size * max_seq_len * itemsize
+        """Bytes of a KV cache of kv_cache_shape (or of `max_seq_len` positions of one)."""
+        return math.prod(self.kv_cache_shape(max_batch_size, max_seq_len)) * itemsize
 
     @property
     def q_size(self) -> int:

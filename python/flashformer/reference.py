@@ -62,9 +62,8 @@ class KVCache:
 
     @classmethod
     def allocate(cls, spec: ModelSpec, max_batch_size: int, max_seq_len: int, *, dtype: torch.dtype, device) -> KVCache:
-        shape = (spec.num_layers, 2, max_batch_size, spec.num_kv_heads, max_seq_len, spec.head_dim)
         cos, sin = rope_tables(spec, max_seq_len, device)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), cos, sin)
+        return cls(torch.zeros(spec.kv_cache_shape(max_batch_size, max_seq_len), dtype=dtype, device=device), cos, sin)
 
     @property
     def max_batch_size(self) -> int:
