@@ -283,6 +283,10 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
         with pytest.raises(ValueError, match=attr):
             mk.decode(tokens, positions)
         setattr(mk.engine, attr, 0)
+    e.inflight_stages_limit, e.weight_l2_policy = 3, 1  # the defaults again
+    # a refused step launched nothing: the next one runs clean (its epoch counts only steps that ran)
+    assert torch.equal(mk.decode(tokens, positions), default)
+    mk.synchronize()
 
 
 @pytest.mark.gpu
@@ -370,3 +374,6 @@ def test_measurement_settings_need_the_instrumented_build():
     mk.engine.timing_variant = _core.load().TIMING_VARIANTS["skip_norm"]
     with pytest.raises(ValueError, match="FLASHFORMER_INSTRUMENTED=ON"):
         mk.decode(torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))
+    mk.engine.timing_variant = 0  # the refused step launched nothing: the next one runs clean
+    assert torch.isfinite(mk.decode(torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))).all()
+    mk.synchronize()

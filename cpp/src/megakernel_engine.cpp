@@ -124,7 +124,6 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   p.positions = positions;
   p.next_tokens = next_tokens;
   p.logits = logits;
-  p.epoch = ++epoch_;
   p.timeout_ns = static_cast<unsigned long long>(timeout_ms * 1e6);
   if (instr.skip_signal_op >= kNumOps)
     throw std::invalid_argument("megakernel: debug_skip_signal must be -1 (off) or an op index below " +
@@ -153,6 +152,9 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
   p.weight_l2_policy = weight_l2_policy;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
+  // Only now, past every check: a refused step must not advance the epoch, or the next step's
+  // counter targets would count a step that never ran (and its waits time out).
+  p.epoch = ++epoch_;
   kernel->launch(p, num_sms_, stream);
 }
 
