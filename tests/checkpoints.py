@@ -159,17 +159,21 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def make_llama_checkpoint(path: Path, config: dict) -> Path:
-    """Save a random LlamaForCausalLM with `config` (a config.json dict) to `path`, without a
-    tokenizer; norms random around 1, initializer_range 0.1 so logits are of order 1."""
+def make_shape_checkpoint(path: Path, config: dict) -> Path:
+    """Save a random HF model of `config` (a config.json dict; its model_type picks the class) to
+    `path`, without a tokenizer; norms random around 1 and biases around 0 (std 0.1),
+    initializer_range 0.1 so logits are of order 1."""
     import transformers
 
-    kwargs = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs, initializer_range=0.1)).eval()
+    cfg = {k: v for k, v in config.items() if k != "architectures"}
+    model_type = cfg.pop("model_type", "llama")
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **cfg, initializer_range=0.1)
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.normal_(1.0, 0.1)
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
     model.save_pretrained(path)
     return path
 

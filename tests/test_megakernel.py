@@ -21,14 +21,12 @@ from flashformer.megakernel import MegakernelBackend, compiled_configs, match_co
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import Weights, random_weights
 
-from checkpoints import clone_weights, kv_cache, make_llama_checkpoint, rel_l2
+from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2
 
-TINY = ("tiny-gqa", "tiny-d128")  # the compiled test configs: tiny-gqa untied, tiny-d128 tied
-
-
-def llama_config(name: str) -> dict:
-    """config.json of a compiled shape (the benchmark's: the compiled core's list)."""
-    return shape_config(name)
+# The compiled test configs: tiny-gqa untied, tiny-d128 tied, tiny-qk-norm (Qwen3's q/k norm,
+# q_rows != hidden, a padded vocabulary) untied, tiny-bias (Qwen2's q/k/v biases, GQA group 3, a
+# padded vocabulary) tied.
+TINY = ("tiny-gqa", "tiny-d128", "tiny-qk-norm", "tiny-bias")
 
 
 def megakernel(spec, weights, batch: int, max_seq: int) -> MegakernelBackend:
@@ -40,25 +38,28 @@ def reference(spec, weights, batch: int, max_seq: int) -> ReferenceBackend:
 
 
 def tied(name: str) -> bool:
-    return llama_config(name)["tie_word_embeddings"]
+    return shape_config(name)["tie_word_embeddings"]
 
 
-def test_every_compiled_shape_is_matched_by_its_llama_spec():
+def test_every_compiled_shape_is_matched_by_its_spec():
     names = [c["name"] for c in compiled_configs()]
-    assert set(TINY) <= set(names) and len(names) >= 5
+    assert set(TINY) <= set(names) and len(names) >= 12
     for name in names:
-        assert match_config(spec_from_dict(llama_config(name))) == name
+        assert match_config(spec_from_dict(shape_config(name))) == name
 
 
-def test_biases_or_other_shapes_match_no_config():
-    spec = spec_from_dict(llama_config("tiny-gqa"))
-    assert match_config(dataclasses.replace(spec, qkv_bias=True)) is None
-    assert match_config(dataclasses.replace(spec, architecture="Qwen2ForCausalLM")) is None
-    assert match_config(dataclasses.replace(spec, hidden_size=320)) is None
+def test_features_or_other_shapes_match_no_config():
+    """A config is its shape and its features (q/k/v biases, q/k norm), whatever the architecture
+    is called: Llama's shape with a feature it lacks matches nothing, nor do biases no kernel has."""
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    for change in (dict(qkv_bias=True), dict(qk_norm=True), dict(o_bias=True), dict(mlp_bias=True),
+                   dict(hidden_size=320)):
+        assert match_config(dataclasses.replace(spec, **change)) is None, change
+    assert match_config(dataclasses.replace(spec, architecture="MistralForCausalLM")) == "tiny-gqa"
 
 
 def test_auto_uses_the_reference_backend_on_cpu_without_warning(recwarn):
-    spec = spec_from_dict(llama_config("tiny-gqa"))
+    spec = spec_from_dict(shape_config("tiny-gqa"))
     assert select_backend("auto", spec, torch.device("cpu")) is ReferenceBackend
     assert not [w for w in recwarn if "megakernel" in str(w.message)]
 
@@ -115,10 +116,10 @@ RAGGED = {1: [1], 2: [5, 300], 4: [1, 64, 200, 1100], 8: [3, 17, 64, 129, 500, 1
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+@pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("batch", [1, 2, 4, 8])
 def test_tiny_teacher_forced_logits_match_reference(name, batch):
-    spec = spec_from_dict(llama_config(name))
+    spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     out = run_three(spec, weights, RAGGED[batch], steps=16, max_seq=4200)
     check_errors(out)
@@ -126,9 +127,9 @@ def test_tiny_teacher_forced_logits_match_reference(name, batch):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+@pytest.mark.parametrize("name", TINY)
 def test_tiny_context_8192(name):
-    spec = spec_from_dict(llama_config(name))
+    spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     check_errors(run_three(spec, weights, [8191, 2], steps=4, max_seq=8200))
 
@@ -137,7 +138,7 @@ def test_tiny_context_8192(name):
 @gpu
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
 def test_real_shapes_teacher_forced_logits_match_reference(name):
-    spec = spec_from_dict(llama_config(name))
+    spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.02)
     original = clone_weights(weights)
     check_errors(run_three(spec, weights, [1], steps=4, max_seq=64))
@@ -151,20 +152,20 @@ def test_real_shapes_teacher_forced_logits_match_reference(name):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+@pytest.mark.parametrize("name", TINY)
 def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     """Through the user path (a checkpoint directory, backend="auto" picks the megakernel).
     Teacher-forced on the fp32 reference's 256 greedy tokens, the kernel picks the same token at
     every step whose fp32 top-2 margin exceeds that step's `tie`: 2x the largest logit error the
     bf16 reference itself shows there (below it, rounding alone may flip a pick). Free-running,
     the kernel follows the bf16 reference up to the first near-tie."""
-    path = make_llama_checkpoint(tmp_path, llama_config(name))
+    path = make_shape_checkpoint(tmp_path, shape_config(name))
     kw = dict(device="cuda", max_seq_len=300, progress=False)
     mk = Engine.from_pretrained(path, dtype="bfloat16", **kw)
     assert mk.backend.name == "megakernel"
     ref16 = Engine.from_pretrained(path, dtype="bfloat16", backend="reference", **kw)
     ref32 = Engine.from_pretrained(path, dtype="float32", backend="reference", **kw)
-    prompt = torch.randint(0, llama_config(name)["vocab_size"], (8,)).tolist()
+    prompt = torch.randint(0, shape_config(name)["vocab_size"], (8,)).tolist()
     sampling = flashformer.SamplingParams(max_tokens=256, ignore_eos=True)
     greedy32 = ref32.generate(prompt_token_ids=[prompt], sampling=sampling)[0].token_ids
     forced = torch.tensor(greedy32[:-1])[:, None]
@@ -190,7 +191,7 @@ instrumented = pytest.mark.skipif(
 @gpu
 @instrumented
 def test_a_lost_dependency_raises_instead_of_hanging():
-    spec = spec_from_dict(llama_config("tiny-gqa"))
+    spec = spec_from_dict(shape_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     ref = reference(spec, clone_weights(weights), 2, 64)
     mk = megakernel(spec, weights, 2, 64)
@@ -228,7 +229,7 @@ def test_step_trace_is_ordered_and_changes_nothing():
     (start <= dependency met <= computed <= synced <= signalled, tasks in sequence), and a traced step
     computes the same logits and tokens as an untraced one."""
     C = flashformer._core.load()
-    spec = spec_from_dict(llama_config("tiny-gqa"))
+    spec = spec_from_dict(shape_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = megakernel(spec, weights, 2, 64)
     tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([5, 9], device="cuda")
@@ -266,7 +267,7 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
     """The weight stream's tuning (in-flight stage limit, L2 policy, ring depth) changes timing
     only: every setting computes bit-identical logits and tokens (the kernel's reductions have a
     fixed order). Out-of-range values are refused with a message naming the setting."""
-    spec = spec_from_dict(llama_config("tiny-d128"))
+    spec = spec_from_dict(shape_config("tiny-d128"))
     weights = random_weights(spec, tied=True, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = megakernel(spec, weights, 2, 64)
     mk.kv_cache.uniform_(-1, 1)
@@ -291,12 +292,14 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 
 @pytest.mark.gpu
 @gpu
-def test_sanitizer_smoke():
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-qk-norm", "tiny-bias"])
+def test_sanitizer_smoke(name):
     """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
-    memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised)."""
-    spec = spec_from_dict(llama_config("tiny-gqa"))
-    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
+    q/k norm and q/k/v biases (both with padded vocabularies)."""
+    spec = spec_from_dict(shape_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = megakernel(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
@@ -311,7 +314,7 @@ def test_sanitizer_smoke():
 def test_a_step_with_non_finite_logits_raises_naming_the_row():
     """NaN in one token's embedding row makes the row that feeds it non-finite: the kernel's check
     beside its arg-max fails the step (no token is emitted from it), naming that batch row."""
-    spec = spec_from_dict(llama_config("tiny-gqa"))  # untied: the embedding table is its own
+    spec = spec_from_dict(shape_config("tiny-gqa"))  # untied: the embedding table is its own
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     weights.embed[7] = float("nan")
     mk = megakernel(spec, weights, 2, 16)
@@ -332,7 +335,7 @@ def test_a_step_with_non_finite_logits_raises_naming_the_row():
 def test_the_packed_weights_are_the_only_copy_on_the_device(name):
     """Building the backend adds only its scratch, the prefill's layer buffer, the kernel's
     half RoPE tables and its I/O buffers: the matrices (and a tied table) are reordered in place."""
-    cfg = dict(llama_config(name), num_hidden_layers=2)
+    cfg = dict(shape_config(name), num_hidden_layers=2)
     spec = spec_from_dict(cfg)
     weights = random_weights(spec, tied=cfg["tie_word_embeddings"], dtype=torch.bfloat16, device="cuda", std=0.02)
     cache = kv_cache(spec, weights, 8, 256)
@@ -353,7 +356,7 @@ def test_the_packed_weights_are_the_only_copy_on_the_device(name):
 def test_prefill_over_the_packed_weights_is_the_reference_prefill(name):
     """Ragged prompts, layer by layer over the unpacked buffer:
     the same logits and KV cache as the reference over row-major weights."""
-    spec = spec_from_dict(llama_config(name))
+    spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     ref = reference(spec, clone_weights(weights), 3, 600)
     mk = megakernel(spec, weights, 3, 600)
@@ -368,7 +371,7 @@ def test_prefill_over_the_packed_weights_is_the_reference_prefill(name):
 @gpu
 @pytest.mark.skipif(_core.load().INSTRUMENTED, reason="checks a build without the instrumented kernels")
 def test_measurement_settings_need_the_instrumented_build():
-    spec = spec_from_dict(llama_config("tiny-gqa"))
+    spec = spec_from_dict(shape_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
     mk = megakernel(spec, weights, 1, 16)
     mk.engine.timing_variant = _core.load().TIMING_VARIANTS["skip_norm"]

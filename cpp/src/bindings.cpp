@@ -94,11 +94,16 @@ PYBIND11_MODULE(_C, m) {
           d["num_kv_heads"] = c.dims.kv_heads;
           d["head_dim"] = c.dims.head_dim;
           d["vocab_size"] = c.dims.vocab;
+          d["padded_vocab_size"] = c.dims.padded_vocab();
+          d["family"] = c.dims.family;
+          d["qkv_bias"] = c.dims.has(kQkvBias);
+          d["qk_norm"] = c.dims.has(kQkNorm);
           d["layers"] = c.dims.layers;
           d["tied"] = c.dims.tied;
           py::list fields;  // how the engine fills each layer's LayerWeights
           for (const LayerWeightField& f : kLayerWeightFields)
-            fields.append(py::dict(py::arg("name") = f.name, py::arg("packed") = f.packed,
+            if (f.used_by(c.dims))
+              fields.append(py::dict(py::arg("name") = f.name, py::arg("packed") = f.packed,
                                    py::arg("row_order") = int(f.order),
                                    py::arg("order_param") = row_order_param(f.order, c.dims)));
           d["layer_weights"] = fields;
@@ -187,15 +192,19 @@ PYBIND11_MODULE(_C, m) {
              std::uintptr_t rope_cos, std::uintptr_t rope_sin, std::uintptr_t kv_cache, float rms_eps) {
             auto bf = [](std::uintptr_t v) { return reinterpret_cast<bf16_t*>(v); };
             ModelPointers mp;
-            for (const auto& given : layers) {  // one {field name: device pointer} per layer (kLayerWeightFields)
-              LayerWeights l{};
+            const ModelDims& dims = e.config().dims;
+            for (const auto& given : layers) {  // one {field name: device pointer} per layer: the config's fields
+              LayerWeights l{};                 // (kLayerWeightFields used by it); a feature's others stay null
+              size_t used = 0;
               for (const LayerWeightField& f : kLayerWeightFields) {
+                if (!f.used_by(dims)) continue;
+                ++used;
                 const auto it = given.find(f.name);
                 if (it == given.end() || it->second == 0)
                   throw std::invalid_argument(std::string("megakernel bind: layer weight '") + f.name + "' missing");
                 l.*f.field = bf(it->second);
               }
-              if (given.size() != std::size(kLayerWeightFields))
+              if (given.size() != used)
                 throw std::invalid_argument("megakernel bind: unknown layer weight names (expected those of configs()[i]['layer_weights'])");
               mp.layers.push_back(l);
             }

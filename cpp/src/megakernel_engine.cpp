@@ -20,6 +20,9 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   };
   l.x = take(int64_t(kMaxBatch) * d.hidden * 4);
   l.q = take(int64_t(kMaxBatch) * d.q_rows() * 4);
+  const bool qk_norm = d.has(kQkNorm);  // (the scratch of a feature only where a config has it)
+  l.k_new = take(qk_norm ? int64_t(kMaxBatch) * d.kv_rows() * 4 : 0);
+  l.qk_sq = take(qk_norm ? int64_t(kMaxBatch) * (d.heads + d.kv_heads) * (d.head_dim / kRowBlock) * 4 : 0);
   l.attn_frag = take(int64_t(kMaxBatch) * d.q_rows() * 2);
   l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
   l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
@@ -98,6 +101,8 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.max_seq = max_seq_;
   p.scratch = Scratch{reinterpret_cast<float*>(scratch_ + layout_.x),
                       reinterpret_cast<float*>(scratch_ + layout_.q),
+                      reinterpret_cast<float*>(scratch_ + layout_.k_new),
+                      reinterpret_cast<float*>(scratch_ + layout_.qk_sq),
                       reinterpret_cast<bf16_t*>(scratch_ + layout_.attn_frag),
                       reinterpret_cast<bf16_t*>(scratch_ + layout_.act_frag),
                       reinterpret_cast<float*>(scratch_ + layout_.attn_part),

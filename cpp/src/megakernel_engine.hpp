@@ -17,7 +17,7 @@ namespace flashformer {
 
 // Byte offsets of the scratch regions (256-byte aligned) and the total size.
 struct ScratchLayout {
-  int64_t x, q, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, attn_groups, error, layer_table, schedule,
+  int64_t x, q, k_new, qk_sq, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, attn_groups, error, layer_table, schedule,
       total;
   int64_t counters_bytes;
 };

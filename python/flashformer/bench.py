@@ -37,19 +37,22 @@ from .engine import BACKENDS, select_backend
 from .reference import KVCache
 from .weights import Weights, load_weights, random_weights
 
-# The config.json of each compiled megakernel shape (its dimensions, layer count and tied LM head
-# come from the compiled core's list, model_traits.hpp); the weights are random, nothing is
-# downloaded. The rest is Llama-3's (RoPE without scaling: the tables do not change a step's cost).
-_LLAMA = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_act="silu",
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# The config.json of each compiled megakernel shape: its dimensions, layer count, tied LM head and
+# family (the published model's model_type) come from the compiled core's list (model_traits.hpp);
+# the rest is the family's, as its published config.json files have it (RoPE without scaling: the
+# tables do not change a step's cost; BOS and EOS ids 1 and 2). The weights are random, nothing is
+# downloaded. A family's features (q/k/v biases for qwen2, q/k norm for qwen3) follow from its
+# architecture (config.py); test_megakernel.py checks that each shape matches its own config.
+_FAMILIES = {
+    "llama": dict(architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5, rope_theta=500000.0,
+                  max_position_embeddings=131072),
+    "mistral": dict(architectures=["MistralForCausalLM"], rms_norm_eps=1e-5, rope_theta=1000000.0,
+                    max_position_embeddings=32768, sliding_window=None),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  max_position_embeddings=131072, use_sliding_window=False),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  max_position_embeddings=40960, use_sliding_window=False, attention_bias=False),
+}
 
 
 def shapes() -> dict[str, dict]:
@@ -58,7 +61,11 @@ def shapes() -> dict[str, dict]:
 
     return {
         c["name"]: dict(
-            _LLAMA,
+            _FAMILIES[c["family"]],
+            model_type=c["family"],
+            hidden_act="silu",
+            bos_token_id=1,  # (random weights: any ids inside every vocabulary)
+            eos_token_id=2,
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"],

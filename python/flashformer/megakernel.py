@@ -2,7 +2,8 @@
 compiled core (cpp/include/flashformer/megakernel.cuh), over the Engine's KV cache.
 
 At construction the matrices are reordered in place into the kernel's fragment order
-(packing.py), one at a time: the device then holds one copy of the weights, the kernel's. A
+(packing.py), one at a time: the device then holds one copy of the weights, the kernel's (the LM
+head padded with zero rows to a multiple of 16 where the vocabulary is not one). A
 tied embedding table is the packed LM head itself (the kernel's embedding lookup reads it in
 that order). Prefill runs the reference decoder over that copy: each layer's matrices are
 unpacked into one reusable buffer just before its matmuls.
@@ -27,19 +28,20 @@ from .packing import gather_rows, pack, row_orders, unpack
 from .reference import KVCache, Transformer, prefill_logits
 from .weights import LayerWeights, Weights
 
-# Architectures whose decode step is exactly the Llama one the kernel implements.
-LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
-
+# What a compiled config fixes about a model, beyond its layer count: the shape, and the
+# features (biases on q/k/v, per-head q/k RMSNorm) compiled into its kernel.
 _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size")
+_FEATURE_FIELDS = ("qkv_bias", "qk_norm")
+_MATCHED_FIELDS = _SHAPE_FIELDS + _FEATURE_FIELDS
 
 
 def compiled_configs() -> list[dict]:
-    """The compiled megakernel configs (name and shape of each)."""
+    """The compiled megakernel configs (name, shape and features of each)."""
     return list(_core.load().configs())
 
 
-# The kernel's name of each per-layer weight (compiled core: configs()[i]["layer_weights"]) -> the
-# LayerWeights field holding it.
+# The kernel's name of each per-layer weight (compiled core: configs()[i]["layer_weights"], the
+# ones that config uses) -> the LayerWeights field holding it.
 LAYER_FIELDS = {
     "qkv": "wqkv",
     "o": "wo",
@@ -47,6 +49,9 @@ LAYER_FIELDS = {
     "down": "w_down",
     "attn_norm": "attn_norm",
     "mlp_norm": "mlp_norm",
+    "qkv_bias": "bqkv",
+    "q_norm": "q_norm",
+    "k_norm": "k_norm",
 }
 
 
@@ -61,9 +66,9 @@ def config_names() -> str:
     return ", ".join(c["name"] for c in compiled_configs())
 
 
-def _has_extras(spec: ModelSpec) -> bool:
-    """Biases or q/k norms: parts of a decoder layer the kernel does not implement."""
-    return spec.qkv_bias or spec.o_bias or spec.mlp_bias or spec.qk_norm
+def _unsupported_parts(spec: ModelSpec) -> list[str]:
+    """Parts of `spec`'s decoder layer that no compiled kernel implements."""
+    return [what for what, present in (("an o_proj bias", spec.o_bias), ("MLP biases", spec.mlp_bias)) if present]
 
 
 def _device_index(device: torch.device) -> int:
@@ -71,13 +76,32 @@ def _device_index(device: torch.device) -> int:
 
 
 def match_config(spec: ModelSpec) -> str | None:
-    """The compiled config whose shape is `spec`'s (any layer count), or None."""
-    if spec.architecture not in LLAMA_LIKE or _has_extras(spec):
+    """The compiled config whose shape and features are `spec`'s (any layer count), or None."""
+    if _unsupported_parts(spec):
         return None
     for c in compiled_configs():
-        if all(getattr(spec, f) == c[f] for f in _SHAPE_FIELDS):
+        if all(getattr(spec, f) == c[f] for f in _MATCHED_FIELDS):
             return c["name"]
     return None
+
+
+def no_match_reason(spec: ModelSpec) -> str:
+    """Why no compiled config runs `spec`: its unsupported parts, or the nearest configs (fewest
+    differing fields) and how they differ."""
+    unsupported = _unsupported_parts(spec)
+    if unsupported:
+        return f"{spec.architecture} has {' and '.join(unsupported)}, which no compiled kernel implements"
+    configs = compiled_configs()
+    differs = {c["name"]: [f for f in _MATCHED_FIELDS if getattr(spec, f) != c[f]] for c in configs}
+    fewest = min(len(d) for d in differs.values())
+    nearest = "; ".join(
+        f"{name} has " + ", ".join(f"{f}={c[f]}" for f in differs[name])
+        for c in configs
+        for name in [c["name"]]
+        if len(differs[name]) == fewest
+    )
+    shape = ", ".join(f"{f}={getattr(spec, f)}" for f in _MATCHED_FIELDS)
+    return f"no compiled config matches {spec.architecture} ({shape}); nearest: {nearest}; compiled: {config_names()}"
 
 
 def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int) -> str | None:
@@ -95,12 +119,7 @@ def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype
     if max_batch_size > max_batch:
         return f"it decodes at most {max_batch} rows, and max_batch_size is {max_batch_size}"
     if match_config(spec) is None:
-        shape = ", ".join(f"{f}={getattr(spec, f)}" for f in _SHAPE_FIELDS)
-        return (
-            f"no compiled config matches {spec.architecture} ({shape}"
-            f"{', with biases or q/k norm' if _has_extras(spec) else ''}); "
-            f"compiled: {config_names()}"
-        )
+        return no_match_reason(spec)
     return None
 
 
@@ -150,7 +169,8 @@ class PackedTransformer(Transformer):
         identity = row_orders()["identity"]
         # rows r0..r1 of a packed matrix (row blocks outermost) are the packed form of those rows
         jobs = [[(head[r0 : r0 + step], identity, 0)] for r0 in range(0, head.shape[0], step)]
-        return torch.cat([F.linear(hidden, mats[0]) for mats in self._unpacked(jobs)], dim=-1).float()
+        logits = torch.cat([F.linear(hidden, mats[0]) for mats in self._unpacked(jobs)], dim=-1)
+        return logits[..., : self.spec.vocab_size].float()  # (past it: the LM head's padding rows)
 
 
 def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> None:
@@ -165,6 +185,20 @@ def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> N
     weights.lm_head = reorder(weights.lm_head, row_orders()["identity"], 0)
     if tied:  # the table is the LM head, in whichever order
         weights.embed = weights.lm_head
+
+
+def pad_lm_head(weights: Weights, rows: int) -> None:
+    """Give the LM head (and a tied table, the same tensor) zero rows up to `rows`, the kernel's
+    padded vocabulary (a multiple of 16; configs()[i]["padded_vocab_size"]). The padding rows are
+    multiplied but never logits."""
+    head = weights.lm_head
+    if head.shape[0] == rows:
+        return
+    padded = torch.zeros(rows, head.shape[1], dtype=head.dtype, device=head.device)
+    padded[: head.shape[0]] = head
+    weights.lm_head = padded
+    if weights.tied:
+        weights.embed = padded
 
 
 def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
@@ -203,6 +237,7 @@ class MegakernelBackend:
                                          cache.max_seq_len)
         self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
         self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
+        pad_lm_head(weights, config["padded_vocab_size"])
         pack_in_place(weights, self.layer_weights)
         self.weights = weights  # keep every pointer the kernel reads alive
         self.prefill_model = PackedTransformer(spec, weights, cache, self.layer_weights)
@@ -232,6 +267,9 @@ class MegakernelBackend:
         another decoder on them; this backend cannot decode afterwards."""
         self.synchronize()
         unpack_in_place(self.weights, self.layer_weights)
+        self.weights.lm_head = self.weights.lm_head[: self.spec.vocab_size]  # (a view: without the padding rows)
+        if self.weights.tied:
+            self.weights.embed = self.weights.lm_head
         self.engine = None
         return self.weights
 

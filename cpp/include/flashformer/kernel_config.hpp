@@ -56,6 +56,18 @@ enum class RowOrder : int {
 // Floats per attention partial (o[head_dim], m, l, two pad): a multiple of 4, so the chunk
 // merge reads o as float4.
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
+// Positions of one batch row in a KV stage of attention: their keys, then their values.
+constexpr int attn_stage_positions(int head_dim) { return kStageBytes / 2 / (head_dim * 2); }
+// q heads of a kv head rounded up to a power of two: the stride of the scoring weights.
+constexpr int attn_head_slots(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
+// Floats of one consumer warp's attention slot in shared memory: its partials (o, m, l) of the
+// group's q heads, also its scoring scratch before that (a stage's rescale factors, then its
+// weights [stage positions][head slots]); a multiple of 4 (float4 loads).
+constexpr int attn_warp_floats(const ModelDims& d) {
+  const int group = d.heads / d.kv_heads;
+  const int scoring = attn_head_slots(group) * (1 + attn_stage_positions(d.head_dim));
+  return (std::max(group * attn_part_stride(d.head_dim), scoring) + 3) / 4 * 4;
+}
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
 // The misc region, byte offsets: the ring's mbarriers (full[kMaxStages], empty[kMaxStages]),
@@ -90,7 +102,7 @@ struct SmemSplit {
 };
 
 constexpr SmemSplit smem_split(const ModelDims& d, int batch) {
-  const int attn = kConsumerWarps * (d.heads / d.kv_heads) * attn_part_stride(d.head_dim) * 4;
+  const int attn = kConsumerWarps * attn_warp_floats(d) * 4;
   const int act_max = kMaxBatch * d.hidden * 2;  // the normalized input at the largest batch
   const int widest = std::max(d.hidden, std::max(d.intermediate, d.q_rows()));
   const int want = std::max(attn, std::min(act_max, batch * widest * 2));

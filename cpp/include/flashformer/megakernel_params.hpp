@@ -13,7 +13,8 @@ namespace flashformer {
 
 using bf16_t = __nv_bfloat16;
 
-// Matmul weights are in fragment order (weight_layout.cuh), norms plain [hidden].
+// Matmul weights are in fragment order (weight_layout.cuh), vectors plain. A feature's fields
+// (Feature, model_traits.hpp) are null in configs without it.
 struct LayerWeights {
   const bf16_t* qkv;       // [q|k|v rows, hidden], RoPE pairs adjacent in each 16-row block
   const bf16_t* o;         // [hidden, heads * head_dim]
@@ -21,15 +22,21 @@ struct LayerWeights {
   const bf16_t* down;      // [hidden, intermediate]
   const bf16_t* attn_norm; // [hidden]
   const bf16_t* mlp_norm;  // [hidden]
+  const bf16_t* qkv_bias;  // [q|k|v rows] in the checkpoint's row order (kQkvBias)
+  const bf16_t* q_norm;    // [head_dim] (kQkNorm)
+  const bf16_t* k_norm;    // [head_dim] (kQkNorm)
 };
 
 // How the engine fills LayerWeights: the field, and for a matrix the row order it is packed in
-// (the epilogues rely on it) with that order's parameter for a config.
+// (the epilogues rely on it) with that order's parameter for a config; `needs`: the feature
+// whose configs have it (kPlain: every config).
 struct LayerWeightField {
   const char* name;
   const bf16_t* LayerWeights::*field;
   bool packed;      // a matrix in fragment order; else a plain vector
   RowOrder order;   // when packed
+  Feature needs = kPlain;
+  constexpr bool used_by(const ModelDims& d) const { return needs == kPlain || d.has(needs); }
 };
 inline constexpr LayerWeightField kLayerWeightFields[] = {
     {"qkv", &LayerWeights::qkv, true, RowOrder::kRopePairs},
@@ -38,6 +45,9 @@ inline constexpr LayerWeightField kLayerWeightFields[] = {
     {"down", &LayerWeights::down, true, RowOrder::kIdentity},
     {"attn_norm", &LayerWeights::attn_norm, false, RowOrder::kIdentity},
     {"mlp_norm", &LayerWeights::mlp_norm, false, RowOrder::kIdentity},
+    {"qkv_bias", &LayerWeights::qkv_bias, false, RowOrder::kIdentity, kQkvBias},
+    {"q_norm", &LayerWeights::q_norm, false, RowOrder::kIdentity, kQkNorm},
+    {"k_norm", &LayerWeights::k_norm, false, RowOrder::kIdentity, kQkNorm},
 };
 // The parameter of a row order for a config (weight_layout.cuh's source_row).
 constexpr int row_order_param(RowOrder order, const ModelDims& d) {
@@ -85,6 +95,11 @@ inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, task, detai
 struct Scratch {
   float* x;                // [kMaxBatch][hidden] residual stream, fp32
   float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
+                           // (kQkNorm: not yet by the head's RMSNorm scale, which attention applies)
+  float* k_new;            // kQkNorm: [kMaxBatch][kv_heads][head_dim] this step's k, normed but for
+                           // the RMSNorm scale and roped; attention scales it into the KV cache
+  float* qk_sq;            // kQkNorm: [kMaxBatch][heads + kv_heads][head_dim / 16] sums of squares
+                           // of each head's 16-row blocks (the per-head RMSNorm's statistic)
   bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
   bf16_t* act_frag;        // silu(gate) * up as mma B fragments [intermediate/16][8][4][4]
   float* attn_part;        // [kMaxBatch][heads][chunks][attn_part_stride]: o, m, l per chunk
@@ -99,10 +114,10 @@ struct Scratch {
 struct MegakernelParams {
   const LayerWeights* layers;  // device array [n_layers]
   int n_layers;
-  const bf16_t* embed;         // [vocab, hidden]: row-major, or (embed_packed) the LM head's fragment order
+  const bf16_t* embed;         // [vocab, hidden]: row-major, or (embed_packed) the packed LM head
   bool embed_packed;           // tied embeddings: the table is the packed LM head itself
   const bf16_t* final_norm;    // [hidden]
-  const bf16_t* lm_head;       // [vocab, hidden] in fragment order
+  const bf16_t* lm_head;       // [padded_vocab, hidden] in fragment order (zero rows past vocab)
   const float* rope_cos;       // [max_seq, head_dim / 2]
   const float* rope_sin;       // [max_seq, head_dim / 2]
   float rms_eps;

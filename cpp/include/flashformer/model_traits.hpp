@@ -14,13 +14,26 @@ inline constexpr int kKBlock = 16;
 // Batch columns of the mma (N = 8): every batch size 1..8 runs the same code path.
 inline constexpr int kMaxBatch = 8;
 
-// A config's shape. `layers` and `tied` describe the published model (benchmarks build its
-// random-weight twin from them); the kernel itself takes any layer count and either LM head.
+// The parts of a decoder layer beyond Llama's, each compiled in only where a config has it.
+enum Feature : unsigned {
+  kPlain = 0,
+  kQkvBias = 1,  // biases on the q, k and v projections (Qwen2)
+  kQkNorm = 2,   // per-head RMSNorm of q and k before RoPE, one weight [head_dim] each (Qwen3)
+};
+
+// A config's shape and features. `family` (the published model's HF model_type), `layers` and
+// `tied` describe the published model (benchmarks build its random-weight twin from them); the
+// kernel itself takes any layer count and either LM head. `vocab` is the model's; the LM head
+// is padded with zero rows to a multiple of 16 (padded_vocab) that never reach the logits.
 struct ModelDims {
   const char* name;
+  const char* family;
   int hidden, intermediate, heads, kv_heads, head_dim, vocab;
   int layers;
   bool tied;
+  unsigned features;
+  constexpr bool has(Feature f) const { return (features & f) != 0; }
+  constexpr int padded_vocab() const { return (vocab + kRowBlock - 1) / kRowBlock * kRowBlock; }
   constexpr int q_rows() const { return heads * head_dim; }
   constexpr int kv_rows() const { return kv_heads * head_dim; }
   constexpr int qkv_rows() const { return q_rows() + 2 * kv_rows(); }
@@ -28,13 +41,24 @@ struct ModelDims {
 
 // The one list of compiled configs. Adding a config of an existing architecture is one line here.
 // Keep one config per line, each line starting with {"name", : CMakeLists.txt reads the names.
+// (Shapes as the published config.json files give them.)
 inline constexpr ModelDims kCompiledConfigs[] = {
-    // name            hidden  inter heads kv  dim   vocab  layers  tied
-    {"tiny-gqa",          256,   512,   4,  2,  64,    512,     2, false},
-    {"tiny-d128",         256,   768,   2,  1, 128,   1024,     2, true},
-    {"llama-3.2-1b",     2048,  8192,  32,  8,  64, 128256,    16, true},
-    {"llama-3.2-3b",     3072,  8192,  24,  8, 128, 128256,    28, true},
-    {"llama-3.1-8b",     4096, 14336,  32,  8, 128, 128256,    32, false},
+    // name             family     hidden  inter heads kv  dim   vocab layers  tied   features
+    {"tiny-gqa",         "llama",      256,   512,   4,  2,  64,    512,    2, false, kPlain},
+    {"tiny-d128",        "llama",      256,   768,   2,  1, 128,   1024,    2, true,  kPlain},
+    {"tiny-qk-norm",     "qwen3",      256,   512,   4,  2, 128,   1000,    2, false, kQkNorm},
+    {"tiny-bias",        "qwen2",      192,   384,   6,  2,  64,   1003,    2, true,  kQkvBias},
+    {"llama-3.2-1b",     "llama",     2048,  8192,  32,  8,  64, 128256,   16, true,  kPlain},
+    {"llama-3.2-3b",     "llama",     3072,  8192,  24,  8, 128, 128256,   28, true,  kPlain},
+    {"llama-3.1-8b",     "llama",     4096, 14336,  32,  8, 128, 128256,   32, false, kPlain},
+    {"mistral-7b-v0.3",  "mistral",   4096, 14336,  32,  8, 128,  32768,   32, false, kPlain},
+    {"qwen3-0.6b",       "qwen3",     1024,  3072,  16,  8, 128, 151936,   28, true,  kQkNorm},
+    {"qwen3-1.7b",       "qwen3",     2048,  6144,  16,  8, 128, 151936,   28, true,  kQkNorm},
+    {"qwen3-4b",         "qwen3",     2560,  9728,  32,  8, 128, 151936,   36, true,  kQkNorm},
+    {"qwen3-8b",         "qwen3",     4096, 12288,  32,  8, 128, 151936,   36, false, kQkNorm},
+    {"qwen2.5-1.5b",     "qwen2",     1536,  8960,  12,  2, 128, 151936,   28, true,  kQkvBias},
+    {"qwen2.5-3b",       "qwen2",     2048, 11008,  16,  2, 128, 151936,   36, true,  kQkvBias},
+    {"qwen2.5-7b",       "qwen2",     3584, 18944,  28,  4, 128, 152064,   28, false, kQkvBias},
 };
 inline constexpr int kNumConfigs = int(sizeof(kCompiledConfigs) / sizeof(kCompiledConfigs[0]));
 
@@ -51,7 +75,10 @@ struct ModelTraits {
   static constexpr int kHeads = kDims.heads;
   static constexpr int kKvHeads = kDims.kv_heads;
   static constexpr int kHeadDim = kDims.head_dim;
-  static constexpr int kVocab = kDims.vocab;
+  static constexpr int kVocab = kDims.vocab;              // logits per row
+  static constexpr int kPaddedVocab = kDims.padded_vocab();  // LM-head rows
+  static constexpr bool kQkvBias = kDims.has(Feature::kQkvBias);
+  static constexpr bool kQkNorm = kDims.has(Feature::kQkNorm);
   static constexpr int kGroup = kHeads / kKvHeads;  // q heads per kv head (GQA)
   static constexpr int kQRows = kDims.q_rows();
   static constexpr int kKvRows = kDims.kv_rows();
@@ -64,7 +91,6 @@ struct ModelTraits {
   static_assert(kHidden % kRowBlock == 0 && kHidden % kKBlock == 0, "hidden must divide the 16x16 fragment");
   static_assert(kIntermediate % 8 == 0 && kIntermediate % kKBlock == 0, "a 16-row block holds 8 gate and 8 up rows");
   static_assert(kQRows % kKBlock == 0, "attention output feeds the O projection in 16-wide k blocks");
-  static_assert(kVocab % kRowBlock == 0, "vocab must be a multiple of 16 (pad the LM head)");
 };
 
 }  // namespace flashformer

@@ -89,4 +89,21 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
   c.sync();  // the fragments are complete before any warp loads them
 }
 
+// The per-head RMSNorm of q and k (kQkNorm): the qkv op's epilogue leaves, for each 16-row
+// block of a q or k head (heads numbered q first, then k) and batch row, the sum of squares of
+// its rows; whoever reads the head (attention) sums them into the head's scale. A head's blocks
+// run on any SMs, so the scale comes after the op's signal, not in its epilogue.
+template <class T>
+__device__ float* head_sq_of(const MegakernelParams& p, int b, int head) {
+  return p.scratch.qk_sq + (int64_t(b) * (T::kHeads + T::kKvHeads) + head) * (T::kHeadDim / kRowBlock);
+}
+template <class T>
+__device__ float head_rms_scale(const MegakernelParams& p, int b, int head) {
+  const float* part = head_sq_of<T>(p, b, head);
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < T::kHeadDim / kRowBlock; ++j) sum += __ldcg(part + j);
+  return rsqrtf(sum / T::kHeadDim + p.rms_eps);
+}
+
 }  // namespace flashformer

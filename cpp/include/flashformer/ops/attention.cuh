@@ -1,7 +1,9 @@
 // Split-KV flash-decoding attention. Units are (kv head, sequence chunk) pairs; the number of
 // chunks follows this step's longest context and batch. The past positions' K and V do not
 // depend on this step, so the producer streams them through the weight ring (KV stages) before
-// the qkv op is done; only the current position's K and V, and q, are read after the wait.
+// the qkv op is done; only the current position's K and V, and q, are read after the wait. With
+// q/k norm (kQkNorm) this op applies the heads' RMSNorm scales to q and to the current k, and
+// appends that k to the KV cache (qkv.cuh).
 // Inside a unit the batch rows run on separate warps. With one chunk, its unit writes the O
 // projection's B fragments and signals the op itself; with more, each unit writes partial
 // (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
@@ -17,6 +19,7 @@
 #include <type_traits>
 
 #include "flashformer/context.cuh"
+#include "flashformer/rmsnorm.cuh"
 #include "flashformer/sync.cuh"
 #include "flashformer/weight_layout.cuh"
 #endif
@@ -32,7 +35,8 @@ struct AttentionKernel {
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
   // stage's middle) their values.
-  static constexpr int kStagePositions = kStageBytes / 2 / (D * 2);
+  static constexpr int kStagePositions = attn_stage_positions(D);
+  static constexpr int kWarpFloats = attn_warp_floats(T::kDims);  // a consumer warp's slot (kernel_config.hpp)
 
   // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
   // (shared memory): before each row's current position, whose K and V the qkv op writes this
@@ -108,17 +112,18 @@ struct AttentionKernel {
   }
 
   // q heads rounded up to a power of two: the stride of the weights in the scoring scratch.
-  static constexpr int kHeadSlots = G <= 1 ? 1 : G <= 2 ? 2 : G <= 4 ? 4 : 8;
+  static constexpr int kHeadSlots = attn_head_slots(G);
   // Scores run on the tensor cores (mma.m16n8k16): rows are the G q heads (of 16), columns 8
   // positions (one tile), the reduction the head dims, in chunks of 32 (two k-steps).
   static constexpr int kChunks = D / 32;
   static_assert(G <= 8 && D % 32 == 0, "scores map the q heads onto the mma's rows, head_dim onto 32-dim chunks");
-  // A warp's scoring scratch is its partial slot (written only after its last stage): the
-  // stage's rescale factors (kHeadSlots floats), then its weights [kStagePositions][kHeadSlots];
+  // A warp's scoring scratch is its slot (the partials are written only after its last stage):
+  // the stage's rescale factors (kHeadSlots floats), then its weights [kStagePositions][kHeadSlots];
   // for the current position, its K and V rows from kCurrentRows floats on.
   static constexpr int kCurrentRows = 2 * kHeadSlots < 8 ? 8 : 2 * kHeadSlots;
-  static_assert(kHeadSlots * (1 + kStagePositions) <= G * kPartStride && kCurrentRows + D <= G * kPartStride,
-                "the scoring scratch fits in the warp's partial slot");
+  static_assert(kHeadSlots * (1 + kStagePositions) <= kWarpFloats && kCurrentRows + D <= kWarpFloats &&
+                    G * kPartStride <= kWarpFloats,
+                "the scoring scratch and the partials fit in the warp's slot");
 
   // One warp's online-softmax state for the G q heads of its kv head and batch row.
   struct WarpState {
@@ -129,7 +134,9 @@ struct AttentionKernel {
     float o[G][kDimsPerLane];  // every head's o at dims lane * kDimsPerLane.. (CUDA cores)
     float m, l;                // head lane / 4: its running max, and this lane's share of the sum
 
-    __device__ void start(const float* q_heads, int lane) {  // q_heads: the G heads of this kv head, [G][D] fp32
+    // q_heads: the G heads of this kv head, [G][D] fp32; scale: head lane / 4's factor (its
+    // RMSNorm scale with q/k norm, else 1).
+    __device__ void start(const float* q_heads, float scale, int lane) {
       const int g = lane / 4, t = lane % 4;
 #pragma unroll
       for (int ch = 0; ch < kChunks; ++ch) {
@@ -138,7 +145,8 @@ struct AttentionKernel {
           const float4* src = reinterpret_cast<const float4*>(q_heads + g * D + 32 * ch + 8 * t);
           lo = __ldcg(src), hi = __ldcg(src + 1);
         }
-        qa[ch][0] = pack(lo.x, lo.y), qa[ch][1] = pack(lo.z, lo.w), qa[ch][2] = pack(hi.x, hi.y), qa[ch][3] = pack(hi.z, hi.w);
+        qa[ch][0] = pack(scale * lo.x, scale * lo.y), qa[ch][1] = pack(scale * lo.z, scale * lo.w);
+        qa[ch][2] = pack(scale * hi.x, scale * hi.y), qa[ch][3] = pack(scale * hi.z, scale * hi.w);
       }
 #pragma unroll
       for (int h = 0; h < G; ++h)
@@ -239,6 +247,25 @@ struct AttentionKernel {
     }
   };
 
+  // This lane's dims of the current position's key (row b, kv head `kv_head`). With q/k norm the
+  // qkv op left it in scratch without its head's RMSNorm scale: scaled here, it is also appended
+  // to the KV cache (by the one warp that takes the current position of this row and kv head).
+  __device__ static RawRow current_key(const MegakernelParams& p, int layer, int b, int kv_head, int pos, int lane) {
+    RawRow* cached = reinterpret_cast<RawRow*>(p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, pos)) + lane;
+    if constexpr (!T::kQkNorm) {
+      return __ldcg(cached);
+    } else {
+      const float scale = head_rms_scale<T>(p, b, T::kHeads + kv_head);
+      const float* k = p.scratch.k_new + (int64_t(b) * T::kKvHeads + kv_head) * D + lane * kDimsPerLane;
+      RawRow out;
+      __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane / 2; ++i) h[i] = __floats2bfloat162_rn(scale * __ldcg(k + 2 * i), scale * __ldcg(k + 2 * i + 1));
+      *cached = out;
+      return out;
+    }
+  }
+
   // This warp's partial over row (b0 + warp / per_row)'s positions of the chunk [c0, c1), into its
   // slot (o, m, l per q head): the row's KV stages go round-robin to its per_row warps, and the
   // current position (from global memory: written by this step's qkv op) to the next warp in
@@ -249,15 +276,19 @@ struct AttentionKernel {
     const MegakernelParams& p = c.p;
     const int r = c.warp / per_row, first = c.warp % per_row, b = b0 + r;
     const bool mine = r < rows;
-    float* slots = c.attn + c.warp * G * kPartStride;  // also the scoring scratch until the end
+    float* slots = c.attn + c.warp * kWarpFloats;  // also the scoring scratch until the end
     WarpState st;
-    if (mine) st.start(p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G) * D, c.lane);
+    if (mine) {
+      const int head = kv_head * G + min(c.lane / 4, G - 1);  // (lanes past the G heads load nothing)
+      st.start(p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G) * D, T::kQkNorm ? head_rms_scale<T>(p, b, head) : 1.f,
+               c.lane);
+    }
     // The current position: its loads go out now, its scores after the stages.
     const int pos = mine ? c.shape->positions[b] : -1;
     const bool current = c0 <= pos && pos < c1 && stages_of(c0, mine ? c.kv_ends[r] : 0) % per_row == first;
     RawRow cur_k, cur_v;
     if (current) {
-      cur_k = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 0, b, kv_head, pos)) + c.lane);
+      cur_k = current_key(p, layer, b, kv_head, pos, c.lane);
       cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
     }
     const bool ok = for_each_kv_stage(c.kv_ends, c0, rows, [&](int row, int at, int n) {
@@ -306,14 +337,14 @@ struct AttentionKernel {
         c.sync();  // every warp's partial is in scratch
         for (int j = c.tid; j < rows * G * D; j += kConsumerThreads) {
           const int row = j / (G * D), h = (j / D) % G, d = j % D, b = b0 + row;
-          const float* slots = c.attn + row * per_row * G * kPartStride;
+          const float* slots = c.attn + row * per_row * kWarpFloats;
           float m_max = -FLT_MAX, o = 0.f, l = 0.f;
           for (int w = 0; w < per_row; ++w) {
-            const float* src = slots + (w * G + h) * kPartStride;
+            const float* src = slots + w * kWarpFloats + h * kPartStride;
             if (src[D + 1] != 0.f) m_max = fmaxf(m_max, src[D]);
           }
           for (int w = 0; w < per_row; ++w) {
-            const float* src = slots + (w * G + h) * kPartStride;
+            const float* src = slots + w * kWarpFloats + h * kPartStride;
             const float s = rescale(src[D], src[D + 1], m_max);
             o += s * src[d], l += s * src[D + 1];
           }

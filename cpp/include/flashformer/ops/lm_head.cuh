@@ -1,5 +1,6 @@
 // Final RMSNorm + LM head with a fused arg-max: logits optionally written out, each CTA reduces
-// its rows to a (value, index) per batch row, and the last CTA to finish picks the winner. A
+// its rows to a (value, index) per batch row, and the last CTA to finish picks the winner. The
+// LM head's zero rows past the vocabulary (padded_vocab) are multiplied but never logits. A
 // non-finite logit anywhere in a row fails the step (StepError::kNonFiniteLogits) instead of
 // emitting a token.
 #pragma once
@@ -41,6 +42,7 @@ struct LmHeadEpilogue {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = rb * kRowBlock + g + 8 * h;
+        if (T::kPaddedVocab != T::kVocab && row >= T::kVocab) continue;  // a padding row: not a logit
         const float v = acc[2 * h + q];
         if (c.p.logits) c.p.logits[int64_t(n) * T::kVocab + row] = v;
         finite[q] &= isfinite(v);
@@ -79,7 +81,7 @@ struct LmHeadOp : OpDefaults {
   static constexpr const char* kName = "lm_head";
   static constexpr Scope kScope = Scope::kOnceLast;
   static constexpr Signal kSignal = Signal::kItself;  // its last CTA reduces the arg-max, nothing waits after it
-  static constexpr int units(const ModelDims& d, int) { return d.vocab / kRowBlock; }
+  static constexpr int units(const ModelDims& d, int) { return d.padded_vocab() / kRowBlock; }
   static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
 
 #ifdef __CUDACC__

@@ -1,5 +1,8 @@
-// RMSNorm + QKV projection + RoPE + KV-cache append. Packed rows keep each RoPE pair (d, d+D/2)
-// in rows g and g+8 of one block, so the rotation happens in the accumulator registers.
+// RMSNorm + QKV projection (+ biases) + RoPE + KV-cache append. Packed rows keep each RoPE pair
+// (d, d+D/2) in rows g and g+8 of one block, so the rotation happens in the accumulator
+// registers. With q/k norm (kQkNorm) the head's RMSNorm scale needs all of its row blocks, which
+// run on several SMs: this op leaves the rest of the norm to attention (rmsnorm.cuh's
+// head_rms_scale), which also appends the normed k to the cache.
 #pragma once
 
 #include "flashformer/op.hpp"
@@ -13,10 +16,13 @@ namespace flashformer {
 template <class T>
 struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
+  static constexpr int kNormedHeads = T::kHeads + T::kKvHeads;  // q and k heads (kQkNorm)
   Consumer<T>& c;
   int layer;
   int pos[2] = {0, 0};  // warp 0 (the epilogue's warp): positions of this lane's batch columns 2t, 2t+1
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
+  float bias[2] = {0.f, 0.f};     // kQkvBias: the biases of rows g and g+8 (dims i and i + D/2)
+  float norm_w[2] = {1.f, 1.f};   // kQkNorm: the q or k norm's weights of dims i and i + D/2
   __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
     if (c.warp != 0) return;
 #pragma unroll
@@ -26,10 +32,20 @@ struct QkvEpilogue {
   __device__ static int freq(int rb, int g) { return 8 * ((rb * kRowBlock % D) / kRowBlock) + g; }  // < D/2
 
   __device__ void prefetch(int rb) {
-    const int i = freq(rb, c.lane / 4);
+    const int i = freq(rb, c.lane / 4), head = rb * kRowBlock / D;
 #pragma unroll
     for (int q = 0; q < 2; ++q)
       cs[q] = c.p.rope_cos[int64_t(pos[q]) * (D / 2) + i], sn[q] = c.p.rope_sin[int64_t(pos[q]) * (D / 2) + i];
+    const LayerWeights& w = c.p.layers[layer];
+    if constexpr (T::kQkvBias) {  // rows in the checkpoint's order: head by head, dims in order
+      const bf16_t* b = w.qkv_bias + head * D + i;
+      bias[0] = __bfloat162float(b[0]), bias[1] = __bfloat162float(b[D / 2]);
+    }
+    if constexpr (T::kQkNorm)
+      if (head < kNormedHeads) {
+        const bf16_t* nw = (head < T::kHeads ? w.q_norm : w.k_norm) + i;
+        norm_w[0] = __bfloat162float(nw[0]), norm_w[1] = __bfloat162float(nw[D / 2]);
+      }
   }
 
   __device__ void row_block(int rb, const AccTile& acc) {
@@ -39,26 +55,50 @@ struct QkvEpilogue {
     const int i = freq(rb, g);            // RoPE frequency index
     // q is pre-scaled so attention can use exp2: softmax(s) = exp2(s * log2(e)) / ...
     const float q_scale = 1.4426950408889634f * rsqrtf(float(D));
+    float sq[2] = {0.f, 0.f};  // kQkNorm: this lane's share of the row block's sum of squares
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int n = 2 * t + q;
       if (n >= p.batch) continue;
-      const float lo = acc[q], hi = acc[2 + q];  // dims i and i + D/2
+      float lo = acc[q] + bias[0], hi = acc[2 + q] + bias[1];  // dims i and i + D/2
+      if (T::kQkNorm && head < kNormedHeads) {
+        // RMSNorm then RoPE = its scale (a scalar per head, applied by attention) times RoPE of
+        // the weighted rows: the rotation is linear, so the scale can come last.
+        sq[q] = lo * lo + hi * hi;
+        lo *= norm_w[0], hi *= norm_w[1];
+      }
       const float rlo = lo * cs[q] - hi * sn[q], rhi = hi * cs[q] + lo * sn[q];
       if (head < T::kHeads) {
         float* qn = p.scratch.q + (int64_t(n) * T::kHeads + head) * D;
         qn[i] = rlo * q_scale;
         qn[i + D / 2] = rhi * q_scale;
-      } else if (head < T::kHeads + T::kKvHeads) {
-        bf16_t* k = p.kv_cache + kv_index<T>(p, layer, 0, n, head - T::kHeads, pos[q]);
-        k[i] = __float2bfloat16(rlo);
-        k[i + D / 2] = __float2bfloat16(rhi);
+      } else if (head < kNormedHeads) {
+        if constexpr (T::kQkNorm) {  // not yet normed: attention scales it into the cache
+          float* k = p.scratch.k_new + (int64_t(n) * T::kKvHeads + head - T::kHeads) * D;
+          k[i] = rlo;
+          k[i + D / 2] = rhi;
+        } else {
+          bf16_t* k = p.kv_cache + kv_index<T>(p, layer, 0, n, head - T::kHeads, pos[q]);
+          k[i] = __float2bfloat16(rlo);
+          k[i + D / 2] = __float2bfloat16(rhi);
+        }
       } else {
-        bf16_t* v = p.kv_cache + kv_index<T>(p, layer, 1, n, head - T::kHeads - T::kKvHeads, pos[q]);
+        bf16_t* v = p.kv_cache + kv_index<T>(p, layer, 1, n, head - kNormedHeads, pos[q]);
         v[i] = __float2bfloat16(lo);
         v[i + D / 2] = __float2bfloat16(hi);
       }
     }
+    if constexpr (T::kQkNorm)
+      if (head < kNormedHeads) {  // (uniform over the warp: every lane shuffles)
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+          for (int off = 4; off < kWarpSize; off *= 2) sq[q] += __shfl_xor_sync(0xffffffffu, sq[q], off);
+        if (g == 0)
+#pragma unroll
+          for (int q = 0; q < 2; ++q)
+            if (2 * t + q < p.batch) head_sq_of<T>(p, 2 * t + q, head)[rb % (D / kRowBlock)] = sq[q];
+      }
   }
   __device__ void finish() {}
 };
