@@ -60,7 +60,8 @@ struct QkvEpilogue {
     for (int q = 0; q < 2; ++q) {
       const int n = 2 * t + q;
       if (n >= p.batch) continue;
-      float lo = acc[q] + bias[0], hi = acc[2 + q] + bias[1];  // dims i and i + D/2
+      float lo = acc[q], hi = acc[2 + q];  // dims i and i + D/2
+      if constexpr (T::kQkvBias) lo += bias[0], hi += bias[1];
       if (T::kQkNorm && head < kNormedHeads) {
         // RMSNorm then RoPE = its scale (a scalar per head, applied by attention) times RoPE of
         // the weighted rows: the rotation is linear, so the scale can come last.
