@@ -380,3 +380,27 @@ def test_measurement_settings_need_the_instrumented_build():
     mk.engine.timing_variant = 0  # the refused step launched nothing: the next one runs clean
     assert torch.isfinite(mk.decode(torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda"))).all()
     mk.synchronize()
+
+
+@pytest.mark.gpu
+@gpu
+def test_prefills_fused_kernels_round_as_the_reference_does():
+    """The megakernel backend's prefill fuses the reference's RMSNorm and silu(gate) * up: the
+    same values, to one bf16 ulp (the fp32 sums may add in another order)."""
+    from flashformer.reference import rms_norm
+
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    model = megakernel(spec, weights, 1, 16).prefill_model
+    x = torch.randn(3, 37, spec.hidden_size, device="cuda").bfloat16()
+    w = (1 + 0.1 * torch.randn(spec.hidden_size, device="cuda")).bfloat16()
+    fused, ref = model.norm(x, w), rms_norm(x, w, spec.rms_norm_eps)
+    ulp = ref.float().abs().clamp(min=1e-30) * 2**-7
+    assert fused.shape == ref.shape and ((fused.float() - ref.float()).abs() <= ulp).all()
+    assert (fused == ref).float().mean() > 0.99
+    gate_up = (3 * torch.randn(5, 2 * spec.intermediate_size, device="cuda")).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    fused, ref = model.activation(gate_up), torch.nn.functional.silu(gate) * up
+    ulp = ref.float().abs().clamp(min=1e-30) * 2**-7
+    assert fused.shape == ref.shape and ((fused.float() - ref.float()).abs() <= ulp).all()
+    assert (fused == ref).float().mean() > 0.99

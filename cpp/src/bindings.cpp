@@ -143,6 +143,23 @@ PYBIND11_MODULE(_C, m) {
       py::arg("order_param") = 0, py::arg("stream") = 0,
       "The inverse of pack_weight: a fragment-ordered bf16 matrix (device pointers) back to row-major.");
   m.def(
+      "rms_norm_rows",
+      [](std::uintptr_t x, std::uintptr_t weight, std::uintptr_t y, int64_t rows, int64_t n, float eps,
+         std::uintptr_t stream) {
+        rms_norm_rows(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(weight),
+                      reinterpret_cast<void*>(y), rows, n, eps, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("stream") = 0,
+      "Fused RMSNorm of bf16 rows (device pointers) with the reference decoder's roundings (prefill).");
+  m.def(
+      "silu_mul_rows",
+      [](std::uintptr_t gate_up, std::uintptr_t out, int64_t rows, int64_t intermediate, std::uintptr_t stream) {
+        silu_mul_rows(reinterpret_cast<const void*>(gate_up), reinterpret_cast<void*>(out), rows, intermediate,
+                      reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("intermediate"), py::arg("stream") = 0,
+      "silu(gate) * up of bf16 [rows, gate | up] rows (device pointers), rounded as the reference does (prefill).");
+  m.def(
       "fragment_sources",
       [](int64_t rows, int64_t cols, int row_order, int64_t order_param) {
         const std::string problem = pack_shape_problem(rows, cols, row_order, order_param);

@@ -47,7 +47,8 @@ def _check(w: torch.Tensor, order: int, param: int) -> None:
         raise ValueError(problem)
 
 
-def _stream(device: torch.device) -> int:
+def cuda_stream(device: torch.device) -> int:
+    """The handle of torch's current stream on `device` (what the compiled core's launchers take)."""
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -57,7 +58,7 @@ def pack(w: torch.Tensor, order: int, param: int = 0) -> torch.Tensor:
     w = w.contiguous()
     out = torch.empty_like(w)
     if w.is_cuda and w.dtype == torch.bfloat16:
-        _core.load().pack_weight(w.data_ptr(), out.data_ptr(), *w.shape, order, param, _stream(w.device))
+        _core.load().pack_weight(w.data_ptr(), out.data_ptr(), *w.shape, order, param, cuda_stream(w.device))
         return out
     shape, perm = _split(*w.shape, order, param)
     out.view(-1).copy_(w.view(shape).permute(perm).reshape(-1))
@@ -72,7 +73,7 @@ def unpack(packed: torch.Tensor, order: int, param: int = 0, out: torch.Tensor |
     if out.shape != packed.shape or not out.is_contiguous() or out.dtype != packed.dtype:
         raise ValueError(f"unpack: out must be a contiguous {tuple(packed.shape)} {packed.dtype} tensor")
     if packed.is_cuda and packed.dtype == torch.bfloat16:
-        _core.load().unpack_weight(packed.data_ptr(), out.data_ptr(), *packed.shape, order, param, _stream(packed.device))
+        _core.load().unpack_weight(packed.data_ptr(), out.data_ptr(), *packed.shape, order, param, cuda_stream(packed.device))
         return out
     shape, perm = _split(*packed.shape, order, param)
     packed_shape = [shape[i] for i in perm]

@@ -138,7 +138,6 @@ class Transformer:
         position only (what a prefill needs)."""
         self.check_layout()  # (a backend may have reordered them since this decoder was made)
         dtype = self.cache.kv.dtype
-        eps = self.spec.rms_norm_eps
         xs, views = [], []
         for tokens, start, row0 in segments:
             B, T = tokens.shape
@@ -154,10 +153,19 @@ class Transformer:
             for s, (rows, length, positions, cos, sin, mask) in enumerate(views):
                 cache = self.cache.kv[i, :, rows, :, :length]  # (2, B, kv_heads, length, D)
                 x = xs[s]
-                h = self._attention(layer, rms_norm(x, layer.attn_norm, eps), cache, positions, cos, sin, mask, last)
+                h = self._attention(layer, self.norm(x, layer.attn_norm), cache, positions, cos, sin, mask, last)
                 x = (x[:, -1:] if last else x) + h
-                xs[s] = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
-        return [rms_norm(x, self.weights.final_norm, eps) for x in xs]
+                xs[s] = x + self._mlp(layer, self.norm(x, layer.mlp_norm))
+        return [self.norm(x, self.weights.final_norm) for x in xs]
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of the hidden states x [..., hidden] (a subclass may fuse it: same roundings)."""
+        return rms_norm(x, weight, self.spec.rms_norm_eps)
+
+    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the MLP's [..., gate | up] (a subclass may fuse it: same roundings)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask, last_only=False) -> torch.Tensor:
         """Appends the K and V of every position of x to the cache; the output of every position,
@@ -174,8 +182,7 @@ class Transformer:
         rows = torch.arange(B, device=x.device)[:, None]
         cache[0, rows, :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, D) into the cache
         cache[1, rows, :, positions] = v.view(B, T, spec.num_kv_heads, spec.head_dim)
-        group = spec.num_heads // spec.num_kv_heads
-        keys, values = cache[0].repeat_interleave(group, dim=1), cache[1].repeat_interleave(group, dim=1)
+        keys, values = cache[0], cache[1]  # (kv heads: SDPA's enable_gqa shares each among its q heads)
         length = cache.shape[3]
         if last_only:  # each row's last position (one row: the last of the cache, which sees all of it)
             q, T, attn = q[:, :, -1:], 1, dict(attn_mask=mask[:, None, -1:] if B > 1 else None)
@@ -183,12 +190,12 @@ class Transformer:
             attn = dict(is_causal=True)
         else:
             attn = dict(attn_mask=mask[:, None])
-        out = F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, **attn)
+        gqa = spec.num_heads != spec.num_kv_heads
+        out = F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, enable_gqa=gqa, **attn)
         return F.linear(out.transpose(1, 2).reshape(B, T, spec.q_size), layer.wo, layer.bo)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        return F.linear(self.activation(F.linear(x, layer.w_gate_up, layer.b_gate_up)), layer.w_down, layer.b_down)
 
 
 class ReferenceBackend:

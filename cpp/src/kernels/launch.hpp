@@ -24,4 +24,11 @@ void pack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row
 void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
                    cudaStream_t stream);
 
+// Prefill's fused elementwise ops (prefill.cu), bf16 on the device, with the reference decoder's
+// roundings: y [rows, n] = weight * bf16(x * rsqrt(mean(x^2) + eps)) (RMSNorm); out [rows, inter]
+// = bf16(silu(gate)) * up from gate_up [rows, gate | up] (the MLP's activation). Throw
+// std::invalid_argument on sizes they cannot take.
+void rms_norm_rows(const void* x, const void* weight, void* y, int64_t rows, int64_t n, float eps, cudaStream_t stream);
+void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t intermediate, cudaStream_t stream);
+
 }  // namespace flashformer
