@@ -291,9 +291,12 @@ class MegakernelBackend:
         another decoder on them; this backend cannot decode afterwards."""
         self.synchronize()
         unpack_in_place(self.weights, self.layer_weights)
-        self.weights.lm_head = self.weights.lm_head[: self.spec.vocab_size]  # (a view: without the padding rows)
-        if self.weights.tied:
-            self.weights.embed = self.weights.lm_head
+        w, vocab = self.weights, self.spec.vocab_size
+        if w.lm_head.shape[0] != vocab:  # without the padding rows (a view)
+            tied = w.tied
+            w.lm_head = w.lm_head[:vocab]
+            if tied:
+                w.embed = w.lm_head
         self.engine = None
         return self.weights
 
