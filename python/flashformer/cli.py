@@ -324,9 +324,14 @@ def _serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     name = args.served_model_name or Path(args.model_dir).resolve().name
-    engine = _engine(args, max_batch_size=args.max_batch_size)
-    serve.serve(engine, host=args.host, port=args.port, model_name=name, max_queue=args.max_queue,
-                log_level=args.log_level)
+    sock = serve.bind(args.host, args.port)  # a taken port fails before the model loads
+    with sock:
+        engine = _engine(args, max_batch_size=args.max_batch_size)
+        try:
+            serve.serve(engine, sock, model_name=name, max_queue=args.max_queue, log_level=args.log_level)
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT: a normal stop
+            pass
+    print(f"{PROG}: server stopped", file=sys.stderr)
     return 0
 
 

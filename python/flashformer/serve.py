@@ -56,6 +56,7 @@ UNSUPPORTED = {
 }
 SEED_MODULUS = 2**64  # choice j of a seeded request with n > 1 samples with seed + j (mod this)
 SSE_DONE = "data: [DONE]\n\n"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before its answer (seen in /metrics only)
 
 
 class APIError(Exception):
@@ -209,13 +210,15 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise APIError(400, f'messages[{i}] must be {{"role": ..., "content": ...}} with a string role', "messages")
-        content = m.get("content")
+        if "content" not in m:
+            raise APIError(400, f"messages[{i}] has no content", "messages")
+        content = m["content"]
         if isinstance(content, list):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
             content = "".join(p["text"] for p in content)
-        elif content is None:
+        elif content is None and m["role"] == "assistant":  # (an assistant turn may have none)
             content = ""
         elif not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
@@ -318,6 +321,8 @@ class Server:
         if stream:
             return _sse(self.scheduler, job, include_usage, head, lambda d: choice(d.index, d.text, d.finish_reason))
         outputs = await _complete(request, self.scheduler, job)
+        if isinstance(outputs, Response):
+            return outputs
         return {**head, "choices": [choice(i, o.text, o.finish_reason) for i, o in enumerate(outputs)],
                 "usage": _usage(job, sum(len(o.token_ids) for o in outputs))}
 
@@ -345,6 +350,8 @@ class Server:
             return _sse(self.scheduler, job, include_usage, head,
                         lambda d: choice(d.index, {"content": d.text}, d.finish_reason), first)
         outputs = await _complete(request, self.scheduler, job)
+        if isinstance(outputs, Response):
+            return outputs
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
                     "finish_reason": o.finish_reason} for i, o in enumerate(outputs)]
         return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(job, sum(len(o.token_ids) for o in outputs))}
@@ -399,9 +406,9 @@ def _failure(exc: BaseException) -> APIError:
     return APIError(500, f"generation failed: {exc}", type="internal_server_error")
 
 
-async def _complete(request: Request, scheduler: Scheduler, job: _Job) -> list:
+async def _complete(request: Request, scheduler: Scheduler, job: _Job) -> list | JSONResponse:
     """Wait for every sequence of `job`; their RequestOutputs. A client that disconnects first
-    cancels them."""
+    cancels them (and the answer, which no one reads, is a 499)."""
     outputs: list = [None] * len(job.seqs)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -409,9 +416,10 @@ async def _complete(request: Request, scheduler: Scheduler, job: _Job) -> list:
         while left:
             get = asyncio.ensure_future(job.queue.get())
             done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
+            if get not in done:  # no one will read the answer
                 get.cancel()
-                raise asyncio.CancelledError("the client disconnected")
+                return JSONResponse(_error_body("the client disconnected", "client_closed_request"),
+                                    status_code=CLIENT_CLOSED_REQUEST)
             index, item = get.result()
             if isinstance(item, BaseException):
                 raise _failure(item)
@@ -508,10 +516,9 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = DEFAULT_MAX_
     return app
 
 
-def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_name: str,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
-    """Serve `engine` over HTTP until SIGINT or SIGTERM. Port 0 picks a free port; once the server
-    is ready, one line on stderr gives its address: `flashformer: serving NAME at http://HOST:PORT`."""
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A socket bound to host:port (port 0: a free one), for serve(); OSError naming the address
+    when it is taken (bind before loading the model: the error comes at once)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -520,8 +527,15 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, model_na
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    bound_host, bound_port = sock.getsockname()[:2]
-    url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    return sock
+
+
+def serve(engine: Engine, sock: socket.socket, *, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE,
+          log_level: str = "info") -> None:
+    """Serve `engine` on `sock` (bind()) until SIGINT or SIGTERM. Once the server is ready, one
+    line on stderr gives its address: `flashformer: serving NAME at http://HOST:PORT (...)`."""
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def ready():
         print(f"flashformer: serving {model_name} at {url} (backend {engine.backend.name}, max_batch_size "
