@@ -291,10 +291,9 @@ def test_the_openai_client_raises_its_own_errors(client):
         client.completions.create(model="tiny", prompt="x", temperature=-2)
 
 
-def test_serve_refuses_a_busy_port(path, server):
+def test_serve_refuses_a_busy_port_before_loading_the_model(tmp_path, server, capsys):
+    from flashformer.cli import main
+
     port = server.url.rsplit(":", 1)[1]
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))", "serve",
-         str(path), "--device", "cpu", "--port", port], capture_output=True, text=True, timeout=TIMEOUT)
-    assert result.returncode == 1
-    assert f"flashformer: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert main(["serve", str(tmp_path / "never-read"), "--port", port]) == 1
+    assert f"flashformer: error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
