@@ -314,7 +314,7 @@ def _serve(args) -> int:
         from . import serve
     except ImportError as exc:
         raise ImportError(
-            f"flashformer serve needs FastAPI, uvicorn and prometheus-client ({exc.name or exc} is missing): "
+            f"flashformer serve needs starlette, uvicorn and prometheus-client ({exc.name or exc} is missing): "
             "pip install 'flashformer[serve]'"
         ) from exc
     from pathlib import Path

@@ -1,6 +1,6 @@
 """`flashformer serve`: an OpenAI-compatible HTTP server over one Engine, with continuous batching.
 
-FastAPI on uvicorn, in one process: the request handlers run on the event loop and talk to the
+Starlette on uvicorn, in one process: the request handlers run on the event loop and talk to the
 `Scheduler` (scheduler.py), whose thread alone drives the engine, through its queue and each
 sequence's sink (`loop.call_soon_threadsafe` into an asyncio queue). Endpoints: GET /v1/models,
 POST /v1/completions and /v1/chat/completions (`stream: true` as server-sent events ending in
@@ -25,10 +25,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from .engine import Engine, StreamDelta
 from .sampling import SamplingParams
@@ -239,7 +242,7 @@ class _Job:
 
 
 class Server:
-    """The routes over one engine and its scheduler (`create_app` builds the FastAPI app)."""
+    """The endpoints over one engine and its scheduler (`create_app` routes them)."""
 
     def __init__(self, engine: Engine, model_name: str, max_queue: int):
         self.engine, self.model_name = engine, model_name
@@ -306,7 +309,7 @@ class Server:
 
     # -- endpoints --
 
-    async def completions(self, request: Request):
+    async def completions(self, request: Request) -> Response:
         body = await _body(request)
         stream, include_usage, n = self._check_common(body)
         prompts = [(name, self._tokenize(name, p)) for name, p in _prompts(body)]
@@ -323,10 +326,11 @@ class Server:
         outputs = await _complete(request, self.scheduler, job)
         if isinstance(outputs, Response):
             return outputs
-        return {**head, "choices": [choice(i, o.text, o.finish_reason) for i, o in enumerate(outputs)],
-                "usage": _usage(job, sum(len(o.token_ids) for o in outputs))}
+        choices = [choice(i, o.text, o.finish_reason) for i, o in enumerate(outputs)]
+        usage = _usage(job, sum(len(o.token_ids) for o in outputs))
+        return JSONResponse({**head, "choices": choices, "usage": usage})
 
-    async def chat(self, request: Request):
+    async def chat(self, request: Request) -> Response:
         body = await _body(request)
         stream, include_usage, n = self._check_common(body)
         if self.engine.tokenizer is None or self.engine.tokenizer.chat_template is None:
@@ -354,28 +358,30 @@ class Server:
             return outputs
         choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
                     "finish_reason": o.finish_reason} for i, o in enumerate(outputs)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(job, sum(len(o.token_ids) for o in outputs))}
+        usage = _usage(job, sum(len(o.token_ids) for o in outputs))
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 
-    def models(self) -> dict:
-        return {"object": "list", "data": [self._model_card()]}
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    def model(self, model_id: str) -> dict:
+    async def model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
         if model_id != self.model_name:
             raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
                            "model", code="model_not_found")
-        return self._model_card()
+        return JSONResponse(self._model_card())
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "flashformer",
                 "max_model_len": self.engine.max_seq_len}
 
-    def health(self):
+    async def health(self, request: Request) -> Response:
         if not self.scheduler.alive:
             return JSONResponse(_error_body("the scheduler is not running", "service_unavailable"), status_code=503)
         waiting, running = self.scheduler.counts()
-        return {"status": "ok", "running": running, "waiting": waiting}
+        return JSONResponse({"status": "ok", "running": running, "waiting": waiting})
 
-    def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -472,8 +478,8 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine: Engine, *, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE, ready=None) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`. Its scheduler runs from the app's startup
+def create_app(engine: Engine, *, model_name: str, max_queue: int = DEFAULT_MAX_QUEUE, ready=None) -> Starlette:
+    """The ASGI app serving `engine` as `model_name`. Its scheduler runs from the app's startup
     to its shutdown (and holds the engine meanwhile); `ready()` is called once it runs."""
     server = Server(engine, model_name, max_queue)
 
@@ -487,32 +493,34 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = DEFAULT_MAX_
         finally:
             server.scheduler.stop()
 
-    app = FastAPI(title="flashformer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = server
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat)
-    app.get("/v1/models")(server.models)
-    app.get("/v1/models/{model_id:path}")(server.model)
-    app.get("/health")(server.health)
-    app.get("/metrics")(server.prometheus)
-
-    @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return exc.response()
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, exc: StarletteHTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+    async def http_error(request, exc: HTTPException):  # no such route, or not that method
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(_error_body(message, kind), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request, exc: Exception):  # logged by uvicorn; the client gets one line
+    async def internal_error(request, exc: Exception):  # uvicorn logs the traceback; the client gets one line
         return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_server_error"),
                             status_code=500)
 
-    endpoints = {r.path for r in app.routes if hasattr(r, "path")}
-    app.add_middleware(_CountRequests, metrics=server.metrics, endpoints=endpoints)
+    routes = [
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", server.model, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+    ]
+    endpoints = {r.path for r in routes if "{" not in r.path}
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(_CountRequests, metrics=server.metrics, endpoints=endpoints)],
+        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
+    )
+    app.state.server = server
     return app
 
 
