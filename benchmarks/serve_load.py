@@ -263,14 +263,14 @@ def markdown(r: dict) -> str:
     verdict = "meets" if r["meets_target"] else "misses"
     lines += ["", f"Worst client: mean ITL {_f(r['worst_client_ratio_mean'], 3)}x the step ({verdict} the target).",
               "", f"## A request arriving while {r['arrival']['background_streams']} others decode", "",
-              f"Time to first token (prompt {r['prompt_len']} tokens): median {_f(r['arrival']['ttft_median_ms'], 1)} ms "
-              f"({', '.join(_f(t, 1) for t in r['arrival']['ttft_ms'])}); on an idle server "
-              f"{_f(r['arrival']['ttft_idle_median_ms'], 1)} ms."]
+              f"Time to first token (prompt {r['prompt_len']} tokens): median "
+              f"{_f(r['arrival']['ttft_median_ms'], 1)} ms ({', '.join(_f(t, 1) for t in r['arrival']['ttft_ms'])}); "
+              f"on an idle server {_f(r['arrival']['ttft_idle_median_ms'], 1)} ms."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="serve-load-results", help="output directory")
     p.add_argument("--model", default=None, help="a compiled shape name (default llama-3.1-8b; --quick: tiny-gqa)")
     p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients = the engine's batch slots")

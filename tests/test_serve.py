@@ -125,7 +125,8 @@ def test_chat_and_its_stream_agree(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
     # content as a list of text parts, and max_completion_tokens, as newer clients send them
-    parts = [{"role": "user", "content": [{"type": "text", "text": "how are "}, {"type": "text", "text": "you today?"}]}]
+    text_parts = [{"type": "text", "text": "how are "}, {"type": "text", "text": "you today?"}]
+    parts = [{"role": "user", "content": text_parts}]
     again = client.chat.completions.create(model="tiny", messages=messages[:1] + parts, max_completion_tokens=10,
                                            **GREEDY)
     assert again.choices[0].message.content == full.choices[0].message.content

@@ -349,7 +349,7 @@ def _add_serve(sub) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed at start)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="batch slots: sequences decoded together")
     parser.add_argument(
-        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="sequences that may wait for a slot; beyond them: HTTP 429"
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="sequences that may wait for a slot (beyond: HTTP 429)"
     )
     parser.add_argument(
         "--served-model-name", default=None, help="the model id clients name (default: the directory's name)"

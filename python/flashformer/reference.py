@@ -221,7 +221,9 @@ def prefill_logits(model: Transformer, prompts: list[torch.Tensor], rows: list[i
     last position's logits of each [B, vocab] fp32."""
     rows = range(len(prompts)) if rows is None else rows
     if len(rows) != len(prompts) or len(set(rows)) != len(rows):
-        raise ValueError(f"prefill: rows must name one distinct cache row per prompt, got {list(rows)} for {len(prompts)}")
+        raise ValueError(
+            f"prefill: rows must name one distinct cache row per prompt, got {list(rows)} for {len(prompts)} prompts"
+        )
     batch = model.kv_cache.shape[2]
     if any(not 0 <= r < batch for r in rows):
         raise ValueError(f"prefill: rows {list(rows)} outside the cache's {batch} rows")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import Callable
 
@@ -56,8 +56,7 @@ class Sequence:
     position: int = 0  # where `token` goes in the cache (its row: `slot`) at the next decode step
     token: int = 0  # the newest token, fed to the next decode step
     cancelled: bool = False
-    done: bool = False  # finished, failed or cancelled: its slot is freed at the next step
-    admitted_at: float | None = None
+    done: bool = False  # finished or failed: its slot is freed at the next step
 
 
 class Observer:
@@ -86,8 +85,7 @@ class _Step:
 
     seqs: list[Sequence]
     logits: torch.Tensor
-    batch: int = 0
-    launched: float = field(default_factory=perf_counter)
+    batch: int
 
 
 class Scheduler:
@@ -141,7 +139,8 @@ class Scheduler:
             free = sum(s is None for s in self.slots)
             if len(self.waiting) + len(seqs) > self.max_queue + free:
                 raise QueueFull(
-                    f"the server is at capacity: {len(self.slots)} sequences running and {len(self.waiting)} "
+                    f"the server is at capacity: {len(seqs)} more sequences do not fit beside the "
+                    f"{len(self.slots) - free} running (max_batch_size={len(self.slots)}) and the {len(self.waiting)} "
                     f"waiting (max_queue={self.max_queue}); retry later"
                 )
             for s in seqs:
@@ -189,6 +188,8 @@ class Scheduler:
         while True:
             admitted = self._between_steps(idle=inflight is None)
             if admitted is None:
+                if inflight is not None:  # leave the backend with no step unchecked
+                    getattr(self.engine.backend, "synchronize", lambda: None)()
                 return
             picked: list[tuple[Sequence, int]] = []
             if inflight is not None:
@@ -224,7 +225,7 @@ class Scheduler:
                 for i in range(len(self.slots)):
                     if self.slots[i] is None and self.waiting:
                         s = self.slots[i] = self.waiting.popleft()
-                        s.slot, s.admitted_at = i, now
+                        s.slot = i
                         admitted.append(s)
                         self.observer.admitted(s, now - s.request.start)
                 running = sum(s is not None for s in self.slots)
