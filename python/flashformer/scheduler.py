@@ -296,7 +296,9 @@ class Scheduler:
         """The next token of seqs[i] from row rows[i] of `logits`: the backend's fused arg-max
         (`fused`, per batch row) or the logits' arg-max for greedy sequences, the sampler for the
         others. With `check`, a sequence whose row is not finite fails (None in its place); the
-        argmax and the finiteness of every row come to the host in one transfer."""
+        argmax and the finiteness of every row come to the host in one transfer. (This is where
+        sampling on the device plugs in: one batched pick per step, with each row's logprobs for
+        the sinks, in place of the per-row sampler.)"""
         greedy = fused
         finite = None
         if check or (greedy is None and any(s.request.params.greedy for s in seqs)):
