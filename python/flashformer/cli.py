@@ -355,7 +355,10 @@ def _add_serve(sub) -> None:
         "--served-model-name", default=None, help="the model id clients name (default: the directory's name)"
     )
     parser.add_argument(
-        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="uvicorn's"
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (each request is logged at debug)",
     )
     parser.set_defaults(run=_serve)
 
