@@ -226,7 +226,7 @@ def prefill_logits(model: Transformer, prompts: list[torch.Tensor], rows: list[i
         )
     batch = model.kv_cache.shape[2]
     if any(not 0 <= r < batch for r in rows):
-        raise ValueError(f"prefill: rows {list(rows)} outside the cache's {batch} rows")
+        raise ValueError(f"prefill: rows {list(rows)} must be cache rows, 0..{batch - 1}")
     start = torch.zeros(1, dtype=torch.long, device=model.kv_cache.device)
     hidden = model.forward_segments([(p[None], start, r) for r, p in zip(rows, prompts)], last_only=True)
     return model.logits(torch.cat([h[:, -1] for h in hidden]))
