@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -245,3 +246,39 @@ def test_greedy_rows_take_a_backends_fused_argmax(engine, monkeypatch):
     # greedy row: the first token from the prefill logits, then the fused picks
     assert out[0].token_ids == plain[0].token_ids[:1] + [7, 7, 7]
     assert out[1].token_ids == plain[1].token_ids  # the seeded sampled row never used them
+
+
+def test_generate_from_two_threads_is_serialized(engine):
+    """Concurrent calls on one Engine take turns (they would otherwise decode over each other's
+    cache rows): each thread gets what it gets alone."""
+    prompts = [random_prompt(n) for n in (3, 9, 5, 12)]
+    alone = [engine.generate(prompt_token_ids=[p], sampling=GREEDY)[0].token_ids for p in prompts]
+    results: dict[int, list] = {}
+
+    def work(i):
+        results[i] = [engine.generate(prompt_token_ids=[p], sampling=GREEDY)[0].token_ids for p in prompts[i::2]]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == {0: alone[0::2], 1: alone[1::2]}
+
+
+def test_interleaved_streams_are_refused_not_mixed(engine):
+    a, b = random_prompt(4), random_prompt(7)
+    expected = engine.generate(prompt_token_ids=[a], sampling=GREEDY)[0].token_ids
+    first = engine.stream(prompt_token_ids=[a], sampling=GREEDY)
+    tokens = next(first).token_ids
+    second = engine.stream(prompt_token_ids=[b], sampling=GREEDY)  # validated, not started
+    with pytest.raises(RuntimeError, match="already running a generate/stream in this thread .*close"):
+        next(second)
+    with pytest.raises(RuntimeError, match="already running"):
+        engine.generate(prompt_token_ids=[b], sampling=GREEDY)
+    assert tokens + [t for d in first for t in d.token_ids] == expected  # the first stream was not disturbed
+    third = engine.stream(prompt_token_ids=[b], sampling=GREEDY)
+    next(third)
+    third.close()  # a closed stream hands the engine back
+    assert engine.generate(prompt_token_ids=[a], sampling=GREEDY)[0].token_ids == expected

@@ -86,6 +86,27 @@ def test_ragged_batch_equals_batch_1(case):
         assert max_rel_err(logits, alone) <= 1e-5
 
 
+def test_prefill_into_chosen_rows_leaves_the_others(case):
+    """prefill(prompts, rows=...) writes only those rows: a row mid-decode keeps its cache and
+    decodes on as if alone, while another prompt starts in a free row."""
+    _, _, engine, _ = case
+    backend = engine.backend
+    a, b = random_prompt(11), random_prompt(6)
+    alone_b = backend.prefill([torch.tensor(b)])[0]
+    alone_a = decode_logits(backend, [a], [[7]])[0]
+    backend.prefill([torch.tensor(a)])  # row 0 holds a
+    rows_before = backend.kv_cache[:, :, [0, 1]].clone()
+    logits_b = backend.prefill([torch.tensor(b)], rows=[2])[0]
+    assert torch.equal(backend.kv_cache[:, :, [0, 1]], rows_before)
+    assert max_rel_err(logits_b, alone_b) <= 1e-5
+    step = backend.decode(torch.tensor([7, 0, 3]), torch.tensor([len(a), 0, len(b)]))
+    assert max_rel_err(step[0], alone_a[1]) <= 1e-5
+    with pytest.raises(ValueError, match="one distinct cache row per prompt"):
+        backend.prefill([torch.tensor(a), torch.tensor(b)], rows=[1, 1])
+    with pytest.raises(ValueError, match=r"rows \[3\] must be cache rows, 0..2"):
+        backend.prefill([torch.tensor(a)], rows=[3])
+
+
 def hf_layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [batch, kv_heads, seq, head_dim] of one layer of an HF cache, any version."""
     if hasattr(cache, "layers"):

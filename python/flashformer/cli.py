@@ -1,5 +1,5 @@
-"""The `flashformer` command: `flashformer generate MODEL_DIR -p ...`, `flashformer chat MODEL_DIR` and
-`flashformer bench` (bench.py).
+"""The `flashformer` command: `flashformer generate MODEL_DIR -p ...`, `flashformer chat MODEL_DIR`,
+`flashformer serve MODEL_DIR` (serve.py) and `flashformer bench` (bench.py).
 
 Each subcommand is registered by an `_add_<name>` function that sets its handler with
 `set_defaults(run=...)`; a new subcommand is one more such function in `build_parser`. Building
@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict
 
 from . import __version__
-from .validate import BACKENDS, DTYPE_NAMES
+from .validate import BACKENDS, DEFAULT_MAX_QUEUE, DTYPE_NAMES
 
 PROG = "flashformer"
 INTERRUPTED = 130  # the exit status of a command ended by SIGINT, as shells report it
@@ -309,6 +309,60 @@ def _add_chat(sub) -> None:
     parser.set_defaults(run=_chat)
 
 
+def _serve(args) -> int:
+    try:
+        from . import serve
+    except ImportError as exc:
+        raise ImportError(
+            f"flashformer serve needs starlette, uvicorn and prometheus-client ({exc.name or exc} is missing): "
+            "pip install 'flashformer[serve]'"
+        ) from exc
+    from pathlib import Path
+
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    name = args.served_model_name or Path(args.model_dir).resolve().name
+    sock = serve.bind(args.host, args.port)  # a taken port fails before the model loads
+    with sock:
+        engine = _engine(args, max_batch_size=args.max_batch_size)
+        try:
+            serve.serve(engine, sock, model_name=name, max_queue=args.max_queue, log_level=args.log_level)
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the SIGINT: a normal stop
+            pass
+    print(f"{PROG}: server stopped", file=sys.stderr)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching",
+        description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
+        "/health, /metrics): requests are batched continuously over --max-batch-size slots, those beyond "
+        "wait in a queue of --max-queue, and past it get HTTP 429. SIGINT or SIGTERM stops the server.",
+        formatter_class=_HelpFormatter,
+    )
+    _add_model_args(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed at start)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="batch slots: sequences decoded together")
+    parser.add_argument(
+        "--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="sequences that may wait for a slot (beyond: HTTP 429)"
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model id clients name (default: the directory's name)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (each request is logged at debug)",
+    )
+    parser.set_defaults(run=_serve)
+
+
 def _bench(args) -> int:
     from . import bench
 
@@ -349,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_generate(sub)
     _add_chat(sub)
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 

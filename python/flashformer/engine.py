@@ -8,7 +8,9 @@ one step for the whole batch. `select_backend` is the one place that picks it.
 
 from __future__ import annotations
 
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -35,9 +37,10 @@ class Backend(Protocol):
     name: str
     kv_cache: torch.Tensor  # cache.kv
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Write prompt b (1-D token ids on the device) into cache row b from position 0;
-        return the logits of each prompt's last position, [B, vocab] fp32."""
+    def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        """Write prompt b (1-D token ids on the device) into cache row rows[b] (default: row b)
+        from position 0, leaving the other rows as they are; return the logits of each prompt's
+        last position, [B, vocab] fp32."""
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for cache rows 0..B-1: token[b] at positions[b] (int64 [B] on the device);
@@ -161,6 +164,8 @@ class Engine:
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = (tokenizer.eos_token_id,)
         self.eos_token_ids = eos
+        self._lock = threading.Lock()  # held by whoever runs the decode state (exclusive())
+        self._holder: int | None = None  # the thread id holding it
 
     @classmethod
     def from_pretrained(
@@ -224,13 +229,38 @@ class Engine:
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
         """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""
         requests = self._requests(prompts, prompt_token_ids, sampling)
-        for _ in self._run(requests):
+        for _ in self._exclusive_run(requests):
             pass
         return [r.output() for r in requests]
 
     def stream(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> Iterator[StreamDelta]:
         """Like generate, but yield each request's new text and token ids as they are produced."""
-        return self._run(self._requests(prompts, prompt_token_ids, sampling))
+        return self._exclusive_run(self._requests(prompts, prompt_token_ids, sampling))
+
+    @contextmanager
+    def exclusive(self):
+        """Hold the engine's decode state (the KV cache rows) for the calling thread. generate, and
+        a stream() iterator from its first delta until it is exhausted or closed, hold it while
+        they run; so does the server's scheduler. Other threads wait their turn; the thread that
+        holds it gets RuntimeError instead of a deadlock (two interleaved stream() iterators would
+        otherwise decode over each other's cache rows)."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise RuntimeError(
+                "this Engine is already running a generate/stream in this thread (an unfinished stream() "
+                "iterator?): finish or close() it first; concurrent requests on one Engine are served one "
+                "call at a time (or batched by `flashformer serve`)"
+            )
+        with self._lock:
+            self._holder = me
+            try:
+                yield self
+            finally:
+                self._holder = None
+
+    def _exclusive_run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
+        with self.exclusive():
+            yield from self._run(requests)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None) -> RequestOutput:
         """Answer one conversation ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""

@@ -336,9 +336,9 @@ class MegakernelBackend:
         return self.cache.kv
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+    def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         self._live_engine()
-        return prefill_logits(self.prefill_model, prompts)
+        return prefill_logits(self.prefill_model, prompts, rows)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One megakernel launch for rows 0..B-1; returns logits [B, vocab] fp32, on the current

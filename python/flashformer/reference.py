@@ -211,10 +211,11 @@ class ReferenceBackend:
         return self.model.kv_cache
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Prompt b (1-D token ids) fills cache row b from position 0; returns last-position logits
-        [B, vocab] in fp32. Each prompt is its own segment, so ragged prompts need no padding."""
-        return prefill_logits(self.model, prompts)
+    def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+        """Prompt b (1-D token ids) fills cache row rows[b] (default: b) from position 0; returns
+        last-position logits [B, vocab] in fp32. Each prompt is its own segment, so ragged prompts
+        need no padding."""
+        return prefill_logits(self.model, prompts, rows)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -222,8 +223,17 @@ class ReferenceBackend:
         return self.model.logits(self.model.forward(tokens[:, None], positions))[:, 0]
 
 
-def prefill_logits(model: Transformer, prompts: list[torch.Tensor]) -> torch.Tensor:
-    """Prompt b into cache row b from position 0; the last position's logits of each [B, vocab] fp32."""
+def prefill_logits(model: Transformer, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+    """Prompt b into cache row rows[b] (default: b) from position 0, the other rows untouched; the
+    last position's logits of each [B, vocab] fp32."""
+    rows = range(len(prompts)) if rows is None else rows
+    if len(rows) != len(prompts) or len(set(rows)) != len(rows):
+        raise ValueError(
+            f"prefill: rows must name one distinct cache row per prompt, got {list(rows)} for {len(prompts)} prompts"
+        )
+    batch = model.kv_cache.shape[2]
+    if any(not 0 <= r < batch for r in rows):
+        raise ValueError(f"prefill: rows {list(rows)} must be cache rows, 0..{batch - 1}")
     start = torch.zeros(1, dtype=torch.long, device=model.kv_cache.device)
-    hidden = model.forward_segments([(p[None], start, b) for b, p in enumerate(prompts)], last_only=True)
+    hidden = model.forward_segments([(p[None], start, r) for r, p in zip(rows, prompts)], last_only=True)
     return model.logits(torch.cat([h[:, -1] for h in hidden]))

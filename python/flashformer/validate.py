@@ -15,6 +15,8 @@ from pathlib import Path
 BACKENDS = ("auto", "reference", "megakernel")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DEVICE_TYPES = ("cpu", "cuda")
+# `flashformer serve`: sequences that may wait for a batch slot; past them a request gets HTTP 429.
+DEFAULT_MAX_QUEUE = 128
 
 
 def show(value, limit: int = 80) -> str:

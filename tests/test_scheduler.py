@@ -1,0 +1,152 @@
+"""The continuous-batching scheduler in-process (no HTTP): staggered arrivals give each sequence
+what it gets alone, on the CPU reference path and on a Hopper GPU's megakernel; a failing step
+fails its sequences only; the scheduler holds the engine while it runs."""
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from checkpoints import load_cpu_engine, make_checkpoint, make_llama_checkpoint, random_prompt
+from flashformer import Engine, SamplingParams
+from flashformer.bench import shape_config
+from flashformer.scheduler import QueueFull, Scheduler, Sequence
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("llama3"), "llama3")[1]
+    return load_cpu_engine(path, max_batch_size=4, max_seq_len=96)
+
+
+class Collector:
+    """Sinks for sequences: every item lands on one queue as (key, item), the key numbering the
+    sequences in the order they were made."""
+
+    def __init__(self):
+        self.items = queue.Queue()
+        self.made = 0
+
+    def sequences(self, engine, prompts, params) -> list[Sequence]:
+        seqs = [Sequence(r, lambda item, key=self.made + i: self.items.put((key, item)))
+                for i, r in enumerate(engine._requests(None, prompts, params))]
+        self.made += len(seqs)
+        return seqs
+
+    def outputs(self, n: int) -> dict:
+        done = {}
+        while len(done) < n:
+            index, item = self.items.get(timeout=TIMEOUT)
+            if isinstance(item, BaseException):
+                done[index] = item
+            elif item.finish_reason is not None:
+                done[index] = item.output
+        return done
+
+
+def staggered_run(engine, prompts, lengths, waves: int) -> list[list[int]]:
+    """Submit the prompts in `waves` (each after the one before has produced tokens), so that
+    sequences join a running batch and leave it at different steps; the token ids of each."""
+    scheduler = Scheduler(engine, max_queue=len(prompts))
+    scheduler.start()
+    collector = Collector()
+    try:
+        per_wave = -(-len(prompts) // waves)
+        seqs = []
+        for w in range(waves):
+            chunk = slice(w * per_wave, (w + 1) * per_wave)
+            params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths[chunk]]
+            wave = collector.sequences(engine, prompts[chunk], params)
+            scheduler.submit(wave)
+            seqs += wave
+            deadline = time.monotonic() + TIMEOUT
+            while not any(s.request.token_ids for s in wave) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        outputs = collector.outputs(len(seqs))
+    finally:
+        scheduler.stop()
+    return [outputs[key].token_ids for key in range(len(seqs))]
+
+
+def alone(engine, prompts, lengths) -> list[list[int]]:
+    return [engine.generate(prompt_token_ids=[p], sampling=SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
+            for p, n in zip(prompts, lengths)]
+
+
+def test_staggered_arrivals_get_what_they_get_alone(cpu_engine):
+    prompts = [random_prompt(n) for n in (5, 17, 3, 30, 9, 12, 1, 22)]
+    lengths = [12, 3, 20, 7, 15, 1, 9, 60]  # the last one runs into the cache's end (96)
+    assert staggered_run(cpu_engine, prompts, lengths, waves=3) == alone(cpu_engine, prompts, lengths)
+
+
+def test_the_scheduler_holds_the_engine(cpu_engine):
+    scheduler = Scheduler(cpu_engine, max_queue=0)
+    scheduler.start()
+    done = threading.Event()
+    prompt = random_prompt(4)
+
+    def generate():
+        cpu_engine.generate(prompt_token_ids=[prompt])
+        done.set()
+
+    thread = threading.Thread(target=generate)
+    try:
+        thread.start()
+        assert not done.wait(0.3)  # waits for the scheduler to let go of the engine
+        long = SamplingParams(max_tokens=80, ignore_eos=True)
+        scheduler.submit(Collector().sequences(cpu_engine, [prompt] * 4, [long] * 4))  # every slot
+        with pytest.raises(QueueFull, match="at capacity"):
+            scheduler.submit(Collector().sequences(cpu_engine, [prompt], [long]))
+    finally:
+        scheduler.stop()
+    assert done.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+
+
+def test_a_failing_step_fails_its_sequences_and_the_scheduler_goes_on(cpu_engine, monkeypatch):
+    backend = cpu_engine.backend
+    decode = backend.decode
+    calls = {"n": 0}
+
+    def flaky(tokens, positions):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected step failure")
+        return decode(tokens, positions)
+
+    monkeypatch.setattr(backend, "decode", flaky)
+    scheduler = Scheduler(cpu_engine, max_queue=4)
+    scheduler.start()
+    try:
+        collector = Collector()
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        prompts = [random_prompt(5), random_prompt(6)]
+        scheduler.submit(collector.sequences(cpu_engine, prompts, [params] * 2))
+        outputs = collector.outputs(2)
+        assert all(isinstance(o, RuntimeError) and "injected" in str(o) for o in outputs.values())
+        again = Collector()
+        scheduler.submit(again.sequences(cpu_engine, prompts, [params] * 2))
+        outputs = again.outputs(2)
+    finally:
+        scheduler.stop()
+    monkeypatch.undo()
+    assert [outputs[i].token_ids for i in range(2)] == alone(cpu_engine, prompts, [8, 8])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
+def test_megakernel_staggered_arrivals_get_what_they_get_alone(name, tmp_path):
+    """On the megakernel: each row of a decode step is computed apart from the others (so a
+    batch of ragged rows, free rows among them, picks what batch 1 picks), and prefill writes
+    only its own rows."""
+    config = shape_config(name)
+    path = make_llama_checkpoint(tmp_path, config)
+    engine = Engine.from_pretrained(path, device="cuda", max_batch_size=8, max_seq_len=512, progress=False)
+    assert engine.backend.name == "megakernel"
+    prompts = [torch.randint(0, config["vocab_size"], (n,)).tolist() for n in (5, 40, 3, 100, 9, 12, 1, 64, 7, 20)]
+    lengths = [30, 4, 50, 12, 25, 1, 40, 90, 8, 16]
+    assert staggered_run(engine, prompts, lengths, waves=4) == alone(engine, prompts, lengths)
