@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from checkpoints import load_cpu_engine, make_checkpoint, make_llama_checkpoint, random_prompt
+from checkpoints import load_cpu_engine, make_checkpoint, make_shape_checkpoint, random_prompt
 from flashformer import Engine, SamplingParams
 from flashformer.bench import shape_config
 from flashformer.scheduler import QueueFull, Scheduler, Sequence
@@ -144,7 +144,7 @@ def test_megakernel_staggered_arrivals_get_what_they_get_alone(name, tmp_path):
     batch of ragged rows, free rows among them, picks what batch 1 picks), and prefill writes
     only its own rows."""
     config = shape_config(name)
-    path = make_llama_checkpoint(tmp_path, config)
+    path = make_shape_checkpoint(tmp_path, config)
     engine = Engine.from_pretrained(path, device="cuda", max_batch_size=8, max_seq_len=512, progress=False)
     assert engine.backend.name == "megakernel"
     prompts = [torch.randint(0, config["vocab_size"], (n,)).tolist() for n in (5, 40, 3, 100, 9, 12, 1, 64, 7, 20)]
