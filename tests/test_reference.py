@@ -177,18 +177,25 @@ def check_bf16_parity(arch, tmp_path, device):
     )
     tokens = random_prompt(48)
     ref = hf_logits(model.to(device), tokens)[15:]
+    inv_freq = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
     hf16 = model.to(torch.bfloat16)  # in place: from here on `model` is bf16 too
+    for name, buf in inv_freq.items():  # but RoPE's frequencies fp32, as HF computes them (to() rounded them)
+        owner, leaf = name.rsplit(".", 1)
+        setattr(hf16.get_submodule(owner), leaf, buf)
     hf16_logits = hf_logits(hf16, tokens)[15:]
     ours = decode_logits(engine.backend, [tokens[:16]], [tokens[16:]])[0]
     our_err, hf_err = rel_l2(ours, ref), rel_l2(hf16_logits, ref)
     assert our_err <= 2 * hf_err + 1e-3 and our_err < 0.1, (our_err, hf_err)
     tie = 2 * (ours - hf16_logits).abs().max().item()
 
-    prompt = random_prompt(8)
-    hf_tokens = hf_greedy(hf16, prompt, 32)
-    hf_steps = hf_logits(hf16, prompt + hf_tokens)[len(prompt) - 1 : -1]  # what picked each HF token
-    clear = (margins(hf_steps) >= tie).cpu()
-    assert clear.sum() >= 8, "too few clear greedy steps to compare"  # ~2/3 of 32 are clear here
+    for _ in range(3):  # a prompt with enough clear steps to compare (~2/3 of 32 usually are)
+        prompt = random_prompt(8)
+        hf_tokens = hf_greedy(hf16, prompt, 32)
+        hf_steps = hf_logits(hf16, prompt + hf_tokens)[len(prompt) - 1 : -1]  # what picked each HF token
+        clear = (margins(hf_steps) >= tie).cpu()
+        if clear.sum() >= 8:
+            break
+    assert clear.sum() >= 8, f"too few clear greedy steps to compare ({int(clear.sum())} of 32, tie {tie:.3g})"
     teacher_forced = decode_logits(engine.backend, [prompt], [hf_tokens[:-1]])[0]
     assert torch.equal(teacher_forced.argmax(-1).cpu()[clear], torch.tensor(hf_tokens)[clear])
     output = engine.generate(prompt_token_ids=[prompt], sampling=GREEDY)[0]
