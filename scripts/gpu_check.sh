@@ -71,8 +71,10 @@ if has profile; then
   cat "$LOGS/profile.log"
 fi
 declare -A site  # base name -> its install (build_bases)
+bases_built=  # (not ${#site[@]}: bash < 5.2 calls an empty associative array unbound under set -u)
 build_bases() {  # every .carry/base*.tar (git archive --prefix=base/ COMMIT), built once
-  [ ${#site[@]} -eq 0 ] || return 0
+  [ -z "$bases_built" ] || return 0
+  bases_built=1
   local bases=(.carry/base*.tar) tarball name dir
   [ -f "${bases[0]}" ] || { echo "$1: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
   for tarball in "${bases[@]}"; do
