@@ -68,6 +68,22 @@ def test_the_tiny_configs_cover_padded_vocabularies():
     assert all(p % 16 == 0 and 0 <= p - v < 16 for v, p in vocab.values())
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("vocab", [1003, 1008])
+def test_lm_head_padding_round_trip_keeps_the_weights_and_their_tying(vocab, tied):
+    from flashformer.megakernel import pad_lm_head, unpad_lm_head
+    from flashformer.weights import random_weights
+
+    spec = dataclasses.replace(spec_of("tiny-bias"), vocab_size=vocab)
+    weights = random_weights(spec, tied=tied, device="cpu", dtype=torch.bfloat16, std=0.1)
+    head, embed = weights.lm_head.clone(), weights.embed.clone()
+    pad_lm_head(weights, 1008)
+    assert weights.lm_head.shape == (1008, spec.hidden_size) and weights.tied == tied
+    assert torch.equal(weights.lm_head[:vocab], head) and not weights.lm_head[vocab:].any()
+    unpad_lm_head(weights, vocab)
+    assert weights.tied == tied and torch.equal(weights.lm_head, head) and torch.equal(weights.embed, embed)
+
+
 gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flashformer.cuda_available(), reason="needs a Hopper GPU")
 
 

@@ -218,11 +218,22 @@ def pad_lm_head(weights: Weights, rows: int) -> None:
     head = weights.lm_head
     if head.shape[0] == rows:
         return
+    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
     padded = torch.zeros(rows, head.shape[1], dtype=head.dtype, device=head.device)
     padded[: head.shape[0]] = head
     weights.lm_head = padded
-    if weights.tied:
+    if tied:
         weights.embed = padded
+
+
+def unpad_lm_head(weights: Weights, vocab: int) -> None:
+    """The inverse of pad_lm_head: the LM head's first `vocab` rows (a view), a tied table too."""
+    if weights.lm_head.shape[0] == vocab:
+        return
+    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
+    weights.lm_head = weights.lm_head[:vocab]
+    if tied:
+        weights.embed = weights.lm_head
 
 
 def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
@@ -291,12 +302,7 @@ class MegakernelBackend:
         another decoder on them; this backend cannot decode afterwards."""
         self.synchronize()
         unpack_in_place(self.weights, self.layer_weights)
-        w, vocab = self.weights, self.spec.vocab_size
-        if w.lm_head.shape[0] != vocab:  # without the padding rows (a view)
-            tied = w.tied
-            w.lm_head = w.lm_head[:vocab]
-            if tied:
-                w.embed = w.lm_head
+        unpad_lm_head(self.weights, self.spec.vocab_size)
         self.engine = None
         return self.weights
 
