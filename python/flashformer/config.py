@@ -35,6 +35,23 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class WeightQuantization:
+    """How a published FP8 checkpoint (config.json's quantization_config) stores its matrices: an
+    e4m3 `<module>.weight` beside a float scale `<module>.<scale_name>`, the matrix being
+    weight * scale per block. Matrices stored dense (the config's `ignore` list) stay dense.
+
+    method: quant_method, "compressed-tensors" (format float-quantized) or "fp8" (transformers'
+    FineGrainedFP8). strategy: "tensor" (one scale, shape [] or [1]), "channel" (a scale per
+    output row, [rows, 1]) or "block" ([cdiv(rows, b0), cdiv(cols, b1)] for block_size (b0, b1))."""
+
+    method: str
+    scale_name: str  # "weight_scale" (compressed-tensors) or "weight_scale_inv" (fp8): both multiply
+    strategy: str
+    block_size: tuple[int, int] | None = None  # (rows, cols) of a block, for strategy "block"
+    ignore: tuple[str, ...] = ()  # modules the config leaves unquantized (as it says; the headers decide)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything about a checkpoint's architecture that the decoder and the kernel need."""
 
@@ -57,6 +74,7 @@ class ModelSpec:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     tie_word_embeddings: bool | None = None  # as config.json says; None when it does not say
+    quantization: WeightQuantization | None = None  # a published FP8 checkpoint's format (config.json)
 
     def kv_cache_shape(self, max_batch_size: int, max_seq_len: int) -> tuple[int, ...]:
         """The KV cache's one layout (DESIGN.md §2), shared by the reference path and the kernel."""
@@ -180,14 +198,98 @@ def _sliding_window(cfg: dict, architecture: str) -> int | None:
     return None if window is None else _field(cfg, "sliding_window", int, minimum=1)
 
 
+QUANT_METHODS = ("compressed-tensors", "fp8")
+_SUPPORTED_QUANTIZATION = (
+    "FP8 e4m3 weights as compressed-tensors format 'float-quantized' (strategy tensor, channel or block) "
+    "or transformers quant_method 'fp8' with weight_block_size"
+)
+
+
+def weight_quantization(q) -> WeightQuantization | None:
+    """config.json's quantization_config -> WeightQuantization (None when there is none); any
+    format but FP8 e4m3 weights is a ValueError naming the method and the offending field."""
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise ValueError(f"config.json field 'quantization_config' must be an object, got {q!r}")
+    method = q.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise ValueError(
+            f"config.json has a quantization_config with quant_method {method!r} (fields: {', '.join(sorted(q))}), "
+            f"which is not supported (supported: {_SUPPORTED_QUANTIZATION})"
+        )
+    where = f"config.json quantization_config (quant_method {method!r})"
+
+    def refuse(field: str, value, supported: str):
+        raise ValueError(f"{where}: {field} {value!r} is not supported ({supported}; {_SUPPORTED_QUANTIZATION})")
+
+    if method == "fp8":
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme not in ("dynamic", "static"):  # activations stay in the model dtype either way
+            refuse("activation_scheme", scheme, "dynamic or static")
+        if q.get("fmt", "e4m3") != "e4m3":
+            refuse("fmt", q.get("fmt"), "only e4m3")
+        if q.get("scale_fmt", "float") != "float":
+            refuse("scale_fmt", q.get("scale_fmt"), "only float scales")
+        block = q.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+            refuse("weight_block_size", block, "two positive ints such as [128, 128]; per-tensor fp8 is not read")
+        return WeightQuantization("fp8", "weight_scale_inv", "block", tuple(block), _names(q, "modules_to_not_convert"))
+
+    fmt = q.get("format")
+    if fmt != "float-quantized":
+        refuse("format", fmt, "only 'float-quantized'")
+    if q.get("quantization_status", "compressed") != "compressed":
+        refuse("quantization_status", q.get("quantization_status"), "only 'compressed'")
+    for field, what in (("kv_cache_scheme", "an FP8 KV cache"), ("sparsity_config", "sparsity"),
+                        ("transform_config", "transforms")):
+        if q.get(field):
+            raise ValueError(f"{where}: field '{field}' is set; {what} is not supported yet")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{where}: field 'config_groups' must be a non-empty object, got {groups!r}")
+    schemes = set()
+    for name, group in groups.items():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            raise ValueError(f"{where}: config_groups.{name} has no 'weights' object")
+        field = f"config_groups.{name}.weights"
+        for key, want in (("num_bits", 8), ("type", "float"), ("symmetric", True), ("dynamic", False)):
+            if weights.get(key, None if key == "type" else want) != want:  # (the schema's default type is int)
+                refuse(f"{field}.{key}", weights.get(key), f"FP8 weights have {key} {want!r}")
+        if weights.get("actorder"):
+            refuse(f"{field}.actorder", weights.get("actorder"), "no activation reordering")
+        strategy = weights.get("strategy")
+        if strategy not in ("tensor", "channel", "block"):
+            refuse(f"{field}.strategy", strategy, "tensor, channel or block")
+        block = None
+        if strategy == "block":
+            block = weights.get("block_structure")
+            if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+                refuse(f"{field}.block_structure", block, "two positive ints such as [128, 128]")
+            block = tuple(block)
+        for kind in ("input_activations", "output_activations"):
+            acts = group.get(kind)  # input activations' FP8 scheme is ignored: they stay in the model dtype
+            if acts is not None and (kind == "output_activations" or not isinstance(acts, dict)
+                                     or acts.get("type") != "float" or acts.get("num_bits") != 8):
+                refuse(f"config_groups.{name}.{kind}", acts, "none, or FP8 input activations")
+        schemes.add((strategy, block))
+    if len(schemes) > 1:
+        raise ValueError(f"{where}: config_groups use different weight schemes {sorted(schemes, key=str)}; one is supported")
+    strategy, block = schemes.pop()
+    return WeightQuantization("compressed-tensors", "weight_scale", strategy, block, _names(q, "ignore"))
+
+
+def _names(q: dict, field: str) -> tuple[str, ...]:
+    names = q.get(field) or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"config.json quantization_config field '{field}' must be a list of strings, got {names!r}")
+    return tuple(names)
+
+
 def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpec:
     """Validate a parsed config.json (and generation_config.json) and build the ModelSpec."""
-    quantization = cfg.get("quantization_config")
-    if quantization is not None:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
-        raise ValueError(
-            f"config.json has a quantization_config (quant_method {method!r}); quantized checkpoints are not supported"
-        )
+    quantization = weight_quantization(cfg.get("quantization_config"))
     architectures = cfg.get("architectures")
     if architectures is None and cfg.get("model_type") in MODEL_TYPES:
         architectures = [MODEL_TYPES[cfg["model_type"]]]
@@ -245,6 +347,7 @@ def spec_from_dict(cfg: dict, generation_config: dict | None = None) -> ModelSpe
         bos_token_id=bos if isinstance(bos, int) else None,
         eos_token_ids=tuple(sorted(set(eos))),
         tie_word_embeddings=_field(cfg, "tie_word_embeddings", bool) if tie is not None else None,
+        quantization=quantization,
     )
 
 

@@ -57,17 +57,24 @@ class Backend(Protocol):
 
 
 def select_backend(
-    name: str, spec: ModelSpec, device: torch.device, *, dtype: torch.dtype = torch.bfloat16, max_batch_size: int = 1
+    name: str,
+    spec: ModelSpec,
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    max_batch_size: int = 1,
+    quantization: str | None = None,
 ) -> type:
-    """The backend class that will decode `spec` on `device`. "auto" takes the megakernel where
-    it can run (a Hopper GPU, bf16, a compiled config) and warns on a GPU where it cannot;
-    "megakernel" raises RuntimeError saying why it cannot run."""
+    """The backend class that will decode `spec` on `device` (with weights in `quantization`'s
+    format, "fp8", or dense in `dtype` when None). "auto" takes the megakernel where it can run (a
+    Hopper GPU, bf16, a compiled config) and warns on a GPU where it cannot; "megakernel" raises
+    RuntimeError saying why it cannot run."""
     validate.backend_name(name)
     if name == "reference":
         return ReferenceBackend
     from .megakernel import MegakernelBackend, unavailable_reason
 
-    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size)
+    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization)
     if reason is None:
         return MegakernelBackend
     if name == "megakernel":
@@ -179,8 +186,16 @@ class Engine:
         backend: str = "auto",
         progress: bool = True,
         allow_unused_tensors: bool = False,
+        quantization: str | None = None,
     ) -> Engine:
         """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files).
+
+        `quantization="fp8"` quantizes the layer matrices of a dense checkpoint to FP8 e4m3 at load,
+        per output channel, layer by layer; a published FP8 checkpoint (its config.json's
+        quantization_config) loads as FP8 whether `quantization` is None or "fp8". `dtype` is the
+        model dtype either way: of the activations, the KV cache, the embeddings, the norms and
+        the LM head, and what FP8 matrices are dequantized to. FP8 decodes on the reference backend
+        for now (the megakernel refuses it, and "auto" falls back).
 
         `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
         max_position_embeddings when that is smaller. Every argument is checked before a file is
@@ -197,9 +212,11 @@ class Engine:
         validate.backend_name(backend)
         validate.boolean("progress", progress)
         validate.boolean("allow_unused_tensors", allow_unused_tensors)
+        validate.quantization(quantization)
         model_dir = validate.checkpoint_path(path)
 
         spec = load_spec(model_dir)
+        quantization = "fp8" if spec.quantization is not None else quantization  # what is loaded
         if max_seq_len is None:
             max_seq_len = max(2, min(DEFAULT_MAX_SEQ_LEN, spec.max_position_embeddings))
         spec.check_max_seq_len(max_seq_len)
@@ -210,10 +227,12 @@ class Engine:
                 "so the output there may degrade",
                 stacklevel=2,
             )
-        backend_cls = select_backend(backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size)
+        backend_cls = select_backend(
+            backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization
+        )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
-        weight_bytes = checkpoint.nbytes(torch_dtype)
+        weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8")
         validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len)
         weights = load_weights(
             model_dir,
@@ -222,6 +241,7 @@ class Engine:
             device=device,
             progress=progress,
             allow_unused_tensors=allow_unused_tensors,
+            quantization=quantization,
         )
         cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device)
         return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)

@@ -104,8 +104,16 @@ def no_match_reason(spec: ModelSpec) -> str:
     return f"no compiled config matches {spec.architecture} ({shape}); nearest: {nearest}; compiled: {config_names()}"
 
 
-def unavailable_reason(spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int) -> str | None:
-    """Why the megakernel cannot decode this model here, or None when it can."""
+def unavailable_reason(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int, *, quantization: str | None = None
+) -> str | None:
+    """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
+    weights' format as loaded ("fp8", or None for dense weights in `dtype`)."""
+    if quantization is not None:
+        return (
+            f"it streams dense bfloat16 weights only, not {quantization.upper()} e4m3 ones yet "
+            "(FP8 loads and runs on the reference path)"
+        )
     if device.type != "cuda":
         return f"it needs a CUDA device, not {device}"
     if not _core.cuda_available():
@@ -261,7 +269,8 @@ class MegakernelBackend:
 
     def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
         device = weights.embed.device
-        reason = unavailable_reason(spec, device, weights.embed.dtype, cache.max_batch_size)
+        reason = unavailable_reason(spec, device, weights.dtype, cache.max_batch_size,
+                                    quantization="fp8" if weights.quantized else None)
         if reason:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
         C = _core.load()

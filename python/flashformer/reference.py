@@ -5,6 +5,9 @@ cache `[layers, 2, batch, kv_heads, max_seq, head_dim]` (DESIGN.md §2) at each 
 positions, then attends over everything that row has cached. The math follows HF transformers:
 matmuls in the weights' dtype, RMSNorm in fp32 cast back before the weight, RoPE tables in fp32
 cast to the model dtype, rotate_half (non-interleaved) RoPE, softmax in fp32 (inside SDPA).
+FP8 matrices (`QuantizedMatrix`) are dequantized to the model dtype one layer at a time, just
+before that layer's matmuls, into one reusable buffer: the math is then that of the dense model
+whose weights are the dequantized ones.
 
 The KV cache and the RoPE tables (`KVCache`) belong to the Engine, which hands them to its
 backend; a backend never makes its own.
@@ -16,11 +19,14 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from .config import ModelSpec, RopeSpec
-from .weights import LayerWeights, Weights
+from .quantization import QuantizedMatrix
+from .weights import LAYER_MATRICES, LayerWeights, Weights
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -104,6 +110,7 @@ class Transformer:
     def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
         self.spec, self.weights, self.cache = spec, weights, cache
         self.check_layout()
+        self._dequant_buffer: torch.Tensor | None = None  # one layer's FP8 matrices, dequantized
 
     def check_layout(self) -> None:
         """Raise unless the weights are in the order this decoder reads (row-major)."""
@@ -115,8 +122,23 @@ class Transformer:
         return self.cache.kv
 
     def layer_weights(self) -> Iterator[LayerWeights]:
-        """Each layer's weights, in order (row-major: what F.linear multiplies by)."""
-        return iter(self.weights.layers)
+        """Each layer's weights, in order (row-major: what F.linear multiplies by). A layer's FP8
+        matrices come dequantized to the model dtype, in a buffer that the next layer reuses (the
+        caller is done with a layer before it asks for the next)."""
+        if not self.weights.quantized:
+            yield from self.weights.layers
+            return
+        for layer in self.weights.layers:
+            fp8 = [(a, m) for a in LAYER_MATRICES if isinstance(m := getattr(layer, a), QuantizedMatrix)]
+            elems = sum(m.numel() for _, m in fp8)
+            if self._dequant_buffer is None or self._dequant_buffer.numel() < elems:
+                self._dequant_buffer = None  # (freed before its replacement is allocated)
+                self._dequant_buffer = torch.empty(elems, dtype=self.weights.dtype, device=self.weights.embed.device)
+            at, dense = 0, {}
+            for attr, m in fp8:
+                dense[attr] = m.dequantize(self.weights.dtype, out=self._dequant_buffer[at : at + m.numel()].view(m.shape))
+                at += m.numel()
+            yield dataclasses.replace(layer, **dense)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.weights.embed)

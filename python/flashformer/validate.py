@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 BACKENDS = ("auto", "reference", "megakernel")
+QUANTIZATIONS = ("fp8",)  # Engine.from_pretrained(quantization=...): None or one of these
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DEVICE_TYPES = ("cpu", "cuda")
 # `flashformer serve`: sequences that may wait for a batch slot; past them a request gets HTTP 429.
@@ -91,6 +92,13 @@ def backend_name(name) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     return name
+
+
+def quantization(value) -> str | None:
+    """None (the checkpoint's own format) or a name in QUANTIZATIONS."""
+    if value is not None and (not isinstance(value, str) or value not in QUANTIZATIONS):
+        fail("quantization", f"None or one of {', '.join(map(repr, QUANTIZATIONS))}", value)
+    return value
 
 
 def checkpoint_path(path) -> Path:
