@@ -39,6 +39,7 @@ FROM_PRETRAINED_BAD = {
     "backend": ["fast", "", 5, None, True, ["auto"]],
     "progress": ["yes", 1, 0, None, []],
     "allow_unused_tensors": ["yes", 1, None],
+    "quantization": ["int8", "FP8", "", 8, True, ["fp8"]],
 }
 VALID_FROM_PRETRAINED = dict(dtype="float32", device="cpu", max_batch_size=1, max_seq_len=32, backend="reference",
                              progress=False, allow_unused_tensors=False)

@@ -100,7 +100,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     absmax = w.abs().amax(dim=1, keepdim=True)
     scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
     # (w / scale can round a hair past 448; e4m3fn has no infinity, so clamp before the cast)
-    return w.div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    return (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale  # (not in place: w may be `weight`)
 
 
 def fp8_nan(data: torch.Tensor) -> torch.Tensor:
