@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "flashformer/sampling.cuh"
+
 namespace flashformer {
 
 // Reads `bytes` (a multiple of 16) at `src` once with 16-byte loads from every SM (a read-only
@@ -23,5 +25,13 @@ void pack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row
 // `row_order`). The same checks.
 void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
                    cudaStream_t stream);
+
+// Samples every row's next token from `args.logits` (or takes `args.next_tokens`, the fused
+// arg-max, when logits is null), then feeds it to the next decode step (sampling.cuh). Throws
+// std::invalid_argument for bad sizes or a vocabulary beyond the sampler's shared memory.
+void sample_tokens(const Sampler::Args& args, cudaStream_t stream);
+
+// The largest vocabulary the sampler holds on this device (its rows' slices in shared memory).
+int sampler_max_vocab();
 
 }  // namespace flashformer
