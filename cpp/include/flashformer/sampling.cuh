@@ -46,6 +46,7 @@ struct Sampler {
   static constexpr int kMaxRounds = 64;  // top-p draws before the last resort (the row's top token)
   static constexpr float kGreedyBelow = 1e-5f;  // temperatures below this are greedy (vLLM's)
   static constexpr int kMaxLogprobs = 20;       // top logprobs per token (OpenAI's limit)
+  static constexpr int kNoiseBits = 23;
   // Odd multipliers below 2^31, so that Python's int64 replica of mix() never overflows.
   static constexpr uint32_t kHashMul0 = 0x2c1b3c6dU;
   static constexpr uint32_t kHashMul1 = 0x297a2d39U;
@@ -113,10 +114,11 @@ struct Sampler {
     x ^= x >> 16;
     return x;
   }
-  // 24 uniform bits for (seed, the request's token index, draw round, token id).
+  // 23 uniform bits for (seed, the request's token index, draw round, token id): (bits + 0.5) / 2^23
+  // is exact in fp32 and strictly inside (0, 1).
   __host__ __device__ static constexpr uint32_t noise_bits(uint32_t seed_lo, uint32_t seed_hi, uint32_t step,
                                                            uint32_t round, uint32_t token) {
-    return mix(mix(mix(mix(token ^ mix(round)) ^ step) ^ seed_lo) ^ seed_hi) >> 8;
+    return mix(mix(mix(mix(token ^ mix(round)) ^ step) ^ seed_lo) ^ seed_hi) >> (32 - kNoiseBits);
   }
 
   __host__ __device__ static constexpr int slice_len(int vocab) { return (vocab + kClusterCtas - 1) / kClusterCtas; }
@@ -163,7 +165,7 @@ struct Sampler {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
   __device__ static float gumbel(const Row& row, uint32_t step, uint32_t round, uint32_t token) {
-    const float u = (float(noise_bits(row.seed_lo, row.seed_hi, step, round, token)) + 0.5f) * 0x1p-24f;  // (0, 1)
+    const float u = (float(noise_bits(row.seed_lo, row.seed_hi, step, round, token)) + 0.5f) * (1.f / float(1u << kNoiseBits));  // (0, 1)
     return -logf(-logf(u));
   }
 
