@@ -286,6 +286,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("seed"), py::arg("step"), py::arg("round"), py::arg("token"),
       "The sampler's noise bits for (seed, token index of the request, draw round, token id), computed on the host.");
+  m.def(
+      "host_device_pointer",
+      [](std::uintptr_t host) -> std::uintptr_t {
+        void* device = nullptr;
+        if (cudaHostGetDevicePointer(&device, reinterpret_cast<void*>(host), 0) != cudaSuccess) {
+          cudaGetLastError();  // (clear it: not mapped is an answer, not a failure)
+          return 0;
+        }
+        return reinterpret_cast<std::uintptr_t>(device);
+      },
+      py::arg("host"), "The device address of pinned, mapped host memory (kernels write it directly), or 0.");
   m.def("sampler_max_vocab", &sampler_max_vocab, "The largest vocabulary the sampler holds on the current device.");
   m.def(
       "sample_tokens",

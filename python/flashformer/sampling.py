@@ -394,6 +394,10 @@ class BatchSampler:
         when logits is None), feed the tokens to the next decode step and queue the records to the
         host (no wait); returns the handle for read()."""
         B = self.batch
+        handle, slot = self._take_slot()
+        # Without logprobs the kernel writes the records straight into the pinned slot (mapped host
+        # memory): no copy between this step and the next.
+        direct = self.kernel and self.num_logprobs is None and slot["records_device_ptr"] != 0
         if self.kernel:
             C = _core.load()
             if logits is not None:
@@ -406,17 +410,25 @@ class BatchSampler:
                 self.rows.data_ptr(), self.stop_ids.data_ptr(), self.stop_ids.shape[1],
                 self.counts.data_ptr() if self.penalized else 0, self.in_prompt.data_ptr() if self.penalized else 0,
                 self.tokens.data_ptr(), self.positions.data_ptr(), self.generated.data_ptr(), self.status.data_ptr(),
-                self.records.data_ptr(), stream,
+                slot["records_device_ptr"] if direct else self.records.data_ptr(), stream,
             )
         else:
             self._step_torch(logits, next_tokens)
-        lp = None
-        if self.num_logprobs is not None and logits is not None:
+        if not direct:
+            slot["records"][:B].copy_(self.records[:B], non_blocking=True)
+        slot["has_lp"] = self.num_logprobs is not None and logits is not None
+        if slot["has_lp"]:
             lsm = logits[:B].float().log_softmax(-1)
             chosen = lsm.gather(1, self.records[:B, :1].long().clamp(min=0))
-            top = lsm.topk(self.num_logprobs, -1) if self.num_logprobs else None
-            lp = (chosen[:, 0], top.values if top else None, top.indices.int() if top else None)
-        return self._queue(lp)
+            parts = [chosen]
+            if self.num_logprobs:
+                top = lsm.topk(self.num_logprobs, -1)
+                parts += [top.values, top.indices.float()]  # ids < 2^24: exact in fp32
+            packed = torch.cat(parts, dim=1)
+            slot["lp"][:B, : packed.shape[1]].copy_(packed, non_blocking=True)
+        if slot["event"] is not None:
+            slot["event"].record(torch.cuda.current_stream(self.device))
+        return handle
 
     def _step_torch(self, logits, next_tokens):
         """The compiled sampler's step, in PyTorch."""
@@ -451,27 +463,20 @@ class BatchSampler:
         self.records[:B, 2] = (idle.int() * self.flags["idle"]) | ((non_finite & active).int() * self.flags["non_finite"])
         self.status[:B] = torch.where(feed, finish.int(), self.status[:B])
 
-    def _queue(self, lp) -> int:
-        B, n = self.batch, self.num_logprobs or 0
+    def _take_slot(self) -> tuple[int, dict]:
+        """The next pinned record buffer (the ring's) and its handle."""
         while len(self._slots) < self.RING:
-            pin = self.cuda
+            records = torch.zeros(self.max_batch, 3, dtype=torch.int32, pin_memory=self.cuda)
             self._slots.append(dict(
-                records=torch.empty(self.max_batch, 3, dtype=torch.int32, pin_memory=pin),
-                lp=torch.empty(self.max_batch, 1 + 2 * max_logprobs(), dtype=torch.float32, pin_memory=pin),
+                records=records,
+                records_device_ptr=_core.load().host_device_pointer(records.data_ptr()) if self.kernel else 0,
+                lp=torch.zeros(self.max_batch, 1 + 2 * max_logprobs(), dtype=torch.float32, pin_memory=self.cuda),
                 event=torch.cuda.Event() if self.cuda else None, has_lp=False))
         handle = self._next_slot
         self._next_slot += 1
         slot = self._slots[handle % self.RING]
-        slot["records"][:B].copy_(self.records[:B], non_blocking=True)
-        slot["has_lp"] = lp is not None
-        if lp is not None:
-            chosen, values, ids = lp
-            packed = torch.cat([chosen[:, None]] + ([values, ids.float()] if n else []), dim=1)  # ids < 2^24: exact
-            slot["lp"][:B, : packed.shape[1]].copy_(packed, non_blocking=True)
-        if slot["event"] is not None:
-            slot["event"].record(torch.cuda.current_stream(self.device))
         slot["handle"] = handle
-        return handle
+        return handle, slot
 
     def read(self, handle: int) -> StepRecord:
         """Wait for step `handle`'s records (at most RING steps after it was queued)."""
