@@ -450,6 +450,7 @@ def _bench_generate(name, spec, weights, cache, backend, batch, new_tokens, coun
     sampled, beside the bare greedy decode step (no logits written where the backend fuses its
     arg-max) timed back to back at the generation's mean context."""
     engine = Engine(spec, weights, cache, backend, tokenizer=None)
+    new_tokens = min(new_tokens, (cache.max_seq_len - 2) // 2)  # (a sweep of short contexts: a short cache)
     prompt_len = min(GENERATE_PROMPT, cache.max_seq_len - new_tokens - 1)
     prompts = torch.randint(spec.vocab_size, (batch, prompt_len), generator=generator, device=device).tolist()
     ctx = prompt_len + new_tokens // 2
