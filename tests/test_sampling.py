@@ -336,3 +336,117 @@ def test_kernel_sampler_is_fast(kwargs):
     ms = start.elapsed_time(end) / 50
     print(f"sampler step {kwargs}: {ms * 1e3:.1f} us")
     assert ms < 0.05
+
+
+# --- GPU: the engine's loop over the megakernel --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mk_engine(tmp_path_factory):
+    if not torch.cuda.is_available() or not _core.cuda_available():
+        pytest.skip("needs a Hopper GPU")
+    from checkpoints import make_llama_checkpoint
+    from flashformer import Engine
+    from flashformer.bench import shape_config
+
+    path = make_llama_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), shape_config("tiny-gqa"))
+    engine = Engine.from_pretrained(path, dtype="bfloat16", device="cuda", max_batch_size=4, max_seq_len=160,
+                                    progress=False)
+    assert engine.backend.name == "megakernel"
+    return engine
+
+
+def _prompts(n, length=9, vocab=None):
+    return [torch.randint(0, vocab, (length + i,)).tolist() for i in range(n)]
+
+
+@pytest.mark.gpu
+def test_megakernel_greedy_is_the_step_by_step_arg_max(mk_engine):
+    """The loop that runs ahead picks what the old loop picked: the fused arg-max of each step,
+    fed back one step at a time (here by hand, through decode() and greedy_tokens())."""
+    vocab = mk_engine.spec.vocab_size
+    prompts = _prompts(3, vocab=vocab)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    fast = [o.token_ids for o in mk_engine.generate(prompt_token_ids=prompts, sampling=params)]
+    backend = mk_engine.backend
+    logits = backend.prefill([torch.tensor(p, device="cuda") for p in prompts])
+    tokens = logits.argmax(-1).tolist()
+    slow = [[t] for t in tokens]
+    positions = [len(p) for p in prompts]
+    for _ in range(39):
+        backend.decode(torch.tensor(tokens, device="cuda"), torch.tensor(positions, device="cuda"))
+        tokens = backend.greedy_tokens(3)
+        positions = [p + 1 for p in positions]
+        for row, t in zip(slow, tokens):
+            row.append(t)
+    assert fast == slow
+    mixed = mk_engine.generate(prompt_token_ids=prompts, sampling=[params, SamplingParams(temperature=1.0, seed=1,
+                                                                                         max_tokens=40), params])
+    assert [mixed[0].token_ids, mixed[2].token_ids] == [fast[0], fast[2]]  # the sampler's arg-max: the same
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(temperature=1.0), dict(temperature=0.8, top_p=0.95),
+                                    dict(temperature=1.0, top_k=20, min_p=0.05, repetition_penalty=1.3)])
+def test_megakernel_seeded_sampling_ignores_the_batch(mk_engine, kwargs):
+    vocab = mk_engine.spec.vocab_size
+    prompt = _prompts(1, vocab=vocab)[0]
+    params = SamplingParams(max_tokens=48, seed=99, ignore_eos=True, **kwargs)
+    alone = mk_engine.generate(prompt_token_ids=[prompt], sampling=params)[0].token_ids
+    assert mk_engine.generate(prompt_token_ids=[prompt], sampling=params)[0].token_ids == alone
+    others = _prompts(3, vocab=vocab)
+    batch = mk_engine.generate(prompt_token_ids=[others[0], others[1], prompt, others[2]],
+                               sampling=[SamplingParams(max_tokens=5), SamplingParams(temperature=0.5, seed=1),
+                                         params, SamplingParams(max_tokens=60, temperature=2.0)])
+    # The kernel's logits of a row do not depend on the others (one code path for batch 1-8), so
+    # neither do its tokens.
+    assert batch[2].token_ids == alone
+
+
+@pytest.mark.gpu
+def test_megakernel_logprobs_are_log_softmax_of_the_step_logits(mk_engine):
+    vocab = mk_engine.spec.vocab_size
+    prompt = _prompts(1, vocab=vocab)[0]
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, logprobs=5, ignore_eos=True)
+    out = mk_engine.generate(prompt_token_ids=[prompt], sampling=params)[0]
+    backend = mk_engine.backend
+    logits = [backend.prefill([torch.tensor(prompt, device="cuda")])[0]]
+    for i, token in enumerate(out.token_ids[:-1]):
+        logits.append(backend.decode(torch.tensor([token], device="cuda"),
+                                     torch.tensor([len(prompt) + i], device="cuda"))[0])
+    backend.synchronize()
+    for lp, step_logits, token in zip(out.logprobs, logits, out.token_ids):
+        expected = step_logits.float().log_softmax(-1).cpu()
+        assert lp.token_id == token and lp.logprob == pytest.approx(float(expected[token]), abs=1e-4)
+        assert [t.token_id for t in lp.top_logprobs] == expected.topk(5).indices.tolist()
+
+
+@pytest.mark.gpu
+def test_megakernel_stops_end_rows_at_the_same_token(mk_engine):
+    vocab = mk_engine.spec.vocab_size
+    prompts = _prompts(2, vocab=vocab)
+    free = mk_engine.generate(prompt_token_ids=prompts, sampling=SamplingParams(max_tokens=30, ignore_eos=True))
+    stop = free[1].token_ids[6]
+    params = SamplingParams(max_tokens=30, stop_token_ids=[stop], ignore_eos=True)
+    out = mk_engine.generate(prompt_token_ids=prompts, sampling=params)
+    for o, f in zip(out, free):
+        expected = f.token_ids[: f.token_ids.index(stop) + 1] if stop in f.token_ids else f.token_ids
+        assert o.token_ids == expected
+    deltas = list(mk_engine.stream(prompt_token_ids=prompts, sampling=params))
+    assert [t for d in deltas if d.index == 1 for t in d.token_ids] == out[1].token_ids
+
+
+@pytest.mark.gpu
+def test_the_reference_backend_on_the_gpu_samples_through_the_kernel(mk_engine, tmp_path):
+    from checkpoints import make_llama_checkpoint
+    from flashformer import Engine
+    from flashformer.bench import shape_config
+
+    path = make_llama_checkpoint(tmp_path, shape_config("tiny-gqa"))
+    ref = Engine.from_pretrained(path, dtype="float32", device="cuda", backend="reference", max_batch_size=2,
+                                 max_seq_len=96, progress=False)
+    prompt = _prompts(1, vocab=ref.spec.vocab_size)[0]
+    params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    first = ref.generate(prompt_token_ids=[prompt], sampling=params)[0].token_ids
+    assert ref._batch_sampler.kernel
+    assert ref.generate(prompt_token_ids=[prompt, prompt[:5]], sampling=params)[0].token_ids == first
