@@ -185,6 +185,13 @@ def test_logprobs_zero_gives_the_chosen_token_only(engine):
     assert all(lp.top_logprobs == [] for lp in out.logprobs)
 
 
+def test_huge_top_k_and_max_tokens_mean_no_limit(engine):
+    prompt = random_prompt(MAX_SEQ_LEN - 6)
+    params = SamplingParams(max_tokens=10**12, top_k=10**12, temperature=1.0, seed=0)
+    out = engine.generate(prompt_token_ids=[prompt], sampling=SamplingParams(**{**vars(params), "ignore_eos": True}))[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"  # the cache ends it
+
+
 class CountingBackend:
     """Wraps a backend, counting its decode steps."""
 

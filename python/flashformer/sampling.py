@@ -300,14 +300,17 @@ def row_dtype() -> np.dtype:
                      "itemsize": c["row_bytes"]})
 
 
+INT32_MAX = 2**31 - 1
+
+
 def row_table(params: list[SamplingParams], seeds: list[int], num_stop: list[int] | None = None) -> np.ndarray:
     """The rows' settings as the compiled sampler reads them (one Sampler::Row per row)."""
     table = np.zeros(len(params), dtype=row_dtype())
     for b, (p, seed) in enumerate(zip(params, seeds)):
         seed_lo, seed_hi = split_seed(seed)
         values = dict(temperature=p.temperature, top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-                      presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, top_k=p.top_k,
-                      max_tokens=p.max_tokens, seed_lo=seed_lo, seed_hi=seed_hi, penalized=int(p.penalized),
+                      presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                      top_k=min(p.top_k, INT32_MAX), max_tokens=min(p.max_tokens, INT32_MAX),  # (beyond: the same) seed_lo=seed_lo, seed_hi=seed_hi, penalized=int(p.penalized),
                       num_stop=0 if num_stop is None else num_stop[b])
         for name, value in values.items():
             table[name][b] = value
