@@ -9,6 +9,7 @@ one step for the whole batch. `select_backend` is the one place that picks it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -461,10 +462,14 @@ class Engine:
                         sampler.abort(b)  # a stop string: the device row stops advancing
                 yield from deltas
                 if all(r.finish_reason is not None for r in requests):
-                    return
-        finally:
-            if synchronize and launched:  # the steps still in flight: their failures surface here
-                synchronize()
+                    break
+        except BaseException:  # (GeneratorExit included: the caller stopped iterating)
+            if synchronize and launched:  # let the steps in flight finish; the first error is the one to report
+                with contextlib.suppress(RuntimeError):
+                    synchronize()
+            raise
+        if synchronize and launched:  # the steps still in flight: a failure among them surfaces here
+            synchronize()
 
 
 def _prompt_id_lists(prompt_token_ids) -> tuple[list[str], list]:

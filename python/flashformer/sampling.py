@@ -310,10 +310,11 @@ def row_table(params: list[SamplingParams], seeds: list[int], num_stop: list[int
         seed_lo, seed_hi = split_seed(seed)
         values = dict(temperature=p.temperature, top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
                       presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                      top_k=min(p.top_k, INT32_MAX), max_tokens=min(p.max_tokens, INT32_MAX),  # (beyond: the same) seed_lo=seed_lo, seed_hi=seed_hi, penalized=int(p.penalized),
+                      top_k=min(p.top_k, INT32_MAX), max_tokens=min(p.max_tokens, INT32_MAX),  # (beyond: the same)
+                      seed_lo=seed_lo, seed_hi=seed_hi, penalized=int(p.penalized),
                       num_stop=0 if num_stop is None else num_stop[b])
-        for name, value in values.items():
-            table[name][b] = value
+        for name in table.dtype.names:  # every field set: a new one in sampling.cuh fails here, not silently
+            table[name][b] = values[name]
     return table
 
 
