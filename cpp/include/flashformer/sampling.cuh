@@ -47,6 +47,9 @@ struct Sampler {
   static constexpr float kGreedyBelow = 1e-5f;  // temperatures below this are greedy (vLLM's)
   static constexpr int kMaxLogprobs = 20;       // top logprobs per token (OpenAI's limit)
   static constexpr int kNoiseBits = 23;
+  // The noise g = -log(-log u) lies in [-2.8, 16.7] for u = (bits + 0.5) / 2^23: a token whose z is
+  // below -kNoiseReach cannot outscore the top token (z = 0, always kept), so its noise is skipped.
+  static constexpr float kNoiseReach = 20.f;
   // Odd multipliers below 2^31, so that Python's int64 replica of mix() never overflows.
   static constexpr uint32_t kHashMul0 = 0x2c1b3c6dU;
   static constexpr uint32_t kHashMul1 = 0x297a2d39U;
@@ -297,6 +300,7 @@ struct Sampler {
       return;
     }
     const Row& r = a.rows[row];
+    const uint32_t step = uint32_t(a.generated[row]);  // (read before any barrier: rank 0 commits after the last)
     const int len = slice_len(a.vocab), first = rank * len;
     const int n = max(0, min(len, a.vocab - first));
     int phase = 0;
@@ -324,7 +328,6 @@ struct Sampler {
     }
     const Partial top = cluster_reduce(p, s, phase);
     int token = top.index == INT_MAX ? 0 : top.index;
-    const uint32_t step = uint32_t(a.generated[row]);
 
     if (!(top.flags & kNonFinite) && r.temperature >= kGreedyBelow) {
       for (int i = threadIdx.x; i < n; i += kThreads) slice[i] = __fdiv_rn(__fsub_rn(slice[i], top.value), r.temperature);
@@ -338,10 +341,10 @@ struct Sampler {
         Partial d = identity();  // the draw; the kept mass (first round)
         for (int i = threadIdx.x; i < n; i += kThreads) {
           const float z = slice[i];
-          if (key_of(z) >= pivot) {
+          if (z >= -kNoiseReach && key_of(z) >= pivot) {  // (lower z never beats the top token, z = 0)
             d = combine(d, Partial{__fadd_rn(z, gumbel(r, step, round, first + i)), first + i, 0.f, 0});
-            if (round == 0 && nucleus) d.sum += __expf(z);
           }
+          if (round == 0 && nucleus && key_of(z) >= low) d.sum += __expf(z);
         }
         const Partial drawn = cluster_reduce(d, s, phase);
         if (round == 0) kept_mass = drawn.sum;

@@ -50,15 +50,12 @@ void sample_tokens(const Sampler::Args& a, cudaStream_t stream) {
   }
   if (a.logits_stride < a.vocab) throw std::invalid_argument("sample_tokens: logits_stride is below vocab");
   const size_t smem = Sampler::slice_bytes(a.vocab);
-  static size_t smem_set = 0;  // the opt-in set on the kernel so far (it only grows)
-  if (smem > smem_set) {
-    const int max_vocab = sampler_max_vocab();
-    if (a.vocab > max_vocab)
-      throw std::invalid_argument("sample_tokens: a vocabulary of " + std::to_string(a.vocab) +
-                                  " does not fit the sampler's shared memory (at most " + std::to_string(max_vocab) + ")");
-    FF_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    smem_set = smem;
-  }
+  const int max_vocab = sampler_max_vocab();
+  if (a.vocab > max_vocab)
+    throw std::invalid_argument("sample_tokens: a vocabulary of " + std::to_string(a.vocab) +
+                                " does not fit the sampler's shared memory (at most " + std::to_string(max_vocab) + ")");
+  // (set at every launch: the opt-in is per device, and the call costs the host about a microsecond)
+  FF_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   sample_kernel<<<a.batch * Sampler::kClusterCtas, Sampler::kThreads, smem, stream>>>(a);
   FF_CUDA_CHECK(cudaGetLastError());
 }
