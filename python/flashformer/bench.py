@@ -374,7 +374,8 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         "hidden_size": spec.hidden_size,
     }
     grid = [(b, c) for b in batches for c in ctxs]
-    max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
+    new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
+    max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, GENERATE_PROMPT + new_tokens + 1) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
     cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device)
     backend = backend_cls(spec, weights, cache)
@@ -420,7 +421,6 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         ttft[length] = {"model": name, "prompt_len": length, "engine_ms": median, "hf_eager_ms": None}
         bar.update()
     generate = []
-    new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
     for batch in batches:
         bar.set_description(f"{name} generate b{batch}")
         generate += _bench_generate(name, spec, weights, cache, backend, batch, new_tokens, counts, device, generator)
