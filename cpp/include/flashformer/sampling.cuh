@@ -41,6 +41,7 @@ struct Sampler {
   static constexpr int kClusterCtas = 8;  // CTAs per row (the portable cluster size)
   static constexpr int kThreads = 512;
   static constexpr int kWarps = kThreads / 32;
+  static constexpr int kLoadUnroll = 8;  // logits loads in flight per thread (L2 latency, not bandwidth, bounds it)
   static constexpr int kRadixBits = 8;  // top-k's radix select: up to 4 levels of 256 bins
   static constexpr int kBins = 1 << kRadixBits;
   static constexpr int kMaxRounds = 64;  // top-p draws before the last resort (the row's top token)
@@ -310,21 +311,35 @@ struct Sampler {
     const int32_t* counts = r.penalized ? a.output_counts + int64_t(row) * a.vocab + first : nullptr;
     const uint8_t* prompt = r.penalized ? a.prompt_mask + int64_t(row) * a.vocab + first : nullptr;
     Partial p = identity();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      float v = logits[i];
-      if (!isfinite(v)) {
-        p.flags |= kNonFinite;
-        v = -INFINITY;
+    for (int base = 0; base < n; base += kThreads * kLoadUnroll) {
+      float v[kLoadUnroll];
+      int c[kLoadUnroll];
+      bool seen[kLoadUnroll];
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {  // every load of the batch in flight before any is used
+        const int i = base + u * kThreads + threadIdx.x;
+        v[u] = i < n ? logits[i] : 0.f;
+        c[u] = counts && i < n ? counts[i] : 0;
+        seen[u] = counts && i < n && prompt[i];
       }
-      if (counts) {  // (intrinsics: no fused multiply-add, the same rounding as the torch reference)
-        const int c = counts[i];
-        if (c > 0 || prompt[i])
-          v = v > 0.f ? __fdiv_rn(v, r.repetition_penalty) : __fmul_rn(v, r.repetition_penalty);
-        v = __fsub_rn(v, __fmul_rn(r.frequency_penalty, float(c)));
-        v = __fsub_rn(v, c > 0 ? r.presence_penalty : 0.f);
+#pragma unroll
+      for (int u = 0; u < kLoadUnroll; ++u) {
+        const int i = base + u * kThreads + threadIdx.x;
+        if (i >= n) continue;
+        float x = v[u];
+        if (!isfinite(x)) {
+          p.flags |= kNonFinite;
+          x = -INFINITY;
+        }
+        if (counts) {  // (intrinsics: no fused multiply-add, the same rounding as the torch reference)
+          if (c[u] > 0 || seen[u])
+            x = x > 0.f ? __fdiv_rn(x, r.repetition_penalty) : __fmul_rn(x, r.repetition_penalty);
+          x = __fsub_rn(x, __fmul_rn(r.frequency_penalty, float(c[u])));
+          x = __fsub_rn(x, c[u] > 0 ? r.presence_penalty : 0.f);
+        }
+        slice[i] = x;
+        p = combine(p, Partial{x, first + i, 0.f, 0});
       }
-      slice[i] = v;
-      p = combine(p, Partial{v, first + i, 0.f, 0});
     }
     const Partial top = cluster_reduce(p, s, phase);
     int token = top.index == INT_MAX ? 0 : top.index;
