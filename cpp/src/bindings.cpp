@@ -297,13 +297,13 @@ PYBIND11_MODULE(_C, m) {
         return reinterpret_cast<std::uintptr_t>(device);
       },
       py::arg("host"), "The device address of pinned, mapped host memory (kernels write it directly), or 0.");
-  m.def("sampler_max_vocab", &sampler_max_vocab, "The largest vocabulary the sampler holds on the current device.");
+  m.def("sampler_max_vocab", &sampler_max_vocab, "The largest vocabulary the sampler holds on the current CUDA device.");
   m.def(
       "sample_tokens",
       [](std::uintptr_t logits, int64_t logits_stride, std::uintptr_t next_tokens, int vocab, int batch, int max_seq,
          std::uintptr_t rows, std::uintptr_t stop_ids, int stop_stride, std::uintptr_t output_counts,
          std::uintptr_t prompt_mask, std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t generated,
-         std::uintptr_t status, std::uintptr_t records, std::uintptr_t stream) {
+         std::uintptr_t status, std::uintptr_t records, int device, std::uintptr_t stream) {
         Sampler::Args a{};
         a.logits = reinterpret_cast<const float*>(logits);
         a.logits_stride = logits_stride;
@@ -321,12 +321,12 @@ PYBIND11_MODULE(_C, m) {
         a.generated = reinterpret_cast<int32_t*>(generated);
         a.status = reinterpret_cast<int32_t*>(status);
         a.records = reinterpret_cast<Sampler::Record*>(records);
-        sample_tokens(a, reinterpret_cast<cudaStream_t>(stream));
+        sample_tokens(a, device, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("logits"), py::arg("logits_stride"), py::arg("next_tokens"), py::arg("vocab"), py::arg("batch"),
       py::arg("max_seq"), py::arg("rows"), py::arg("stop_ids"), py::arg("stop_stride"), py::arg("output_counts"),
       py::arg("prompt_mask"), py::arg("tokens"), py::arg("positions"), py::arg("generated"), py::arg("status"),
-      py::arg("records"), py::arg("stream") = 0,
+      py::arg("records"), py::arg("device"), py::arg("stream") = 0,
       "Sample every row's next token on the device and feed it to the next decode step (device pointers; "
       "sampling.cuh). logits 0: take next_tokens, the fused arg-max.");
 

@@ -351,8 +351,10 @@ class BatchSampler:
     def __init__(self, max_batch: int, vocab: int, max_seq: int, device: torch.device):
         self.max_batch, self.vocab, self.max_seq, self.device = max_batch, vocab, max_seq, torch.device(device)
         self.cuda = self.device.type == "cuda"
-        C = _core.load()
-        self.kernel = self.cuda and _core.cuda_available() and vocab <= C.sampler_max_vocab()
+        self.device_index = -1
+        if self.cuda:
+            self.device_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.kernel = self.cuda and _core.cuda_available() and vocab <= self._max_vocab()
         zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
         self.tokens, self.positions = zeros(max_batch, dtype=torch.int64), zeros(max_batch, dtype=torch.int64)
         self.generated, self.status = zeros(max_batch, dtype=torch.int32), zeros(max_batch, dtype=torch.int32)
@@ -364,6 +366,10 @@ class BatchSampler:
         self.flags = {k: v for k, v in constants()["flags"].items()}
         self._slots: list[dict] = []
         self._next_slot = 0
+
+    def _max_vocab(self) -> int:
+        with torch.cuda.device(self.device_index):
+            return _core.load().sampler_max_vocab()
 
     def start(self, prompts: list[list[int]], params: list[SamplingParams], seeds: list[int], stop_ids: list[set]):
         """Reset the state for a batch: row b's next decode step reads its prompt's last token at
@@ -414,7 +420,7 @@ class BatchSampler:
                 self.rows.data_ptr(), self.stop_ids.data_ptr(), self.stop_ids.shape[1],
                 self.counts.data_ptr() if self.penalized else 0, self.in_prompt.data_ptr() if self.penalized else 0,
                 self.tokens.data_ptr(), self.positions.data_ptr(), self.generated.data_ptr(), self.status.data_ptr(),
-                slot["records_device_ptr"] if direct else self.records.data_ptr(), stream,
+                slot["records_device_ptr"] if direct else self.records.data_ptr(), self.device_index, stream,
             )
         else:
             self._step_torch(logits, next_tokens)

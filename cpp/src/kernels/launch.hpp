@@ -29,7 +29,8 @@ void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int r
 // Samples every row's next token from `args.logits` (or takes `args.next_tokens`, the fused
 // arg-max, when logits is null), then feeds it to the next decode step (sampling.cuh). Throws
 // std::invalid_argument for bad sizes or a vocabulary beyond the sampler's shared memory.
-void sample_tokens(const Sampler::Args& args, cudaStream_t stream);
+// `stream` belongs to CUDA device `device`.
+void sample_tokens(const Sampler::Args& args, int device, cudaStream_t stream);
 
 // The largest vocabulary the sampler holds on this device (its rows' slices in shared memory).
 int sampler_max_vocab();

@@ -18,7 +18,7 @@ __global__ void __cluster_dims__(Sampler::kClusterCtas, 1, 1) __launch_bounds__(
 }
 
 __global__ void commit_kernel(const Sampler::Args args) {
-  const int row = threadIdx.x;
+  const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= args.batch) return;
   if (args.status[row] != Sampler::kNone) {
     args.records[row] = Sampler::Record{-1, args.status[row], Sampler::kIdle};
@@ -37,14 +37,17 @@ int sampler_max_vocab() {
   return slice * Sampler::kClusterCtas;
 }
 
-void sample_tokens(const Sampler::Args& a, cudaStream_t stream) {
-  if (a.batch < 1 || a.batch > 32) throw std::invalid_argument("sample_tokens: batch must be in 1..32, got " + std::to_string(a.batch));
+void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
+  if (a.batch < 1) throw std::invalid_argument("sample_tokens: batch must be >= 1, got " + std::to_string(a.batch));
   if (a.vocab < 1) throw std::invalid_argument("sample_tokens: vocab must be >= 1");
-  if (!a.rows || !a.tokens || !a.positions || !a.generated || !a.status || !a.records || (a.stop_stride > 0 && !a.stop_ids))
+  if (!a.rows || !a.tokens || !a.positions || !a.generated || !a.status || !a.records ||
+      (a.stop_stride > 0 && !a.stop_ids))
     throw std::invalid_argument("sample_tokens: a null row table, state or record pointer");
+  FF_CUDA_CHECK(cudaSetDevice(device));  // (the stream's: the launch and the opt-in below are per device)
   if (!a.logits) {
     if (!a.next_tokens) throw std::invalid_argument("sample_tokens: neither logits nor next_tokens given");
-    commit_kernel<<<1, 32, 0, stream>>>(a);
+    constexpr int kRowsPerBlock = 32;
+    commit_kernel<<<(a.batch + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock, 0, stream>>>(a);
     FF_CUDA_CHECK(cudaGetLastError());
     return;
   }
