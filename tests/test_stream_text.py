@@ -58,3 +58,15 @@ def test_an_output_ending_inside_a_character_is_decoded_as_decode_does(tokenizer
     streamed, output = stream(tokenizer, ids)
     assert output.text == tokenizer.decode(ids) and output.text.startswith("ok ") and output.text.endswith("\ufffd")
     assert streamed == output.text
+
+
+def test_the_text_is_not_re_decoded_per_token(tokenizer, monkeypatch):
+    """Constant work per token: the whole output is decoded once, when it ends (for an incomplete
+    character at the very end), not once per token."""
+    calls = []
+    decode = Tokenizer.decode
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids, **kw: calls.append(len(ids)) or decode(self, ids, **kw))
+    text = "ein langer Text, ünd noch € mehr. " * 20
+    streamed, output = stream(tokenizer, tokenizer.encode(text))
+    assert streamed == output.text == text
+    assert calls == [len(tokenizer.encode(text))]
