@@ -347,15 +347,24 @@ class MegakernelBackend:
         at the next decode() (after its launch), greedy_tokens() or synchronize(): a step that
         failed raises RuntimeError there. The kernel's fused arg-max of each row is left in
         `self.next_tokens[:B]`."""
+        logits, _ = self.decode_step(tokens, positions)
+        return logits.clone()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, want_logits: bool = True):
+        """decode() without the copy of its logits, for the engine's loop: returns (the logits
+        buffer's rows 0..B-1, valid until the next step, or None when not `want_logits`: the kernel
+        then writes none; the fused arg-max, int32 [B] on the device). tokens/positions: int64 [B]
+        on this device, read by the kernel in stream order (the sampler writes the next ones)."""
         engine = self._live_engine()
         b = tokens.shape[0]
         tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream)
+        engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(),
+                    self.logits.data_ptr() if want_logits else 0, b, stream)
         try:
             engine.check_recorded()  # the previous step, which ran before this one
         except RuntimeError as e:
             raise RuntimeError(f"{e} (the decode step before this call; this call's step ran after it and is invalid "
                                "too)") from None
-        engine.record(stream)  # this step's outcome, read by the next check
-        return self.logits[:b].clone()
+        engine.record(stream)
+        return (self.logits[:b] if want_logits else None), self.next_tokens[:b]
