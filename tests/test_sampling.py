@@ -280,6 +280,45 @@ def test_kernel_draws_follow_the_filtered_distribution(model_logits, kwargs):
     assert ok, why
 
 
+def _agreement_with_sample_rows(device: str, vocab: int, kwargs: dict, steps: int = 20, batch: int = 8):
+    """(agree, total): a BatchSampler on `device` (the compiled sampler on a GPU, the PyTorch one on
+    the CPU) stepped `steps` times over `batch` rows (seeds 0..batch-1, row 3 peaked), each token
+    compared with sample_rows given the same state. Every step must draw a token in every row:
+    max_tokens is set past the steps (its default, 16, would end the rows and leave idle records,
+    token -1, in the last steps)."""
+    gen = torch.Generator().manual_seed(vocab)
+    params = [SamplingParams(seed=s, **{"max_tokens": 1 << 20, **kwargs}) for s in range(batch)]
+    logits = (torch.randn(batch, vocab, generator=gen) * 2).to(device)
+    logits[3] *= 4  # a peaked row
+    sampler = BatchSampler(batch, vocab, 1 << 20, device)
+    assert sampler.kernel == (device == "cuda")
+    sampler.start([[1, 2, 3]] * batch, params, [p.seed for p in params], [set()] * batch)
+    agree, total = 0, 0
+    for step in range(steps):
+        state = (sampler.generated.clone(), None if sampler.counts is None else sampler.counts[:batch].clone())
+        rec = sampler.read(sampler.step(logits))
+        assert (rec.flags == 0).all() and (rec.finish == 0).all(), (
+            f"step {step}: a row ended or idled (flags {rec.flags.tolist()}, finish {rec.finish.tolist()})")
+        got = torch.from_numpy(rec.token.copy())
+        in_prompt = None if sampler.in_prompt is None else sampler.in_prompt[:batch].bool()
+        want, _ = sample_rows(logits, {k: v for k, v in sampler.table.items()}, state[1], in_prompt,
+                              state[0][:batch])
+        agree += int((got == want.cpu()).sum())
+        total += batch
+    return agree, total
+
+
+@pytest.mark.parametrize("vocab,kwargs", [(5003, k) for k in FILTERS] + [(128256, FILTERS[0])],
+                         ids=lambda x: str(x) if isinstance(x, int) else ",".join(f"{a}={b}" for a, b in x.items()))
+def test_the_batch_sampler_steps_as_sample_rows_draws(vocab, kwargs):
+    """The harness of the kernel's comparison below, on the CPU (where BatchSampler runs
+    sample_rows itself): every row draws at every step, and the state sample_rows is given is the
+    state the step read, so the two agree on every token. (A real vocabulary for one filter alone:
+    the CPU's time.)"""
+    agree, total = _agreement_with_sample_rows("cpu", vocab, kwargs)
+    assert agree == total, f"{agree} of {total} tokens agree"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("vocab", [128256, 151936])
 @pytest.mark.parametrize("kwargs", FILTERS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
@@ -288,22 +327,7 @@ def test_kernel_matches_the_torch_sampler_at_real_vocabularies(vocab, kwargs):
     order move a token across the top-p boundary (rare)."""
     if not _core.cuda_available():
         pytest.skip("needs a Hopper GPU")
-    gen = torch.Generator().manual_seed(vocab)
-    batch = 8
-    params = [SamplingParams(seed=s, **kwargs) for s in range(batch)]
-    logits = (torch.randn(batch, vocab, generator=gen) * 2).cuda()
-    logits[3] *= 4  # a peaked row
-    sampler = BatchSampler(batch, vocab, 1 << 20, "cuda")
-    sampler.start([[1, 2, 3]] * batch, params, [p.seed for p in params], [set()] * batch)
-    agree, total = 0, 0
-    for step in range(20):
-        state = (sampler.generated.clone(), None if sampler.counts is None else sampler.counts[:batch].clone())
-        got = torch.from_numpy(sampler.read(sampler.step(logits)).token.copy())
-        in_prompt = None if sampler.in_prompt is None else sampler.in_prompt[:batch].bool()
-        want, _ = sample_rows(logits, {k: v for k, v in sampler.table.items()}, state[1], in_prompt,
-                              state[0][:batch])
-        agree += int((got == want.cpu()).sum())
-        total += batch
+    agree, total = _agreement_with_sample_rows("cuda", vocab, kwargs)
     assert agree >= 0.98 * total, f"{agree} of {total} tokens agree"
 
 
