@@ -205,10 +205,7 @@ def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> N
             if f["packed"]:
                 attr = LAYER_FIELDS[f["name"]]
                 setattr(layer, attr, reorder(getattr(layer, attr), f["row_order"], f["order_param"]))
-    tied = weights.tied
-    weights.lm_head = reorder(weights.lm_head, row_orders()["identity"], 0)
-    if tied:  # the table is the LM head, in whichever order
-        weights.embed = weights.lm_head
+    weights.replace_lm_head(reorder(weights.lm_head, row_orders()["identity"], 0))  # (a tied table with it)
 
 
 def pad_lm_head(weights: Weights, rows: int) -> None:
@@ -218,22 +215,16 @@ def pad_lm_head(weights: Weights, rows: int) -> None:
     head = weights.lm_head
     if head.shape[0] == rows:
         return
-    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
     padded = torch.zeros(rows, head.shape[1], dtype=head.dtype, device=head.device)
     padded[: head.shape[0]] = head
-    weights.lm_head = padded
-    if tied:
-        weights.embed = padded
+    weights.replace_lm_head(padded)
 
 
 def unpad_lm_head(weights: Weights, vocab: int) -> None:
     """The inverse of pad_lm_head: the LM head's first `vocab` rows (a view), a tied table too."""
     if weights.lm_head.shape[0] == vocab:
         return
-    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
-    weights.lm_head = weights.lm_head[:vocab]
-    if tied:
-        weights.embed = weights.lm_head
+    weights.replace_lm_head(weights.lm_head[:vocab])
 
 
 def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
