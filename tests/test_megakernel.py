@@ -21,7 +21,7 @@ from flashformer.megakernel import MegakernelBackend, compiled_configs, match_co
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import Weights, random_weights
 
-from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2
+from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2, teacher_forced
 
 # The compiled test configs: tiny-gqa untied, tiny-d128 tied, tiny-qk-norm (Qwen3's q/k norm,
 # q_rows != hidden, a padded vocabulary) untied, tiny-bias (Qwen2's q/k/v biases, GQA group 3, a
@@ -73,15 +73,6 @@ def to_fp32(w: Weights) -> Weights:
     embed = w.embed.float()
     return Weights(embed=embed, final_norm=w.final_norm.float(),
                    lm_head=embed if w.tied else w.lm_head.float(), layers=layers)
-
-
-def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> torch.Tensor:
-    """Prefill `prompts`, then decode forced[s] (one token per row) for every step s; the decode
-    logits [steps, B, vocab] in fp32."""
-    device = backend.kv_cache.device
-    backend.prefill([torch.tensor(p, device=device) for p in prompts])
-    start = torch.tensor([len(p) for p in prompts], device=device)
-    return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
 
 
 def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):

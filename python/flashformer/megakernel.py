@@ -205,10 +205,7 @@ def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> N
             if f["packed"]:
                 attr = LAYER_FIELDS[f["name"]]
                 setattr(layer, attr, reorder(getattr(layer, attr), f["row_order"], f["order_param"]))
-    tied = weights.tied
-    weights.lm_head = reorder(weights.lm_head, row_orders()["identity"], 0)
-    if tied:  # the table is the LM head, in whichever order
-        weights.embed = weights.lm_head
+    weights.replace_lm_head(reorder(weights.lm_head, row_orders()["identity"], 0))  # (a tied table with it)
 
 
 def pad_lm_head(weights: Weights, rows: int) -> None:
@@ -220,9 +217,14 @@ def pad_lm_head(weights: Weights, rows: int) -> None:
         return
     padded = torch.zeros(rows, head.shape[1], dtype=head.dtype, device=head.device)
     padded[: head.shape[0]] = head
-    weights.lm_head = padded
-    if weights.tied:
-        weights.embed = padded
+    weights.replace_lm_head(padded)
+
+
+def unpad_lm_head(weights: Weights, vocab: int) -> None:
+    """The inverse of pad_lm_head: the LM head's first `vocab` rows (a view), a tied table too."""
+    if weights.lm_head.shape[0] == vocab:
+        return
+    weights.replace_lm_head(weights.lm_head[:vocab])
 
 
 def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
@@ -291,12 +293,7 @@ class MegakernelBackend:
         another decoder on them; this backend cannot decode afterwards."""
         self.synchronize()
         unpack_in_place(self.weights, self.layer_weights)
-        w, vocab = self.weights, self.spec.vocab_size
-        if w.lm_head.shape[0] != vocab:  # without the padding rows (a view)
-            tied = w.tied
-            w.lm_head = w.lm_head[:vocab]
-            if tied:
-                w.embed = w.lm_head
+        unpad_lm_head(self.weights, self.spec.vocab_size)
         self.engine = None
         return self.weights
 

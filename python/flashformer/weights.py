@@ -71,6 +71,13 @@ class Weights:
     def tied(self) -> bool:
         return self.lm_head is self.embed
 
+    def replace_lm_head(self, lm_head: torch.Tensor) -> None:
+        """Make `lm_head` the LM head, and the embedding table too when they are tied (tying is
+        being the same tensor, so a replaced head would otherwise untie them)."""
+        if self.tied:
+            self.embed = lm_head
+        self.lm_head = lm_head
+
 
 @dataclass(frozen=True)
 class _Slot:
