@@ -377,11 +377,11 @@ def test_kernel_sampler_is_fast(kwargs):
 def mk_engine(tmp_path_factory):
     if not torch.cuda.is_available() or not _core.cuda_available():
         pytest.skip("needs a Hopper GPU")
-    from checkpoints import make_llama_checkpoint
+    from checkpoints import make_shape_checkpoint
     from flashformer import Engine
     from flashformer.bench import shape_config
 
-    path = make_llama_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), shape_config("tiny-gqa"))
+    path = make_shape_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), shape_config("tiny-gqa"))
     engine = Engine.from_pretrained(path, dtype="bfloat16", device="cuda", max_batch_size=4, max_seq_len=160,
                                     progress=False)
     assert engine.backend.name == "megakernel"
@@ -470,11 +470,11 @@ def test_megakernel_stops_end_rows_at_the_same_token(mk_engine):
 
 @pytest.mark.gpu
 def test_the_reference_backend_on_the_gpu_samples_through_the_kernel(mk_engine, tmp_path):
-    from checkpoints import make_llama_checkpoint
+    from checkpoints import make_shape_checkpoint
     from flashformer import Engine
     from flashformer.bench import shape_config
 
-    path = make_llama_checkpoint(tmp_path, shape_config("tiny-gqa"))
+    path = make_shape_checkpoint(tmp_path, shape_config("tiny-gqa"))
     ref = Engine.from_pretrained(path, dtype="float32", device="cuda", backend="reference", max_batch_size=2,
                                  max_seq_len=96, progress=False)
     prompt = _prompts(1, vocab=ref.spec.vocab_size)[0]
