@@ -4,7 +4,9 @@ For each model shape (random bf16 weights) and prompt length: the prefill's sync
 (median, as `flashformer bench` times TTFT), then one prefill under torch.profiler, its GPU time
 per kernel summed by name, biggest first, with each kernel's share of the profiled prefill.
 
-  python benchmarks/profile_prefill.py --models llama-3.1-8b --prompt-lens 1024 [--out DIR]
+  python benchmarks/profile_prefill.py [--models SHAPE[,SHAPE]] [--prompt-lens 1024] [--out DIR]
+
+(default: the bench's largest default shape)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flashformer.bench import WEIGHT_STD, shape_config
+from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, shape_config
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
@@ -62,7 +64,7 @@ def profile(model: str, length: int, timed: int, top: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="llama-3.1-8b")
+    ap.add_argument("--models", default=DEFAULT_MODELS[-1])
     ap.add_argument("--prompt-lens", default="1024")
     ap.add_argument("--timed", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)

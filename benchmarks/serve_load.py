@@ -1,6 +1,6 @@
 """Load test of `flashformer serve` on a real model shape with random bf16 weights (no download).
 
-  python benchmarks/serve_load.py --out DIR [--model llama-3.1-8b] [--clients 8] [--prompt-len 128]
+  python benchmarks/serve_load.py --out DIR [--model SHAPE] [--clients 8] [--prompt-len 128]
                                   [--max-tokens 256] [--arrivals 5]
   python benchmarks/serve_load.py --quick --out DIR    # tiny shape, a few tokens: a smoke run, CPU too
 
@@ -272,7 +272,7 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="serve-load-results", help="output directory")
-    p.add_argument("--model", default=None, help="a compiled shape name (default llama-3.1-8b; --quick: tiny-gqa)")
+    p.add_argument("--model", default=None, help="a compiled shape name (default: the bench's largest default shape; --quick: its quick shape)")
     p.add_argument("--clients", type=int, default=8, help="concurrent streaming clients = the engine's batch slots")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128; --quick: 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per steady-state request (default 256)")
@@ -290,9 +290,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from flashformer.bench import shape_config
+    from flashformer.bench import DEFAULT_MODELS, QUICK_MODELS, shape_config
 
-    args.model = args.model or ("tiny-gqa" if args.quick else "llama-3.1-8b")
+    args.model = args.model or (QUICK_MODELS[0] if args.quick else DEFAULT_MODELS[-1])
     args.prompt_len = args.prompt_len or (16 if args.quick else 128)
     args.max_tokens = args.max_tokens or (16 if args.quick else 256)
     args.arrivals = args.arrivals or (2 if args.quick else 5)

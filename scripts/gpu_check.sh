@@ -63,6 +63,8 @@ if has sanitize; then
   for tool in memcheck racecheck synccheck; do
     step "mk-$tool" env FLASHFORMER_WATCHDOG_MS=600000 compute-sanitizer --tool "$tool" --kernel-name kns=megakernel \
       --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider tests/test_megakernel.py -k sanitizer_smoke
+    step "sampler-$tool" compute-sanitizer --tool "$tool" --kernel-name kns=flashformer --error-exitcode 1 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py -k sampler_sanitizer_smoke
   done
 fi
 if has profile; then

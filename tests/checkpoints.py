@@ -159,23 +159,49 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def make_shape_checkpoint(path: Path, config: dict) -> Path:
-    """Save a random HF model of `config` (a config.json dict; its model_type picks the class) to
-    `path`, without a tokenizer; norms random around 1 and biases around 0 (std 0.1),
-    initializer_range 0.1 so logits are of order 1."""
+def random_shape_model(config: dict, *, initializer_range: float, device=None):
+    """A random HF model of `config` (a config.json dict; its model_type picks the class) in fp32
+    eval mode, built on `device`; norms random around 1 and biases around 0 (std 0.1): HF's ones
+    and zeros would leave them untested."""
     import transformers
 
-    cfg = {k: v for k, v in config.items() if k != "architectures"}
-    model_type = cfg.pop("model_type", "llama")
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(model_type, **cfg, initializer_range=0.1)
-    ).eval()
+    from flashformer.baselines import hf_config
+
+    config = hf_config({k: v for k, v in config.items() if k != "architectures"})
+    config.initializer_range = initializer_range
+    with torch.device(device or "cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    model.save_pretrained(path)
+    return model
+
+
+def make_shape_checkpoint(path: Path, config: dict) -> Path:
+    """Save a random HF model of `config` (random_shape_model, initializer_range 0.1 so logits
+    are of order 1) to `path`, without a tokenizer."""
+    random_shape_model(config, initializer_range=0.1).save_pretrained(path)
     return path
+
+
+def keep_fp32_rope(model, fp32_buffers: dict[str, torch.Tensor]) -> None:
+    """Put RoPE's inverse frequencies back into `model` in fp32, as HF computes them
+    (`fp32_buffers`: named_buffers() of an fp32 twin): `model.to(torch.bfloat16)` rounds them,
+    which shifts every RoPE phase in proportion to the position."""
+    for name, buf in fp32_buffers.items():
+        if name.endswith("inv_freq"):
+            owner, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(owner), leaf, buf.clone())
+
+
+def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> torch.Tensor:
+    """Prefill `prompts`, then decode forced[s] (one token per row) for every step s; the decode
+    logits [steps, B, vocab] in fp32."""
+    device = backend.kv_cache.device
+    backend.prefill([torch.tensor(p, device=device) for p in prompts])
+    start = torch.tensor([len(p) for p in prompts], device=device)
+    return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
 
 
 def load_cpu_engine(path, **kwargs):

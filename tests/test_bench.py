@@ -65,9 +65,18 @@ def test_quick_run_on_cpu_writes_table_json_and_plot_and_says_they_mean_nothing(
     max_seq = model["kv_cache_bytes"] // (spec.num_layers * 2 * max(bench.QUICK_BATCHES) * spec.num_kv_heads * spec.head_dim * 2)
     assert max_seq > max(bench.QUICK_CTXS) and model["device_memory_bytes"] is None  # (no device to measure)
 
+    assert {(g["batch"], g["mode"]) for g in result["generate"]} == {
+        (b, m) for b in bench.QUICK_BATCHES for m in bench.GENERATE_MODES
+    }
+    for g in result["generate"]:
+        assert g["model"] == "tiny-gqa" and g["new_tokens"] == bench.QUICK_GENERATE_TOKENS
+        assert g["ms_per_token"] > 0 and g["kernel_ms"] > 0
+        assert g["ratio"] == pytest.approx(g["ms_per_token"] / g["kernel_ms"])
+
     table = (tmp_path / "bench.md").read_text()
     assert table.startswith(f"> **{result['note']}**")
-    assert table.count("| tiny-gqa |") == len(result["rows"]) + len(result["ttft"])
+    assert table.count("| tiny-gqa |") == len(result["rows"]) + len(result["ttft"]) + len(result["generate"])
+    assert "| model | batch | mode | ms per token | kernel ms | ratio |" in table
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     captured = capsys.readouterr()
     assert bench.CPU_NOTE in captured.out and "bench.png" in captured.err

@@ -53,6 +53,17 @@ def test_generate_a_batch_with_sampling_flags(path, engine, capsys):
         assert f"--- prompt {i}: {prompt!r}\n{expected.text}\n" in out
 
 
+def test_generate_with_penalty_and_min_p_flags(path, engine, capsys):
+    args = ["--max-tokens", "6", "--temperature", "0.8", "--min-p", "0.1", "--repetition-penalty", "1.3",
+            "--presence-penalty", "0.5", "--frequency-penalty", "0.2", "--seed", "3"]
+    assert main(["generate", str(path), "-p", "hello", *args, *CPU]) == 0
+    params = SamplingParams(max_tokens=6, temperature=0.8, min_p=0.1, repetition_penalty=1.3, presence_penalty=0.5,
+                            frequency_penalty=0.2, seed=3)
+    assert capsys.readouterr().out == engine.generate(["hello"], sampling=params)[0].text + "\n"
+    assert main(["generate", str(path), "-p", "x", "--repetition-penalty", "0", *CPU]) == 1
+    assert "repetition_penalty must be > 0" in capsys.readouterr().err
+
+
 def test_generate_from_token_ids(path, engine, capsys):
     assert main(["generate", str(path), "--token-ids", "5,6,7", "--max-tokens", "4", *CPU]) == 0
     expected = engine.generate(prompt_token_ids=[[5, 6, 7]], sampling=SamplingParams(max_tokens=4))[0]

@@ -227,25 +227,32 @@ def test_progress_bar(path, capsys):
 
 
 def test_greedy_rows_take_a_backends_fused_argmax(engine, monkeypatch):
-    """A backend with greedy_tokens (the megakernel's in-kernel arg-max) supplies the decode-step
-    picks of greedy rows; sampled rows and the token after prefill still come from the logits."""
+    """A backend with decode_step (the megakernel: its in-kernel arg-max as next_tokens) supplies
+    the decode-step tokens of a batch whose rows are all greedy, and writes no logits for it; a
+    batch with a sampled row samples every row from the logits, and the token after prefill
+    always comes from the logits."""
     calls = []
 
-    def greedy_tokens(batch):  # deliberately not the arg-max: token 7 for every row
-        calls.append(batch)
-        return [7] * batch
+    def decode_step(tokens, positions, want_logits=True):
+        calls.append(want_logits)
+        logits = engine.backend.decode(tokens, positions)
+        fused = torch.full((tokens.shape[0],), 7, dtype=torch.int32)  # deliberately not the arg-max: 7
+        return (logits if want_logits else None), fused
 
-    monkeypatch.setattr(engine.backend, "greedy_tokens", greedy_tokens, raising=False)
+    monkeypatch.setattr(engine.backend, "decode_step", decode_step, raising=False)
     greedy = SamplingParams(max_tokens=4, ignore_eos=True)
     sampled = SamplingParams(max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
     prompts = [random_prompt(5), random_prompt(6)]
-    out = engine.generate(prompt_token_ids=prompts, sampling=[greedy, sampled])
-    assert calls == [2, 2, 2]
-    monkeypatch.delattr(engine.backend, "greedy_tokens")
+    out = engine.generate(prompt_token_ids=prompts, sampling=[greedy, greedy])
+    assert calls == [False] * 3
+    mixed = engine.generate(prompt_token_ids=prompts, sampling=[greedy, sampled])
+    assert calls[3:] == [True] * 3
+    monkeypatch.delattr(engine.backend, "decode_step")
     plain = engine.generate(prompt_token_ids=prompts, sampling=[greedy, sampled])
-    # greedy row: the first token from the prefill logits, then the fused picks
+    # all greedy: the first token from the prefill logits, then the fused picks
     assert out[0].token_ids == plain[0].token_ids[:1] + [7, 7, 7]
-    assert out[1].token_ids == plain[1].token_ids  # the seeded sampled row never used them
+    assert out[1].token_ids[1:] == [7, 7, 7]
+    assert [o.token_ids for o in mixed] == [o.token_ids for o in plain]  # the logits' picks
 
 
 def test_generate_from_two_threads_is_serialized(engine):

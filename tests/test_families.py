@@ -20,12 +20,11 @@ import torch
 
 import flashformer
 from flashformer import Engine
-from flashformer.baselines import hf_config
 from flashformer.bench import shape_config
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import compiled_configs, match_config, no_match_reason
 
-from checkpoints import rel_l2
+from checkpoints import keep_fp32_rope, random_shape_model, rel_l2, teacher_forced
 
 # One config of each family and feature, at the shapes that stress them: head_dim 128 with
 # q_rows != hidden (qwen3-0.6b), GQA group 7 (qwen2.5-7b) and 6 (qwen2.5-1.5b), vocabularies of
@@ -89,44 +88,25 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or not flashformer.cuda_a
 
 def hf_models(name: str, path):
     """HF's fp32 model of shape `name` at 2 layers, random and bf16-exact, built on the GPU in fp32
-    (norm weights ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.1^2): HF's ones and zeros would leave them
-    untested), saved to `path` in bf16; and HF's bf16 model loaded from that checkpoint."""
+    (checkpoints.random_shape_model), saved to `path` in bf16; and HF's bf16 model loaded from that
+    checkpoint, its RoPE frequencies fp32 as HF computes them."""
     import transformers
 
-    config = hf_config(dict(shape_config(name), num_hidden_layers=2, initializer_range=0.02))
-    with torch.device("cuda"):
-        fp32 = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    fp32 = random_shape_model(dict(shape_config(name), num_hidden_layers=2), initializer_range=0.02, device="cuda")
     with torch.no_grad():
-        for pname, p in fp32.named_parameters():
-            if p.dim() == 1:
-                p.normal_(1.0 if "norm" in pname else 0.0, 0.1)
+        for p in fp32.parameters():
             p.copy_(p.bfloat16().float())
     copy.deepcopy(fp32).to(torch.bfloat16).save_pretrained(path)  # (only the weights are saved)
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    buffers = dict(fp32.named_buffers())
-    for bname, buf in list(bf16.named_buffers()):  # RoPE frequencies as HF computes them, in fp32
-        if bname.endswith("inv_freq"):
-            owner, leaf = bname.rsplit(".", 1)
-            setattr(bf16.get_submodule(owner), leaf, buffers[bname].clone())
+    keep_fp32_rope(bf16, dict(fp32.named_buffers()))
     return fp32, bf16
 
 
 def hf_logits(model, prompt: list[int], forced: list[int]) -> torch.Tensor:
-    """Logits [1 + len(forced), vocab] after the prompt and after each forced token, fp32."""
+    """Logits [len(forced), vocab] after each forced token (the decode steps), fp32."""
     with torch.no_grad():
         ids = torch.tensor([prompt + forced], device="cuda")
-        return model(ids).logits[0, len(prompt) - 1 :].float()
-
-
-def engine_logits(engine, prompts: list[list[int]], forced: list[list[int]]) -> torch.Tensor:
-    """The engine's backend teacher-forced: [1 + steps, B, vocab] (prefill, then each decode step)."""
-    backend = engine.backend
-    out = [backend.prefill([torch.tensor(p, device="cuda") for p in prompts])]
-    positions = torch.tensor([len(p) for p in prompts], device="cuda")
-    for s in range(len(forced[0])):
-        tokens = torch.tensor([f[s] for f in forced], device="cuda")
-        out.append(backend.decode(tokens, positions + s))
-    return torch.stack(out).float()
+        return model(ids).logits[0, len(prompt) :].float()
 
 
 @pytest.mark.gpu
@@ -137,16 +117,16 @@ def test_family_teacher_forced_logits_match_hf(name, tmp_path):
     vocab = fp32.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in RAGGED]
     forced = [torch.randint(0, vocab, (STEPS,)).tolist() for _ in RAGGED]
-    ref32 = torch.stack([hf_logits(fp32, p, f) for p, f in zip(prompts, forced)], dim=1)  # [1 + steps, B, vocab]
+    ref32 = torch.stack([hf_logits(fp32, p, f) for p, f in zip(prompts, forced)], dim=1)  # [steps, B, vocab]
     ref16 = torch.stack([hf_logits(bf16, p, f) for p, f in zip(prompts, forced)], dim=1)
     del fp32, bf16
     engine = Engine.from_pretrained(tmp_path, backend="megakernel", max_batch_size=len(RAGGED),
                                     max_seq_len=max(RAGGED) + STEPS + 1, progress=False)
     assert engine.backend.name == "megakernel"
     engine.backend.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
-    ours = engine_logits(engine, prompts, forced)
+    ours = teacher_forced(engine.backend, prompts, torch.tensor(forced).T)
     assert ours.shape == ref32.shape
-    for s in range(1, 1 + STEPS):  # each decode step (0 is the prefill, on the reference path)
+    for s in range(STEPS):  # each decode step
         err, ref_err = rel_l2(ours[s], ref32[s]), rel_l2(ref16[s], ref32[s])
         assert err <= 2 * ref_err, f"{name} step {s}: megakernel rel-L2 {err:.2e} vs HF bf16 {ref_err:.2e}"
         top2 = ref32[s].topk(2, dim=-1).values

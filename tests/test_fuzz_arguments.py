@@ -29,6 +29,11 @@ SAMPLING_BAD = {
                        torch.tensor([True]), [[1]], np.array([-3])],
     "stop": [5, [5], [""], "", [None], [b"x"], {"a"}, ("a", 3)],
     "ignore_eos": ["no", 0, 1, None, "False", np.bool_(True), [True]],
+    "min_p": [-0.1, 1.5, float("nan"), "0.1", True, None, [0.1]],
+    "presence_penalty": [2.5, -2.01, float("inf"), "1", True, None],
+    "frequency_penalty": [3, -3, float("nan"), "0", False, [0.0]],
+    "repetition_penalty": [0, 0.0, -1.0, float("inf"), "1.2", True, None],
+    "logprobs": [-1, 21, 2.0, "5", True, [5], np.float64(3)],
 }
 FROM_PRETRAINED_BAD = {
     "dtype": ["int8", "bf16", "float64", torch.int8, torch.float64, 5, None, True, ["float32"]],
@@ -98,7 +103,9 @@ def test_sampling_params_refuse_every_wrong_value(capsys):
 
 def test_sampling_params_accept_what_they_document():
     for kwargs in [dict(temperature=Fraction(1, 2)), dict(top_p=np.float32(0.5)), dict(seed=2**64 - 1),
-                   dict(stop_token_ids=np.array([1, 2], dtype=np.uint16)), dict(stop=("a", "b")), dict(top_k=10**9)]:
+                   dict(stop_token_ids=np.array([1, 2], dtype=np.uint16)), dict(stop=("a", "b")), dict(top_k=10**9),
+                   dict(min_p=1), dict(logprobs=0), dict(logprobs=np.int64(20)), dict(repetition_penalty=1e-3),
+                   dict(presence_penalty=-2), dict(frequency_penalty=Fraction(3, 2))]:
         SamplingParams(**kwargs)
 
 

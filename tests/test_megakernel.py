@@ -21,7 +21,7 @@ from flashformer.megakernel import MegakernelBackend, compiled_configs, match_co
 from flashformer.reference import ReferenceBackend
 from flashformer.weights import Weights, random_weights
 
-from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2
+from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2, teacher_forced
 
 # The compiled test configs: tiny-gqa untied, tiny-d128 tied, tiny-qk-norm (Qwen3's q/k norm,
 # q_rows != hidden, a padded vocabulary) untied, tiny-bias (Qwen2's q/k/v biases, GQA group 3, a
@@ -73,15 +73,6 @@ def to_fp32(w: Weights) -> Weights:
     embed = w.embed.float()
     return Weights(embed=embed, final_norm=w.final_norm.float(),
                    lm_head=embed if w.tied else w.lm_head.float(), layers=layers)
-
-
-def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> torch.Tensor:
-    """Prefill `prompts`, then decode forced[s] (one token per row) for every step s; the decode
-    logits [steps, B, vocab] in fp32."""
-    device = backend.kv_cache.device
-    backend.prefill([torch.tensor(p, device=device) for p in prompts])
-    start = torch.tensor([len(p) for p in prompts], device=device)
-    return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
 
 
 def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
@@ -354,17 +345,23 @@ def test_the_packed_weights_are_the_only_copy_on_the_device(name):
 @gpu
 @pytest.mark.parametrize("name", TINY)
 def test_prefill_over_the_packed_weights_is_the_reference_prefill(name):
-    """Ragged prompts, layer by layer over the unpacked buffer:
-    the same logits and KV cache as the reference over row-major weights."""
+    """Ragged prompts, layer by layer over the unpacked buffer: logits and KV cache as close to
+    the fp32 reference's as the bf16 reference over row-major weights gets. (Not bit for bit:
+    prefill's fused RMSNorm and silu(gate) * up sum in another order, so a value may differ by
+    one bf16 ulp, test_prefills_fused_kernels_round_as_the_reference_does; those ulps move a
+    2-layer model's logits by a few 1e-3.)"""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     ref = reference(spec, clone_weights(weights), 3, 600)
+    fp32 = reference(spec, to_fp32(weights), 3, 600)
     mk = megakernel(spec, weights, 3, 600)
     prompts = [torch.randint(0, spec.vocab_size, (n,), device="cuda") for n in (1, 37, 513)]
     for _ in range(2):  # twice: the second prefill reuses the buffer the first one left
-        ours, theirs = mk.prefill(prompts), ref.prefill(prompts)
-        assert rel_l2(ours, theirs) < 1e-3
-        assert rel_l2(mk.kv_cache.float(), ref.kv_cache.float()) < 1e-3
+        ours, theirs, truth = mk.prefill(prompts), ref.prefill(prompts), fp32.prefill(prompts)
+        assert torch.isfinite(ours).all()
+        assert rel_l2(ours, truth) <= 1.5 * rel_l2(theirs, truth)
+        cache_truth = fp32.kv_cache.float()
+        assert rel_l2(mk.kv_cache.float(), cache_truth) <= 1.5 * rel_l2(ref.kv_cache.float(), cache_truth)
 
 
 @pytest.mark.gpu

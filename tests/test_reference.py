@@ -11,7 +11,16 @@ import random
 import pytest
 import torch
 
-from checkpoints import ARCHS, MAX_SEQ_LEN, hf_greedy, load_cpu_engine, make_checkpoint, random_prompt, rel_l2
+from checkpoints import (
+    ARCHS,
+    MAX_SEQ_LEN,
+    hf_greedy,
+    keep_fp32_rope,
+    load_cpu_engine,
+    make_checkpoint,
+    random_prompt,
+    rel_l2,
+)
 from flashformer.engine import Engine
 from flashformer.reference import rope_inv_freq
 from flashformer.sampling import SamplingParams
@@ -177,11 +186,9 @@ def check_bf16_parity(arch, tmp_path, device):
     )
     tokens = random_prompt(48)
     ref = hf_logits(model.to(device), tokens)[15:]
-    inv_freq = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    fp32_buffers = {n: b.clone() for n, b in model.named_buffers()}
     hf16 = model.to(torch.bfloat16)  # in place: from here on `model` is bf16 too
-    for name, buf in inv_freq.items():  # but RoPE's frequencies fp32, as HF computes them (to() rounded them)
-        owner, leaf = name.rsplit(".", 1)
-        setattr(hf16.get_submodule(owner), leaf, buf)
+    keep_fp32_rope(hf16, fp32_buffers)  # (to() rounded RoPE's frequencies)
     hf16_logits = hf_logits(hf16, tokens)[15:]
     ours = decode_logits(engine.backend, [tokens[:16]], [tokens[16:]])[0]
     our_err, hf_err = rel_l2(ours, ref), rel_l2(hf16_logits, ref)

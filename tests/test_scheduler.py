@@ -48,9 +48,11 @@ class Collector:
         return done
 
 
-def staggered_run(engine, prompts, lengths, waves: int) -> list[list[int]]:
+def staggered_run(engine, prompts, lengths, waves: int, sampling=None) -> list[list[int]]:
     """Submit the prompts in `waves` (each after the one before has produced tokens), so that
-    sequences join a running batch and leave it at different steps; the token ids of each."""
+    sequences join a running batch and leave it at different steps; the token ids of each.
+    `sampling`: SamplingParams fields of every sequence beyond max_tokens (default greedy), or a
+    list of them, one per prompt."""
     scheduler = Scheduler(engine, max_queue=len(prompts))
     scheduler.start()
     collector = Collector()
@@ -59,7 +61,7 @@ def staggered_run(engine, prompts, lengths, waves: int) -> list[list[int]]:
         seqs = []
         for w in range(waves):
             chunk = slice(w * per_wave, (w + 1) * per_wave)
-            params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths[chunk]]
+            params = _params(lengths, sampling)[chunk]
             wave = collector.sequences(engine, prompts[chunk], params)
             scheduler.submit(wave)
             seqs += wave
@@ -72,15 +74,45 @@ def staggered_run(engine, prompts, lengths, waves: int) -> list[list[int]]:
     return [outputs[key].token_ids for key in range(len(seqs))]
 
 
-def alone(engine, prompts, lengths) -> list[list[int]]:
-    return [engine.generate(prompt_token_ids=[p], sampling=SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids
-            for p, n in zip(prompts, lengths)]
+def _params(lengths, sampling=None) -> list[SamplingParams]:
+    sampling = sampling or {}
+    fields = sampling if isinstance(sampling, list) else [sampling] * len(lengths)
+    return [SamplingParams(max_tokens=n, ignore_eos=True, **f) for n, f in zip(lengths, fields)]
+
+
+def alone(engine, prompts, lengths, sampling=None) -> list[list[int]]:
+    return [engine.generate(prompt_token_ids=[p], sampling=params)[0].token_ids
+            for p, params in zip(prompts, _params(lengths, sampling))]
 
 
 def test_staggered_arrivals_get_what_they_get_alone(cpu_engine):
     prompts = [random_prompt(n) for n in (5, 17, 3, 30, 9, 12, 1, 22)]
     lengths = [12, 3, 20, 7, 15, 1, 9, 60]  # the last one runs into the cache's end (96)
     assert staggered_run(cpu_engine, prompts, lengths, waves=3) == alone(cpu_engine, prompts, lengths)
+
+
+def test_seeded_sampling_and_penalties_get_what_generate_gets(cpu_engine):
+    """Sampled and penalized sequences follow the engine's sampler (its filters, penalties and
+    seeded noise), whatever joins or leaves the batch around them; greedy ones among them too."""
+    prompts = [random_prompt(n) for n in (5, 17, 3, 30, 9, 12, 1, 22)]
+    lengths = [12, 3, 20, 7, 15, 1, 9, 40]
+    sampled = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02)
+    penalized = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4)
+    sampling = [dict(sampled, seed=b, **(penalized if b % 2 else {})) for b in range(6)]
+    sampling += [dict(penalized, temperature=0), {}]  # greedy: penalized, plain
+    got = staggered_run(cpu_engine, prompts, lengths, waves=3, sampling=sampling)
+    assert got == alone(cpu_engine, prompts, lengths, sampling)
+    assert got[:6] != alone(cpu_engine, prompts[:6], lengths[:6])  # (they did sample)
+
+
+def test_logprobs_are_refused_by_the_scheduler(cpu_engine):
+    scheduler = Scheduler(cpu_engine, max_queue=1)
+    scheduler.start()
+    try:
+        with pytest.raises(ValueError, match="logprobs"):
+            scheduler.submit(Collector().sequences(cpu_engine, [random_prompt(3)], [SamplingParams(logprobs=2)]))
+    finally:
+        scheduler.stop()
 
 
 def test_the_scheduler_holds_the_engine(cpu_engine):

@@ -140,6 +140,13 @@ def test_sampling_parameters(client):
                                       seed=3, n=3, extra_body={"top_k": 40, "ignore_eos": True})
     assert [c.text for c in again.choices] == [c.text for c in first.choices]  # seeded: reproducible
     assert len({c.text for c in first.choices}) > 1  # choice j samples with seed + j
+    penalties = dict(presence_penalty=0.5, frequency_penalty=0.5,
+                     extra_body={"top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2, "ignore_eos": True})
+    first = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0.9, seed=5,
+                                      **penalties)
+    again = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0.9, seed=5,
+                                      **penalties)
+    assert first.usage.completion_tokens == 16 and again.choices[0].text == first.choices[0].text
     greedy = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, **GREEDY).choices[0].text
     stop = greedy[3:6]
     cut = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, stop=[stop], **GREEDY)
@@ -256,7 +263,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": MAX_BATCH + 1}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
     ("/v1/completions", {}, 400, "prompt"),
     ("/v1/completions", {"prompt": 7}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),

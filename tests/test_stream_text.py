@@ -1,33 +1,72 @@
-"""Streamed text is always a prefix of the final text, also when an incomplete UTF-8 character at
-the end (decoded as several "\ufffd") completes into fewer characters next to a stop string."""
+"""Streamed text always adds up to the final text, which is the whole output decoded (cut at a
+stop string), also when UTF-8 characters span several tokens next to a stop string and when the
+output ends inside one. A byte-level tokenizer with one token per byte makes every multi-byte
+character span tokens."""
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from flashformer.engine import _Request
 from flashformer.sampling import SamplingParams
+from flashformer.tokenizer import Tokenizer
 
 
-class PrefixDecoder:
-    """A tokenizer stub whose decode of the first n ids is texts[n - 1]."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return Tokenizer(tok, {}, None)
 
-    def __init__(self, texts):
-        self.texts = texts
 
-    def decode(self, ids):
-        return self.texts[len(ids) - 1]
-
-
-def stream(texts, stop):
-    request = _Request(0, None, [1], SamplingParams(max_tokens=len(texts), stop=stop), PrefixDecoder(texts), (), "cpu")
-    deltas = [request.add(token, 0.0, cache_full=False) for token in range(len(texts))]
+def stream(tokenizer, ids, stop=None, max_tokens=None):
+    params = SamplingParams(max_tokens=max_tokens or len(ids), stop=stop, ignore_eos=True)
+    request = _Request(0, None, [1], params, tokenizer, (), "cpu")
+    deltas = []
+    for token in ids:
+        deltas.append(request.add(token, 0.0, cache_full=False))
+        if request.finish_reason:
+            break
+    assert all("\ufffd" not in d.text for d in deltas[:-1])  # nothing half-decoded is ever streamed
     return "".join(d.text for d in deltas), request.output()
 
 
-def test_replacement_characters_at_the_end_do_not_count_as_held_back_text():
-    # Two bytes of a three-byte character decode as two "\ufffd"; the third makes them one "|".
-    streamed, output = stream(["\ufffdv", "\ufffdv\ufffd\ufffd", "\ufffdv|x", "\ufffdv|xyz"], stop="v|x")
-    assert output.finish_reason == "stop" and output.text == "\ufffd"
+def test_multibyte_characters_stream_whole(tokenizer):
+    text = "héllo € wörld 😀!"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # characters span tokens
+    streamed, output = stream(tokenizer, ids)
+    assert streamed == output.text == text and output.finish_reason == "length"
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("a€b|xyz", "b|x", "a€"),        # a stop string right after a three-byte character
+    ("xx€byy", "€b", "xx"),          # a stop string that holds one
+    ("ab😀😀cd", "😀c", "ab😀"),
+    ("no stop here €", "zz", "no stop here €"),
+])
+def test_stop_strings_next_to_multibyte_characters(tokenizer, text, stop, expected):
+    streamed, output = stream(tokenizer, tokenizer.encode(text), stop=stop)
+    assert output.text == expected == streamed
+    assert output.finish_reason == ("stop" if stop in text else "length")
+
+
+def test_an_output_ending_inside_a_character_is_decoded_as_decode_does(tokenizer):
+    ids = tokenizer.encode("ok €")[:-1]  # the last byte of € is missing
+    streamed, output = stream(tokenizer, ids)
+    assert output.text == tokenizer.decode(ids) and output.text.startswith("ok ") and output.text.endswith("\ufffd")
     assert streamed == output.text
 
 
-def test_text_without_a_stop_streams_whole():
-    streamed, output = stream(["a", "ab\ufffd", "abc", "abcd"], stop=None)
-    assert streamed == output.text == "abcd" and output.finish_reason == "length"
+def test_the_text_is_not_re_decoded_per_token(tokenizer, monkeypatch):
+    """Constant work per token: the whole output is decoded once, when it ends (for an incomplete
+    character at the very end), not once per token."""
+    calls = []
+    decode = Tokenizer.decode
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids, **kw: calls.append(len(ids)) or decode(self, ids, **kw))
+    text = "ein langer Text, ünd noch € mehr. " * 20
+    streamed, output = stream(tokenizer, tokenizer.encode(text))
+    assert streamed == output.text == text
+    assert calls == [len(tokenizer.encode(text))]

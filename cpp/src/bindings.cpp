@@ -13,6 +13,7 @@
 #include "flashformer/fragment_layout.hpp"
 #include "flashformer/kernel_config.hpp"
 #include "flashformer/ops.hpp"
+#include "flashformer/sampling.cuh"
 #include "flashformer/trace.hpp"
 #include "kernels/launch.hpp"
 #include "megakernel_engine.hpp"
@@ -269,6 +270,91 @@ PYBIND11_MODULE(_C, m) {
           "Wait for what record() queued (if anything); raise RuntimeError if that step aborted.")
       .def_property_readonly("checked_next_tokens", &MegakernelEngine::checked_next_tokens,
                              "arg-max tokens of the step the last successful check() waited for, one per batch row");
+
+  {  // the sampler's constants and layouts (sampling.cuh), so Python states none of them itself
+    py::list row_fields;  // (name, byte offset, "f4" | "i4" | "u4") of each Sampler::Row field
+    auto field = [&](const char* name, size_t offset, const char* type) {
+      row_fields.append(py::make_tuple(name, offset, type));
+    };
+    field("temperature", offsetof(Sampler::Row, temperature), "f4");
+    field("top_p", offsetof(Sampler::Row, top_p), "f4");
+    field("min_p", offsetof(Sampler::Row, min_p), "f4");
+    field("repetition_penalty", offsetof(Sampler::Row, repetition_penalty), "f4");
+    field("presence_penalty", offsetof(Sampler::Row, presence_penalty), "f4");
+    field("frequency_penalty", offsetof(Sampler::Row, frequency_penalty), "f4");
+    field("top_k", offsetof(Sampler::Row, top_k), "i4");
+    field("max_tokens", offsetof(Sampler::Row, max_tokens), "i4");
+    field("seed_lo", offsetof(Sampler::Row, seed_lo), "u4");
+    field("seed_hi", offsetof(Sampler::Row, seed_hi), "u4");
+    field("penalized", offsetof(Sampler::Row, penalized), "i4");
+    field("num_stop", offsetof(Sampler::Row, num_stop), "i4");
+    static_assert(sizeof(Sampler::Row) == 12 * 4, "a Sampler::Row field is missing from SAMPLER['row_fields']");
+    static_assert(sizeof(Sampler::Record) == 3 * 4, "SAMPLER['record_fields'] is out of date");
+    py::dict d;
+    d["row_fields"] = row_fields;
+    d["row_bytes"] = sizeof(Sampler::Row);
+    d["record_fields"] = std::vector<std::string>{"token", "finish", "flags"};
+    d["finish"] = py::dict(py::arg("none") = int(Sampler::kNone), py::arg("stop") = int(Sampler::kStop),
+                           py::arg("length") = int(Sampler::kLength), py::arg("aborted") = int(Sampler::kAborted));
+    d["flags"] = py::dict(py::arg("idle") = int(Sampler::kIdle), py::arg("non_finite") = int(Sampler::kNonFinite));
+    d["greedy_below"] = Sampler::kGreedyBelow;
+    d["max_logprobs"] = Sampler::kMaxLogprobs;
+    d["max_rounds"] = Sampler::kMaxRounds;
+    d["hash_multipliers"] = py::make_tuple(Sampler::kHashMul0, Sampler::kHashMul1);
+    d["cluster_ctas"] = Sampler::kClusterCtas;
+    d["noise_bits"] = Sampler::kNoiseBits;
+    m.attr("SAMPLER") = d;
+  }
+  m.def(
+      "sampler_noise_bits",
+      [](uint64_t seed, uint32_t step, uint32_t round, uint32_t token) {
+        return Sampler::noise_bits(uint32_t(seed), uint32_t(seed >> 32), step, round, token);
+      },
+      py::arg("seed"), py::arg("step"), py::arg("round"), py::arg("token"),
+      "The sampler's noise bits for (seed, token index of the request, draw round, token id), computed on the host.");
+  m.def(
+      "host_device_pointer",
+      [](std::uintptr_t host) -> std::uintptr_t {
+        void* device = nullptr;
+        if (cudaHostGetDevicePointer(&device, reinterpret_cast<void*>(host), 0) != cudaSuccess) {
+          cudaGetLastError();  // (clear it: not mapped is an answer, not a failure)
+          return 0;
+        }
+        return reinterpret_cast<std::uintptr_t>(device);
+      },
+      py::arg("host"), "The device address of pinned, mapped host memory (kernels write it directly), or 0.");
+  m.def("sampler_max_vocab", &sampler_max_vocab, "The largest vocabulary the sampler holds on the current CUDA device.");
+  m.def(
+      "sample_tokens",
+      [](std::uintptr_t logits, int64_t logits_stride, std::uintptr_t next_tokens, int vocab, int batch, int max_seq,
+         std::uintptr_t rows, std::uintptr_t stop_ids, int stop_stride, std::uintptr_t output_counts,
+         std::uintptr_t prompt_mask, std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t generated,
+         std::uintptr_t status, std::uintptr_t records, int device, std::uintptr_t stream) {
+        Sampler::Args a{};
+        a.logits = reinterpret_cast<const float*>(logits);
+        a.logits_stride = logits_stride;
+        a.next_tokens = reinterpret_cast<const int32_t*>(next_tokens);
+        a.vocab = vocab;
+        a.batch = batch;
+        a.max_seq = max_seq;
+        a.rows = reinterpret_cast<const Sampler::Row*>(rows);
+        a.stop_ids = reinterpret_cast<const int32_t*>(stop_ids);
+        a.stop_stride = stop_stride;
+        a.output_counts = reinterpret_cast<int32_t*>(output_counts);
+        a.prompt_mask = reinterpret_cast<const uint8_t*>(prompt_mask);
+        a.tokens = reinterpret_cast<int64_t*>(tokens);
+        a.positions = reinterpret_cast<int64_t*>(positions);
+        a.generated = reinterpret_cast<int32_t*>(generated);
+        a.status = reinterpret_cast<int32_t*>(status);
+        a.records = reinterpret_cast<Sampler::Record*>(records);
+        sample_tokens(a, device, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("logits"), py::arg("logits_stride"), py::arg("next_tokens"), py::arg("vocab"), py::arg("batch"),
+      py::arg("max_seq"), py::arg("rows"), py::arg("stop_ids"), py::arg("stop_stride"), py::arg("output_counts"),
+      py::arg("prompt_mask"), py::arg("tokens"), py::arg("positions"), py::arg("generated"), py::arg("status"),
+      py::arg("records"), py::arg("device"), py::arg("stream") = 0,
+      "Sample every row's next token on the device and feed it to the next decode step (device pointers; "
+      "sampling.cuh). logits 0: take next_tokens, the fused arg-max.");
 
   py::module_ testing = m.def_submodule("testing", "Kernel probes used by the test suite and the benchmark");
   testing.def(

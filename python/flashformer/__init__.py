@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "Engine": "engine",
     "RequestOutput": "engine",
+    "StreamDelta": "engine",
+    "TokenLogprob": "engine",
+    "TopLogprob": "engine",
     "SamplingParams": "sampling",
     "ModelSpec": "config",
 }

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from .config import ModelSpec, load_spec, spec_from_dict
-from .engine import BACKENDS, select_backend
+from .engine import BACKENDS, Engine, select_backend
 from .reference import KVCache
+from .sampling import SamplingParams
 from .weights import Weights, load_weights, random_weights
 
 # The config.json of each compiled megakernel shape: its dimensions, layer count, tied LM head and
@@ -115,13 +116,20 @@ COUNTS = {
     "gptfast": Counts(5, 50),
     "hf_eager": Counts(3, 20),
     "ttft": Counts(1, 5),
+    "generate": Counts(1, 3),
 }
 QUICK_COUNTS = {
     "engine": Counts(3, 100),
     "gptfast": Counts(3, 20),
     "hf_eager": Counts(2, 10),
     "ttft": Counts(1, 3),
+    "generate": Counts(1, 2),
 }
+# The generate table: engine.generate of random prompts of GENERATE_PROMPT tokens, GENERATE_TOKENS
+# new tokens per row (EOS ignored), greedy and sampled as issue 18 states them, against the bare
+# greedy decode step timed back to back at the generation's mean context.
+GENERATE_PROMPT, GENERATE_TOKENS, QUICK_GENERATE_TOKENS = 128, 256, 32
+GENERATE_MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_p=0.95)}
 
 
 def shape_config(name: str) -> dict:
@@ -334,6 +342,7 @@ def run_bench(
         "errors": [],
         "rows": [],
         "ttft": [],
+        "generate": [],
     }
     generator = torch.Generator(device=device).manual_seed(seed)
     per_model = len(batches) * len(ctxs) * (1 + len(run_peers)) + len(prompt_lens) * (1 + ("hf_eager" in run_peers))
@@ -372,7 +381,8 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         "hidden_size": spec.hidden_size,
     }
     grid = [(b, c) for b in batches for c in ctxs]
-    max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, 2) // 128) * 128
+    new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
+    max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, GENERATE_PROMPT + new_tokens + 1) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
     cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device)
     backend = backend_cls(spec, weights, cache)
@@ -417,6 +427,10 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         median = _median(_time_calls(partial(backend.prefill, [prompt]), counts["ttft"], device, per_call=True))
         ttft[length] = {"model": name, "prompt_len": length, "engine_ms": median, "hf_eager_ms": None}
         bar.update()
+    generate = []
+    for batch in batches:
+        bar.set_description(f"{name} generate b{batch}")
+        generate += _bench_generate(name, spec, weights, cache, backend, batch, new_tokens, counts, device, generator)
     if hasattr(backend, "release_weights"):  # the peers multiply the same tensors, row-major
         backend.release_weights()
     del backend, cache
@@ -433,8 +447,38 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
                 row[f"speedup_vs_{peer}"] = row[f"{peer}_ms"] / row["engine_ms"]
     result["rows"].extend(rows.values())
     result["ttft"].extend(ttft.values())
+    result["generate"].extend(generate)
     del weights
     _release()
+
+
+def _bench_generate(name, spec, weights, cache, backend, batch, new_tokens, counts, device, generator) -> list[dict]:
+    """The generate rows of one (model, batch): ms per token through Engine.generate, greedy and
+    sampled, beside the bare greedy decode step (no logits written where the backend fuses its
+    arg-max) timed back to back at the generation's mean context."""
+    engine = Engine(spec, weights, cache, backend, tokenizer=None)
+    new_tokens = min(new_tokens, (cache.max_seq_len - 2) // 2)  # (a sweep of short contexts: a short cache)
+    prompt_len = min(GENERATE_PROMPT, cache.max_seq_len - new_tokens - 1)
+    prompts = torch.randint(spec.vocab_size, (batch, prompt_len), generator=generator, device=device).tolist()
+    ctx = prompt_len + new_tokens // 2
+    tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+    positions = torch.full((batch,), ctx, dtype=torch.long, device=device)
+    step = getattr(backend, "decode_step", None)
+    bare = partial(step, tokens, positions, want_logits=False) if step else partial(backend.decode, tokens, positions)
+    kernel_ms = _median(_time_calls(bare, counts["engine"], device))
+    getattr(backend, "synchronize", lambda: None)()
+    out = []
+    for mode, kwargs in GENERATE_MODES.items():
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, seed=0, **kwargs)
+        per_token = []
+        for i in range(counts["generate"].warmup + counts["generate"].timed):
+            outputs = engine.generate(prompt_token_ids=prompts, sampling=params)
+            if i >= counts["generate"].warmup:
+                per_token.append(float(np.mean([o.metrics.per_token_latency for o in outputs])) * 1e3)
+        ms = _median(per_token)
+        out.append({"model": name, "batch": batch, "mode": mode, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                    "ctx": ctx, "ms_per_token": ms, "kernel_ms": kernel_ms, "ratio": ms / kernel_ms})
+    return out
 
 
 def _all_tensors(weights: Weights):
@@ -563,6 +607,23 @@ def format_table(result: dict) -> str:
         for t in result["ttft"]:
             lines.append(
                 f"| {t['model']} | {t['prompt_len']} | {_fmt(t['engine_ms'], 2)} | {_fmt(t['hf_eager_ms'], 2)} |"
+            )
+    if result.get("generate"):
+        g = result["generate"][0]
+        lines += [
+            "",
+            f"Generation through `engine.generate` ({g['prompt_len']}-token prompts, {g['new_tokens']} new tokens a "
+            f"row; sampled: {', '.join(f'{k}={v}' for k, v in GENERATE_MODES['sampled'].items())}; median of "
+            f"{result['counts']['generate']['timed']} runs of the mean time per token after the first) against "
+            "the bare greedy decode step back to back at the mean context (kernel ms):",
+            "",
+            "| model | batch | mode | ms per token | kernel ms | ratio |",
+            "| --- | ---: | --- | ---: | ---: | ---: |",
+        ]
+        for r in result["generate"]:
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['mode']} | {_fmt(r['ms_per_token'], 3)} | {_fmt(r['kernel_ms'], 3)} "
+                f"| {_fmt(r['ratio'], 3)} |"
             )
     for error in result["errors"]:
         lines += ["", f"- {error['model']}, {error['peer']} peer: {error['error']}"]

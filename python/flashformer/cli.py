@@ -87,6 +87,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     parser.add_argument("--top-k", type=int, default=-1, help="sample among the k likeliest tokens; -1 disables")
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of this mass")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one's probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="> 1 discourages tokens of the prompt and the output (vLLM's); 1 disables")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from each output token")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="subtracted per occurrence in the output")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: unseeded)")
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop at TEXT (cut from the output); repeatable"
@@ -107,6 +112,10 @@ def _sampling(args):
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,

@@ -1,16 +1,18 @@
 """`Engine`: load a checkpoint directory, then generate, stream and chat.
 
-The engine owns the request loop (validation, sampling, stop conditions, detokenization, timing)
-and the decode state (`KVCache`: the KV cache and the RoPE tables), and drives the model through
-a `Backend` built over that state: `prefill` fills the KV cache from the prompts and `decode` runs
+The engine owns the request loop (validation, stop conditions, detokenization, timing), the decode
+state (`KVCache`: the KV cache and the RoPE tables; `BatchSampler`: each row's next token and
+position on the device, and the sampler that picks them), and drives the model through a
+`Backend` built over that state: `prefill` fills the KV cache from the prompts and `decode` runs
 one step for the whole batch. `select_backend` is the one place that picks it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
-from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -21,12 +23,13 @@ import torch
 from . import validate
 from .config import ModelSpec, load_spec
 from .reference import KVCache, ReferenceBackend
-from .sampling import SamplingParams, sample
+from .sampling import BatchSampler, SamplingParams
 from .tokenizer import Tokenizer
 from .validate import BACKENDS
 from .weights import Weights, inspect_checkpoint, load_weights, resolve_dtype
 
 DEFAULT_MAX_SEQ_LEN = 4096  # or the model's max_position_embeddings when smaller
+RUN_AHEAD = 2  # decode steps queued on the device before the host reads the oldest
 
 
 class Backend(Protocol):
@@ -46,9 +49,11 @@ class Backend(Protocol):
         """One step for cache rows 0..B-1: token[b] at positions[b] (int64 [B] on the device);
         append its K/V and return next-token logits [B, vocab] fp32."""
 
-    # Optional: `greedy_tokens(batch) -> list[int]`, the arg-max of each row of the last decode
-    # step's logits, when the backend computes it itself (the megakernel fuses it); the engine
-    # then reads greedy picks from it instead of arg-maxing the logits.
+    # Optional: `decode_step(tokens, positions, want_logits) -> (logits | None, next_tokens)`, the
+    # same step without a copy of its logits: `logits` (a view valid until the next step; None
+    # unless want_logits) and `next_tokens`, int32 [B] on the device, each row's arg-max when the
+    # backend computes it itself (the megakernel fuses it). The engine decodes through it when
+    # present, and takes next_tokens as the tokens when every row is greedy on the raw logits.
     # Optional: `synchronize()`, for a backend whose decode() returns before its step is known to
     # have completed (the megakernel): waits for it and raises if it failed.
     # Optional: `checks_logits = True`, for a backend whose decode() itself raises when a step's
@@ -94,6 +99,28 @@ class RequestMetrics:
 
 
 @dataclass
+class TopLogprob:
+    """One alternative at an output position (OpenAI's top_logprobs entry; token_id added)."""
+
+    token: str | None  # the token's text (None without a tokenizer)
+    logprob: float
+    bytes: list[int] | None  # its text's UTF-8 bytes
+    token_id: int
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one output token under the model (log_softmax of its logits, before
+    penalties and filters), with the top alternatives: OpenAI's logprobs.content entry."""
+
+    token: str | None
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+    token_id: int
+
+
+@dataclass
 class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
@@ -101,6 +128,7 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS, a stop token or string) or "length"
     metrics: RequestMetrics | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -112,45 +140,56 @@ class StreamDelta:
     token_ids: list[int]
     finish_reason: str | None
     output: RequestOutput | None = None  # the whole request, on its last delta
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when SamplingParams.logprobs is set
 
 
 class _Request:
-    """The state of one prompt while it generates: tokens, text, stop conditions, timings."""
+    """The state of one prompt while it generates: tokens, text, stop conditions, timings.
+
+    The text grows as tokens arrive (an incremental decoder: constant work per token); each
+    token's text is searched for the stop strings only where a new match can be."""
 
     def __init__(self, index, prompt, prompt_ids, params: SamplingParams, tokenizer, eos_ids, device):
         self.index, self.prompt, self.prompt_ids, self.params = index, prompt, prompt_ids, params
         self.tokenizer = tokenizer
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.generator = params.generator(device)
+        # the noise's seed: the request's own, else one from torch's global generator
+        self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**63 - 1, ()).item())
+        self.stream = tokenizer.decode_stream() if tokenizer is not None else None
         self.token_ids: list[int] = []
-        self.text, self.emitted = "", 0
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.text, self.emitted, self.searched = "", 0, 0
         self.finish_reason: str | None = None
         self.times: list[float] = []
         self.start = 0.0
 
-    def add(self, token: int, now: float, cache_full: bool) -> StreamDelta:
+    def add(self, token: int, now: float, cache_full: bool, logprob: TokenLogprob | None = None) -> StreamDelta:
         self.token_ids.append(token)
         self.times.append(now)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         if token in self.stop_ids:
             self.finish_reason = "stop"
-        if self.tokenizer is not None:
-            self.text = self.tokenizer.decode(self.token_ids)
-            cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
-            if cuts:
-                self.text, self.finish_reason = self.text[: min(cuts)], "stop"
         if self.finish_reason is None and (len(self.token_ids) == self.params.max_tokens or cache_full):
             self.finish_reason = "length"
+        if self.stream is not None:
+            self.text += self.stream.step(token)
+            if self.finish_reason is not None:  # an incomplete character at the end, as decode() gives it
+                self.text += self.stream.finish()
+            longest = max((len(s) for s in self.params.stop), default=0)
+            begin = max(0, self.searched - longest + 1)
+            cuts = [i for i in (self.text.find(s, begin) for s in self.params.stop) if i >= 0]
+            self.searched = len(self.text)
+            if cuts:
+                self.text, self.finish_reason = self.text[: min(cuts)], "stop"
         end = len(self.text)
-        if self.finish_reason is None:
-            # Hold back what may still change: an incomplete UTF-8 character at the end (its "\ufffd"s
-            # may become fewer characters), then the start of a stop string before it.
-            while end > self.emitted and self.text[end - 1] == "\ufffd":
-                end -= 1
+        if self.finish_reason is None:  # hold back what may be the start of a stop string
             end -= max((len(s) - 1 for s in self.params.stop), default=0)
         delta = self.text[self.emitted : max(end, self.emitted)]
         self.emitted += len(delta)
         output = self.output() if self.finish_reason else None
-        return StreamDelta(self.index, delta, [token], self.finish_reason, output)
+        lp = None if logprob is None else [logprob]
+        return StreamDelta(self.index, delta, [token], self.finish_reason, output, lp)
 
     def output(self) -> RequestOutput:
         n = len(self.times)
@@ -159,7 +198,8 @@ class _Request:
             per_token_latency=(self.times[-1] - self.times[0]) / (n - 1) if n > 1 else 0.0,
             total_time=self.times[-1] - self.start,
         )
-        return RequestOutput(self.prompt, self.prompt_ids, self.text, self.token_ids, self.finish_reason, metrics)
+        return RequestOutput(self.prompt, self.prompt_ids, self.text, self.token_ids, self.finish_reason, metrics,
+                             self.logprobs)
 
 
 class Engine:
@@ -173,6 +213,7 @@ class Engine:
         self.eos_token_ids = eos
         self._lock = threading.Lock()  # held by whoever runs the decode state (exclusive())
         self._holder: int | None = None  # the thread id holding it
+        self._batch_sampler: BatchSampler | None = None
 
     @classmethod
     def from_pretrained(
@@ -257,7 +298,7 @@ class Engine:
         """Like generate, but yield each request's new text and token ids as they are produced."""
         return self._exclusive_run(self._requests(prompts, prompt_token_ids, sampling))
 
-    @contextmanager
+    @contextlib.contextmanager
     def exclusive(self):
         """Hold the engine's decode state (the KV cache rows) for the calling thread. generate, and
         a stream() iterator from its first delta until it is exhausted or closed, hold it while
@@ -382,57 +423,104 @@ class Engine:
             )
         return ids
 
+    def _sampler(self) -> BatchSampler:
+        if self._batch_sampler is None:
+            self._batch_sampler = BatchSampler(self.max_batch_size, self.spec.vocab_size, self.max_seq_len, self.device)
+        return self._batch_sampler
+
+    def _logprob(self, rec, b: int, token: int) -> TokenLogprob:
+        """Row b's logprobs in a step's records, OpenAI's shape."""
+
+        def text(t):
+            if self.tokenizer is None:
+                return None, None
+            piece = self.tokenizer.token_text(t)
+            return piece, list(piece.encode("utf-8"))
+
+        tops = []
+        if rec.top_ids is not None:
+            for t, lp in zip(rec.top_ids[b].tolist(), rec.top_logprobs[b].tolist()):
+                piece, raw = text(t)
+                tops.append(TopLogprob(piece, lp, raw, t))
+        piece, raw = text(token)
+        return TokenLogprob(piece, float(rec.logprob[b]), raw, tops, token)
+
     def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
-        """Prefill, then sample and decode until every request has finished."""
+        """Prefill, then decode steps back to back until every request has finished.
+
+        The decode state lives on the device (BatchSampler): each step's sampler (or, when every
+        row is greedy, the bookkeeping over the backend's fused arg-max) writes the chosen tokens
+        and their positions where the next step reads them, and ends a row on a stop token,
+        max_tokens or a full cache. So the host never stands between two steps: it keeps up to
+        RUN_AHEAD steps queued and reads each step's tokens behind (pinned copies and an event),
+        for the text, the stop strings (a row ended by one is ended on the device too; the tokens
+        it produced meanwhile are dropped) and the stream."""
         device, start = self.device, perf_counter()
         for r in requests:
             r.start = start
+        sampler, B = self._sampler(), len(requests)
+        if RUN_AHEAD >= sampler.RING:
+            raise ValueError(f"RUN_AHEAD={RUN_AHEAD} needs more than the sampler's {sampler.RING} record buffers")
+        sampler.start([r.prompt_ids for r in requests], [r.params for r in requests], [r.seed for r in requests],
+                      [r.stop_ids for r in requests])
         logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
-        positions = [len(r.prompt_ids) for r in requests]  # where each row's newest token goes
-        tokens = [0] * len(requests)
-        fused_argmax = getattr(self.backend, "greedy_tokens", None)  # optional (see Backend)
+        decode_step = getattr(self.backend, "decode_step", None)  # optional (see Backend)
         synchronize = getattr(self.backend, "synchronize", None)  # optional (see Backend)
         checks_logits = getattr(self.backend, "checks_logits", False)  # optional (see Backend)
-        decode_step = 0  # 0: the prefill's logits; then decode steps 1, 2, ...
-        while True:
-            # Every greedy row's pick in one transfer: the backend's fused arg-max of a decode step
-            # when it has one, else one batched arg-max of the logits (not a wait per row). Whether
-            # each row's logits are finite travels in the same transfer, unless the backend checks.
-            greedy = finite = None
-            check = decode_step == 0 or not checks_logits
-            if any(r.finish_reason is None and r.params.greedy for r in requests):
-                if decode_step and fused_argmax:
-                    greedy = fused_argmax(len(requests))
-                elif check:
-                    greedy, finite = torch.stack([logits.argmax(-1), logits.isfinite().all(-1).long()]).tolist()
-                else:
-                    greedy = logits.argmax(-1).tolist()
-            if check:
-                finite = logits.isfinite().all(-1).tolist() if finite is None else finite
-                bad = [b for b, r in enumerate(requests) if r.finish_reason is None and not finite[b]]
-                if bad:
-                    where = f"decode step {decode_step}" if decode_step else "the prefill"
-                    rows = f"row {bad[0]}" + (f" (and rows {bad[1:]})" if len(bad) > 1 else "")
-                    raise RuntimeError(
-                        f"{where} produced non-finite logits (NaN or inf) in {rows}: the activations "
-                        f"overflowed ({str(self.weights.embed.dtype).removeprefix('torch.')}) or the backend "
-                        "failed; no token was emitted for this step"
-                    )
-            for b, r in enumerate(requests):
-                if r.finish_reason is None:
-                    tokens[b] = greedy[b] if r.params.greedy else sample(logits[b], r.params, r.generator)
-                    yield r.add(tokens[b], perf_counter(), cache_full=positions[b] + 1 >= self.max_seq_len)
-            if all(r.finish_reason is not None for r in requests):
-                return
-            # A finished row keeps its slot in the batch and its position (never past the cache: it
-            # finishes when its next slot is the last): it re-decodes its last token there, which
-            # only rewrites its own dead cache entry. Tokens and positions travel in one copy.
-            step = torch.tensor([tokens, positions], device=device)
-            logits = self.backend.decode(step[0], step[1])
-            if synchronize:  # the tokens picked next come from this step: it must have completed
-                synchronize()
-            decode_step += 1
-            positions = [p + (r.finish_reason is None) for p, r in zip(positions, requests)]
+        # every row greedy on the raw logits: the backend's fused arg-max is the token, no logits needed
+        fused = decode_step is not None and all(
+            r.params.greedy and not r.params.penalized and r.params.logprobs is None for r in requests
+        )
+        # decode steps that can still yield a token: the k-th token of a request needs k - 1 of them
+        steps = max(min(r.params.max_tokens, self.max_seq_len - len(r.prompt_ids)) for r in requests) - 1
+        pending = deque([(0, sampler.step(logits))])  # (step, handle); step 0: the prefill's logits
+        launched = 0
+        try:
+            while pending:
+                while launched < steps and len(pending) < RUN_AHEAD and not all(r.finish_reason for r in requests):
+                    launched += 1
+                    tokens, positions = sampler.tokens[:B], sampler.positions[:B]
+                    if decode_step is not None:
+                        logits, next_tokens = decode_step(tokens, positions, want_logits=not fused)
+                    else:
+                        logits, next_tokens = self.backend.decode(tokens, positions), None
+                    pending.append((launched, sampler.step(None if fused else logits, next_tokens)))
+                step, handle = pending.popleft()
+                rec = sampler.read(handle)
+                now = perf_counter()
+                if step == 0 or not checks_logits:
+                    bad = [b for b, r in enumerate(requests)
+                           if r.finish_reason is None and rec.flags[b] & sampler.flags["non_finite"]]
+                    if bad:
+                        where = f"decode step {step}" if step else "the prefill"
+                        rows = f"row {bad[0]}" + (f" (and rows {bad[1:]})" if len(bad) > 1 else "")
+                        raise RuntimeError(
+                            f"{where} produced non-finite logits (NaN or inf) in {rows}: the activations "
+                            f"overflowed ({str(self.weights.embed.dtype).removeprefix('torch.')}) or the backend "
+                            "failed; no token was emitted for this step"
+                        )
+                deltas = []
+                for b, r in enumerate(requests):
+                    if r.finish_reason is not None:
+                        continue  # (a row ended by a stop string may still have produced tokens)
+                    token = int(rec.token[b])
+                    if token < 0:
+                        raise RuntimeError(f"the sampler ended row {b} before the engine did (internal error)")
+                    position = len(r.prompt_ids) + len(r.token_ids)  # where this token goes
+                    logprob = self._logprob(rec, b, token) if r.params.logprobs is not None else None
+                    deltas.append(r.add(token, now, cache_full=position + 1 >= self.max_seq_len, logprob=logprob))
+                    if r.finish_reason is not None and rec.finish[b] == sampler.finish["none"]:
+                        sampler.abort(b)  # a stop string: the device row stops advancing
+                yield from deltas
+                if all(r.finish_reason is not None for r in requests):
+                    break
+        except BaseException:  # (GeneratorExit included: the caller stopped iterating)
+            if synchronize and launched:  # let the steps in flight finish; the first error is the one to report
+                with contextlib.suppress(RuntimeError):
+                    synchronize()
+            raise
+        if synchronize and launched:  # the steps still in flight: a failure among them surfaces here
+            synchronize()
 
 
 def _prompt_id_lists(prompt_token_ids) -> tuple[list[str], list]:

@@ -213,10 +213,7 @@ def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> N
             if f["packed"]:
                 attr = LAYER_FIELDS[f["name"]]
                 setattr(layer, attr, reorder(getattr(layer, attr), f["row_order"], f["order_param"]))
-    tied = weights.tied
-    weights.lm_head = reorder(weights.lm_head, row_orders()["identity"], 0)
-    if tied:  # the table is the LM head, in whichever order
-        weights.embed = weights.lm_head
+    weights.replace_lm_head(reorder(weights.lm_head, row_orders()["identity"], 0))  # (a tied table with it)
 
 
 def pad_lm_head(weights: Weights, rows: int) -> None:
@@ -226,22 +223,16 @@ def pad_lm_head(weights: Weights, rows: int) -> None:
     head = weights.lm_head
     if head.shape[0] == rows:
         return
-    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
     padded = torch.zeros(rows, head.shape[1], dtype=head.dtype, device=head.device)
     padded[: head.shape[0]] = head
-    weights.lm_head = padded
-    if tied:
-        weights.embed = padded
+    weights.replace_lm_head(padded)
 
 
 def unpad_lm_head(weights: Weights, vocab: int) -> None:
     """The inverse of pad_lm_head: the LM head's first `vocab` rows (a view), a tied table too."""
     if weights.lm_head.shape[0] == vocab:
         return
-    tied = weights.tied  # (read before the LM head is replaced: tied means the same tensor)
-    weights.lm_head = weights.lm_head[:vocab]
-    if tied:
-        weights.embed = weights.lm_head
+    weights.replace_lm_head(weights.lm_head[:vocab])
 
 
 def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
@@ -362,15 +353,24 @@ class MegakernelBackend:
         at the next decode() (after its launch), greedy_tokens() or synchronize(): a step that
         failed raises RuntimeError there. The kernel's fused arg-max of each row is left in
         `self.next_tokens[:B]`."""
+        logits, _ = self.decode_step(tokens, positions)
+        return logits.clone()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, want_logits: bool = True):
+        """decode() without the copy of its logits, for the engine's loop: returns (the logits
+        buffer's rows 0..B-1, valid until the next step, or None when not `want_logits`: the kernel
+        then writes none; the fused arg-max, int32 [B] on the device). tokens/positions: int64 [B]
+        on this device, read by the kernel in stream order (the sampler writes the next ones)."""
         engine = self._live_engine()
         b = tokens.shape[0]
         tokens, positions = self._int64_on_device(tokens, self.tokens), self._int64_on_device(positions, self.positions)
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(), self.logits.data_ptr(), b, stream)
+        engine.step(tokens.data_ptr(), positions.data_ptr(), self.next_tokens.data_ptr(),
+                    self.logits.data_ptr() if want_logits else 0, b, stream)
         try:
             engine.check_recorded()  # the previous step, which ran before this one
         except RuntimeError as e:
             raise RuntimeError(f"{e} (the decode step before this call; this call's step ran after it and is invalid "
                                "too)") from None
-        engine.record(stream)  # this step's outcome, read by the next check
-        return self.logits[:b].clone()
+        engine.record(stream)
+        return (self.logits[:b] if want_logits else None), self.next_tokens[:b]

@@ -19,6 +19,14 @@ A step of the loop, between two decode steps:
 A sequence that step 4 finds finished (a stop string, EOS, max_tokens) was already part of the
 step launched in 3: that row's result is discarded and its slot freed at the next step 1.
 Positions never pass the cache: a sequence finishes when its next position would be the last.
+
+Tokens are picked on the host side of each step, with the engine's sampling semantics: greedy
+sequences take the backend's fused arg-max (or the logits' arg-max); as soon as one sequence
+samples or is penalized, the step's sequences are picked by `sampling.sample_rows`, the compiled
+sampler's PyTorch replica (the same distribution, the same noise keyed by each request's seed and
+token index), over per-slot penalty counts. So a seeded sequence draws what it draws alone in
+Engine.generate, whatever else is in the batch. logprobs are not produced here yet (submit()
+refuses them).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Callable
 import torch
 
 from .engine import Engine, StreamDelta, _Request
-from .sampling import sample
+from .sampling import row_table, sample_rows, table_columns
 
 Sink = Callable[["StreamDelta | BaseException"], None]
 
@@ -104,6 +112,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None  # why the thread ended, when it failed
+        # penalties' state per slot (allocated with the first penalized sequence): how often each
+        # token is in the sequence's output, and whether it is in its prompt ([slots, vocab])
+        self._counts: torch.Tensor | None = None
+        self._in_prompt: torch.Tensor | None = None
 
     # -- the callers' side (any thread) ----------------------------------------------------------
 
@@ -131,7 +143,10 @@ class Scheduler:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` (all or none): QueueFull when the free slots and the room left in the
-        queue cannot take them all, SchedulerStopped when the scheduler is not running."""
+        queue cannot take them all, SchedulerStopped when the scheduler is not running;
+        ValueError for a sequence asking for logprobs (not produced by the scheduler yet)."""
+        if any(s.request.params.logprobs is not None for s in seqs):
+            raise ValueError("the scheduler does not produce logprobs yet: submit sequences with logprobs=None")
         now = perf_counter()
         with self._cond:
             if not self.alive:
@@ -239,6 +254,7 @@ class Scheduler:
         device = self.engine.device
         prompts = [torch.tensor(s.request.prompt_ids, dtype=torch.long, device=device) for s in seqs]
         try:
+            self._reset_penalties(seqs)
             logits = self.engine.backend.prefill(prompts, rows=[s.slot for s in seqs])
             tokens = self._pick(logits, seqs, list(range(len(seqs))), fused=None, check=True)
         except Exception as exc:  # noqa: BLE001 - these sequences fail; the others go on
@@ -292,29 +308,61 @@ class Scheduler:
                 picked.append((s, t))
         return picked
 
+    def _reset_penalties(self, seqs: list[Sequence]) -> None:
+        """Clear the penalty state of the slots of the penalized sequences among `seqs` (newly
+        admitted): no output yet, their prompt's tokens marked."""
+        penalized = [s for s in seqs if s.request.params.penalized]
+        if not penalized:
+            return
+        if self._counts is None:
+            shape, device = (len(self.slots), self.engine.spec.vocab_size), self.engine.device
+            self._counts = torch.zeros(shape, dtype=torch.int32, device=device)
+            self._in_prompt = torch.zeros(shape, dtype=torch.bool, device=device)
+        for s in penalized:
+            self._counts[s.slot].zero_()
+            self._in_prompt[s.slot].zero_()
+            self._in_prompt[s.slot, torch.tensor(s.request.prompt_ids, device=self.engine.device)] = True
+
     def _pick(self, logits, seqs, rows, fused, check) -> list[int | None]:
-        """The next token of seqs[i] from row rows[i] of `logits`: the backend's fused arg-max
-        (`fused`, per batch row) or the logits' arg-max for greedy sequences, the sampler for the
-        others. With `check`, a sequence whose row is not finite fails (None in its place); the
-        argmax and the finiteness of every row come to the host in one transfer. (This is where
-        sampling on the device plugs in: one batched pick per step, with each row's logprobs for
-        the sinks, in place of the per-row sampler.)"""
-        greedy = fused
-        finite = None
-        if check or (greedy is None and any(s.request.params.greedy for s in seqs)):
-            argmax, finite = torch.stack([logits.argmax(-1), logits.isfinite().all(-1).long()]).tolist()
-            greedy = greedy if greedy is not None else argmax
+        """The next token of seqs[i] from row rows[i] of `logits`. When every sequence is greedy
+        and unpenalized: the backend's fused arg-max (`fused`, per batch row) or the logits'
+        arg-max; else every sequence through `sample_rows` (the engine's sampler, in PyTorch: its
+        penalties, filters and seeded noise at the request's token index; greedy rows take the
+        arg-max of their penalized logits). With `check`, a sequence whose row is not finite fails
+        (None in its place); the tokens and the finiteness of every row come to the host in one
+        transfer. (This is where the compiled sampler can plug in: one launch per step, with each
+        row's logprobs for the sinks.)"""
+        params = [s.request.params for s in seqs]
+        if all(p.greedy and not p.penalized for p in params):
+            finite = None
+            if check or fused is None:
+                argmax, finite = torch.stack([logits.argmax(-1), logits.isfinite().all(-1).long()]).tolist()
+                fused = fused if fused is not None else argmax
+            picks = [fused[r] for r in rows]
+            finite = [True] * len(seqs) if finite is None else [bool(finite[r]) for r in rows]
+        else:
+            device = logits.device
+            table = table_columns(row_table(params, [s.request.seed for s in seqs]))
+            step = torch.tensor([len(s.request.token_ids) for s in seqs], device=device)
+            counts = in_prompt = None
+            slots = torch.tensor([s.slot for s in seqs], device=device)
+            if any(p.penalized for p in params):
+                counts, in_prompt = self._counts[slots], self._in_prompt[slots]
+            chosen, non_finite = sample_rows(logits[torch.tensor(rows, device=device)], table, counts, in_prompt, step)
+            if counts is not None:  # the picks count from the next step on (the penalized rows only)
+                penalized = torch.tensor([p.penalized for p in params], device=device)
+                self._counts.index_put_((slots, chosen), penalized.int(), accumulate=True)
+            picks, bad = torch.stack([chosen, non_finite.long()]).tolist()
+            finite = [not b for b in bad]
         tokens: list[int | None] = []
-        for s, r in zip(seqs, rows):
-            if check and not finite[r]:
+        for s, token, ok in zip(seqs, picks, finite):
+            if check and not ok:
                 self._fail(s, RuntimeError(
                     "the model produced non-finite logits (NaN or inf) for this request: the activations "
                     "overflowed or the backend failed; no token was emitted"))
                 tokens.append(None)
-            elif s.request.params.greedy:
-                tokens.append(greedy[r])
             else:
-                tokens.append(sample(logits[r], s.request.params, s.request.generator))
+                tokens.append(token)
         return tokens
 
     def _deliver(self, picked: list[tuple[Sequence, int]]) -> None:

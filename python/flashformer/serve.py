@@ -41,18 +41,18 @@ from .validate import DEFAULT_MAX_QUEUE
 # OpenAI's defaults where they differ from SamplingParams': temperature 1 (sampling), and for a
 # chat the rest of the context as max_tokens (a completion keeps SamplingParams' 16).
 DEFAULT_TEMPERATURE = 1.0
-# Request fields that map one to one onto SamplingParams (top_k, stop_token_ids and ignore_eos
-# are vLLM's extensions; the openai client sends them through extra_body).
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+# Request fields that map one to one onto SamplingParams (top_k, min_p, repetition_penalty,
+# stop_token_ids and ignore_eos are vLLM's extensions; the openai client sends them through
+# extra_body).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
 # Fields this server does not implement, with the values that ask for nothing (accepted).
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),  # TODO(sampling branch): device sampling brings logprobs
+    "logprobs": (None, False, 0),  # the engine has them; the scheduler does not produce them yet
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),

@@ -10,6 +10,7 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .config import read_json
 
@@ -71,6 +72,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_stream(self, skip_special_tokens: bool = True) -> TextStream:
+        """An incremental decoder of one output: constant work per token (tokenizers' DecodeStream)."""
+        return TextStream(self, skip_special_tokens)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text (special tokens included), e.g. for logprobs."""
+        return self._tok.decode([token], skip_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""
         if self.chat_template is None:
@@ -92,3 +101,29 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template writes its own special tokens, as in HF."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+class TextStream:
+    """The text of an output as its tokens arrive: step() returns what a token adds (nothing while
+    it ends inside a UTF-8 character; that text comes with the token that completes it), so the
+    pieces add up to decode() of the tokens, but for an incomplete character at the very end, which
+    `finish()` returns."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.ids: list[int] = []
+        self.text = ""
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self._stream.step(self.tokenizer._tok, token) or ""
+        self.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """What decode() of every token adds to the pieces so far (once, at the end: O(tokens))."""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        tail = full[len(self.text) :] if full.startswith(self.text) else ""
+        self.text += tail
+        return tail

@@ -98,6 +98,13 @@ class Weights:
         """Whether any layer matrix is FP8 (a QuantizedMatrix)."""
         return any(isinstance(getattr(l, a), QuantizedMatrix) for l in self.layers for a in LAYER_MATRICES)
 
+    def replace_lm_head(self, lm_head: torch.Tensor) -> None:
+        """Make `lm_head` the LM head, and the embedding table too when they are tied (tying is
+        being the same tensor, so a replaced head would otherwise untie them)."""
+        if self.tied:
+            self.embed = lm_head
+        self.lm_head = lm_head
+
 
 @dataclass(frozen=True)
 class _Slot:

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "flashformer/sampling.cuh"
+
 namespace flashformer {
 
 // Reads `bytes` (a multiple of 16) at `src` once with 16-byte loads from every SM (a read-only
@@ -30,5 +32,14 @@ void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int r
 // std::invalid_argument on sizes they cannot take.
 void rms_norm_rows(const void* x, const void* weight, void* y, int64_t rows, int64_t n, float eps, cudaStream_t stream);
 void silu_mul_rows(const void* gate_up, void* out, int64_t rows, int64_t intermediate, cudaStream_t stream);
+
+// Samples every row's next token from `args.logits` (or takes `args.next_tokens`, the fused
+// arg-max, when logits is null), then feeds it to the next decode step (sampling.cuh). Throws
+// std::invalid_argument for bad sizes or a vocabulary beyond the sampler's shared memory.
+// `stream` belongs to CUDA device `device`.
+void sample_tokens(const Sampler::Args& args, int device, cudaStream_t stream);
+
+// The largest vocabulary the sampler holds on this device (its rows' slices in shared memory).
+int sampler_max_vocab();
 
 }  // namespace flashformer

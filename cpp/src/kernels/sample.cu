@@ -1,0 +1,66 @@
+// Launchers of the sampler (flashformer/sampling.cuh): one cluster per row over the logits, or the
+// bookkeeping alone over the megakernel's fused arg-max.
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.hpp"
+#include "flashformer/sampling.cuh"
+#include "kernels/launch.hpp"
+
+namespace flashformer {
+namespace {
+
+__global__ void __cluster_dims__(Sampler::kClusterCtas, 1, 1) __launch_bounds__(Sampler::kThreads)
+    sample_kernel(const Sampler::Args args) {
+  extern __shared__ float slice[];  // (slice_len(vocab)) this CTA's part of its row
+  __shared__ Sampler::SharedStorage storage;
+  Sampler::run(args, slice, storage);
+}
+
+__global__ void commit_kernel(const Sampler::Args args) {
+  const int row = blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= args.batch) return;
+  if (args.status[row] != Sampler::kNone) {
+    args.records[row] = Sampler::Record{-1, args.status[row], Sampler::kIdle};
+    return;
+  }
+  Sampler::commit(args, row, args.next_tokens[row], 0);
+}
+
+}  // namespace
+
+int sampler_max_vocab() {
+  int device = 0, optin = 0;
+  FF_CUDA_CHECK(cudaGetDevice(&device));
+  FF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int slice = (optin - int(sizeof(Sampler::SharedStorage))) / int(sizeof(float));
+  return slice * Sampler::kClusterCtas;
+}
+
+void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
+  if (a.batch < 1) throw std::invalid_argument("sample_tokens: batch must be >= 1, got " + std::to_string(a.batch));
+  if (a.vocab < 1) throw std::invalid_argument("sample_tokens: vocab must be >= 1");
+  if (!a.rows || !a.tokens || !a.positions || !a.generated || !a.status || !a.records ||
+      (a.stop_stride > 0 && !a.stop_ids))
+    throw std::invalid_argument("sample_tokens: a null row table, state or record pointer");
+  FF_CUDA_CHECK(cudaSetDevice(device));  // (the stream's: the launch and the opt-in below are per device)
+  if (!a.logits) {
+    if (!a.next_tokens) throw std::invalid_argument("sample_tokens: neither logits nor next_tokens given");
+    constexpr int kRowsPerBlock = 32;
+    commit_kernel<<<(a.batch + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock, 0, stream>>>(a);
+    FF_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  if (a.logits_stride < a.vocab) throw std::invalid_argument("sample_tokens: logits_stride is below vocab");
+  const size_t smem = Sampler::slice_bytes(a.vocab);
+  const int max_vocab = sampler_max_vocab();
+  if (a.vocab > max_vocab)
+    throw std::invalid_argument("sample_tokens: a vocabulary of " + std::to_string(a.vocab) +
+                                " does not fit the sampler's shared memory (at most " + std::to_string(max_vocab) + ")");
+  // (set at every launch: the opt-in is per device, and the call costs the host about a microsecond)
+  FF_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  sample_kernel<<<a.batch * Sampler::kClusterCtas, Sampler::kThreads, smem, stream>>>(a);
+  FF_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace flashformer
