@@ -1,7 +1,8 @@
 """FP8 weights on the CPU: QuantizedMatrix, the two published checkpoint formats (written here with
 their tensor names and config fields), quantize-at-load, the reference decoder over FP8 weights,
-and the megakernel's refusal."""
+and what the megakernel takes."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 
 from checkpoints import kv_cache, load_cpu_engine, make_checkpoint, make_shape_checkpoint, random_prompt, rel_l2
 from flashformer.engine import select_backend
-from flashformer.megakernel import unavailable_reason
+from flashformer.config import WeightQuantization
+from flashformer.megakernel import unavailable_reason, weight_format
 from flashformer.quantization import FP8_DTYPE, QuantizedMatrix, quantize_per_channel
 from flashformer.reference import ReferenceBackend, Transformer
 from flashformer.weights import LAYER_MATRICES, Weights
@@ -290,19 +292,40 @@ def test_reference_decoder_dequantizes_one_layer_at_a_time(tmp_path):
     assert model._dequant_buffer.numel() == sum(getattr(layer, a).numel() for a in LAYER_MATRICES)
 
 
-# --- the megakernel refuses FP8 ---------------------------------------------------------------
+# --- what the megakernel takes ------------------------------------------------------------------
 
 
-def test_megakernel_refuses_fp8(tmp_path):
+def test_megakernel_takes_per_channel_fp8_and_refuses_block_scales(tmp_path):
+    """Quantize-at-load and per-channel or per-tensor checkpoints reach the kernel (only the device
+    rules remain on a CPU); 128x128 block scales do not (auto falls back to the reference path)."""
     _, path = make_checkpoint(tmp_path / "m", "llama_tied")
-    spec = load_cpu_engine(path, max_seq_len=16).spec
-    reason = unavailable_reason(spec, torch.device("cuda"), torch.bfloat16, 1, quantization="fp8")
-    assert "FP8" in reason and "reference path" in reason
-    assert select_backend("auto", spec, torch.device("cpu"), quantization="fp8") is ReferenceBackend
-    with pytest.raises(RuntimeError, match="megakernel backend cannot run this model: .*FP8"):
+    engine = load_cpu_engine(path, max_seq_len=16, quantization="fp8")
+    spec = engine.spec
+    reason = unavailable_reason(spec, torch.device("cuda:0"), torch.bfloat16, 1, quantization="fp8")
+    assert reason is None or "FP8" not in reason
+    assert weight_format(engine.weights) == "fp8"
+    assert weight_format(load_cpu_engine(path, max_seq_len=16).weights) == "bf16"
+    block = dataclasses.replace(spec, quantization=WeightQuantization("fp8", "weight_scale_inv", "block", (128, 128)))
+    reason = unavailable_reason(block, torch.device("cuda"), torch.bfloat16, 1, quantization="fp8")
+    assert "not 128x128 block scales" in reason and "reference path" in reason
+    assert select_backend("auto", block, torch.device("cpu"), quantization="fp8") is ReferenceBackend
+    with pytest.raises(RuntimeError, match="megakernel backend cannot run this model: .*CUDA device"):
         select_backend("megakernel", spec, torch.device("cpu"), quantization="fp8")
-    with pytest.raises(RuntimeError, match="megakernel backend cannot run this model: .*FP8"):
-        load_cpu_engine(path, max_seq_len=16, quantization="fp8", backend="megakernel")
+
+
+def test_the_kernel_streams_one_format_for_every_layer(tmp_path):
+    _, path = make_checkpoint(tmp_path / "m", "llama3")
+    weights = load_cpu_engine(path, max_seq_len=16, quantization="fp8").weights
+    layer = weights.layers[1]
+    layer.wo = layer.wo.dequantize(torch.bfloat16)
+    with pytest.raises(ValueError, match="7 of the 8 layer matrices are FP8 and the others dense"):
+        weight_format(weights)
+    rows, cols = layer.wqkv.shape
+    blocks = QuantizedMatrix(layer.wqkv.data, torch.ones(-(-rows // 128), -(-cols // 128)), (128, 128))
+    weights.layers[1].wo = weights.layers[0].wo
+    layer.wqkv = blocks
+    with pytest.raises(ValueError, match="one FP8 scale per output row, not 128x128 block scales"):
+        weight_format(weights)
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from flashformer.config import spec_from_dict
 from flashformer.engine import select_backend
 from flashformer.megakernel import MegakernelBackend, compiled_configs, match_config
 from flashformer.reference import ReferenceBackend
+from flashformer.quantization import QuantizedMatrix, quantize_layers
 from flashformer.weights import Weights, random_weights
 
 from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2, teacher_forced
@@ -114,6 +115,76 @@ def test_tiny_teacher_forced_logits_match_reference(name, batch):
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
     out = run_three(spec, weights, RAGGED[batch], steps=16, max_seq=4200)
     check_errors(out)
+
+
+def dequantized_fp32(q: Weights) -> Weights:
+    """The fp32 model whose layer matrices are `q`'s dequantized ones (data * scale in fp32)."""
+    def f32(v):
+        return v.dequantize(torch.float32) if isinstance(v, QuantizedMatrix) else v.float()
+    layers = [dataclasses.replace(l, **{f.name: f32(getattr(l, f.name)) for f in dataclasses.fields(l)
+                                        if getattr(l, f.name) is not None}) for l in q.layers]
+    embed = q.embed.float()
+    return Weights(embed=embed, final_norm=q.final_norm.float(), lm_head=embed if q.tied else q.lm_head.float(),
+                   layers=layers)
+
+
+def run_three_fp8(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
+    """run_three for e4m3 weights: `weights` quantized per channel in place (quantize_layers); the
+    megakernel streams them in e4m3 (bf16 activations); the bf16 reference dequantizes them to
+    bf16 layer by layer; the fp32 reference runs the same dequantized values in fp32 (the ground
+    truth of the FP8 model)."""
+    batch = len(prompt_lens)
+    prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
+    forced = torch.randint(0, spec.vocab_size, (steps, batch))
+    quantize_layers(weights)
+    q = weights
+    out = {"bf16": teacher_forced(reference(spec, q, batch, max_seq), prompts, forced),
+           "fp32": teacher_forced(reference(spec, dequantized_fp32(q), batch, max_seq), prompts, forced)}
+    mk = megakernel(spec, q, batch, max_seq)  # packs q in place
+    assert mk.weight_format == "fp8" and mk.engine.weight_formats == (1, 0)
+    mk.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
+    out["mk"] = teacher_forced(mk, prompts, forced)
+    out["mk_next"] = mk.next_tokens[:batch].cpu()
+    return out
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_tiny_fp8_teacher_forced_logits_match_the_dequantized_model(name, batch):
+    """e4m3 weights, per-channel scales: within 2x the bf16 reference's error on the same
+    dequantized weights, against those weights in fp32."""
+    spec = spec_from_dict(shape_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
+    mk_err, ref_err = check_errors(run_three_fp8(spec, weights, RAGGED[batch], steps=8, max_seq=4200))
+    print(f"{name} b{batch} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_real_shapes_fp8_teacher_forced_logits_match_the_dequantized_model(name):
+    spec = spec_from_dict(shape_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.02)
+    mk_err, ref_err = check_errors(run_three_fp8(spec, weights, [1, 300], steps=4, max_seq=400))
+    print(f"{name} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-bias"])
+def test_fp8_sanitizer_smoke(name):
+    """test_sanitizer_smoke with e4m3 layers (scripts/gpu_check.sh runs it under compute-sanitizer)."""
+    spec = spec_from_dict(shape_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
+    quantize_layers(weights)
+    mk = megakernel(spec, weights, 2, 16)
+    for step in range(3):
+        tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
+        logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
+        assert torch.isfinite(logits).all()
+        assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
 
 
 @pytest.mark.gpu

@@ -7,6 +7,7 @@
 
 #include <iterator>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "devices.hpp"
@@ -104,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
           py::list fields;  // how the engine fills each layer's LayerWeights
           for (const LayerWeightField& f : kLayerWeightFields)
             if (f.used_by(c.dims))
-              fields.append(py::dict(py::arg("name") = f.name, py::arg("packed") = f.packed,
+              fields.append(py::dict(py::arg("name") = f.name, py::arg("packed") = f.packed(),
                                    py::arg("row_order") = int(f.order),
                                    py::arg("order_param") = row_order_param(f.order, c.dims)));
           d["layer_weights"] = fields;
@@ -117,6 +118,42 @@ PYBIND11_MODULE(_C, m) {
       },
       "The compiled megakernel configs and their shapes.");
 
+  m.attr("WEIGHT_FORMATS") = py::dict(py::arg("bf16") = int(WeightFormat::kBf16), py::arg("fp8") = int(WeightFormat::kFp8));
+  m.def(
+      "pack_weight_fp8",
+      [](std::uintptr_t src, std::uintptr_t scale, std::uintptr_t dst, std::uintptr_t dst_scale, int64_t rows,
+         int64_t cols, int row_order, int64_t order_param, std::uintptr_t stream) {
+        pack_weight_fp8(reinterpret_cast<const void*>(src), reinterpret_cast<const float*>(scale),
+                        reinterpret_cast<void*>(dst), reinterpret_cast<float*>(dst_scale), rows, cols, row_order,
+                        order_param, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("src"), py::arg("scale"), py::arg("dst"), py::arg("dst_scale"), py::arg("rows"), py::arg("cols"),
+      py::arg("row_order"), py::arg("order_param") = 0, py::arg("stream") = 0,
+      "Pack a row-major e4m3 matrix and its fp32 row scales (device pointers) into the megakernel's e4m3 fragment "
+      "order; the scales land in the packed row order.");
+  m.def(
+      "unpack_weight_fp8",
+      [](std::uintptr_t src, std::uintptr_t scale, std::uintptr_t dst, int64_t rows, int64_t cols, int row_order,
+         int64_t order_param, std::uintptr_t stream) {
+        unpack_weight_fp8(reinterpret_cast<const void*>(src), reinterpret_cast<const float*>(scale),
+                          reinterpret_cast<void*>(dst), rows, cols, row_order, order_param,
+                          reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("src"), py::arg("scale"), py::arg("dst"), py::arg("rows"), py::arg("cols"), py::arg("row_order"),
+      py::arg("order_param") = 0, py::arg("stream") = 0,
+      "A packed e4m3 matrix and its packed row scales (device pointers) dequantized into a row-major bf16 matrix: "
+      "bf16(data * scale).");
+  m.def(
+      "source_rows",
+      [](int64_t rows, int row_order, int64_t order_param) {
+        const std::string problem = pack_shape_problem(rows, kKBlock, row_order, order_param);
+        if (!problem.empty()) throw std::invalid_argument("source_rows: " + problem);
+        py::array_t<int64_t> out(rows);
+        for (int64_t r = 0; r < rows; ++r) out.mutable_data()[r] = source_row(RowOrder(row_order), r, order_param);
+        return out;
+      },
+      py::arg("rows"), py::arg("row_order"), py::arg("order_param") = 0,
+      "The source row of each packed row under a row order (fragment_layout.hpp's source_row).");
   m.attr("ROW_ORDERS") = py::dict(py::arg("identity") = int(RowOrder::kIdentity),
                                   py::arg("rope_pairs") = int(RowOrder::kRopePairs),
                                   py::arg("gate_up") = int(RowOrder::kGateUp));
@@ -131,8 +168,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("order_param") = 0, py::arg("stream") = 0,
       "Pack a row-major bf16 matrix (device pointers) into the megakernel's fragment order.");
   m.def(
-      "pack_shape_problem", &pack_shape_problem, py::arg("rows"), py::arg("cols"), py::arg("row_order"),
-      py::arg("order_param") = 0, "Why a (rows, cols) matrix cannot be packed in that row order, or '' (fragment_layout.hpp).");
+      "pack_shape_problem",
+      [](int64_t rows, int64_t cols, int row_order, int64_t order_param, int weight_format) {
+        return pack_shape_problem(rows, cols, row_order, order_param, WeightFormat(weight_format));
+      },
+      py::arg("rows"), py::arg("cols"), py::arg("row_order"), py::arg("order_param") = 0, py::arg("weight_format") = 0,
+      "Why a (rows, cols) matrix cannot be packed in that row order and WEIGHT_FORMATS format, or '' "
+      "(fragment_layout.hpp).");
   m.def(
       "unpack_weight",
       [](std::uintptr_t src, std::uintptr_t dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
@@ -162,24 +204,35 @@ PYBIND11_MODULE(_C, m) {
       "silu(gate) * up of bf16 [rows, gate | up] rows (device pointers), rounded as the reference does (prefill).");
   m.def(
       "fragment_sources",
-      [](int64_t rows, int64_t cols, int row_order, int64_t order_param) {
-        const std::string problem = pack_shape_problem(rows, cols, row_order, order_param);
+      [](int64_t rows, int64_t cols, int row_order, int64_t order_param, int weight_format) {
+        const WeightFormat format = WeightFormat(weight_format);
+        const std::string problem = pack_shape_problem(rows, cols, row_order, order_param, format);
         if (!problem.empty()) throw std::invalid_argument("fragment_sources: " + problem);
         if (rows * cols > (int64_t{1} << 26)) throw std::invalid_argument("fragment_sources: at most 2^26 elements");
         py::array_t<int64_t> out(rows * cols);
         int64_t* o = out.mutable_data();
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < cols; ++c)
-            o[weight_fragment_index(r, c, cols)] = source_row(RowOrder(row_order), r, order_param) * cols + c;
+            o[format == WeightFormat::kFp8 ? fp8_weight_fragment_index(r, c, cols) : weight_fragment_index(r, c, cols)] =
+                source_row(RowOrder(row_order), r, order_param) * cols + c;
         return out;
       },
-      py::arg("rows"), py::arg("cols"), py::arg("row_order"), py::arg("order_param") = 0,
+      py::arg("rows"), py::arg("cols"), py::arg("row_order"), py::arg("order_param") = 0, py::arg("weight_format") = 0,
       "For each element of a packed (rows, cols) matrix, the flat index of its source element in the row-major "
       "matrix (the host statement of the fragment order, for tests).");
 
   py::class_<MegakernelEngine>(m, "MegakernelEngine")
-      .def(py::init<std::string, int, int, int, int>(), py::arg("config"), py::arg("device"), py::arg("n_layers"),
-           py::arg("max_batch"), py::arg("max_seq"))
+      .def(py::init([](const std::string& config, int device, int n_layers, int max_batch, int max_seq, int weights,
+                       int lm_head) {
+             return std::make_unique<MegakernelEngine>(config, device, n_layers, max_batch, max_seq,
+                                                       WeightFormats{WeightFormat(weights), WeightFormat(lm_head)});
+           }),
+           py::arg("config"), py::arg("device"), py::arg("n_layers"), py::arg("max_batch"), py::arg("max_seq"),
+           py::arg("weights") = 0, py::arg("lm_head") = 0,
+           "weights, lm_head: WEIGHT_FORMATS of the layers' matrices and of the LM head")
+      .def_property_readonly("weight_formats", [](const MegakernelEngine& e) {
+        return py::make_tuple(int(e.formats().layers), int(e.formats().lm_head));
+      })
       .def_property_readonly("scratch_bytes", &MegakernelEngine::scratch_bytes)
       .def_property_readonly("num_sms", [](const MegakernelEngine& e) { return e.schedule().num_sms; })
       .def_property_readonly("byte_imbalance", [](const MegakernelEngine& e) { return byte_imbalance(e.schedule()); })
@@ -207,29 +260,41 @@ PYBIND11_MODULE(_C, m) {
           "bind",
           [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<std::map<std::string, std::uintptr_t>>& layers,
              std::uintptr_t embed, bool embed_packed, std::uintptr_t final_norm, std::uintptr_t lm_head,
-             std::uintptr_t rope_cos, std::uintptr_t rope_sin, std::uintptr_t kv_cache, float rms_eps) {
+             std::uintptr_t rope_cos, std::uintptr_t rope_sin, std::uintptr_t kv_cache, float rms_eps,
+             std::uintptr_t lm_head_scale) {
             auto bf = [](std::uintptr_t v) { return reinterpret_cast<bf16_t*>(v); };
+            auto f32 = [](std::uintptr_t v) { return reinterpret_cast<const float*>(v); };
             ModelPointers mp;
             const ModelDims& dims = e.config().dims;
+            const bool fp8 = e.formats().layers == WeightFormat::kFp8;
             for (const auto& given : layers) {  // one {field name: device pointer} per layer: the config's fields
-              LayerWeights l{};                 // (kLayerWeightFields used by it); a feature's others stay null
-              size_t used = 0;
+              LayerWeights l{};                 // (kLayerWeightFields used by it; an e4m3 matrix's scales as
+              size_t used = 0;                  // "<name>.scale"); a feature's others stay null
+              auto pointer = [&](const std::string& name) {
+                const auto it = given.find(name);
+                if (it == given.end() || it->second == 0)
+                  throw std::invalid_argument("megakernel bind: layer weight '" + name + "' missing");
+                ++used;
+                return it->second;
+              };
               for (const LayerWeightField& f : kLayerWeightFields) {
                 if (!f.used_by(dims)) continue;
-                ++used;
-                const auto it = given.find(f.name);
-                if (it == given.end() || it->second == 0)
-                  throw std::invalid_argument(std::string("megakernel bind: layer weight '") + f.name + "' missing");
-                l.*f.field = bf(it->second);
+                if (!f.packed()) {
+                  l.*f.vector = bf(pointer(f.name));
+                  continue;
+                }
+                Matrix& m = l.*f.matrix;
+                m.data = reinterpret_cast<const void*>(pointer(f.name));
+                if (fp8) m.scale = f32(pointer(std::string(f.name) + ".scale"));
               }
               if (given.size() != used)
-                throw std::invalid_argument("megakernel bind: unknown layer weight names (expected those of configs()[i]['layer_weights'])");
+                throw std::invalid_argument("megakernel bind: unknown layer weight names (expected those of configs()[i]['layer_weights'], and in an FP8 engine '<matrix>.scale' for each matrix)");
               mp.layers.push_back(l);
             }
             mp.embed = bf(embed);
             mp.embed_packed = embed_packed;
             mp.final_norm = bf(final_norm);
-            mp.lm_head = bf(lm_head);
+            mp.lm_head = Matrix{reinterpret_cast<const void*>(lm_head), f32(lm_head_scale)};
             mp.rope_cos = reinterpret_cast<const float*>(rope_cos);
             mp.rope_sin = reinterpret_cast<const float*>(rope_sin);
             mp.kv_cache = bf(kv_cache);
@@ -238,7 +303,7 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("scratch"), py::arg("layers"), py::arg("embed"), py::arg("embed_packed"), py::arg("final_norm"),
           py::arg("lm_head"),
-          py::arg("rope_cos"), py::arg("rope_sin"), py::arg("kv_cache"), py::arg("rms_eps"))
+          py::arg("rope_cos"), py::arg("rope_sin"), py::arg("kv_cache"), py::arg("rms_eps"), py::arg("lm_head_scale") = 0)
       .def(
           "step",
           [](MegakernelEngine& e, std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t next_tokens,

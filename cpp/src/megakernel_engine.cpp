@@ -50,8 +50,14 @@ const CompiledConfig& find_config(const std::string& name) {
 
 }  // namespace
 
-MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq)
-    : config_(&find_config(config)), device_(device), max_batch_(max_batch), max_seq_(max_seq) {
+MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq,
+                                   WeightFormats formats)
+    : config_(&find_config(config)), formats_(formats), device_(device), max_batch_(max_batch), max_seq_(max_seq) {
+  for (WeightFormat f : {formats.layers, formats.lm_head})
+    if (f != WeightFormat::kBf16 && f != WeightFormat::kFp8)
+      throw std::invalid_argument("megakernel: unknown weight format " + std::to_string(int(f)));
+  if (formats.layers == WeightFormat::kBf16 && formats.lm_head == WeightFormat::kFp8)
+    throw std::invalid_argument("megakernel: an e4m3 LM head needs e4m3 layers (only FP8 kernels read e4m3)");
   if (n_layers < 1) throw std::invalid_argument("megakernel: n_layers must be >= 1");
   if (max_batch < 1) throw std::invalid_argument("megakernel: max_batch must be >= 1");
   if (max_seq < 1) throw std::invalid_argument("megakernel: max_seq must be >= 1");
@@ -60,11 +66,11 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   int coop = 0;
   FF_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   if (!coop) throw std::runtime_error("megakernel: device does not support cooperative launches");
-  schedule_ = build_schedule(config_->dims, num_sms_, n_layers);
+  schedule_ = build_schedule(config_->dims, num_sms_, n_layers, formats);
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
-  config_->shipped.prepare();
+  config_->shipped[int(formats.layers)].prepare();
   FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
   FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
 }
@@ -79,6 +85,16 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   if (int(model.layers.size()) != schedule_.layers)
     throw std::invalid_argument("megakernel: " + std::to_string(model.layers.size()) + " layers given, engine built for " +
                                 std::to_string(schedule_.layers));
+  for (const LayerWeights& l : model.layers)
+    for (const Matrix* m : {&l.qkv, &l.o, &l.gate_up, &l.down})
+      if ((m->scale != nullptr) != (formats_.layers == WeightFormat::kFp8))
+        throw std::invalid_argument(formats_.layers == WeightFormat::kFp8 ? "megakernel: an e4m3 layer matrix has no scales"
+                                                                          : "megakernel: a bf16 layer matrix has scales");
+  if ((model.lm_head.scale != nullptr) != (formats_.lm_head == WeightFormat::kFp8))
+    throw std::invalid_argument(formats_.lm_head == WeightFormat::kFp8 ? "megakernel: the e4m3 LM head has no scales"
+                                                                       : "megakernel: the bf16 LM head has scales");
+  if (model.embed_packed && formats_.lm_head != WeightFormat::kBf16)
+    throw std::invalid_argument("megakernel: a tied table is read from the packed LM head only when it is bf16");
   scratch_ = static_cast<uint8_t*>(scratch);
   FF_CUDA_CHECK(cudaSetDevice(device_));
   FF_CUDA_CHECK(cudaMemcpy(scratch_ + layout_.layer_table, model.layers.data(),
@@ -134,9 +150,9 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: debug_skip_signal must be -1 (off) or an op index below " +
                                 std::to_string(kNumOps) + ", got " + std::to_string(instr.skip_signal_op));
   p.instr = instr;
-  const KernelLaunch* kernel = &config_->shipped;
+  const KernelLaunch* kernel = &config_->shipped[int(formats_.layers)];
   if (instr.any()) {
-    kernel = &config_->instrumented;
+    kernel = &config_->instrumented[int(formats_.layers)];
     if (!*kernel)
       throw std::invalid_argument(
           "megakernel: timing_variant, trace and debug_skip_signal need the instrumented kernels, which this build "

@@ -28,7 +28,7 @@ struct ModelPointers {
   const bf16_t* embed;
   bool embed_packed;  // tied: `embed` is the packed LM head (fragment order)
   const bf16_t* final_norm;
-  const bf16_t* lm_head;
+  Matrix lm_head;  // scale: null for a bf16 LM head
   const float* rope_cos;
   const float* rope_sin;
   bf16_t* kv_cache;
@@ -37,13 +37,16 @@ struct ModelPointers {
 
 class MegakernelEngine {
  public:
-  // Throws std::invalid_argument for an unknown config or bad sizes.
-  MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq);
+  // Throws std::invalid_argument for an unknown config, bad sizes, or an e4m3 LM head beside bf16
+  // layers (an FP8 kernel reads either LM head, a bf16 kernel only a bf16 one).
+  MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq,
+                   WeightFormats formats = {});
   ~MegakernelEngine();
   MegakernelEngine(const MegakernelEngine&) = delete;
   MegakernelEngine& operator=(const MegakernelEngine&) = delete;
 
   const CompiledConfig& config() const { return *config_; }
+  const WeightFormats& formats() const { return formats_; }
   const Schedule& schedule() const { return schedule_; }
   int64_t scratch_bytes() const { return layout_.total; }
 
@@ -87,6 +90,7 @@ class MegakernelEngine {
 
  private:
   const CompiledConfig* config_;
+  WeightFormats formats_;
   int device_, num_sms_, max_batch_, max_seq_;
   Schedule schedule_;
   ScratchLayout layout_;

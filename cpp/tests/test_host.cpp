@@ -37,9 +37,14 @@ FF_TEST(real_models_balance_weight_bytes_within_5_percent) {
   for (const flashformer::ModelDims& d : kCompiledConfigs) {
     if (std::string(d.name).rfind("tiny", 0) == 0) continue;  // fewer rows than SMs: balance is moot
     for (int sms : {132, 114}) {
-      const double imbalance = flashformer::byte_imbalance(flashformer::build_schedule(d, sms, d.layers));
-      std::printf("  %s @ %d SMs: largest SM streams %.4fx the mean\n", d.name, sms, imbalance);
-      FF_CHECK(imbalance <= 1.05);
+      for (const flashformer::WeightFormats f :
+           {flashformer::WeightFormats{}, flashformer::WeightFormats{flashformer::WeightFormat::kFp8,
+                                                                     flashformer::WeightFormat::kFp8}}) {
+        const double imbalance = flashformer::byte_imbalance(flashformer::build_schedule(d, sms, d.layers, f));
+        std::printf("  %s @ %d SMs, %s: largest SM streams %.4fx the mean\n", d.name, sms,
+                    f.layers == flashformer::WeightFormat::kFp8 ? "fp8" : "bf16", imbalance);
+        FF_CHECK(imbalance <= 1.05);
+      }
     }
   }
 }
@@ -116,7 +121,10 @@ FF_TEST(op_facts_are_those_the_kernel_relies_on) {
   FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == d.kv_heads);
   FF_CHECK(kOps[op_index<QkvOp>].arrivals(d, 100) == 100);
   FF_CHECK(kOps[op_index<QkvOp>].units(d, 132) * kRowBlock == d.qkv_rows());
-  FF_CHECK(kOps[op_index<DownOp>].unit_bytes(d) == int64_t(kRowBlock) * d.intermediate * 2);
+  const WeightFormats bf16{}, fp8{WeightFormat::kFp8, WeightFormat::kBf16};
+  FF_CHECK(kOps[op_index<DownOp>].unit_bytes(d, bf16) == int64_t(kRowBlock) * d.intermediate * 2);
+  FF_CHECK(kOps[op_index<DownOp>].unit_bytes(d, fp8) == int64_t(kRowBlock) * d.intermediate);  // e4m3: a byte each
+  FF_CHECK(kOps[op_index<LmHeadOp>].unit_bytes(d, fp8) == int64_t(kRowBlock) * d.hidden * 2);  // its own format
   std::set<std::string> names;
   for (const OpInfo& op : kOps) FF_CHECK(names.insert(op.name).second);
 }
@@ -127,7 +135,8 @@ FF_TEST(every_packed_layer_weight_has_its_row_order_parameter) {
     for (const LayerWeightField& f : kLayerWeightFields) {
       if (f.order == RowOrder::kRopePairs) FF_CHECK(row_order_param(f.order, d) == d.head_dim);
       if (f.order == RowOrder::kGateUp) FF_CHECK(row_order_param(f.order, d) == d.intermediate);
-      FF_CHECK(f.packed || f.order == RowOrder::kIdentity);
+      FF_CHECK(f.packed() || f.order == RowOrder::kIdentity);
+      FF_CHECK(f.packed() != (f.vector != nullptr));  // a matrix or a vector
     }
 }
 

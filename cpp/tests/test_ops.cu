@@ -1,6 +1,7 @@
 // Op-level GPU tests of the megakernel's building blocks, each against a host computation on fresh
-// random data with poisoned outputs: weight packing and unpacking, one matmul (row blocks through
-// the weight ring into an epilogue), and attention's cross-chunk merge. Exit 77 (ctest: skipped)
+// random data with poisoned outputs: weight packing and unpacking (bf16 and e4m3), one matmul (row
+// blocks through the weight ring into an epilogue, in both weight formats), and attention's
+// cross-chunk merge. Exit 77 (ctest: skipped)
 // when no sm_90 device is visible.
 #include <cuda_runtime.h>
 
@@ -47,6 +48,21 @@ float from_bf16_bits(uint16_t b) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+// The value of e4m3 byte b (NaN for S.1111.111).
+double e4m3_value(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return NAN;
+  const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+std::vector<uint8_t> random_e4m3(size_t n) {  // every code but the NaNs: subnormals, zeros and 448 too
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<uint8_t> out(n);
+  for (auto& x : out)
+    do x = uint8_t(byte(rng()));
+    while ((x & 0x7F) == 0x7F);
+  return out;
+}
 std::vector<uint16_t> random_bf16(size_t n, float scale = 1.f) {  // normal, never zeros
   std::normal_distribution<float> normal(0.f, scale);
   std::vector<uint16_t> out(n);
@@ -92,6 +108,39 @@ int64_t pack_mismatches(int64_t rows, int64_t cols, ff::RowOrder order, int64_t 
   return bad;
 }
 
+// pack_weight_fp8 against the host statement of the e4m3 fragment order (bytes and scales), then
+// unpack_weight_fp8 against bf16(value * scale) at every element.
+int64_t pack_fp8_mismatches(int64_t rows, int64_t cols, ff::RowOrder order, int64_t param) {
+  const std::vector<uint8_t> w = random_e4m3(size_t(rows * cols));
+  std::uniform_real_distribution<float> scale_dist(1e-4f, 1e-1f);
+  std::vector<float> scale(rows);
+  for (auto& s : scale) s = scale_dist(rng());
+  std::vector<uint8_t> expected(w.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      expected[ff::fp8_weight_fragment_index(r, c, cols)] = w[ff::source_row(order, r, param) * cols + c];
+  DeviceBuffer<uint8_t> src(w), packed(w.size());
+  DeviceBuffer<float> d_scale(scale), packed_scale(rows);
+  DeviceBuffer<uint16_t> back(w.size());
+  packed.fill_bytes(0x7F), packed_scale.fill_bytes(0xFF), back.fill_bytes(0xFF);
+  ff::pack_weight_fp8(src.ptr, d_scale.ptr, packed.ptr, packed_scale.ptr, rows, cols, int(order), param, nullptr);
+  ff::unpack_weight_fp8(packed.ptr, packed_scale.ptr, back.ptr, rows, cols, int(order), param, nullptr);
+  const std::vector<uint8_t> got = packed.host();
+  const std::vector<float> got_scale = packed_scale.host();
+  const std::vector<uint16_t> deq = back.host();
+  int64_t bad = 0;
+  for (size_t i = 0; i < w.size(); ++i) bad += got[i] != expected[i];
+  for (int64_t r = 0; r < rows; ++r) bad += got_scale[r] != scale[ff::source_row(order, r, param)];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float want = float(e4m3_value(w[r * cols + c])) * scale[r];  // exact in fp32: 4 x 24 bits
+      bad += deq[r * cols + c] != to_bf16_bits(want);
+    }
+  if (bad) std::printf("  e4m3 (%lld, %lld) order %d: %lld mismatches\n", (long long)rows, (long long)cols, int(order),
+                       (long long)bad);
+  return bad;
+}
+
 // --- one matmul through the ring ----------------------------------------------------------------
 
 // Writes each row block's 16 x 8 result tile to p.logits as out[row][batch column].
@@ -115,9 +164,9 @@ struct ProbeEpilogue {
 // One CTA: the producer warp streams `row_blocks` packed row blocks of K = 16 kblocks through
 // the ring, the consumer warps multiply them by the batch's activations (global fragment order:
 // staged into shared memory when they fit, read from L2 when not), as the megakernel's matmul ops do.
-template <class T>
+template <class T, ff::WeightFormat F>
 __global__ void __launch_bounds__(ff::kThreads, 1)
-    matmul_probe(const __grid_constant__ ff::MegakernelParams p, const ff::bf16_t* w, const ff::bf16_t* act,
+    matmul_probe(const __grid_constant__ ff::MegakernelParams p, const ff::Matrix w, const ff::bf16_t* act,
                  int kblocks, int row_blocks) {
   extern __shared__ __align__(128) uint8_t smem[];
   const ff::SmemRegions regions(smem, p);
@@ -127,26 +176,46 @@ __global__ void __launch_bounds__(ff::kThreads, 1)
   if (ff::warp_role(warp) == ff::WarpRole::kProducer) {
     if (threadIdx.x % ff::kWarpSize == 0) {
       ff::Producer<T> pr(p, regions);
-      ff::stream_row_blocks(pr, w, kblocks * ff::kKBlock, 0, row_blocks);
+      ff::stream_row_blocks<F>(pr, w, kblocks * ff::kKBlock, 0, row_blocks);
     }
     return;
   }
   if (ff::warp_role(warp) != ff::WarpRole::kConsumer) return;
   ff::Consumer<T> c(p, regions, int(threadIdx.x));
-  ff::run_matmul_global_b<T, ProbeEpilogue<T>>(c, act, kblocks, 0, 0, row_blocks);
+  ff::run_matmul_global_b<T, F, ProbeEpilogue<T>>(c, act, kblocks, w, 0, 0, row_blocks);
 }
 
-// Largest error of the probe's results against a double-precision product of the same bf16
-// values, relative to sum |w||x| of each output (fp32 accumulation in another order).
+// Largest error of the probe's results against a double-precision product of the same bf16 (or
+// e4m3 times row scale) values, relative to sum |w||x| of each output (fp32 accumulation in another
+// order).
+template <ff::WeightFormat F>
 double matmul_error(int row_blocks, int kblocks, int batch) {
-  using T = Tiny;
+  using T = ff::KernelTraits<0, ff::Build::kShipped, F>;  // tiny-gqa
+  constexpr bool kFp8 = F == ff::WeightFormat::kFp8;
   const int rows = row_blocks * ff::kRowBlock, K = kblocks * ff::kKBlock;
-  const std::vector<uint16_t> w = random_bf16(size_t(rows) * K), x = random_bf16(size_t(ff::kMaxBatch) * K);
+  const std::vector<uint16_t> w16 = random_bf16(kFp8 ? 0 : size_t(rows) * K), x = random_bf16(size_t(ff::kMaxBatch) * K);
+  const std::vector<uint8_t> w8 = random_e4m3(kFp8 ? size_t(rows) * K : 0);
+  std::vector<float> scale(rows);
+  std::uniform_real_distribution<float> scale_dist(1e-3f, 1e-1f);
+  for (auto& s : scale) s = scale_dist(rng());
+  auto weight = [&](int r, int k) {
+    return kFp8 ? e4m3_value(w8[size_t(r) * K + k]) * scale[r] : double(from_bf16_bits(w16[size_t(r) * K + k]));
+  };
   std::vector<uint16_t> act(size_t(ff::kMaxBatch) * K);  // fragment order, all kMaxBatch rows
   for (int n = 0; n < ff::kMaxBatch; ++n)
     for (int k = 0; k < K; ++k) act[ff::act_fragment_index(n, k)] = x[size_t(n) * K + k];
-  DeviceBuffer<uint16_t> w_rows(w), w_packed(w.size()), d_act(act);
-  ff::pack_weight(w_rows.ptr, w_packed.ptr, rows, K, int(ff::RowOrder::kIdentity), 0, nullptr);
+  DeviceBuffer<uint16_t> w_rows(w16), w_packed(w16.size()), d_act(act);
+  DeviceBuffer<uint8_t> w8_rows(w8), w8_packed(w8.size());
+  DeviceBuffer<float> d_scale(scale), packed_scale(rows);
+  ff::Matrix m;
+  if constexpr (kFp8) {
+    ff::pack_weight_fp8(w8_rows.ptr, d_scale.ptr, w8_packed.ptr, packed_scale.ptr, rows, K,
+                        int(ff::RowOrder::kIdentity), 0, nullptr);
+    m = ff::Matrix{w8_packed.ptr, packed_scale.ptr};
+  } else {
+    ff::pack_weight(w_rows.ptr, w_packed.ptr, rows, K, int(ff::RowOrder::kIdentity), 0, nullptr);
+    m = ff::Matrix{w_packed.ptr, nullptr};
+  }
   DeviceBuffer<float> out(size_t(rows) * ff::kMaxBatch);
   out.fill_bytes(0xFF);  // NaN
   DeviceBuffer<int> error(ff::kErrorWords);
@@ -161,10 +230,9 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
   p.union_bytes = split.union_bytes;
   p.inflight_stages = 3;
   p.weight_l2_policy = int(ff::WeightL2Policy::kEvictFirst);
-  FF_CUDA_CHECK(cudaFuncSetAttribute(matmul_probe<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, split.total_bytes));
-  matmul_probe<T><<<1, ff::kThreads, split.total_bytes>>>(p, reinterpret_cast<const ff::bf16_t*>(w_packed.ptr),
-                                                           reinterpret_cast<const ff::bf16_t*>(d_act.ptr), kblocks,
-                                                           row_blocks);
+  FF_CUDA_CHECK(cudaFuncSetAttribute(matmul_probe<T, F>, cudaFuncAttributeMaxDynamicSharedMemorySize, split.total_bytes));
+  matmul_probe<T, F><<<1, ff::kThreads, split.total_bytes>>>(p, m, reinterpret_cast<const ff::bf16_t*>(d_act.ptr),
+                                                              kblocks, row_blocks);
   FF_CUDA_CHECK(cudaGetLastError());
   const std::vector<float> got = out.host();
   double worst = 0;
@@ -174,14 +242,14 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
       if (n >= batch) continue;  // columns past the batch are never written
       double ref = 0, mag = 0;
       for (int k = 0; k < K; ++k) {
-        const double a = from_bf16_bits(w[size_t(r) * K + k]), b = from_bf16_bits(x[size_t(n) * K + k]);
+        const double a = weight(r, k), b = from_bf16_bits(x[size_t(n) * K + k]);
         ref += a * b, mag += std::fabs(a * b);
       }
       const double err = std::isfinite(v) ? std::fabs(v - ref) / mag : INFINITY;
       worst = err > worst ? err : worst;
     }
-  std::printf("  %d row blocks x %d k blocks, batch %d: largest error %.2e of sum|w x|\n", row_blocks, kblocks, batch,
-              worst);
+  std::printf("  %s: %d row blocks x %d k blocks, batch %d: largest error %.2e of sum|w x|\n", kFp8 ? "e4m3" : "bf16",
+              row_blocks, kblocks, batch, worst);
   return worst;
 }
 
@@ -271,6 +339,13 @@ FF_TEST(pack_weight_is_the_host_fragment_order_and_unpack_weight_inverts_it) {
   FF_CHECK(pack_mismatches(4096, 4096, ff::RowOrder::kIdentity, 0) == 0);  // a weight-sized matrix
 }
 
+FF_TEST(pack_weight_fp8_is_the_host_e4m3_fragment_order_and_unpack_dequantizes_it) {
+  FF_CHECK(pack_fp8_mismatches(64, 64, ff::RowOrder::kIdentity, 0) == 0);
+  FF_CHECK(pack_fp8_mismatches(48, 1056, ff::RowOrder::kIdentity, 0) == 0);
+  FF_CHECK(pack_fp8_mismatches(3 * 128, 256, ff::RowOrder::kRopePairs, 128) == 0);
+  FF_CHECK(pack_fp8_mismatches(2 * 96, 256, ff::RowOrder::kGateUp, 96) == 0);
+}
+
 FF_TEST(pack_and_unpack_refuse_what_they_cannot_lay_out) {
   DeviceBuffer<uint16_t> buf(64 * 64);
   auto refused = [&](auto&& call) {
@@ -285,13 +360,22 @@ FF_TEST(pack_and_unpack_refuse_what_they_cannot_lay_out) {
   FF_CHECK(refused([&] { ff::unpack_weight(buf.ptr, buf.ptr, 60, 64, 0, 0, nullptr); }));
   FF_CHECK(refused([&] { ff::unpack_weight(buf.ptr, buf.ptr, 64, 64, int(ff::RowOrder::kGateUp), 16, nullptr); }));
   FF_CHECK(refused([&] { ff::pack_weight(buf.ptr, buf.ptr, 64, 64, 7, 0, nullptr); }));
+  float* s = reinterpret_cast<float*>(buf.ptr);
+  FF_CHECK(refused([&] { ff::pack_weight_fp8(buf.ptr, s, buf.ptr, s, 64, 48, 0, 0, nullptr); }));  // e4m3: 32 columns
+  FF_CHECK(refused([&] { ff::unpack_weight_fp8(buf.ptr, s, buf.ptr, 64, 80, 0, 0, nullptr); }));
 }
 
 FF_TEST(a_matmul_through_the_weight_ring_matches_the_host_product) {
-  FF_CHECK(matmul_error(3, 16, 1) < 1e-5);  // half a stage per row block, activations staged in shared memory
-  FF_CHECK(matmul_error(5, 48, 3) < 1e-5);  // one and a half stages per row block
-  FF_CHECK(matmul_error(4, 64, 8) < 1e-5);  // two stages per row block, activations read from L2
-  FF_CHECK(matmul_error(40, 16, 8) < 1e-5);  // more row blocks than the ring has stages
+  constexpr ff::WeightFormat kBf16 = ff::WeightFormat::kBf16, kFp8 = ff::WeightFormat::kFp8;
+  FF_CHECK(matmul_error<kBf16>(3, 16, 1) < 1e-5);  // half a stage per row block, activations staged in shared memory
+  FF_CHECK(matmul_error<kBf16>(5, 48, 3) < 1e-5);  // one and a half stages per row block
+  FF_CHECK(matmul_error<kBf16>(4, 64, 8) < 1e-5);  // two stages per row block, activations read from L2
+  FF_CHECK(matmul_error<kBf16>(40, 16, 8) < 1e-5);  // more row blocks than the ring has stages
+  // e4m3 (every code but NaN, subnormals included; random row scales): a stage holds 32 k blocks
+  FF_CHECK(matmul_error<kFp8>(3, 16, 1) < 1e-5);   // a quarter stage per row block
+  FF_CHECK(matmul_error<kFp8>(5, 96, 3) < 1e-5);   // one and a half stages per row block
+  FF_CHECK(matmul_error<kFp8>(4, 128, 8) < 1e-5);  // two stages, activations read from L2
+  FF_CHECK(matmul_error<kFp8>(40, 32, 8) < 1e-5);  // more row blocks than the ring has stages
 }
 
 FF_TEST(attention_merges_chunk_partials_like_the_host) {

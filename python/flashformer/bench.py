@@ -36,6 +36,8 @@ from .config import ModelSpec, load_spec, spec_from_dict
 from .engine import BACKENDS, Engine, select_backend
 from .reference import KVCache
 from .sampling import SamplingParams
+from . import validate
+from .quantization import quantize_layers
 from .weights import Weights, load_weights, random_weights
 
 # The config.json of each compiled megakernel shape: its dimensions, layer count, tied LM head and
@@ -281,6 +283,7 @@ def run_bench(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> dict:
     """Run the benchmark; return the result (the JSON document) and, when `out` is given, write
     bench.md, bench.json and bench.png there.
@@ -288,8 +291,12 @@ def run_bench(
     models: shape names (shapes()) or checkpoint directories; batches, ctxs: the decode sweep;
     prompt_lens: time-to-first-token prompts (batch 1; empty for none); peers: "none", "fast"
     (gpt-fast style) or "all" (also HF transformers eager); quick: a tiny shape and a small sweep
-    (explicit arguments still win); steps: timed engine tokens per row.
+    (explicit arguments still win); steps: timed engine tokens per row; quantization "fp8": each
+    model also in FP8 (its layer matrices quantized per output channel, as quantize-at-load does),
+    as the model "<name>:fp8" with the engine's rows only (the peers stay bf16; its × peer columns
+    compare with the bf16 peer's row).
     """
+    validate.quantization(quantization)
     if peers not in PEERS:
         raise ValueError(f"peers must be one of {', '.join(PEERS)}, got {peers!r}")
     if device is None:
@@ -353,11 +360,27 @@ def run_bench(
         bar.update()
         for model in models:
             _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator, bar)
+            if quantization:
+                _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, (), counts, generator, bar,
+                             quantization=quantization)
+                _compare_with_dense_peers(result)
             result["backend"] = ", ".join(dict.fromkeys(m["backend"] for m in result["models"].values()))
             result["wall_s"] = round(perf_counter() - started, 1)
             if out is not None:  # after every model, so a failure later keeps what was measured
                 write_outputs(result, out)
     return result
+
+
+def _compare_with_dense_peers(result: dict) -> None:
+    """Give the rows of quantized models ("<name>:fp8") the bf16 peers' figures of the same row."""
+    dense = {(r["model"], r["batch"], r["ctx"]): r for r in result["rows"] if r["weights"] == "bf16"}
+    for row in result["rows"]:
+        base = dense.get((row["model"].split(":")[0], row["batch"], row["ctx"]))
+        if row["weights"] == "bf16" or base is None:
+            continue
+        for peer in ("gptfast", "hf_eager"):
+            row[f"{peer}_ms"] = base[f"{peer}_ms"]
+            row[f"speedup_vs_{peer}"] = base[f"{peer}_ms"] / row["engine_ms"] if base[f"{peer}_ms"] else None
 
 
 def _transformers_version() -> str | None:
@@ -370,8 +393,12 @@ def _transformers_version() -> str | None:
     return transformers.__version__
 
 
-def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens, run_peers, counts, generator, bar):
+def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens, run_peers, counts, generator, bar,
+                 quantization=None):
     name, spec, weights, cfg = _load_model(model, device, generator)
+    if quantization:
+        quantize_layers(weights)
+        name = f"{name}:{quantization}"
     wbytes = weight_bytes(weights)
     result["models"][name] = {
         "weights_streamed_bytes": wbytes,
@@ -379,11 +406,13 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         "tied": weights.tied,
         "layers": spec.num_layers,
         "hidden_size": spec.hidden_size,
+        "weights": quantization or "bf16",
     }
     grid = [(b, c) for b in batches for c in ctxs]
     new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, GENERATE_PROMPT + new_tokens + 1) // 128) * 128
-    backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches))
+    backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches),
+                                 quantization=quantization)
     cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device)
     backend = backend_cls(spec, weights, cache)
     result["models"][name]["backend"] = backend.name
@@ -412,6 +441,8 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
             "engine_tok_s": batch * 1e3 / median,
             "engine_gbs": nbytes / (median * 1e-3) / 1e9,
             "bytes_per_step": nbytes,
+            "weights": quantization or "bf16",  # what the matrices stream as (the floor counts their bytes and scales)
+            "kv_cache_dtype": str(cache.dtype).removeprefix("torch."),
             "floor_ms": floor,
             "floor_fraction": floor / median if floor is not None else None,
             "gptfast_ms": None,
@@ -737,6 +768,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default=None, help=f"output directory (default ./{DEFAULT_OUT}; with --render, the JSON's directory)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quantization", default=None, choices=["fp8"],
+        help="also bench each model with its layer matrices in FP8 e4m3 (per-channel scales), as <model>:fp8",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--render",
@@ -771,6 +806,7 @@ def main(args) -> int:
             seed=args.seed,
             out=out,
             progress=not args.no_progress,
+            quantization=args.quantization,
         )
     print(format_table(result))
     written = [str(out / name) for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file()]

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from . import _core
 from .config import ModelSpec
-from .packing import cuda_stream, gather_rows, pack, row_orders, unpack
+from .packing import cuda_stream, dequantize_packed, gather_rows, pack, pack_fp8, row_orders, unpack, unpack_fp8
+from .quantization import QuantizedMatrix
 from .reference import KVCache, Transformer, prefill_logits
-from .weights import LayerWeights, Weights
+from .weights import LAYER_MATRICES, LayerWeights, Weights
 
 # What a compiled config fixes about a model, beyond its layer count: the shape, and the
 # features (biases on q/k/v, per-head q/k RMSNorm) compiled into its kernel.
@@ -109,10 +110,11 @@ def unavailable_reason(
 ) -> str | None:
     """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
     weights' format as loaded ("fp8", or None for dense weights in `dtype`)."""
-    if quantization is not None:
+    q = spec.quantization
+    if quantization == "fp8" and q is not None and q.strategy == "block":
         return (
-            f"it streams dense bfloat16 weights only, not {quantization.upper()} e4m3 ones yet "
-            "(FP8 loads and runs on the reference path)"
+            f"it takes one FP8 scale per output row (per channel or per tensor), not {q.block_size[0]}x"
+            f"{q.block_size[1]} block scales (those run on the reference path)"
         )
     if device.type != "cuda":
         return f"it needs a CUDA device, not {device}"
@@ -129,6 +131,25 @@ def unavailable_reason(
     if match_config(spec) is None:
         return no_match_reason(spec)
     return None
+
+
+def weight_format(weights: Weights) -> str:
+    """The WEIGHT_FORMATS name of the layers' matrices: "fp8" when every one is an e4m3
+    QuantizedMatrix with one scale per row (or per tensor), "bf16" when none is one; else
+    ValueError saying why the kernel cannot stream them (it reads one format for all layers)."""
+    matrices = [getattr(layer, a) for layer in weights.layers for a in LAYER_MATRICES]
+    fp8 = [isinstance(m, QuantizedMatrix) for m in matrices]
+    if not any(fp8):
+        return "bf16"
+    if not all(fp8):
+        raise ValueError(f"{sum(fp8)} of the {len(fp8)} layer matrices are FP8 and the others dense; the megakernel "
+                         "streams one format for every layer (backend='reference' runs this mix)")
+    blocks = {m.block for m in matrices if m.block[1] < m.shape[1]}
+    if blocks:
+        b = blocks.pop()
+        raise ValueError(f"the megakernel takes one FP8 scale per output row, not {b[0]}x{b[1]} block scales "
+                         "(backend='reference' runs them)")
+    return "fp8"
 
 
 class PackedTransformer(Transformer):
@@ -158,7 +179,10 @@ class PackedTransformer(Transformer):
             at, out = 0, []
             for packed, order, param in job:
                 view = self.buffer[at : at + packed.numel()].view(packed.shape)
-                out.append(unpack(packed, order, param, out=view))
+                if isinstance(packed, QuantizedMatrix):  # e4m3: dequantized as the reference does
+                    out.append(dequantize_packed(packed, order, param, out=view))
+                else:
+                    out.append(unpack(packed, order, param, out=view))
                 at += packed.numel()
             yield out
 
@@ -205,14 +229,17 @@ def _fusable(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous()
 
 
-def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder) -> None:
-    """Replace every matrix of `weights` by reorder(matrix, row order, its parameter), one at a time
-    (each old tensor is freed as its new one replaces it: never two copies of the model)."""
+def _reorder_in_place(weights: Weights, layer_weights: list[dict], reorder, reorder_fp8) -> None:
+    """Replace every matrix of `weights` by reorder(matrix, row order, its parameter) (an FP8 one,
+    a QuantizedMatrix, by reorder_fp8), one at a time (each old tensor is freed as its new one
+    replaces it: never two copies of the model)."""
     for layer in weights.layers:
         for f in layer_weights:
             if f["packed"]:
                 attr = LAYER_FIELDS[f["name"]]
-                setattr(layer, attr, reorder(getattr(layer, attr), f["row_order"], f["order_param"]))
+                m = getattr(layer, attr)
+                setattr(layer, attr, (reorder_fp8 if isinstance(m, QuantizedMatrix) else reorder)(m, f["row_order"],
+                                                                                                   f["order_param"]))
     weights.replace_lm_head(reorder(weights.lm_head, row_orders()["identity"], 0))  # (a tied table with it)
 
 
@@ -239,7 +266,7 @@ def pack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
     """Reorder every matrix of `weights` (and a tied embedding table) into fragment order."""
     if weights.fragment_order:
         raise ValueError("these weights are already in fragment order")
-    _reorder_in_place(weights, layer_weights, pack)
+    _reorder_in_place(weights, layer_weights, pack, pack_fp8)
     weights.fragment_order = True
 
 
@@ -247,7 +274,7 @@ def unpack_in_place(weights: Weights, layer_weights: list[dict]) -> None:
     """The inverse of pack_in_place: row-major again."""
     if not weights.fragment_order:
         raise ValueError("these weights are already row-major")
-    _reorder_in_place(weights, layer_weights, unpack)
+    _reorder_in_place(weights, layer_weights, unpack, unpack_fp8)
     weights.fragment_order = False
 
 
@@ -264,12 +291,17 @@ class MegakernelBackend:
                                     quantization="fp8" if weights.quantized else None)
         if reason:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
+        try:
+            self.weight_format = weight_format(weights)
+        except ValueError as e:
+            raise RuntimeError(f"the megakernel backend cannot run this model: {e}") from None
         C = _core.load()
         config = config_named(match_config(spec))
         self.device, self.cache, self.spec = device, cache, spec
         self.layer_weights = config["layer_weights"]
+        formats = C.WEIGHT_FORMATS
         self.engine = C.MegakernelEngine(config["name"], _device_index(device), spec.num_layers, cache.max_batch_size,
-                                         cache.max_seq_len)
+                                         cache.max_seq_len, weights=formats[self.weight_format], lm_head=formats["bf16"])
         self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
         self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
         pad_lm_head(weights, config["padded_vocab_size"])
@@ -280,8 +312,7 @@ class MegakernelBackend:
         self.rope_cos, self.rope_sin = cache.cos[:, :half].contiguous(), cache.sin[:, :half].contiguous()
         self.engine.bind(
             self.scratch.data_ptr(),
-            [{f["name"]: getattr(layer, LAYER_FIELDS[f["name"]]).data_ptr() for f in self.layer_weights}
-             for layer in weights.layers],
+            [self._layer_pointers(layer) for layer in weights.layers],
             weights.embed.data_ptr(),
             weights.tied,
             weights.final_norm.data_ptr(),
@@ -296,6 +327,17 @@ class MegakernelBackend:
         self.positions = torch.zeros(b, dtype=torch.int64, device=device)
         self.next_tokens = torch.zeros(b, dtype=torch.int32, device=device)
         self.logits = torch.empty(b, spec.vocab_size, dtype=torch.float32, device=device)
+
+    def _layer_pointers(self, layer: LayerWeights) -> dict[str, int]:
+        """{kernel name: device pointer} of a layer's weights; an FP8 matrix's scales as "<name>.scale"."""
+        out = {}
+        for f in self.layer_weights:
+            w = getattr(layer, LAYER_FIELDS[f["name"]])
+            if isinstance(w, QuantizedMatrix):
+                out[f["name"]], out[f["name"] + ".scale"] = w.data.data_ptr(), w.scale.data_ptr()
+            else:
+                out[f["name"]] = w.data_ptr()
+        return out
 
     def release_weights(self) -> Weights:
         """Hand the weights back in row-major order (in place, one matrix at a time), e.g. to run

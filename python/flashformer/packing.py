@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _core
+from .quantization import FP8_DTYPE, QuantizedMatrix
 
 # Row orders by name, as the compiled core numbers them.
 def row_orders() -> dict[str, int]:
@@ -38,11 +39,12 @@ def _split(rows: int, cols: int, order: int, param: int) -> tuple[tuple[int, ...
     raise ValueError(f"unknown row order {order}")
 
 
-def _check(w: torch.Tensor, order: int, param: int) -> None:
+def _check(w: torch.Tensor, order: int, param: int, weight_format: str = "bf16") -> None:
     """The compiled core's rules (fragment_layout.hpp's pack_shape_problem), for either path."""
     if w.dim() != 2:
         raise ValueError(f"a packed matrix is 2-D, got shape {tuple(w.shape)}")
-    problem = _core.load().pack_shape_problem(*w.shape, order, param)
+    C = _core.load()
+    problem = C.pack_shape_problem(*w.shape, order, param, C.WEIGHT_FORMATS[weight_format])
     if problem:
         raise ValueError(problem)
 
@@ -96,3 +98,76 @@ def gather_rows(packed: torch.Tensor, rows: torch.Tensor, chunk: int = 1024) -> 
     for i in range(0, ids.numel(), chunk):
         out[i : i + chunk] = flat[row_part[ids[i : i + chunk]][:, None] + col_part[None, :]]
     return out.view(*rows.shape, cols)
+
+
+# --- e4m3 matrices ------------------------------------------------------------------------------
+# A packed e4m3 [rows, cols] matrix holds 16x32 tiles, row blocks outermost; lane (g, t) finds the
+# A registers of the tile's two 16x16 halves in one 16-byte vector, each 32-bit word holding the
+# pairs of two registers interleaved (fragment_layout.hpp's fp8_weight_fragment_index). Its row
+# scales move with its rows: scale[r] belongs to packed row r.
+
+
+def source_rows(rows: int, order: int, param: int = 0, device=None) -> torch.Tensor:
+    """The source row of each packed row under `order` (int64 [rows])."""
+    return torch.from_numpy(_core.load().source_rows(rows, order, param)).to(device)
+
+
+def _fp8_split(rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Row-major e4m3 [rows, cols] (rows already in packed order) split as (rb, row half, g, kf,
+    half, column half, t, e), and the permutation to fragment order (rb, kf, g, t, half, row half,
+    e, column half), the column half counted down (bytes 1 and 3 hold columns 2t, 2t+1)."""
+    return (rows // 16, 2, 8, cols // 32, 2, 2, 4, 2), (0, 3, 2, 6, 4, 1, 7, 5)
+
+
+def _per_channel(m: QuantizedMatrix) -> QuantizedMatrix:
+    """`m` with one scale per row (a per-tensor scale repeated); block scales cannot be."""
+    rows, cols = m.shape
+    if m.block[1] < cols:
+        raise ValueError(f"the megakernel takes one scale per output row, not {m.block[0]}x{m.block[1]} blocks")
+    return m if m.block == (1, cols) else QuantizedMatrix(m.data, m.row_scales(0, rows)[:, :1].contiguous(), (1, cols))
+
+
+def pack_fp8(m: QuantizedMatrix, order: int, param: int = 0) -> QuantizedMatrix:
+    """A new QuantizedMatrix holding `m` (row-major, one scale per row or per tensor) in e4m3
+    fragment order, its scales [rows, 1] in the packed row order."""
+    m = _per_channel(m)
+    _check(m.data, order, param, "fp8")
+    rows, cols = m.shape
+    data, scale = m.data.contiguous(), m.scale.contiguous()
+    out, out_scale = torch.empty_like(data), torch.empty_like(scale)
+    if data.is_cuda:
+        _core.load().pack_weight_fp8(data.data_ptr(), scale.data_ptr(), out.data_ptr(), out_scale.data_ptr(), rows,
+                                     cols, order, param, cuda_stream(data.device))
+        return QuantizedMatrix(out, out_scale, m.block)
+    src = source_rows(rows, order, param, data.device)
+    shape, perm = _fp8_split(rows, cols)
+    bytes_ = data.view(torch.uint8)[src].view(shape).flip(5).permute(perm).reshape(rows, cols)
+    return QuantizedMatrix(bytes_.contiguous().view(FP8_DTYPE), scale[src].contiguous(), m.block)
+
+
+def unpack_fp8(packed: QuantizedMatrix, order: int, param: int = 0) -> QuantizedMatrix:
+    """The inverse of pack_fp8: row-major again, scales in the source row order."""
+    _check(packed.data, order, param, "fp8")
+    rows, cols = packed.shape
+    shape, perm = _fp8_split(rows, cols)
+    packed_shape = [shape[i] for i in perm]
+    inverse = [perm.index(i) for i in range(len(perm))]
+    by_packed_row = packed.data.view(torch.uint8).reshape(packed_shape).permute(inverse).flip(5).reshape(rows, cols)
+    src = source_rows(rows, order, param, packed.data.device)
+    data, scale = torch.empty_like(by_packed_row), torch.empty_like(packed.scale)
+    data[src], scale[src] = by_packed_row, packed.scale
+    return QuantizedMatrix(data.view(FP8_DTYPE), scale, packed.block)
+
+
+def dequantize_packed(packed: QuantizedMatrix, order: int, param: int = 0, out: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A packed e4m3 matrix dequantized to row-major `dtype` [rows, cols] (into `out`): the value
+    data * scale in fp32, rounded once (what the reference decoder multiplies by)."""
+    _check(packed.data, order, param, "fp8")
+    if out is None:
+        out = torch.empty(packed.shape, dtype=dtype, device=packed.data.device)
+    if packed.data.is_cuda and out.dtype == torch.bfloat16 and out.is_contiguous():
+        _core.load().unpack_weight_fp8(packed.data.data_ptr(), packed.scale.data_ptr(), out.data_ptr(), *packed.shape,
+                                       order, param, cuda_stream(packed.data.device))
+        return out
+    return unpack_fp8(packed, order, param).dequantize(out.dtype, out=out)

@@ -19,6 +19,20 @@ constexpr int64_t weight_fragment_index(int64_t row, int64_t col, int64_t K) {
   return (((row / kRowBlock) * (K / kKBlock) + col / kKBlock) * kWarpSize + lane) * 8 + e;
 }
 
+// Byte index of e4m3 W[row][col] (K columns, a multiple of 32) in fragment order: 16x32 fragments
+// [row/16][col/32][lane = g*4 + t][16 bytes]. The lane's bytes are the A registers of the
+// fragment's two 16x16 halves (h = (col%32)/16), in words 2h (row g) and 2h+1 (row g+8), each
+// word holding two registers' pairs interleaved so that weight_layout.cuh turns it into bf16
+// with masks and a shift: the pair of columns 2t, 2t+1 in bytes 1 and 3, that of 2t+8, 2t+9 in
+// bytes 0 and 2.
+constexpr int64_t fp8_weight_fragment_index(int64_t row, int64_t col, int64_t K) {
+  constexpr int64_t kCols = 2 * kKBlock;
+  const int64_t r = row % kRowBlock, c = col % kCols, h = c / kKBlock, cc = c % kKBlock;
+  const int64_t lane = (r % 8) * 4 + (cc % 8) / 2;
+  const int64_t word = 2 * h + r / 8, byte = (cc / 8 == 0 ? 1 : 0) + 2 * (cc % 2);
+  return (((row / kRowBlock) * (K / kCols) + col / kCols) * kWarpSize + lane) * 16 + word * 4 + byte;
+}
+
 // Element index of activation a[n][k] (batch row n of `rows`, K columns) in fragment order:
 // [k/16][n][t][e], t = (k%8)/2, e = (k%16)/8 * 2 + k%2: the B registers b0..b1 of lane n*4+t.
 // Global buffers hold all kMaxBatch rows; shared-memory copies only the step's batch rows.
@@ -58,10 +72,13 @@ constexpr int64_t source_row(RowOrder order, int64_t row, int64_t param) {
 
 // Why a (rows, cols) matrix cannot be packed in `row_order` with `param` (source_row's), or ""
 // (host code: the pack and unpack launchers, and Python through the binding, check with it).
-inline std::string pack_shape_problem(int64_t rows, int64_t cols, int row_order, int64_t param) {
+inline std::string pack_shape_problem(int64_t rows, int64_t cols, int row_order, int64_t param,
+                                      WeightFormat format = WeightFormat::kBf16) {
   if (rows <= 0 || cols <= 0 || rows % kRowBlock || cols % kKBlock)
     return "shape (" + std::to_string(rows) + ", " + std::to_string(cols) +
            ") is not a positive multiple of 16 in both dimensions";
+  if (format == WeightFormat::kFp8 && cols % (kKBlock * fragment_kblocks(format)))
+    return "an e4m3 matrix needs a multiple of 32 columns, got " + std::to_string(cols);
   if (row_order < 0 || row_order > int(RowOrder::kGateUp)) return "unknown row order " + std::to_string(row_order);
   if (RowOrder(row_order) == RowOrder::kRopePairs && (param <= 0 || param % 32 || rows % param))
     return "RoPE row order needs head_dim a multiple of 32 dividing the rows, got head_dim " + std::to_string(param) +

@@ -1,6 +1,7 @@
 // The matmul op: rows of a fragment-ordered weight matrix stream through the ring; each
 // consumer warp multiplies every 8th fragment of a stage on the tensor cores against the
-// batch's activations (mma.m16n8k16: 16 weight rows x 8 batch columns), the 8 partial tiles
+// batch's activations (mma.m16n8k16: 16 weight rows x 8 batch columns; an e4m3 fragment is
+// turned into two bf16 ones in registers, and its row scales multiply the sums), the 8 partial tiles
 // are summed through shared memory, and warp 0 hands the 16x8 result to the op's epilogue.
 // Units are 16-row blocks; a row block's K columns span one or more ring stages.
 #pragma once
@@ -52,13 +53,16 @@ __device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks
 // acc[2+q] is (row g+8, batch 2t+q), for q in {0, 1}.
 using AccTile = float[4];
 
-// One row block: multiply its `kblocks` fragments from the ring. This warp's partial sum lands
-// in acc. False when the step was aborted.
-template <class T, class Source>
+// One row block: multiply its fragments (format F: kblocks of them in bf16, kblocks / 2 in e4m3)
+// from the ring. This warp's partial sum lands in acc (e4m3: before the row scales). False when
+// the step was aborted.
+template <class T, WeightFormat F, class Source>
 __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, AccTile& acc) {
   constexpr int kPerWarp = kFragmentsPerStage / kConsumerWarps;  // fragments of a stage per warp
+  constexpr int kHalves = fragment_kblocks(F);                   // activation k blocks per fragment
+  const int frags = kblocks / kHalves;
   if (variant_on<T>(c.p, kSkipMath)) {  // timing only: take and free the stages, nothing else
-    for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
+    for (int f0 = 0; f0 < frags; f0 += kFragmentsPerStage) {
       if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
       c.ring.release(c.cursor);
     }
@@ -66,29 +70,35 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
   }
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
-  // B fragments of the stage starting at k block kb0 (activations never depend on the ring).
-  auto load_b = [&](int kb0, uint2 (&b)[kPerWarp]) {
+  // B fragments of the stage starting at fragment f0 (activations never depend on the ring).
+  auto load_b = [&](int f0, uint2 (&b)[kPerWarp][kHalves]) {
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
-      const int kb = kb0 + c.warp + i * kConsumerWarps;
-      b[i] = live && kb < kblocks ? src.load(kb, g, t) : make_uint2(0u, 0u);
+      const int f = f0 + c.warp + i * kConsumerWarps;
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+        b[i][h] = live && f < frags ? src.load(f * kHalves + h, g, t) : make_uint2(0u, 0u);
     }
   };
-  // One accumulator per fragment slot: the slots' mma chains are independent, so the tensor
+  // One accumulator per fragment slot and half: the mma chains are independent, so the tensor
   // cores overlap them instead of waiting on one accumulator.
-  float part[kPerWarp][4];
+  float part[kPerWarp][kHalves][4];
 #pragma unroll
   for (int i = 0; i < kPerWarp; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) part[i][j] = 0.f;
-  uint2 next[kPerWarp];
-  load_b(0, next);
-  for (int kb0 = 0; kb0 < kblocks; kb0 += kFragmentsPerStage) {
-    uint2 b[kPerWarp];
+    for (int h = 0; h < kHalves; ++h)
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
-    load_b(kb0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
-    const int n = min(kFragmentsPerStage, kblocks - kb0);
+      for (int j = 0; j < 4; ++j) part[i][h][j] = 0.f;
+  uint2 next[kPerWarp][kHalves];
+  load_b(0, next);
+  for (int f0 = 0; f0 < frags; f0 += kFragmentsPerStage) {
+    uint2 b[kPerWarp][kHalves];
+#pragma unroll
+    for (int i = 0; i < kPerWarp; ++i)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) b[i][h] = next[i][h];
+    load_b(f0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
+    const int n = min(kFragmentsPerStage, frags - f0);
     if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
     const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
     // All of this warp's A fragments into registers at once, then the stage is free: the
@@ -101,13 +111,25 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
     }
     c.ring.release(c.cursor);
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) mma_fragment(part[i], a[i], b[i]);
+    for (int i = 0; i < kPerWarp; ++i) {
+      if constexpr (F == WeightFormat::kFp8) {
+        uint4 lo, hi;
+        dequant_fp8_fragment(a[i], lo, hi);
+        mma_fragment(part[i][0], lo, b[i][0]);
+        mma_fragment(part[i][1], hi, b[i][1]);
+      } else {
+        mma_fragment(part[i][0], a[i], b[i][0]);
+      }
+    }
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    acc[j] = part[0][j];
+    acc[j] = part[0][0][j];
 #pragma unroll
-    for (int i = 1; i < kPerWarp; ++i) acc[j] += part[i][j];
+    for (int i = 0; i < kPerWarp; ++i)
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+        if (i + h > 0) acc[j] += part[i][h][j];
   }
   return true;
 }
@@ -130,16 +152,27 @@ __device__ void reduce_row_block(Consumer<T>& c, AccTile& acc) {
 // Epilogue interface: `Epilogue e(c, layer)`; on warp 0, e.prefetch(rb) before the row block's
 // weights stream (loads whatever row_block will read, so no global round trip follows the
 // reduction) and e.row_block(rb, acc) after it; e.finish() on all consumer threads after the
-// last row block (before the op's signal).
-template <class T, class Source, class Epilogue>
-__device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int layer, int u0, int u1) {
+// last row block (before the op's signal). Matrix m in format F: e4m3 rows are scaled (m.scale)
+// before the epilogue sees them.
+template <class T, WeightFormat F, class Source, class Epilogue>
+__device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const Matrix& m, int layer, int u0, int u1) {
   Epilogue epi(c, layer);
   for (int rb = u0; rb < u1; ++rb) {
     AccTile acc;
-    if (c.warp == 0) epi.prefetch(rb);
-    if (!gemv_row_block(c, src, kblocks, acc)) return false;
+    float scale[2];  // warp 0, e4m3: the scales of rows g and g + 8
+    if (c.warp == 0) {
+      epi.prefetch(rb);
+      if constexpr (F == WeightFormat::kFp8) {
+        const float* s = m.scale + rb * kRowBlock + c.lane / 4;
+        scale[0] = __ldg(s), scale[1] = __ldg(s + 8);
+      }
+    }
+    if (!gemv_row_block<T, F>(c, src, kblocks, acc)) return false;
     if (!variant_on<T>(c.p, kSkipMath | kSkipReduce)) reduce_row_block(c, acc);
-    if (c.warp == 0 && !variant_on<T>(c.p, kSkipEpilogue)) epi.row_block(rb, acc);
+    if (c.warp == 0 && !variant_on<T>(c.p, kSkipEpilogue)) {
+      if constexpr (F == WeightFormat::kFp8) acc[0] *= scale[0], acc[1] *= scale[0], acc[2] *= scale[1], acc[3] *= scale[1];
+      epi.row_block(rb, acc);
+    }
   }
   epi.finish();
   return true;
@@ -147,28 +180,31 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, int l
 
 // Matmul whose B operand another op wrote to global memory this step: staged into shared memory
 // when it fits, read from L2 (a stage ahead) when it does not.
-template <class T, class Epilogue>
-__device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, int layer, int u0, int u1) {
+template <class T, WeightFormat F, class Epilogue>
+__device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, const Matrix& m, int layer, int u0,
+                                    int u1) {
   if (stage_activations(c, act, kblocks))
-    return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, kblocks, layer, u0, u1);
-  return run_matmul<T, GlobalActivations, Epilogue>(c, {act}, kblocks, layer, u0, u1);
+    return run_matmul<T, F, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, kblocks, m, layer, u0, u1);
+  return run_matmul<T, F, GlobalActivations, Epilogue>(c, {act}, kblocks, m, layer, u0, u1);
 }
 
 // RMSNorm of x (norm `norm`, whose rows the task before `task` wrote: rmsnorm.cuh) into shared
 // memory, then the matmul over it (K = hidden).
-template <class T, class Epilogue>
-__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, Task task, int u0, int u1) {
+template <class T, WeightFormat F, class Epilogue>
+__device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, const Matrix& m, Task task,
+                                 int u0, int u1) {
   rmsnorm_to_fragments(c, norm_weight, norm, task.index - 1);
-  return run_matmul<T, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, task.layer, u0, u1);
+  return run_matmul<T, F, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task.layer, u0,
+                                                     u1);
 }
 
-// Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix, each row block on its own
-// stages (the consumers' gemv_row_block chunks it the same way).
-template <class T>
-__device__ bool stream_row_blocks(Producer<T>& pr, const bf16_t* w, int K, int u0, int u1) {
-  const int64_t row_block_bytes = int64_t(K) * kRowBlock * 2;
+// Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix in format F, each row block
+// on its own stages (the consumers' gemv_row_block chunks it the same way).
+template <WeightFormat F, class T>
+__device__ bool stream_row_blocks(Producer<T>& pr, const Matrix& m, int K, int u0, int u1) {
+  const int64_t bytes = row_block_bytes(K, F);
   for (int rb = u0; rb < u1; ++rb)
-    if (!pr.stream(reinterpret_cast<const uint8_t*>(w) + rb * row_block_bytes, row_block_bytes)) return false;
+    if (!pr.stream(static_cast<const uint8_t*>(m.data) + rb * bytes, bytes)) return false;
   return true;
 }
 

@@ -42,8 +42,22 @@ inline constexpr int kStaticSmemReserve = 1024; // static shared memory the kern
 inline constexpr int kStageBytes = 16 * 1024;   // one weight ring stage: 32 fragments of 16x16
 inline constexpr int kMaxStages = 16;
 inline constexpr int kMinStages = 4;  // enough to hide a dependency (the plan's floor, and ring_stages_limit's)
-inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment
+inline constexpr int kFragmentBytes = kRowBlock * kKBlock * 2;  // 512: one 16x16 bf16 fragment (or 16x32 e4m3)
 inline constexpr int kFragmentsPerStage = kStageBytes / kFragmentBytes;
+
+// How matrices are stored (fragment_layout.hpp): bf16 in fragments of 16 rows x 16 columns, or
+// e4m3 in fragments of 16 x 32 with one fp32 scale per output row (per channel). An FP8 kernel
+// (Fp8 below) streams its layers' matrices in e4m3 and its LM head in either format.
+enum class WeightFormat : int { kBf16 = 0, kFp8 = 1 };
+inline constexpr int kNumWeightFormats = 2;
+constexpr int weight_bytes(WeightFormat f) { return f == WeightFormat::kFp8 ? 1 : 2; }
+// Activation k blocks (16 columns) one weight fragment spans.
+constexpr int fragment_kblocks(WeightFormat f) { return f == WeightFormat::kFp8 ? 2 : 1; }
+// The formats of one engine's matrices: its layers' and its LM head's.
+struct WeightFormats {
+  WeightFormat layers = WeightFormat::kBf16;
+  WeightFormat lm_head = WeightFormat::kBf16;
+};
 
 // Row orders applied while packing weights (weight_layout.cuh), so each epilogue finds related rows in one thread:
 // rows g and g+8 of a 16-row block land in the same lane's accumulators.
@@ -121,14 +135,19 @@ struct SmemPlan {
   static_assert(kMaxBatch * T::kHidden * 2 <= kLargestBatch.union_bytes, "normalized activations must fit");
 };
 
-// Two builds of every config's kernel: the shipped one, and one for measurement that also
+// Two builds of every config's kernel, each in both weight formats: the shipped one, and one for measurement that also
 // holds the timing variants, the step trace and the test hooks (MegakernelParams::instr). The
 // shipped kernel compiles every one of their branches away (kInstrumented is a constant).
 enum class Build : int { kShipped = 0, kInstrumented = 1 };
 
-template <int Config, Build B>
+template <int Config, Build B, WeightFormat F = WeightFormat::kBf16>
 struct KernelTraits : ModelTraits<Config> {
+  using Base = ModelTraits<Config>;
   static constexpr bool kInstrumented = B == Build::kInstrumented;
+  static constexpr WeightFormat kWeights = F;  // the layers' matrices (the LM head: MegakernelParams::lm_head)
+  static_assert(F == WeightFormat::kBf16 ||
+                    (Base::kHidden % 32 == 0 && Base::kQRows % 32 == 0 && Base::kIntermediate % 32 == 0),
+                "e4m3 fragments span 32 columns: every matmul's K must be a multiple of 32");
 };
 
 }  // namespace flashformer

@@ -13,13 +13,20 @@ namespace flashformer {
 
 using bf16_t = __nv_bfloat16;
 
-// Matmul weights are in fragment order (weight_layout.cuh), vectors plain. A feature's fields
-// (Feature, model_traits.hpp) are null in configs without it.
+// A matmul's weights in fragment order (fragment_layout.hpp), in its WeightFormat: bf16, or e4m3
+// with `scale` (fp32, one per row in the packed row order: row r is data's row r times scale[r]).
+struct Matrix {
+  const void* data = nullptr;
+  const float* scale = nullptr;  // null for bf16
+};
+
+// Matmul weights are Matrix, vectors plain bf16. A feature's fields (Feature, model_traits.hpp)
+// are null in configs without it.
 struct LayerWeights {
-  const bf16_t* qkv;       // [q|k|v rows, hidden], RoPE pairs adjacent in each 16-row block
-  const bf16_t* o;         // [hidden, heads * head_dim]
-  const bf16_t* gate_up;   // [2 * intermediate, hidden], 8 gate rows then their 8 up rows
-  const bf16_t* down;      // [hidden, intermediate]
+  Matrix qkv;              // [q|k|v rows, hidden], RoPE pairs adjacent in each 16-row block
+  Matrix o;                // [hidden, heads * head_dim]
+  Matrix gate_up;          // [2 * intermediate, hidden], 8 gate rows then their 8 up rows
+  Matrix down;             // [hidden, intermediate]
   const bf16_t* attn_norm; // [hidden]
   const bf16_t* mlp_norm;  // [hidden]
   const bf16_t* qkv_bias;  // [q|k|v rows] in the checkpoint's row order (kQkvBias)
@@ -27,27 +34,28 @@ struct LayerWeights {
   const bf16_t* k_norm;    // [head_dim] (kQkNorm)
 };
 
-// How the engine fills LayerWeights: the field, and for a matrix the row order it is packed in
-// (the epilogues rely on it) with that order's parameter for a config; `needs`: the feature
-// whose configs have it (kPlain: every config).
+// How the engine fills LayerWeights: the field (a matrix, or a plain vector), and for a matrix the
+// row order it is packed in (the epilogues rely on it) with that order's parameter for a config;
+// `needs`: the feature whose configs have it (kPlain: every config).
 struct LayerWeightField {
   const char* name;
-  const bf16_t* LayerWeights::*field;
-  bool packed;      // a matrix in fragment order; else a plain vector
-  RowOrder order;   // when packed
+  Matrix LayerWeights::*matrix;        // a matrix in fragment order, or null
+  const bf16_t* LayerWeights::*vector; // a plain vector, or null
+  RowOrder order = RowOrder::kIdentity;  // of a matrix
   Feature needs = kPlain;
+  constexpr bool packed() const { return matrix != nullptr; }
   constexpr bool used_by(const ModelDims& d) const { return needs == kPlain || d.has(needs); }
 };
 inline constexpr LayerWeightField kLayerWeightFields[] = {
-    {"qkv", &LayerWeights::qkv, true, RowOrder::kRopePairs},
-    {"o", &LayerWeights::o, true, RowOrder::kIdentity},
-    {"gate_up", &LayerWeights::gate_up, true, RowOrder::kGateUp},
-    {"down", &LayerWeights::down, true, RowOrder::kIdentity},
-    {"attn_norm", &LayerWeights::attn_norm, false, RowOrder::kIdentity},
-    {"mlp_norm", &LayerWeights::mlp_norm, false, RowOrder::kIdentity},
-    {"qkv_bias", &LayerWeights::qkv_bias, false, RowOrder::kIdentity, kQkvBias},
-    {"q_norm", &LayerWeights::q_norm, false, RowOrder::kIdentity, kQkNorm},
-    {"k_norm", &LayerWeights::k_norm, false, RowOrder::kIdentity, kQkNorm},
+    {"qkv", &LayerWeights::qkv, nullptr, RowOrder::kRopePairs},
+    {"o", &LayerWeights::o, nullptr, RowOrder::kIdentity},
+    {"gate_up", &LayerWeights::gate_up, nullptr, RowOrder::kGateUp},
+    {"down", &LayerWeights::down, nullptr, RowOrder::kIdentity},
+    {"attn_norm", nullptr, &LayerWeights::attn_norm},
+    {"mlp_norm", nullptr, &LayerWeights::mlp_norm},
+    {"qkv_bias", nullptr, &LayerWeights::qkv_bias, RowOrder::kIdentity, kQkvBias},
+    {"q_norm", nullptr, &LayerWeights::q_norm, RowOrder::kIdentity, kQkNorm},
+    {"k_norm", nullptr, &LayerWeights::k_norm, RowOrder::kIdentity, kQkNorm},
 };
 // The parameter of a row order for a config (weight_layout.cuh's source_row).
 constexpr int row_order_param(RowOrder order, const ModelDims& d) {
@@ -114,10 +122,10 @@ struct Scratch {
 struct MegakernelParams {
   const LayerWeights* layers;  // device array [n_layers]
   int n_layers;
-  const bf16_t* embed;         // [vocab, hidden]: row-major, or (embed_packed) the packed LM head
+  const bf16_t* embed;         // [vocab, hidden]: row-major, or (embed_packed) the packed bf16 LM head
   bool embed_packed;           // tied embeddings: the table is the packed LM head itself
   const bf16_t* final_norm;    // [hidden]
-  const bf16_t* lm_head;       // [padded_vocab, hidden] in fragment order (zero rows past vocab)
+  Matrix lm_head;              // [padded_vocab, hidden] (zero rows past vocab); e4m3 only in FP8 kernels
   const float* rope_cos;       // [max_seq, head_dim / 2]
   const float* rope_sin;       // [max_seq, head_dim / 2]
   float rms_eps;

@@ -10,7 +10,7 @@
 //                                 that task's outputs, and through it everything earlier)
 //   units(dims, num_sms)          units of work per task: 16-row weight blocks, attention
 //                                 (kv head, chunk) pairs, ...
-//   unit_bytes(dims)              weight bytes one unit streams (the schedule balances them)
+//   unit_bytes(dims, formats)     weight bytes one unit streams (the schedule balances them)
 //   arrivals(dims, owning_ctas)   counter arrivals that complete one task of the op
 // and, in CUDA code only (#ifdef __CUDACC__, so host compilers never see device code), its two
 // roles: `produce` (the producer warp streams the task's weights and KV stages through the ring)
@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "flashformer/kernel_config.hpp"
 #include "flashformer/model_traits.hpp"
 
 namespace flashformer {
@@ -43,12 +44,12 @@ struct OpDefaults {
   static constexpr Scope kScope = Scope::kEveryLayer;
   static constexpr Signal kSignal = Signal::kEveryCta;
   static constexpr bool kWaits = true;
-  static constexpr int64_t unit_bytes(const ModelDims&) { return 0; }
+  static constexpr int64_t unit_bytes(const ModelDims&, const WeightFormats&) { return 0; }
   static constexpr int arrivals(const ModelDims&, int owning_ctas) { return owning_ctas; }
 };
 
-// Weight bytes of one 16-row block of a bf16 matrix with K columns (a matmul op's unit).
-constexpr int64_t row_block_bytes(int k) { return int64_t(kRowBlock) * k * 2; }
+// Weight bytes of one 16-row block of a matrix with K columns in format f (a matmul op's unit).
+constexpr int64_t row_block_bytes(int k, WeightFormat f) { return int64_t(kRowBlock) * k * weight_bytes(f); }
 
 // Room for ops in per-op arrays of the launch parameters (ops.hpp checks the list fits).
 inline constexpr int kMaxOps = 16;

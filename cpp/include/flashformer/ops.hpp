@@ -42,7 +42,7 @@ struct OpInfo {
   Signal signal;
   bool waits;
   int (*units)(const ModelDims&, int num_sms);
-  int64_t (*unit_bytes)(const ModelDims&);
+  int64_t (*unit_bytes)(const ModelDims&, const WeightFormats&);
   int (*arrivals)(const ModelDims&, int owning_ctas);
 };
 template <class... Os>

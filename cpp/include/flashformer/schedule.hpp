@@ -24,11 +24,11 @@ struct OpUnits {
   std::array<int64_t, kNumOps> unit_bytes{};
 };
 
-inline OpUnits op_units(const ModelDims& d, int num_sms) {
+inline OpUnits op_units(const ModelDims& d, int num_sms, const WeightFormats& formats) {
   OpUnits u;
   for (int op = 0; op < kNumOps; ++op) {
     u.units[op] = kOps[op].units(d, num_sms);
-    u.unit_bytes[op] = kOps[op].unit_bytes(d);
+    u.unit_bytes[op] = kOps[op].unit_bytes(d, formats);
   }
   return u;
 }
@@ -66,12 +66,12 @@ struct Schedule {
 // Each task's units are spread so every SM gets floor or ceil of units/num_sms (so no task waits
 // on a straggler); layer by layer, the ceil extras go to the SMs that so far stream the fewest
 // weight bytes (the ops of a layer taken heaviest first), which balances the step's total.
-inline Schedule build_schedule(const ModelDims& d, int num_sms, int layers) {
+inline Schedule build_schedule(const ModelDims& d, int num_sms, int layers, const WeightFormats& formats = {}) {
   Schedule s;
   s.num_sms = num_sms;
   s.layers = std::max(layers, 0);
   s.attn_chunks = attention_chunks(d, num_sms);
-  s.units = op_units(d, num_sms);
+  s.units = op_units(d, num_sms, formats);
   s.split.assign(size_t(task_count(s.layers)), {});
   std::array<int, kNumOps> order;
   std::iota(order.begin(), order.end(), 0);

@@ -16,17 +16,26 @@ static_assert(FLASHFORMER_CONFIG_COUNT == kNumConfigs,
               "CMakeLists.txt found another number of config lines in model_traits.hpp than kCompiledConfigs "
               "holds: keep one config per line, each starting with {\"name\",");
 
-template <int Config>
+template <int Config, WeightFormat F>
 KernelLaunch instrumented_launch() {
   if constexpr (FLASHFORMER_INSTRUMENTED)
-    return kernel_launch<Config, Build::kInstrumented>();
+    return kernel_launch<Config, Build::kInstrumented, F>();
   else
     return {};
 }
 
+template <int Config>
+CompiledConfig compiled_config() {
+  constexpr WeightFormat kBf16 = WeightFormat::kBf16, kFp8 = WeightFormat::kFp8;
+  static_assert(int(kBf16) == 0 && int(kFp8) == 1 && kNumWeightFormats == 2, "the launches are indexed by format");
+  return CompiledConfig{kCompiledConfigs[Config],
+                        {kernel_launch<Config, Build::kShipped, kBf16>(), kernel_launch<Config, Build::kShipped, kFp8>()},
+                        {instrumented_launch<Config, kBf16>(), instrumented_launch<Config, kFp8>()}};
+}
+
 template <size_t... I>
 std::vector<CompiledConfig> all_configs(std::index_sequence<I...>) {
-  return {CompiledConfig{kCompiledConfigs[I], kernel_launch<int(I), Build::kShipped>(), instrumented_launch<int(I)>()}...};
+  return {compiled_config<int(I)>()...};
 }
 
 }  // namespace

@@ -19,13 +19,15 @@ struct KernelLaunch {
 
 struct CompiledConfig {
   ModelDims dims;
-  KernelLaunch shipped;
-  KernelLaunch instrumented;  // empty unless the build has the instrumented kernels (FLASHFORMER_INSTRUMENTED)
+  // [WeightFormat of the layers]; instrumented: empty unless the build has the instrumented
+  // kernels (FLASHFORMER_INSTRUMENTED)
+  KernelLaunch shipped[kNumWeightFormats];
+  KernelLaunch instrumented[kNumWeightFormats];
 };
 
-// Defined in kernels/megakernel_launch.cuh; CMake generates one translation unit per config and
-// build that instantiates it (from kCompiledConfigs, model_traits.hpp).
-template <int Config, Build B>
+// Defined in kernels/megakernel_launch.cuh; CMake generates one translation unit per config,
+// build and weight format that instantiates it (from kCompiledConfigs, model_traits.hpp).
+template <int Config, Build B, WeightFormat F>
 KernelLaunch kernel_launch();
 
 // Every compiled config, in kCompiledConfigs order.

@@ -26,6 +26,15 @@ void pack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row
 void unpack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row_order, int64_t order_param,
                    cudaStream_t stream);
 
+// The same for an e4m3 matrix (fp8_weight_fragment_index; cols a multiple of 32) and its fp32 row
+// scales: pack_weight_fp8 packs the bytes and puts scale[source row] at each packed row;
+// unpack_weight_fp8 writes the dequantized matrix, bf16(data * scale) (the product in fp32,
+// rounded once), row-major in bf16.
+void pack_weight_fp8(const void* src, const float* scale, void* dst, float* dst_scale, int64_t rows, int64_t cols,
+                     int row_order, int64_t order_param, cudaStream_t stream);
+void unpack_weight_fp8(const void* src, const float* scale, void* dst, int64_t rows, int64_t cols, int row_order,
+                       int64_t order_param, cudaStream_t stream);
+
 // Prefill's fused elementwise ops (prefill.cu), bf16 on the device, with the reference decoder's
 // roundings: y [rows, n] = weight * bf16(x * rsqrt(mean(x^2) + eps)) (RMSNorm); out [rows, inter]
 // = bf16(silu(gate)) * up from gate_up [rows, gate | up] (the MLP's activation). Throw

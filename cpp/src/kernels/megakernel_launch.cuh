@@ -1,5 +1,6 @@
-// Host launcher of the megakernel for one config and build; CMake generates a translation unit
-// per (config, build) that instantiates kernel_launch<Config, B>, so each compiles on its own.
+// Host launcher of the megakernel for one config, build and weight format; CMake generates a
+// translation unit per (config, build, format) that instantiates kernel_launch<Config, B, F>, so
+// each compiles on its own.
 #pragma once
 
 #include <stdexcept>
@@ -31,9 +32,9 @@ void launch_megakernel(const MegakernelParams& params, int num_sms, cudaStream_t
                                             dim3(kThreads), args, smem, stream));
 }
 
-template <int Config, Build B>
+template <int Config, Build B, WeightFormat F>
 KernelLaunch kernel_launch() {
-  using T = KernelTraits<Config, B>;
+  using T = KernelTraits<Config, B, F>;
   return {&prepare_megakernel<T>, &launch_megakernel<T>};
 }
 

@@ -1,5 +1,7 @@
 // Packing of weight matrices into the megakernel's fragment order (at load), and back (a layer at
 // a time, for prefill's matmuls).
+#include <cuda_fp8.h>
+
 #include <stdexcept>
 #include <string>
 
@@ -66,10 +68,63 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uin
   }
 }
 
-void check_shape(const char* what, int64_t rows, int64_t cols, int row_order, int64_t order_param) {
-  const std::string problem = pack_shape_problem(rows, cols, row_order, order_param);
+// (row, col) of byte i of lane (g, t) in e4m3 fragment (rb, kf): fp8_weight_fragment_index inverted.
+__device__ void fp8_fragment_element(int64_t rb, int64_t kf, int64_t g, int64_t t, int i, int64_t& row, int64_t& col) {
+  const int word = i / 4, byte = i % 4;
+  row = rb * kRowBlock + (word % 2) * 8 + g;
+  col = kf * 2 * kKBlock + (word / 2) * kKBlock + (byte % 2 == 1 ? 0 : 8) + 2 * t + byte / 2;
+}
+
+// One thread per lane vector: the 16 bytes of one lane of one 16x32 e4m3 fragment; the threads of
+// a row block's first fragment also place its row scales.
+__global__ void pack_fp8_kernel(const uint8_t* __restrict__ src, const float* __restrict__ scale, uint4* __restrict__ dst,
+                                float* __restrict__ dst_scale, int64_t rows, int64_t cols, RowOrder order, int64_t param) {
+  const int64_t vec = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vec >= rows * cols / 16) return;
+  const int64_t lane = vec % kWarpSize, frag = vec / kWarpSize, frags = cols / (2 * kKBlock);
+  const int64_t kf = frag % frags, rb = frag / frags, g = lane / 4, t = lane % 4;
+  uint32_t words[4] = {0, 0, 0, 0};
+  for (int i = 0; i < 16; ++i) {
+    int64_t row, col;
+    fp8_fragment_element(rb, kf, g, t, i, row, col);
+    words[i / 4] |= uint32_t(src[source_row(order, row, param) * cols + col]) << (8 * (i % 4));
+  }
+  dst[vec] = make_uint4(words[0], words[1], words[2], words[3]);
+  if (kf == 0 && t == 0)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = rb * kRowBlock + h * 8 + g;
+      dst_scale[row] = scale[source_row(order, row, param)];
+    }
+}
+
+// One thread per lane vector of a packed e4m3 matrix: its 16 elements dequantized into the
+// row-major bf16 matrix (prefill reads it; not on the decode path).
+__global__ void unpack_fp8_kernel(const uint4* __restrict__ src, const float* __restrict__ scale,
+                                  __nv_bfloat16* __restrict__ dst, int64_t rows, int64_t cols, RowOrder order,
+                                  int64_t param) {
+  const int64_t vec = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vec >= rows * cols / 16) return;
+  const int64_t lane = vec % kWarpSize, frag = vec / kWarpSize, frags = cols / (2 * kKBlock);
+  const int64_t kf = frag % frags, rb = frag / frags, g = lane / 4, t = lane % 4;
+  const uint4 v = src[vec];
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  for (int i = 0; i < 16; ++i) {
+    int64_t row, col;
+    fp8_fragment_element(rb, kf, g, t, i, row, col);
+    const __nv_fp8_storage_t b = __nv_fp8_storage_t((words[i / 4] >> (8 * (i % 4))) & 0xFF);
+    const float x = __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
+    dst[source_row(order, row, param) * cols + col] = __float2bfloat16_rn(x * scale[row]);
+  }
+}
+
+void check_shape(const char* what, int64_t rows, int64_t cols, int row_order, int64_t order_param,
+                 WeightFormat format = WeightFormat::kBf16) {
+  const std::string problem = pack_shape_problem(rows, cols, row_order, order_param, format);
   if (!problem.empty()) throw std::invalid_argument(std::string(what) + ": " + problem);
 }
+
+constexpr int kPackBlock = 256;
+unsigned pack_grid(int64_t threads) { return unsigned((threads + kPackBlock - 1) / kPackBlock); }
 
 }  // namespace
 
@@ -91,6 +146,24 @@ void pack_weight(const void* src, void* dst, int64_t rows, int64_t cols, int row
   constexpr int kBlock = 256;
   pack_weight_kernel<<<unsigned((vecs + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
       static_cast<const uint16_t*>(src), static_cast<uint4*>(dst), rows, cols, order, order_param);
+  FF_CUDA_CHECK(cudaGetLastError());
+}
+
+void pack_weight_fp8(const void* src, const float* scale, void* dst, float* dst_scale, int64_t rows, int64_t cols,
+                     int row_order, int64_t order_param, cudaStream_t stream) {
+  check_shape("pack_weight_fp8", rows, cols, row_order, order_param, WeightFormat::kFp8);
+  pack_fp8_kernel<<<pack_grid(rows * cols / 16), kPackBlock, 0, stream>>>(
+      static_cast<const uint8_t*>(src), scale, static_cast<uint4*>(dst), dst_scale, rows, cols, RowOrder(row_order),
+      order_param);
+  FF_CUDA_CHECK(cudaGetLastError());
+}
+
+void unpack_weight_fp8(const void* src, const float* scale, void* dst, int64_t rows, int64_t cols, int row_order,
+                       int64_t order_param, cudaStream_t stream) {
+  check_shape("unpack_weight_fp8", rows, cols, row_order, order_param, WeightFormat::kFp8);
+  unpack_fp8_kernel<<<pack_grid(rows * cols / 16), kPackBlock, 0, stream>>>(
+      static_cast<const uint4*>(src), scale, static_cast<__nv_bfloat16*>(dst), rows, cols, RowOrder(row_order),
+      order_param);
   FF_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -34,18 +34,19 @@ struct SiluMulEpilogue {
 struct GateUpOp : OpDefaults {
   static constexpr const char* kName = "gate_up";
   static constexpr int units(const ModelDims& d, int) { return 2 * d.intermediate / kRowBlock; }
-  static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
+  static constexpr int64_t unit_bytes(const ModelDims& d, const WeightFormats& f) { return row_block_bytes(d.hidden, f.layers); }
 
 #ifdef __CUDACC__
   template <class T>
   __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.layers[task.layer].gate_up, T::kHidden, u0, u1);
+    return stream_row_blocks<T::kWeights>(pr, pr.p.layers[task.layer].gate_up, T::kHidden, u0, u1);
   }
   // x's rows were written by the task before (the O projection)
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
-    return norm_then_matmul<T, SiluMulEpilogue<T>>(c, c.p.layers[task.layer].mlp_norm, 2 * task.layer + 1, task, u0,
-                                                   u1);
+    const LayerWeights& w = c.p.layers[task.layer];
+    return norm_then_matmul<T, T::kWeights, SiluMulEpilogue<T>>(c, w.mlp_norm, 2 * task.layer + 1, w.gate_up, task, u0,
+                                                                u1);
   }
 #endif
 };

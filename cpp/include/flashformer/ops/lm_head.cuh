@@ -82,17 +82,38 @@ struct LmHeadOp : OpDefaults {
   static constexpr Scope kScope = Scope::kOnceLast;
   static constexpr Signal kSignal = Signal::kItself;  // its last CTA reduces the arg-max, nothing waits after it
   static constexpr int units(const ModelDims& d, int) { return d.padded_vocab() / kRowBlock; }
-  static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
+  static constexpr int64_t unit_bytes(const ModelDims& d, const WeightFormats& f) { return row_block_bytes(d.hidden, f.lm_head); }
 
 #ifdef __CUDACC__
+  // The LM head is e4m3 only in FP8 kernels, and there where it has scales (a checkpoint may
+  // leave it bf16).
+  template <class T>
+  __device__ static bool fp8(const MegakernelParams& p) {
+    if constexpr (T::kWeights == WeightFormat::kFp8)
+      return p.lm_head.scale != nullptr;
+    else
+      return false;
+  }
   template <class T>
   __device__ static bool produce(Producer<T>& pr, Task, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.lm_head, T::kHidden, u0, u1);
+    if constexpr (T::kWeights == WeightFormat::kFp8)
+      if (fp8<T>(pr.p)) return stream_row_blocks<WeightFormat::kFp8>(pr, pr.p.lm_head, T::kHidden, u0, u1);
+    return stream_row_blocks<WeightFormat::kBf16>(pr, pr.p.lm_head, T::kHidden, u0, u1);
   }
   // x's rows were written by the task before (the last layer's down projection): the final norm.
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
-    if (!norm_then_matmul<T, LmHeadEpilogue<T>>(c, c.p.final_norm, 2 * c.p.n_layers, task, u0, u1)) return false;
+    const int norm = 2 * c.p.n_layers;
+    bool ok;
+    if constexpr (T::kWeights == WeightFormat::kFp8)
+      ok = fp8<T>(c.p) ? norm_then_matmul<T, WeightFormat::kFp8, LmHeadEpilogue<T>>(c, c.p.final_norm, norm, c.p.lm_head,
+                                                                                      task, u0, u1)
+                       : norm_then_matmul<T, WeightFormat::kBf16, LmHeadEpilogue<T>>(c, c.p.final_norm, norm,
+                                                                                       c.p.lm_head, task, u0, u1);
+    else
+      ok = norm_then_matmul<T, WeightFormat::kBf16, LmHeadEpilogue<T>>(c, c.p.final_norm, norm, c.p.lm_head, task, u0,
+                                                                       u1);
+    if (!ok) return false;
     c.sync();  // this CTA's candidates are written
     if (!c.finished_last(c.counter(task.index), unsigned(c.p.arrivals[task.op])))
       return true;  // the last LM-head CTA picks the winners, from every CTA's candidates

@@ -109,17 +109,18 @@ struct QkvEpilogue {
 struct QkvOp : OpDefaults {
   static constexpr const char* kName = "qkv";
   static constexpr int units(const ModelDims& d, int) { return d.qkv_rows() / kRowBlock; }
-  static constexpr int64_t unit_bytes(const ModelDims& d) { return row_block_bytes(d.hidden); }
+  static constexpr int64_t unit_bytes(const ModelDims& d, const WeightFormats& f) { return row_block_bytes(d.hidden, f.layers); }
 
 #ifdef __CUDACC__
   template <class T>
   __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
-    return stream_row_blocks(pr, pr.p.layers[task.layer].qkv, T::kHidden, u0, u1);
+    return stream_row_blocks<T::kWeights>(pr, pr.p.layers[task.layer].qkv, T::kHidden, u0, u1);
   }
   // x was last written by the task before (the previous layer's down projection, or the embedding)
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
-    return norm_then_matmul<T, QkvEpilogue<T>>(c, c.p.layers[task.layer].attn_norm, 2 * task.layer, task, u0, u1);
+    const LayerWeights& w = c.p.layers[task.layer];
+    return norm_then_matmul<T, T::kWeights, QkvEpilogue<T>>(c, w.attn_norm, 2 * task.layer, w.qkv, task, u0, u1);
   }
 #endif
 };
