@@ -132,7 +132,7 @@ def test_pack_fp8_takes_a_per_tensor_scale_and_refuses_blocks():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("order,rows,cols,param", [*FP8_CASES, ("identity", 4096, 1056, 0), ("gate_up", 2 * 14336, 64, 14336)])
-def test_the_cores_e4m3_pack_and_dequantize_kernels_are_the_permutation(order, rows, cols, param):
+def test_the_cores_fp8_pack_and_dequantize_kernels_are_the_permutation(order, rows, cols, param):
     code = row_orders()[order]
     m = random_fp8(rows, cols, device="cuda")
     cpu = QuantizedMatrix(m.data.cpu(), m.scale.cpu(), m.block)
