@@ -442,7 +442,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
             "engine_gbs": nbytes / (median * 1e-3) / 1e9,
             "bytes_per_step": nbytes,
             "weights": quantization or "bf16",  # what the matrices stream as (the floor counts their bytes and scales)
-            "kv_cache_dtype": str(cache.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(cache.kv.dtype).removeprefix("torch."),
             "floor_ms": floor,
             "floor_fraction": floor / median if floor is not None else None,
             "gptfast_ms": None,
