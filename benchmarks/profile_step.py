@@ -35,6 +35,7 @@ from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, git_commit, shape_conf
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
+from flashformer.quantization import quantize_layers
 from flashformer.weights import random_weights
 
 
@@ -194,6 +195,8 @@ def main() -> int:
                     help="timing variants (comma-separated names) whose step trace is also summarized, e.g. "
                     "handshake_only: its slot_wait and data_wait tell whether the producer or the consumers set the pace")
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
+    ap.add_argument("--quantization", default=None, choices=["fp8"],
+                    help="the layer matrices in FP8 e4m3, per-channel scales (as flashformer bench --quantization)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     C = _core.load()
@@ -240,11 +243,13 @@ def main() -> int:
             cfg["num_hidden_layers"] = args.layers
         spec = spec_from_dict(cfg)
         w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen)
+        if args.quantization:
+            quantize_layers(w)
         max_ctx = max(ctx for _, ctx in cases)
         cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda")
         mk = MegakernelBackend(spec, w, cache)
         mk.kv_cache.uniform_(-1, 1, generator=gen)
-        rows = result["models"].setdefault(model, {})
+        rows = result["models"].setdefault(model + (f":{args.quantization}" if args.quantization else ""), {})
         for batch, ctx in cases:
             tokens = torch.randint(0, spec.vocab_size, (batch,), device="cuda", generator=gen)
             positions = torch.full((batch,), ctx, device="cuda")
