@@ -2,7 +2,7 @@
 step with and without its logits written, and the device sampler alone on logits of the same
 spread, per kernel (torch.profiler), at batch 1 and 8.
 
-    python benchmarks/profile_sampler.py [--model llama-3.2-1b] [--steps 50]
+    python benchmarks/profile_sampler.py [--model SHAPE] [--steps 50]   (default: the bench's smallest default shape)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from flashformer.bench import _load_model, shape_config
+from flashformer.bench import DEFAULT_MODELS, _load_model
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
 from flashformer.sampling import BatchSampler, SamplingParams
@@ -49,7 +49,7 @@ def wall_us(fn, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--model", default=DEFAULT_MODELS[0])
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     device = torch.device("cuda")
