@@ -148,43 +148,23 @@ def run_three_fp8(spec, weights, prompt_lens: list[int], steps: int, max_seq: in
     return out
 
 
+# (shape, weight std, prompt lengths, steps, cache length): the tiny configs at batch 1 and 8, then
+# the real 1B and 8B shapes at batch 2.
+FP8_CASES = [*[(n, 0.1, RAGGED[b], 8, 4200) for n in TINY for b in (1, 8)],
+             *[(n, 0.02, [1, 300], 4, 400) for n in ("llama-3.2-1b", "llama-3.1-8b")]]
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("batch", [1, 8])
-def test_tiny_fp8_teacher_forced_logits_match_the_dequantized_model(name, batch):
+@pytest.mark.parametrize("name,std,prompt_lens,steps,max_seq", FP8_CASES,
+                         ids=[f"{c[0]}-b{len(c[2])}" for c in FP8_CASES])
+def test_fp8_teacher_forced_logits_match_the_dequantized_model(name, std, prompt_lens, steps, max_seq):
     """e4m3 weights, per-channel scales: within 2x the bf16 reference's error on the same
     dequantized weights, against those weights in fp32."""
     spec = spec_from_dict(shape_config(name))
-    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
-    mk_err, ref_err = check_errors(run_three_fp8(spec, weights, RAGGED[batch], steps=8, max_seq=4200))
-    print(f"{name} b{batch} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
-def test_real_shapes_fp8_teacher_forced_logits_match_the_dequantized_model(name):
-    spec = spec_from_dict(shape_config(name))
-    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.02)
-    mk_err, ref_err = check_errors(run_three_fp8(spec, weights, [1, 300], steps=4, max_seq=400))
-    print(f"{name} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-bias"])
-def test_fp8_sanitizer_smoke(name):
-    """test_sanitizer_smoke with e4m3 layers (scripts/gpu_check.sh runs it under compute-sanitizer)."""
-    spec = spec_from_dict(shape_config(name))
-    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
-    quantize_layers(weights)
-    mk = megakernel(spec, weights, 2, 16)
-    for step in range(3):
-        tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
-        logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
-        assert torch.isfinite(logits).all()
-        assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=std)
+    mk_err, ref_err = check_errors(run_three_fp8(spec, weights, prompt_lens, steps=steps, max_seq=max_seq))
+    print(f"{name} b{len(prompt_lens)} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
 
 
 @pytest.mark.gpu
@@ -354,14 +334,17 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name", ["tiny-gqa", "tiny-qk-norm", "tiny-bias"])
-def test_sanitizer_smoke(name):
+@pytest.mark.parametrize("name,fp8", [("tiny-gqa", False), ("tiny-qk-norm", False), ("tiny-bias", False),
+                                      ("tiny-gqa", True), ("tiny-bias", True)])
+def test_sanitizer_smoke(name, fp8):
     """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
-    q/k norm and q/k/v biases (both with padded vocabularies)."""
+    q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
+    if fp8:
+        quantize_layers(weights)
     mk = megakernel(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
