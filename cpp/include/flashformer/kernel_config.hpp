@@ -47,7 +47,7 @@ inline constexpr int kFragmentsPerStage = kStageBytes / kFragmentBytes;
 
 // How matrices are stored (fragment_layout.hpp): bf16 in fragments of 16 rows x 16 columns, or
 // e4m3 in fragments of 16 x 32 with one fp32 scale per output row (per channel). An FP8 kernel
-// (Fp8 below) streams its layers' matrices in e4m3 and its LM head in either format.
+// (KernelTraits' kWeights) streams its layers' matrices in e4m3 and its LM head in either format.
 enum class WeightFormat : int { kBf16 = 0, kFp8 = 1 };
 inline constexpr int kNumWeightFormats = 2;
 constexpr int weight_bytes(WeightFormat f) { return f == WeightFormat::kFp8 ? 1 : 2; }
