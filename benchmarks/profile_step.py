@@ -35,7 +35,6 @@ from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, git_commit, shape_conf
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
-from flashformer.quantization import quantize_layers
 from flashformer.weights import random_weights
 
 
@@ -242,9 +241,8 @@ def main() -> int:
         if args.layers:
             cfg["num_hidden_layers"] = args.layers
         spec = spec_from_dict(cfg)
-        w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen)
-        if args.quantization:
-            quantize_layers(w)
+        w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen,
+                           quantization=args.quantization)
         max_ctx = max(ctx for _, ctx in cases)
         cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda")
         mk = MegakernelBackend(spec, w, cache)

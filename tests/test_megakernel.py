@@ -19,7 +19,7 @@ from flashformer.config import spec_from_dict
 from flashformer.engine import select_backend
 from flashformer.megakernel import MegakernelBackend, compiled_configs, match_config
 from flashformer.reference import ReferenceBackend
-from flashformer.quantization import QuantizedMatrix, quantize_layers
+from flashformer.quantization import QuantizedMatrix
 from flashformer.weights import Weights, random_weights
 
 from checkpoints import clone_weights, kv_cache, make_shape_checkpoint, rel_l2, teacher_forced
@@ -129,14 +129,13 @@ def dequantized_fp32(q: Weights) -> Weights:
 
 
 def run_three_fp8(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
-    """run_three for e4m3 weights: `weights` quantized per channel in place (quantize_layers); the
+    """run_three for e4m3 weights (random_weights(quantization="fp8"): per channel); the
     megakernel streams them in e4m3 (bf16 activations); the bf16 reference dequantizes them to
     bf16 layer by layer; the fp32 reference runs the same dequantized values in fp32 (the ground
     truth of the FP8 model)."""
     batch = len(prompt_lens)
     prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
     forced = torch.randint(0, spec.vocab_size, (steps, batch))
-    quantize_layers(weights)
     q = weights
     out = {"bf16": teacher_forced(reference(spec, q, batch, max_seq), prompts, forced),
            "fp32": teacher_forced(reference(spec, dequantized_fp32(q), batch, max_seq), prompts, forced)}
@@ -162,7 +161,7 @@ def test_fp8_teacher_forced_logits_match_the_dequantized_model(name, std, prompt
     """e4m3 weights, per-channel scales: within 2x the bf16 reference's error on the same
     dequantized weights, against those weights in fp32."""
     spec = spec_from_dict(shape_config(name))
-    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=std)
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=std, quantization="fp8")
     mk_err, ref_err = check_errors(run_three_fp8(spec, weights, prompt_lens, steps=steps, max_seq=max_seq))
     print(f"{name} b{len(prompt_lens)} fp8: megakernel rel-L2 {mk_err:.2e}, bf16 reference {ref_err:.2e}")
 
@@ -342,9 +341,8 @@ def test_sanitizer_smoke(name, fp8):
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
     q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers."""
     spec = spec_from_dict(shape_config(name))
-    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1)
-    if fp8:
-        quantize_layers(weights)
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
+                             quantization="fp8" if fp8 else None)
     mk = megakernel(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")

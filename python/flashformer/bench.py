@@ -37,7 +37,6 @@ from .engine import BACKENDS, Engine, select_backend
 from .reference import KVCache
 from .sampling import SamplingParams
 from . import validate
-from .quantization import quantize_layers
 from .weights import Weights, load_weights, random_weights
 
 # The config.json of each compiled megakernel shape: its dimensions, layer count, tied LM head and
@@ -235,16 +234,22 @@ def git_commit() -> str | None:
     return os.environ.get("FLASHFORMER_COMMIT") or None
 
 
-def _load_model(model: str, device: torch.device, generator) -> tuple[str, ModelSpec, Weights, dict]:
-    """(name, spec, weights, config.json dict) of a shape name or a checkpoint directory."""
+def _load_model(model: str, device: torch.device, generator, quantization: str | None = None
+                ) -> tuple[str, ModelSpec, Weights, dict]:
+    """(name, spec, weights, config.json dict) of a shape name or a checkpoint directory; with
+    `quantization` ("fp8"), its layer matrices quantized per output channel as they are made or
+    loaded."""
     path = Path(model)
     if model not in shapes() and path.is_dir():
         spec = load_spec(path)
-        weights = load_weights(path, spec, dtype=torch.bfloat16, device=device, progress=False)
+        weights = load_weights(path, spec, dtype=torch.bfloat16, device=device, progress=False,
+                               quantization=quantization)
         return path.name, spec, weights, json.loads((path / "config.json").read_text())
     cfg = shape_config(model)
     spec = spec_from_dict(cfg)
-    return model, spec, random_weights(spec, tied=cfg["tie_word_embeddings"], device=device, std=WEIGHT_STD, generator=generator), cfg
+    weights = random_weights(spec, tied=cfg["tie_word_embeddings"], device=device, std=WEIGHT_STD, generator=generator,
+                             quantization=quantization)
+    return model, spec, weights, cfg
 
 
 def _release() -> None:
@@ -294,7 +299,8 @@ def run_bench(
     (explicit arguments still win); steps: timed engine tokens per row; quantization "fp8": each
     model also in FP8 (its layer matrices quantized per output channel, as quantize-at-load does),
     as the model "<name>:fp8" with the engine's rows only (the peers stay bf16; its × peer columns
-    compare with the bf16 peer's row).
+    compare with the bf16 peer's row); a shape whose bf16 weights cannot fit on the device gets
+    only its FP8 rows (the reason is in `errors`).
     """
     validate.quantization(quantization)
     if peers not in PEERS:
@@ -359,7 +365,13 @@ def run_bench(
         result["read_bw_gbs"], result["probe"] = read_bandwidth(device)
         bar.update()
         for model in models:
-            _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator, bar)
+            skip = _dense_does_not_fit(model, device, max(batches)) if quantization else None
+            if skip:  # (its FP8 rows still run)
+                result["errors"].append({"model": model, "peer": None, "error": skip})
+                warnings.warn(f"{model}: {skip}", stacklevel=2)
+            else:
+                _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator,
+                             bar)
             if quantization:
                 _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, (), counts, generator, bar,
                              quantization=quantization)
@@ -369,6 +381,22 @@ def run_bench(
             if out is not None:  # after every model, so a failure later keeps what was measured
                 write_outputs(result, out)
     return result
+
+
+def _dense_does_not_fit(model: str, device: torch.device, batch: int) -> str | None:
+    """Why the bf16 weights of shape `model` cannot be benched on `device` (with the KV cache of a
+    short sweep), or None (a checkpoint directory, or a CPU: they are tried)."""
+    if model not in shapes() or device.type != "cuda":
+        return None
+    cfg = shape_config(model)
+    spec = spec_from_dict(cfg)
+    dense = random_weights(spec, tied=cfg["tie_word_embeddings"], device="meta")
+    try:
+        table = 0 if dense.tied else dense.embed.nbytes  # (weight_bytes counts what a step streams)
+        validate.check_model_fits(spec, weight_bytes(dense) + table, device, torch.bfloat16, batch, 1024)
+    except ValueError as e:
+        return f"its bf16 rows were skipped: {e}"
+    return None
 
 
 def _compare_with_dense_peers(result: dict) -> None:
@@ -395,9 +423,8 @@ def _transformers_version() -> str | None:
 
 def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens, run_peers, counts, generator, bar,
                  quantization=None):
-    name, spec, weights, cfg = _load_model(model, device, generator)
+    name, spec, weights, cfg = _load_model(model, device, generator, quantization)
     if quantization:
-        quantize_layers(weights)
         name = f"{name}:{quantization}"
     wbytes = weight_bytes(weights)
     result["models"][name] = {

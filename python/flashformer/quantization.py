@@ -107,15 +107,3 @@ def fp8_nan(data: torch.Tensor) -> torch.Tensor:
     """Whether e4m3fn `data` holds a NaN (exponent and mantissa bits all ones), as a 0-d bool tensor."""
     return ((data.view(torch.uint8) & 0x7F) == 0x7F).any()
 
-
-def quantize_layers(weights) -> None:
-    """Quantize the layer matrices of `weights` (a Weights) per output channel, in place, one
-    matrix at a time (each dense one is freed as its QuantizedMatrix replaces it, when nothing else
-    holds it): what quantize-at-load makes of a checkpoint, for benchmarks of random weights."""
-    from .weights import LAYER_MATRICES
-
-    for layer in weights.layers:
-        for attr in LAYER_MATRICES:
-            w = getattr(layer, attr)
-            setattr(layer, attr, QuantizedMatrix(*quantize_per_channel(w), (1, w.shape[1])))
-            del w

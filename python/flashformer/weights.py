@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelSpec, WeightQuantization
 from .quantization import FP8_DTYPE, FP8_MAX, QuantizedMatrix, cdiv, fp8_nan, quantize_per_channel
+from . import validate
 from .validate import DTYPE_NAMES, show
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -548,27 +549,42 @@ def _natural(name: str):
 
 
 def random_weights(
-    spec: ModelSpec, *, tied: bool, device, dtype: torch.dtype = torch.bfloat16, std: float = 0.02, generator=None
+    spec: ModelSpec,
+    *,
+    tied: bool,
+    device,
+    dtype: torch.dtype = torch.bfloat16,
+    std: float = 0.02,
+    generator=None,
+    quantization: str | None = None,
 ) -> Weights:
     """Random weights of `spec`'s shapes made directly on `device` (benchmarks and tests of real
     shapes without a checkpoint; "meta" works too): matrices and biases ~ N(0, std^2) as HF
     initializes them, norms ~ 1 + N(0, std^2). Never zeros: zeros hide unwritten outputs.
-    `tied`: the LM head is the embedding table itself, as in a checkpoint without lm_head."""
+    `tied`: the LM head is the embedding table itself, as in a checkpoint without lm_head.
+    `quantization="fp8"`: each layer matrix quantized per output channel as soon as it is made, as
+    quantize-at-load does (only one dense matrix at a time: a model whose dense weights do not fit
+    on the device still can)."""
+    validate.quantization(quantization)
 
     def randn(*shape, mean: float = 0.0) -> torch.Tensor:
         t = torch.randn(shape, dtype=dtype, device=device, generator=generator).mul_(std)
         return t.add_(mean) if mean else t
+
+    def matrix(rows: int, cols: int):
+        w = randn(rows, cols)
+        return QuantizedMatrix(*quantize_per_channel(w), (1, cols)) if quantization else w
 
     h, inter = spec.hidden_size, spec.intermediate_size
     qkv = spec.q_size + 2 * spec.kv_size
     layers = [
         LayerWeights(
             attn_norm=randn(h, mean=1.0),
-            wqkv=randn(qkv, h),
-            wo=randn(h, spec.q_size),
+            wqkv=matrix(qkv, h),
+            wo=matrix(h, spec.q_size),
             mlp_norm=randn(h, mean=1.0),
-            w_gate_up=randn(2 * inter, h),
-            w_down=randn(h, inter),
+            w_gate_up=matrix(2 * inter, h),
+            w_down=matrix(h, inter),
             bqkv=randn(qkv) if spec.qkv_bias else None,
             bo=randn(h) if spec.o_bias else None,
             q_norm=randn(spec.head_dim, mean=1.0) if spec.qk_norm else None,

@@ -51,6 +51,7 @@ inline constexpr ModelDims kCompiledConfigs[] = {
     {"llama-3.2-1b",     "llama",     2048,  8192,  32,  8,  64, 128256,   16, true,  kPlain},
     {"llama-3.2-3b",     "llama",     3072,  8192,  24,  8, 128, 128256,   28, true,  kPlain},
     {"llama-3.1-8b",     "llama",     4096, 14336,  32,  8, 128, 128256,   32, false, kPlain},
+    {"llama-3.1-70b",    "llama",     8192, 28672,  64,  8, 128, 128256,   80, false, kPlain},
     {"mistral-7b-v0.3",  "mistral",   4096, 14336,  32,  8, 128,  32768,   32, false, kPlain},
     {"qwen3-0.6b",       "qwen3",     1024,  3072,  16,  8, 128, 151936,   28, true,  kQkNorm},
     {"qwen3-1.7b",       "qwen3",     2048,  6144,  16,  8, 128, 151936,   28, true,  kQkNorm},
