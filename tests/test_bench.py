@@ -125,6 +125,23 @@ def test_a_checkpoint_directory_is_benchmarked_with_its_own_config(tmp_path):
     assert result["ttft"][0]["hf_eager_ms"] > 0
 
 
+def test_fp8_rows_stream_half_the_weight_bytes_and_borrow_the_bf16_peers(tmp_path):
+    """--quantization fp8: each model again as "<name>:fp8", its layer matrices in e4m3 (a byte an
+    element plus a scale per row, what its floor counts), compared with the bf16 row's peer."""
+    result = bench.run_bench(["tiny-gqa"], device="cpu", batches=[1], ctxs=[16], prompt_lens=[], peers="all",
+                             quantization="fp8", progress=False)
+    dense, fp8 = result["rows"]
+    assert (dense["model"], dense["weights"]) == ("tiny-gqa", "bf16") and (fp8["model"], fp8["weights"]) == ("tiny-gqa:fp8", "fp8")
+    assert dense["kv_cache_dtype"] == fp8["kv_cache_dtype"] == "bfloat16"
+    m = result["models"]
+    spec = bench.spec_from_dict(bench.shape_config("tiny-gqa"))
+    layer_elems = spec.num_layers * (spec.hidden_size * (spec.q_size + 2 * spec.kv_size) + spec.hidden_size * spec.q_size
+                                     + 3 * spec.hidden_size * spec.intermediate_size)
+    layer_rows = spec.num_layers * (spec.q_size + 2 * spec.kv_size + 2 * spec.hidden_size + 2 * spec.intermediate_size)
+    assert m["tiny-gqa"]["weights_streamed_bytes"] - m["tiny-gqa:fp8"]["weights_streamed_bytes"] == layer_elems - 4 * layer_rows
+    assert fp8["hf_eager_ms"] == dense["hf_eager_ms"] and fp8["speedup_vs_hf_eager"] == dense["hf_eager_ms"] / fp8["engine_ms"]
+
+
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     assert main(["bench", "--quick", "-m", "llama-9b", "--out", str(tmp_path)]) == 1
     assert "unknown model shape 'llama-9b'" in capsys.readouterr().err
