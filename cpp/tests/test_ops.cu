@@ -3,6 +3,7 @@
 // blocks through the weight ring into an epilogue, in both weight formats), and attention's
 // cross-chunk merge. Exit 77 (ctest: skipped)
 // when no sm_90 device is visible.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -201,9 +202,22 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
   auto weight = [&](int r, int k) {
     return kFp8 ? e4m3_value(w8[size_t(r) * K + k]) * scale[r] : double(from_bf16_bits(w16[size_t(r) * K + k]));
   };
-  std::vector<uint16_t> act(size_t(ff::kMaxBatch) * K);  // fragment order, all kMaxBatch rows
+  // Fragment order, all kMaxBatch rows, in the activations' format (weight_layout.cuh): bf16, or
+  // for e4m3 weights f16 times 2^-shift; `activation` is the value the matmul multiplies.
+  std::vector<uint16_t> act(size_t(ff::kMaxBatch) * K);
+  std::vector<double> activation(act.size());
   for (int n = 0; n < ff::kMaxBatch; ++n)
-    for (int k = 0; k < K; ++k) act[ff::act_fragment_index(n, k)] = x[size_t(n) * K + k];
+    for (int k = 0; k < K; ++k) {
+      const size_t i = size_t(n) * K + k;
+      if constexpr (kFp8) {
+        const __half h = __float2half_rn(from_bf16_bits(x[i]) / float(1 << ff::kF16ActivationShift));
+        std::memcpy(&act[ff::act_fragment_index(n, k)], &h, 2);
+        activation[i] = double(__half2float(h)) * (1 << ff::kF16ActivationShift);
+      } else {
+        act[ff::act_fragment_index(n, k)] = x[i];
+        activation[i] = from_bf16_bits(x[i]);
+      }
+    }
   DeviceBuffer<uint16_t> w_rows(w16), w_packed(w16.size()), d_act(act);
   DeviceBuffer<uint8_t> w8_rows(w8), w8_packed(w8.size());
   DeviceBuffer<float> d_scale(scale), packed_scale(rows);
@@ -242,7 +256,7 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
       if (n >= batch) continue;  // columns past the batch are never written
       double ref = 0, mag = 0;
       for (int k = 0; k < K; ++k) {
-        const double a = weight(r, k), b = from_bf16_bits(x[size_t(n) * K + k]);
+        const double a = weight(r, k), b = activation[size_t(n) * K + k];
         ref += a * b, mag += std::fabs(a * b);
       }
       const double err = std::isfinite(v) ? std::fabs(v - ref) / mag : INFINITY;

@@ -102,8 +102,8 @@ def gather_rows(packed: torch.Tensor, rows: torch.Tensor, chunk: int = 1024) -> 
 
 # --- e4m3 matrices ------------------------------------------------------------------------------
 # A packed e4m3 [rows, cols] matrix holds 16x32 tiles, row blocks outermost; lane (g, t) finds the
-# A registers of the tile's two 16x16 halves in one 16-byte vector, each 32-bit word holding the
-# pairs of two registers interleaved (fragment_layout.hpp's fp8_weight_fragment_index). Its row
+# A registers of the tile's two 16x16 halves in one 16-byte vector, a register's pair in each 16
+# bits (fragment_layout.hpp's fp8_weight_fragment_index). Its row
 # scales move with its rows: scale[r] belongs to packed row r.
 
 
@@ -114,9 +114,9 @@ def source_rows(rows: int, order: int, param: int = 0, device=None) -> torch.Ten
 
 def _fp8_split(rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Row-major e4m3 [rows, cols] (rows already in packed order) split as (rb, row half, g, kf,
-    half, column half, t, e), and the permutation to fragment order (rb, kf, g, t, half, row half,
-    e, column half), the column half counted down (bytes 1 and 3 hold columns 2t, 2t+1)."""
-    return (rows // 16, 2, 8, cols // 32, 2, 2, 4, 2), (0, 3, 2, 6, 4, 1, 7, 5)
+    half, column half, t, e), and the permutation to fragment order (rb, kf, g, t, half, column
+    half, row half, e): a lane's registers a0..a3 of each half, a pair each."""
+    return (rows // 16, 2, 8, cols // 32, 2, 2, 4, 2), (0, 3, 2, 6, 4, 5, 1, 7)
 
 
 def _per_channel(m: QuantizedMatrix) -> QuantizedMatrix:
@@ -141,7 +141,7 @@ def pack_fp8(m: QuantizedMatrix, order: int, param: int = 0) -> QuantizedMatrix:
         return QuantizedMatrix(out, out_scale, m.block)
     src = source_rows(rows, order, param, data.device)
     shape, perm = _fp8_split(rows, cols)
-    bytes_ = data.view(torch.uint8)[src].view(shape).flip(5).permute(perm).reshape(rows, cols)
+    bytes_ = data.view(torch.uint8)[src].view(shape).permute(perm).reshape(rows, cols)
     return QuantizedMatrix(bytes_.contiguous().view(FP8_DTYPE), scale[src].contiguous(), m.block)
 
 
@@ -152,7 +152,7 @@ def unpack_fp8(packed: QuantizedMatrix, order: int, param: int = 0) -> Quantized
     shape, perm = _fp8_split(rows, cols)
     packed_shape = [shape[i] for i in perm]
     inverse = [perm.index(i) for i in range(len(perm))]
-    by_packed_row = packed.data.view(torch.uint8).reshape(packed_shape).permute(inverse).flip(5).reshape(rows, cols)
+    by_packed_row = packed.data.view(torch.uint8).reshape(packed_shape).permute(inverse).reshape(rows, cols)
     src = source_rows(rows, order, param, packed.data.device)
     data, scale = torch.empty_like(by_packed_row), torch.empty_like(packed.scale)
     data[src], scale[src] = by_packed_row, packed.scale

@@ -20,17 +20,16 @@ constexpr int64_t weight_fragment_index(int64_t row, int64_t col, int64_t K) {
 }
 
 // Byte index of e4m3 W[row][col] (K columns, a multiple of 32) in fragment order: 16x32 fragments
-// [row/16][col/32][lane = g*4 + t][16 bytes]. The lane's bytes are the A registers of the
-// fragment's two 16x16 halves (h = (col%32)/16), in words 2h (row g) and 2h+1 (row g+8), each
-// word holding two registers' pairs interleaved so that weight_layout.cuh turns it into bf16
-// with masks and a shift: the pair of columns 2t, 2t+1 in bytes 1 and 3, that of 2t+8, 2t+9 in
-// bytes 0 and 2.
+// [row/16][col/32][lane = g*4 + t][16 bytes]. The lane's bytes are the A registers a0..a3 of the
+// fragment's two 16x16 halves (h = (col%32)/16), 8 bytes a half, a register's pair of elements in
+// each 16 bits (weight_layout.cuh turns each into an f16 pair with one cvt): register
+// (col%16)/8 * 2 + (row%16)/8, element col%2, as weight_fragment_index's e.
 constexpr int64_t fp8_weight_fragment_index(int64_t row, int64_t col, int64_t K) {
   constexpr int64_t kCols = 2 * kKBlock;
   const int64_t r = row % kRowBlock, c = col % kCols, h = c / kKBlock, cc = c % kKBlock;
   const int64_t lane = (r % 8) * 4 + (cc % 8) / 2;
-  const int64_t word = 2 * h + r / 8, byte = (cc / 8 == 0 ? 1 : 0) + 2 * (cc % 2);
-  return (((row / kRowBlock) * (K / kCols) + col / kCols) * kWarpSize + lane) * 16 + word * 4 + byte;
+  const int64_t byte = h * 8 + ((cc / 8) * 2 + r / 8) * 2 + cc % 2;
+  return (((row / kRowBlock) * (K / kCols) + col / kCols) * kWarpSize + lane) * 16 + byte;
 }
 
 // Element index of activation a[n][k] (batch row n of `rows`, K columns) in fragment order:

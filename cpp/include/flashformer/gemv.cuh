@@ -1,7 +1,8 @@
 // The matmul op: rows of a fragment-ordered weight matrix stream through the ring; each
 // consumer warp multiplies every 8th fragment of a stage on the tensor cores against the
 // batch's activations (mma.m16n8k16: 16 weight rows x 8 batch columns; an e4m3 fragment is
-// turned into two bf16 ones in registers, and its row scales multiply the sums), the 8 partial tiles
+// turned into two f16 ones in registers, multiplied by f16 activations, and its row scales
+// multiply the sums), the 8 partial tiles
 // are summed through shared memory, and warp 0 hands the 16x8 result to the op's epilogue.
 // Units are 16-row blocks; a row block's K columns span one or more ring stages.
 #pragma once
@@ -115,8 +116,8 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
       if constexpr (F == WeightFormat::kFp8) {
         uint4 lo, hi;
         dequant_fp8_fragment(a[i], lo, hi);
-        mma_fragment(part[i][0], lo, b[i][0]);
-        mma_fragment(part[i][1], hi, b[i][1]);
+        mma_fragment<F>(part[i][0], lo, b[i][0]);
+        mma_fragment<F>(part[i][1], hi, b[i][1]);
       } else {
         mma_fragment(part[i][0], a[i], b[i][0]);
       }
@@ -163,8 +164,8 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const
     if (c.warp == 0) {
       epi.prefetch(rb);
       if constexpr (F == WeightFormat::kFp8) {
-        const float* s = m.scale + rb * kRowBlock + c.lane / 4;
-        scale[0] = __ldg(s), scale[1] = __ldg(s + 8);
+        const float* s = m.scale + rb * kRowBlock + c.lane / 4;  // (times the activations' 2^shift)
+        scale[0] = __ldg(s) * Activations<F>::kUnscale, scale[1] = __ldg(s + 8) * Activations<F>::kUnscale;
       }
     }
     if (!gemv_row_block<T, F>(c, src, kblocks, acc)) return false;
@@ -193,7 +194,7 @@ __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kbloc
 template <class T, WeightFormat F, class Epilogue>
 __device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, const Matrix& m, Task task,
                                  int u0, int u1) {
-  rmsnorm_to_fragments(c, norm_weight, norm, task.index - 1);
+  rmsnorm_to_fragments<T, F>(c, norm_weight, norm, task.index - 1);
   return run_matmul<T, F, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task.layer, u0,
                                                      u1);
 }

@@ -29,9 +29,10 @@ __device__ inline void publish_sq_part(const MegakernelParams& p, int norm, int 
 }
 
 // RMSNorm of x (norm `norm`, its rows written by task `writer`) times `weight`, into this CTA's
-// shared memory in B-fragment order. Every CTA does it for the whole vector it needs: 8-64 KB
+// shared memory in B-fragment order, as the activations of a matmul on format-F weights
+// (weight_layout.cuh's Activations). Every CTA does it for the whole vector it needs: 8-64 KB
 // from L2 beats a grid-wide sync.
-template <class T>
+template <class T, WeightFormat F>
 __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int norm, int writer) {
   if (variant_on<T>(c.p, kSkipNorm)) return;
   constexpr int kVecs = T::kHidden / 4;  // float4 per batch row
@@ -73,10 +74,10 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
     const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
     // k = 4v .. 4v+3: two adjacent pairs in fragment order
-    *reinterpret_cast<__nv_bfloat162*>(c.act + act_pair_index(b, 4 * v, p.batch)) =
-        __floats2bfloat162_rn(a.x * r * w01.x, a.y * r * w01.y);
-    *reinterpret_cast<__nv_bfloat162*>(c.act + act_pair_index(b, 4 * v + 2, p.batch)) =
-        __floats2bfloat162_rn(a.z * r * w23.x, a.w * r * w23.y);
+    *reinterpret_cast<uint32_t*>(c.act + act_pair_index(b, 4 * v, p.batch)) =
+        Activations<F>::pair(a.x * r * w01.x, a.y * r * w01.y);
+    *reinterpret_cast<uint32_t*>(c.act + act_pair_index(b, 4 * v + 2, p.batch)) =
+        Activations<F>::pair(a.z * r * w23.x, a.w * r * w23.y);
   };
   for (int j0 = c.tid; j0 < total; j0 += kInFlight * kConsumerThreads) {
     if (j0 != c.tid) load(j0);

@@ -70,9 +70,9 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uin
 
 // (row, col) of byte i of lane (g, t) in e4m3 fragment (rb, kf): fp8_weight_fragment_index inverted.
 __device__ void fp8_fragment_element(int64_t rb, int64_t kf, int64_t g, int64_t t, int i, int64_t& row, int64_t& col) {
-  const int word = i / 4, byte = i % 4;
-  row = rb * kRowBlock + (word % 2) * 8 + g;
-  col = kf * 2 * kKBlock + (word / 2) * kKBlock + (byte % 2 == 1 ? 0 : 8) + 2 * t + byte / 2;
+  const int half = i / 8, reg = i % 8 / 2;
+  row = rb * kRowBlock + (reg % 2) * 8 + g;
+  col = kf * 2 * kKBlock + half * kKBlock + (reg / 2) * 8 + 2 * t + i % 2;
 }
 
 // One thread per lane vector: the 16 bytes of one lane of one 16x32 e4m3 fragment; the threads of

@@ -349,7 +349,8 @@ struct AttentionKernel {
             o += s * src[d], l += s * src[D + 1];
           }
           if (active == 1) {  // the whole context is in this chunk: the output, no cross-SM merge
-            p.scratch.attn_frag[act_fragment_index(b, int64_t(kv_head * G + h) * D + d)] = __float2bfloat16(o / l);
+            reinterpret_cast<uint16_t*>(p.scratch.attn_frag)[act_fragment_index(b, int64_t(kv_head * G + h) * D + d)] =
+                Activations<T::kWeights>::one(o / l);  // (the O projection's activations)
             continue;
           }
           float* part = p.scratch.attn_part + ((int64_t(b) * T::kHeads + kv_head * G + h) * chunks + chunk) * kPartStride;
@@ -422,9 +423,10 @@ struct AttentionKernel {
       }
       const float inv = stats[2 * pair + 1];
       const int64_t k = int64_t(kv_head * G + pair % G) * D + d;  // dims d..d+3: two adjacent pairs
-      bf16_t* out = p.scratch.attn_frag;
-      *reinterpret_cast<__nv_bfloat162*>(out + act_fragment_index(pair / G, k)) = __floats2bfloat162_rn(o.x * inv, o.y * inv);
-      *reinterpret_cast<__nv_bfloat162*>(out + act_fragment_index(pair / G, k + 2)) = __floats2bfloat162_rn(o.z * inv, o.w * inv);
+      bf16_t* out = p.scratch.attn_frag;  // (the O projection's activations)
+      using A = Activations<T::kWeights>;
+      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k)) = A::pair(o.x * inv, o.y * inv);
+      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
     }
   }
 };

@@ -23,7 +23,8 @@ struct SiluMulEpilogue {
       const int n = 2 * t + q;
       if (n >= c.p.batch) continue;
       const float gate = acc[q], up = acc[2 + q];
-      c.p.scratch.act_frag[act_fragment_index(n, i)] = __float2bfloat16(gate / (1.f + __expf(-gate)) * up);
+      reinterpret_cast<uint16_t*>(c.p.scratch.act_frag)[act_fragment_index(n, i)] =  // (the down projection's)
+          Activations<T::kWeights>::one(gate / (1.f + __expf(-gate)) * up);
     }
   }
   __device__ void finish() {}
