@@ -97,23 +97,41 @@ __global__ void pack_fp8_kernel(const uint8_t* __restrict__ src, const float* __
     }
 }
 
-// One thread per lane vector of a packed e4m3 matrix: its 16 elements dequantized into the
-// row-major bf16 matrix (prefill reads it; not on the decode path).
-__global__ void unpack_fp8_kernel(const uint4* __restrict__ src, const float* __restrict__ scale,
-                                  __nv_bfloat16* __restrict__ dst, int64_t rows, int64_t cols, RowOrder order,
-                                  int64_t param) {
-  const int64_t vec = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (vec >= rows * cols / 16) return;
-  const int64_t lane = vec % kWarpSize, frag = vec / kWarpSize, frags = cols / (2 * kKBlock);
-  const int64_t kf = frag % frags, rb = frag / frags, g = lane / 4, t = lane % 4;
-  const uint4 v = src[vec];
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  for (int i = 0; i < 16; ++i) {
-    int64_t row, col;
-    fp8_fragment_element(rb, kf, g, t, i, row, col);
-    const __nv_fp8_storage_t b = __nv_fp8_storage_t((words[i / 4] >> (8 * (i % 4))) & 0xFF);
-    const float x = __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
-    dst[source_row(order, row, param) * cols + col] = __float2bfloat16_rn(x * scale[row]);
+// e4m3 fragments (16 x 32) of one row block per CTA of the dequantizing unpack: a 16 x 512 tile,
+// as unpack_weight_kernel's.
+constexpr int kUnpackFp8Span = kUnpackSpan / 2;
+
+// unpack_weight_kernel for e4m3: one CTA per (row block, span of fragments) reads its packed
+// fragments as coalesced 16-byte vectors, dequantizes each element to bf16(value * its row's
+// scale) into shared memory, and writes whole 16-byte runs of its rows (prefill reads them).
+__global__ void __launch_bounds__(kUnpackThreads) unpack_fp8_kernel(const uint4* __restrict__ src,
+                                                                    const float* __restrict__ scale,
+                                                                    uint16_t* __restrict__ dst, int64_t cols,
+                                                                    RowOrder order, int64_t param) {
+  __shared__ __align__(16) uint16_t tile[kRowBlock][kUnpackFp8Span * 2 * kKBlock + kUnpackPad];
+  const int64_t frags = cols / (2 * kKBlock), rb = blockIdx.y, f0 = int64_t(blockIdx.x) * kUnpackFp8Span;
+  const int span = int(frags - f0 < kUnpackFp8Span ? frags - f0 : kUnpackFp8Span);
+  const uint4* packed = src + (rb * frags + f0) * kWarpSize;  // (span fragments, 32 lanes)
+  for (int i = threadIdx.x; i < span * kWarpSize; i += kUnpackThreads) {
+    const uint4 v = packed[i];
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+    const int f = i / kWarpSize, g = i % kWarpSize / 4, t = i % 4;
+#pragma unroll
+    for (int e = 0; e < 16; ++e) {
+      int64_t row, col;  // (in the row block and the span)
+      fp8_fragment_element(0, f, g, t, e, row, col);
+      const __nv_fp8_storage_t b = __nv_fp8_storage_t((words[e / 4] >> (8 * (e % 4))) & 0xFF);
+      const float x = __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
+      const __nv_bfloat16 y = __float2bfloat16_rn(x * scale[rb * kRowBlock + row]);
+      tile[row][col] = *reinterpret_cast<const uint16_t*>(&y);
+    }
+  }
+  __syncthreads();  // the tile is complete before any row of it is written out
+  const int vecs_per_row = span * 2 * kKBlock / 8;
+  for (int i = threadIdx.x; i < kRowBlock * vecs_per_row; i += kUnpackThreads) {
+    const int r = i / vecs_per_row, v = i % vecs_per_row;
+    const int64_t row = source_row(order, rb * kRowBlock + r, param);
+    *reinterpret_cast<uint4*>(dst + row * cols + f0 * 2 * kKBlock + v * 8) = *reinterpret_cast<const uint4*>(&tile[r][v * 8]);
   }
 }
 
@@ -161,9 +179,12 @@ void pack_weight_fp8(const void* src, const float* scale, void* dst, float* dst_
 void unpack_weight_fp8(const void* src, const float* scale, void* dst, int64_t rows, int64_t cols, int row_order,
                        int64_t order_param, cudaStream_t stream) {
   check_shape("unpack_weight_fp8", rows, cols, row_order, order_param, WeightFormat::kFp8);
-  unpack_fp8_kernel<<<pack_grid(rows * cols / 16), kPackBlock, 0, stream>>>(
-      static_cast<const uint4*>(src), scale, static_cast<__nv_bfloat16*>(dst), rows, cols, RowOrder(row_order),
-      order_param);
+  if (rows / kRowBlock > 65535) throw std::invalid_argument("unpack_weight_fp8: more than 65535 row blocks");
+  const int64_t frags = cols / (2 * kKBlock);
+  const dim3 grid(unsigned((frags + kUnpackFp8Span - 1) / kUnpackFp8Span), unsigned(rows / kRowBlock));
+  unpack_fp8_kernel<<<grid, kUnpackThreads, 0, stream>>>(static_cast<const uint4*>(src), scale,
+                                                         static_cast<uint16_t*>(dst), cols, RowOrder(row_order),
+                                                         order_param);
   FF_CUDA_CHECK(cudaGetLastError());
 }
 
