@@ -61,6 +61,13 @@ def _token_ids(text: str) -> list[int]:
     return ids
 
 
+def _model_command(sub, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that loads a checkpoint: its parser, with the model options (_add_model_args)."""
+    parser = sub.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter)
+    _add_model_args(parser)
+    return parser
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="weight and activation dtype")
@@ -282,13 +289,12 @@ def _chat(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    parser = sub.add_parser(
+    parser = _model_command(
+        sub,
         "generate",
         help="complete prompts",
         description="Complete prompts with a checkpoint: one prompt streams to stdout, several run as a batch.",
-        formatter_class=_HelpFormatter,
     )
-    _add_model_args(parser)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("-p", "--prompt", action="append", help="a prompt; repeat for a batch")
     group.add_argument(
@@ -304,15 +310,14 @@ def _add_generate(sub) -> None:
 
 
 def _add_chat(sub) -> None:
-    parser = sub.add_parser(
+    parser = _model_command(
+        sub,
         "chat",
         help="chat on stdin with the checkpoint's chat template (/exit ends)",
         description="Chat with the checkpoint's chat template: one user turn per line of stdin, each reply "
         "streamed. When the conversation outgrows --max-seq-len the oldest turns are dropped (the system "
         "prompt is kept). Ctrl-C stops a reply; Ctrl-C at the prompt, /exit or end of input ends the chat.",
-        formatter_class=_HelpFormatter,
     )
-    _add_model_args(parser)
     parser.add_argument("--system", default=None, help="a system message")
     _add_sampling_args(parser)
     parser.set_defaults(run=_chat)
@@ -345,15 +350,14 @@ def _serve(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    parser = sub.add_parser(
+    parser = _model_command(
+        sub,
         "serve",
         help="an OpenAI-compatible HTTP server with continuous batching",
         description="Serve a checkpoint over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models; "
         "/health, /metrics): requests are batched continuously over --max-batch-size slots, those beyond "
         "wait in a queue of --max-queue, and past it get HTTP 429. SIGINT or SIGTERM stops the server.",
-        formatter_class=_HelpFormatter,
     )
-    _add_model_args(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one, printed at start)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="batch slots: sequences decoded together")

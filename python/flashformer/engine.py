@@ -153,6 +153,7 @@ class _Request:
         self.index, self.prompt, self.prompt_ids, self.params = index, prompt, prompt_ids, params
         self.tokenizer = tokenizer
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.longest_stop = max((len(s) for s in params.stop), default=0)  # (stop strings' reach, once)
         # the noise's seed: the request's own, else one from torch's global generator
         self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**63 - 1, ()).item())
         self.stream = tokenizer.decode_stream() if tokenizer is not None else None
@@ -176,15 +177,14 @@ class _Request:
             self.text += self.stream.step(token)
             if self.finish_reason is not None:  # an incomplete character at the end, as decode() gives it
                 self.text += self.stream.finish()
-            longest = max((len(s) for s in self.params.stop), default=0)
-            begin = max(0, self.searched - longest + 1)
+            begin = max(0, self.searched - self.longest_stop + 1)
             cuts = [i for i in (self.text.find(s, begin) for s in self.params.stop) if i >= 0]
             self.searched = len(self.text)
             if cuts:
                 self.text, self.finish_reason = self.text[: min(cuts)], "stop"
         end = len(self.text)
         if self.finish_reason is None:  # hold back what may be the start of a stop string
-            end -= max((len(s) - 1 for s in self.params.stop), default=0)
+            end -= max(self.longest_stop - 1, 0)
         delta = self.text[self.emitted : max(end, self.emitted)]
         self.emitted += len(delta)
         output = self.output() if self.finish_reason else None
