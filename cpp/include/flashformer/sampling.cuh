@@ -39,7 +39,9 @@
 namespace flashformer {
 
 struct Sampler {
-  static constexpr int kClusterCtas = 8;  // CTAs per row (the portable cluster size)
+  // CTAs per row: Hopper's largest (non-portable) cluster, so that a batch of 8 rows spreads over 128
+  // SMs; each CTA holds a 16th of the row (8,016 floats of a 128K vocabulary).
+  static constexpr int kClusterCtas = 16;
   static constexpr int kThreads = 512;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kLoadUnroll = 8;  // logits loads in flight per thread (L2 latency, not bandwidth, bounds it)
@@ -235,6 +237,7 @@ struct Sampler {
       cluster.sync();   // every CTA's histogram is complete and visible (release/acquire)
       for (int d = threadIdx.x; d < kBins; d += kThreads) {
         unsigned total = 0;
+#pragma unroll 4
         for (int r = 0; r < kClusterCtas; ++r) total += cluster.map_shared_rank(hist, r)[d];
         s.bins[d] = total;
       }
