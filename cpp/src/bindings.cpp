@@ -373,7 +373,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "sampler_noise_bits",
       [](uint64_t seed, uint32_t step, uint32_t round, uint32_t token) {
-        return Sampler::noise_bits(uint32_t(seed), uint32_t(seed >> 32), step, round, token);
+        return Sampler::noise_bits(Sampler::noise_key(uint32_t(seed), uint32_t(seed >> 32), step, round), token);
       },
       py::arg("seed"), py::arg("step"), py::arg("round"), py::arg("token"),
       "The sampler's noise bits for (seed, token index of the request, draw round, token id), computed on the host.");

@@ -8,9 +8,9 @@ kept) -> top-p (keep a token when the kept mass strictly above it is below top_p
 the smallest set of the most likely tokens reaching top_p, ties kept) -> softmax over what is
 kept. `filtered_logprobs` states it exactly (sorting; the test oracle).
 
-A draw is a Gumbel-max draw: the arg-max of z + g over the kept tokens, where g = -log(-log u) and
-u hashes (the request's seed, how many tokens the request has produced, the draw round, the token
-id). So a seeded request draws the same tokens whatever row it sits in and whatever else is in the
+A draw is a Gumbel-max draw taken as an exponential race: the arg-max of exp(z) / E over the kept
+tokens, where E = -log u (the token of the arg-max of z - log(-log u), one log fewer) and u hashes
+(the request's seed, how many tokens the request has produced, the draw round, the token id). So a seeded request draws the same tokens whatever row it sits in and whatever else is in the
 batch; an unseeded request takes a seed from torch's global generator. Top-p draws by rejection
 (no sort): a draw above the pivot that is in the nucleus is kept; else the pivot rises past it and
 another round draws with fresh noise. On a Hopper GPU the compiled sampler
@@ -221,17 +221,18 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, round: int, vocab: int) -> torch.Tensor:
-    """The compiled sampler's noise g [B, V] fp32 for rows with these seeds ([B] int64 holding
-    uint32) at token index `step` [B] of their requests and draw `round`."""
+def race_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, round: int, vocab: int) -> torch.Tensor:
+    """The compiled sampler's race exponentials E = -log u [B, V] fp32 for rows with these seeds
+    ([B] int64 holding uint32) at token index `step` [B] of their requests and draw `round`."""
+    key = _mix(torch.tensor(round, dtype=torch.int64, device=seed_lo.device))
+    key = _mix(key ^ step.long())
+    key = _mix(key ^ seed_lo.long())
+    key = _mix(key ^ seed_hi.long())[:, None]  # [B, 1]: the draw's key (Sampler::noise_key)
     token = torch.arange(vocab, dtype=torch.int64, device=seed_lo.device)[None]
-    x = _mix(token ^ int(_mix(torch.tensor(round)).item()))
-    x = _mix(x ^ step.long()[:, None])
-    x = _mix(x ^ seed_lo.long()[:, None])
     bits = constants()["noise_bits"]
-    x = _mix(x ^ seed_hi.long()[:, None]) >> (32 - bits)
+    x = _mix(_mix(token ^ key)) >> (32 - bits)
     u = (x.float() + 0.5) * (1.0 / (1 << bits))
-    return -torch.log(-torch.log(u))
+    return -torch.log(u)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -267,8 +268,8 @@ def sample_rows(logits: torch.Tensor, table: dict, counts, in_prompt, step: torc
     pending = ~greedy  # rows still drawing
     above_pivot = keep.clone()
     for round in range(constants()["max_rounds"]):
-        g = gumbel_noise(table["seed_lo"].to(logits.device), table["seed_hi"].to(logits.device), step, round, vocab)
-        drawn = torch.where(above_pivot, z + g, torch.full_like(z, -torch.inf)).argmax(-1)
+        e = race_noise(table["seed_lo"].to(logits.device), table["seed_hi"].to(logits.device), step, round, vocab)
+        drawn = torch.where(above_pivot, z.exp() / e, torch.full_like(z, -torch.inf)).argmax(-1)
         tokens = torch.where(pending, drawn, tokens)
         zj = z.gather(1, drawn[:, None])
         above = torch.where(z > zj, mass, torch.zeros_like(mass)).sum(-1)

@@ -7,8 +7,9 @@
 //   penalties (repetition over the prompt and output tokens, presence and frequency over the
 //   output tokens) -> temperature, z = (l - max l) / T -> min-p: keep z >= log(min_p) -> top-k:
 //   keep z >= the k-th largest z (a radix select over order-preserving keys; ties kept) -> top-p,
-//   by rejection (below) -> a Gumbel-max draw: the arg-max over the kept tokens of z + g,
-//   g = -log(-log u), u a hash of (seed, the request's token index, draw round, token id).
+//   by rejection (below) -> a Gumbel-max draw, as an exponential race: the arg-max over the kept
+//   tokens of exp(z) / E, E = -log u (the same token as the arg-max of z - log(-log u), without
+//   its second log), u a hash of (seed, the request's token index, draw round, token id).
 // The noise depends on the request alone (its seed and how many tokens it has produced), never
 // on its row or on the other rows. Top-p without a sort (as FlashInfer's sorting-free samplers):
 // draw j among the kept tokens above a pivot; j is in the nucleus exactly when the kept mass
@@ -38,7 +39,9 @@
 namespace flashformer {
 
 struct Sampler {
-  static constexpr int kClusterCtas = 8;  // CTAs per row (the portable cluster size)
+  // CTAs per row: Hopper's largest (non-portable) cluster, so that a batch of 8 rows spreads over 128
+  // SMs; each CTA holds a 16th of the row (8,016 floats of a 128K vocabulary).
+  static constexpr int kClusterCtas = 16;
   static constexpr int kThreads = 512;
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kLoadUnroll = 8;  // logits loads in flight per thread (L2 latency, not bandwidth, bounds it)
@@ -48,8 +51,9 @@ struct Sampler {
   static constexpr float kGreedyBelow = 1e-5f;  // temperatures below this are greedy (vLLM's)
   static constexpr int kMaxLogprobs = 20;       // top logprobs per token (OpenAI's limit)
   static constexpr int kNoiseBits = 23;
-  // The noise g = -log(-log u) lies in [-2.8, 16.7] for u = (bits + 0.5) / 2^23: a token whose z is
-  // below -kNoiseReach cannot outscore the top token (z = 0, always kept), so its noise is skipped.
+  // The race's E = -log u lies in [6e-8, 16.7] for u = (bits + 0.5) / 2^23, so a token's exp(z) / E is
+  // at most 1.7e7 exp(z) and the top token's (z = 0, always kept) at least 0.06: a token whose z is
+  // below -kNoiseReach cannot outscore it, so its noise is skipped.
   static constexpr float kNoiseReach = 20.f;
   // Odd multipliers below 2^31, so that Python's int64 replica of mix() never overflows.
   static constexpr uint32_t kHashMul0 = 0x2c1b3c6dU;
@@ -118,11 +122,16 @@ struct Sampler {
     x ^= x >> 16;
     return x;
   }
-  // 23 uniform bits for (seed, the request's token index, draw round, token id): (bits + 0.5) / 2^23
-  // is exact in fp32 and strictly inside (0, 1).
-  __host__ __device__ static constexpr uint32_t noise_bits(uint32_t seed_lo, uint32_t seed_hi, uint32_t step,
-                                                           uint32_t round, uint32_t token) {
-    return mix(mix(mix(mix(token ^ mix(round)) ^ step) ^ seed_lo) ^ seed_hi) >> (32 - kNoiseBits);
+  // The noise's key of one draw: (seed, the request's token index, draw round), hashed once per row
+  // and round.
+  __host__ __device__ static constexpr uint32_t noise_key(uint32_t seed_lo, uint32_t seed_hi, uint32_t step,
+                                                          uint32_t round) {
+    return mix(mix(mix(mix(round) ^ step) ^ seed_lo) ^ seed_hi);
+  }
+  // 23 uniform bits for token `token` under a draw's key (two mixes a token): (bits + 0.5) / 2^23 is
+  // exact in fp32 and strictly inside (0, 1).
+  __host__ __device__ static constexpr uint32_t noise_bits(uint32_t key, uint32_t token) {
+    return mix(mix(token ^ key)) >> (32 - kNoiseBits);
   }
 
   __host__ __device__ static constexpr int slice_len(int vocab) { return (vocab + kClusterCtas - 1) / kClusterCtas; }
@@ -168,9 +177,10 @@ struct Sampler {
     const unsigned b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
-  __device__ static float gumbel(const Row& row, uint32_t step, uint32_t round, uint32_t token) {
-    const float u = (float(noise_bits(row.seed_lo, row.seed_hi, step, round, token)) + 0.5f) * (1.f / float(1u << kNoiseBits));  // (0, 1)
-    return -logf(-logf(u));
+  // The race's exponential E = -log u of a token under a draw's key (in (6e-8, 16.7)).
+  __device__ static float race_noise(uint32_t key, uint32_t token) {
+    const float u = (float(noise_bits(key, token)) + 0.5f) * (1.f / float(1u << kNoiseBits));  // (0, 1)
+    return -logf(u);
   }
 
   // The reduction of every thread's `p` over the row's cluster; every thread gets the result.
@@ -227,6 +237,7 @@ struct Sampler {
       cluster.sync();   // every CTA's histogram is complete and visible (release/acquire)
       for (int d = threadIdx.x; d < kBins; d += kThreads) {
         unsigned total = 0;
+#pragma unroll 4
         for (int r = 0; r < kClusterCtas; ++r) total += cluster.map_shared_rank(hist, r)[d];
         s.bins[d] = total;
       }
@@ -353,11 +364,12 @@ struct Sampler {
       unsigned pivot = low;  // this round draws among the keys >= pivot
       float kept_mass = 0.f;
       for (int round = 0; round < kMaxRounds; ++round) {
+        const uint32_t key = noise_key(r.seed_lo, r.seed_hi, step, uint32_t(round));
         Partial d = identity();  // the draw; the kept mass (first round)
         for (int i = threadIdx.x; i < n; i += kThreads) {
           const float z = slice[i];
           if (z >= -kNoiseReach && key_of(z) >= pivot) {  // (lower z never beats the top token, z = 0)
-            d = combine(d, Partial{__fadd_rn(z, gumbel(r, step, round, first + i)), first + i, 0.f, 0});
+            d = combine(d, Partial{__fdividef(__expf(z), race_noise(key, first + i)), first + i, 0.f, 0});
           }
           if (round == 0 && nucleus && key_of(z) >= low) d.sum += __expf(z);
         }

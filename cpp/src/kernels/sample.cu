@@ -10,8 +10,9 @@
 namespace flashformer {
 namespace {
 
-__global__ void __cluster_dims__(Sampler::kClusterCtas, 1, 1) __launch_bounds__(Sampler::kThreads)
-    sample_kernel(const Sampler::Args args) {
+// (the cluster's size is a launch attribute: 16 CTAs is above the portable 8, which __cluster_dims__ refuses.
+// Two CTAs an SM, so that a cluster fits in 8 SMs of a GPC)
+__global__ void __launch_bounds__(Sampler::kThreads, 2) sample_kernel(const Sampler::Args args) {
   extern __shared__ float slice[];  // (slice_len(vocab)) this CTA's part of its row
   __shared__ Sampler::SharedStorage storage;
   Sampler::run(args, slice, storage);
@@ -57,10 +58,21 @@ void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
   if (a.vocab > max_vocab)
     throw std::invalid_argument("sample_tokens: a vocabulary of " + std::to_string(a.vocab) +
                                 " does not fit the sampler's shared memory (at most " + std::to_string(max_vocab) + ")");
-  // (set at every launch: the opt-in is per device, and the call costs the host about a microsecond)
+  // (set at every launch: the opt-ins are per device, and the calls cost the host about a microsecond)
   FF_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  sample_kernel<<<a.batch * Sampler::kClusterCtas, Sampler::kThreads, smem, stream>>>(a);
-  FF_CUDA_CHECK(cudaGetLastError());
+  FF_CUDA_CHECK(cudaFuncSetAttribute(sample_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(a.batch) * Sampler::kClusterCtas);
+  config.blockDim = dim3(Sampler::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster = {};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = Sampler::kClusterCtas;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  FF_CUDA_CHECK(cudaLaunchKernelEx(&config, sample_kernel, a));
 }
 
 }  // namespace flashformer
