@@ -142,6 +142,24 @@ def test_fp8_rows_stream_half_the_weight_bytes_and_borrow_the_bf16_peers(tmp_pat
     assert fp8["hf_eager_ms"] == dense["hf_eager_ms"] and fp8["speedup_vs_hf_eager"] == dense["hf_eager_ms"] / fp8["engine_ms"]
 
 
+def test_fp8_kv_rows_count_a_byte_an_element_and_the_scales(tmp_path):
+    """--kv-cache-dtype fp8: the engine's rows as "<name>:kv-fp8" ("<name>:fp8:kv-fp8" with FP8
+    weights), their KV cache in e4m3 with a 4-byte scale per token and kv head, what the floor counts."""
+    result = bench.run_bench(["tiny-gqa"], device="cpu", batches=[2], ctxs=[16], prompt_lens=[], peers="none",
+                             quantization="fp8", kv_cache_dtype="fp8", progress=False)
+    dense, fp8 = result["rows"]
+    assert (dense["model"], dense["weights"], dense["kv_cache_dtype"]) == ("tiny-gqa:kv-fp8", "bf16", "fp8")
+    assert (fp8["model"], fp8["weights"], fp8["kv_cache_dtype"]) == ("tiny-gqa:fp8:kv-fp8", "fp8", "fp8")
+    spec = bench.spec_from_dict(bench.shape_config("tiny-gqa"))
+    vectors = spec.num_layers * 2 * 2 * spec.num_kv_heads * 16
+    m = result["models"]["tiny-gqa:kv-fp8"]
+    assert dense["bytes_per_step"] - m["weights_streamed_bytes"] == vectors * (spec.head_dim + 4)
+    assert m["kv_cache_bytes"] == spec.kv_cache_bytes(2, m["kv_cache_bytes"] // (vectors // 16 * (spec.head_dim + 4)),
+                                                      1, scaled=True)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        bench.run_bench(["tiny-gqa"], device="cpu", kv_cache_dtype="int8", progress=False)
+
+
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     assert main(["bench", "--quick", "-m", "llama-9b", "--out", str(tmp_path)]) == 1
     assert "unknown model shape 'llama-9b'" in capsys.readouterr().err

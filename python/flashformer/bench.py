@@ -34,7 +34,7 @@ import torch
 
 from .config import ModelSpec, load_spec, spec_from_dict
 from .engine import BACKENDS, Engine, select_backend
-from .reference import KVCache
+from .reference import KVCache, quantize_kv
 from .sampling import SamplingParams
 from . import validate
 from .weights import Weights, load_weights, random_weights
@@ -153,11 +153,13 @@ def weight_bytes(weights: Weights) -> int:
     return total
 
 
-def step_bytes(spec: ModelSpec, weights: Weights, batch: int, ctx: int) -> int:
+def step_bytes(spec: ModelSpec, weights: Weights, batch: int, ctx: int, kv_cache_dtype: str = "auto") -> int:
     """The bytes a decode step of `batch` rows at context `ctx` must read from HBM: `weight_bytes`
-    + the KV cache of the past positions (layers * 2 * batch * kv_heads * ctx * head_dim elements).
-    The numerator of the floor, and of the achieved GB/s."""
-    return weight_bytes(weights) + spec.kv_cache_bytes(batch, ctx, weights.embed.element_size())
+    + the KV cache of the past positions (layers * 2 * batch * kv_heads * ctx * head_dim elements,
+    in the model dtype, or in FP8 with their scales). The numerator of the floor, and of the
+    achieved GB/s."""
+    fp8 = kv_cache_dtype == "fp8"
+    return weight_bytes(weights) + spec.kv_cache_bytes(batch, ctx, 1 if fp8 else weights.embed.element_size(), scaled=fp8)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 4 << 30, iters: int = 20) -> tuple[float | None, dict]:
@@ -289,6 +291,7 @@ def run_bench(
     out: str | Path | None = None,
     progress: bool = True,
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> dict:
     """Run the benchmark; return the result (the JSON document) and, when `out` is given, write
     bench.md, bench.json and bench.png there.
@@ -300,9 +303,11 @@ def run_bench(
     model also in FP8 (its layer matrices quantized per output channel, as quantize-at-load does),
     as the model "<name>:fp8" with the engine's rows only (the peers stay bf16; its × peer columns
     compare with the bf16 peer's row); a shape whose bf16 weights cannot fit on the device gets
-    only its FP8 rows (the reason is in `errors`).
+    only its FP8 rows (the reason is in `errors`); kv_cache_dtype "fp8": the engine's rows with an
+    FP8 KV cache, as "<name>:kv-fp8" (after ":fp8" for FP8 weights; the peers keep theirs in bf16).
     """
     validate.quantization(quantization)
+    kv_cache_dtype = validate.kv_cache_dtype(kv_cache_dtype)
     if peers not in PEERS:
         raise ValueError(f"peers must be one of {', '.join(PEERS)}, got {peers!r}")
     if device is None:
@@ -371,10 +376,10 @@ def run_bench(
                 warnings.warn(f"{model}: {skip}", stacklevel=2)
             else:
                 _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator,
-                             bar)
+                             bar, kv_cache_dtype=kv_cache_dtype)
             if quantization:
                 _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, (), counts, generator, bar,
-                             quantization=quantization)
+                             quantization=quantization, kv_cache_dtype=kv_cache_dtype)
                 _compare_with_dense_peers(result)
             result["backend"] = ", ".join(dict.fromkeys(m["backend"] for m in result["models"].values()))
             result["wall_s"] = round(perf_counter() - started, 1)
@@ -397,6 +402,16 @@ def _dense_does_not_fit(model: str, device: torch.device, batch: int) -> str | N
     except ValueError as e:
         return f"its bf16 rows were skipped: {e}"
     return None
+
+
+def _random_kv(cache: KVCache, generator) -> None:
+    """Fill the KV cache with N(0, 1) values (an FP8 one quantized, a layer at a time)."""
+    if not cache.fp8:
+        cache.kv.normal_(generator=generator)
+        return
+    for layer in range(cache.kv.shape[0]):
+        x = torch.randn(cache.kv.shape[1:], generator=generator, device=cache.kv.device, dtype=cache.dtype)
+        cache.kv[layer], cache.scale[layer] = quantize_kv(x)
 
 
 def _compare_with_dense_peers(result: dict) -> None:
@@ -422,10 +437,12 @@ def _transformers_version() -> str | None:
 
 
 def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens, run_peers, counts, generator, bar,
-                 quantization=None):
+                 quantization=None, kv_cache_dtype="auto"):
     name, spec, weights, cfg = _load_model(model, device, generator, quantization)
     if quantization:
         name = f"{name}:{quantization}"
+    if kv_cache_dtype != "auto":
+        name = f"{name}:kv-{kv_cache_dtype}"
     wbytes = weight_bytes(weights)
     result["models"][name] = {
         "weights_streamed_bytes": wbytes,
@@ -439,8 +456,9 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, GENERATE_PROMPT + new_tokens + 1) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches),
-                                 quantization=quantization)
-    cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device)
+                                 quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+    cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device,
+                             kv_cache_dtype=kv_cache_dtype)
     backend = backend_cls(spec, weights, cache)
     result["models"][name]["backend"] = backend.name
     result["models"][name]["kv_cache_bytes"] = cache.nbytes
@@ -448,7 +466,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     result["models"][name]["device_memory_bytes"] = (
         torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     )
-    backend.kv_cache.normal_(generator=generator)
+    _random_kv(cache, generator)
     rows = {}
     for batch, ctx in grid:
         bar.set_description(f"{name} engine b{batch} ctx{ctx}")
@@ -456,7 +474,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         positions = torch.full((batch,), ctx, dtype=torch.long, device=device)
         median, p10, p90 = _stats(_time_calls(partial(backend.decode, tokens, positions), counts["engine"], device))
         getattr(backend, "synchronize", lambda: None)()  # the last timed step completed (raises if not)
-        nbytes = step_bytes(spec, weights, batch, ctx)
+        nbytes = step_bytes(spec, weights, batch, ctx, kv_cache_dtype)
         floor = nbytes / (result["read_bw_gbs"] * 1e9) * 1e3 if result["read_bw_gbs"] else None
         rows[batch, ctx] = {
             "model": name,
@@ -469,7 +487,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
             "engine_gbs": nbytes / (median * 1e-3) / 1e9,
             "bytes_per_step": nbytes,
             "weights": quantization or "bf16",  # what the matrices stream as (the floor counts their bytes and scales)
-            "kv_cache_dtype": str(cache.kv.dtype).removeprefix("torch."),
+            "kv_cache_dtype": "fp8" if cache.fp8 else str(cache.kv.dtype).removeprefix("torch."),
             "floor_ms": floor,
             "floor_fraction": floor / median if floor is not None else None,
             "gptfast_ms": None,
@@ -799,6 +817,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization", default=None, choices=["fp8"],
         help="also bench each model with its layer matrices in FP8 e4m3 (per-channel scales), as <model>:fp8",
     )
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=validate.KV_CACHE_DTYPES,
+        help="the engine's KV cache: auto (the model dtype) or fp8 (e4m3 with a scale per token and kv head), "
+        "as <model>:kv-fp8",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--render",
@@ -834,6 +857,7 @@ def main(args) -> int:
             out=out,
             progress=not args.no_progress,
             quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
     print(format_table(result))
     written = [str(out / name) for name in ("bench.md", "bench.json", "bench.png") if (out / name).is_file()]

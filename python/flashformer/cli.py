@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict
 
 from . import __version__
-from .validate import BACKENDS, DEFAULT_MAX_QUEUE, DTYPE_NAMES
+from .validate import BACKENDS, DEFAULT_MAX_QUEUE, DTYPE_NAMES, KV_CACHE_DTYPES, QUANTIZATIONS
 
 PROG = "flashformer"
 INTERRUPTED = 130  # the exit status of a command ended by SIGINT, as shells report it
@@ -87,6 +87,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load a checkpoint that holds tensors the model does not use (refused otherwise)",
     )
+    parser.add_argument(
+        "--quantization", default=None, choices=QUANTIZATIONS,
+        help="fp8: quantize a dense checkpoint's layer matrices to FP8 e4m3 at load (an FP8 checkpoint loads as FP8 anyway)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+        help="auto: the KV cache in --dtype; fp8 (fp8_e4m3): e4m3 with a scale per token and kv head (reference path for now)",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +149,8 @@ def _engine(args, max_batch_size: int = 1):
         backend=args.backend,
         progress=sys.stderr.isatty(),
         allow_unused_tensors=args.allow_unused_tensors,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

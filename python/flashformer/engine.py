@@ -69,17 +69,19 @@ def select_backend(
     dtype: torch.dtype = torch.bfloat16,
     max_batch_size: int = 1,
     quantization: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> type:
     """The backend class that will decode `spec` on `device` (with weights in `quantization`'s
-    format, "fp8", or dense in `dtype` when None). "auto" takes the megakernel where it can run (a
-    Hopper GPU, bf16, a compiled config) and warns on a GPU where it cannot; "megakernel" raises
-    RuntimeError saying why it cannot run."""
+    format, "fp8", or dense in `dtype` when None; a KV cache in `kv_cache_dtype`). "auto" takes the
+    megakernel where it can run (a Hopper GPU, bf16, a compiled config, a bf16 KV cache) and warns
+    on a GPU where it cannot; "megakernel" raises RuntimeError saying why it cannot run."""
     validate.backend_name(name)
     if name == "reference":
         return ReferenceBackend
     from .megakernel import MegakernelBackend, unavailable_reason
 
-    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization)
+    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization,
+                                kv_cache_dtype=kv_cache_dtype)
     if reason is None:
         return MegakernelBackend
     if name == "megakernel":
@@ -228,6 +230,7 @@ class Engine:
         progress: bool = True,
         allow_unused_tensors: bool = False,
         quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> Engine:
         """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files).
 
@@ -235,8 +238,13 @@ class Engine:
         per output channel, layer by layer; a published FP8 checkpoint (its config.json's
         quantization_config) loads as FP8 whether `quantization` is None or "fp8". `dtype` is the
         model dtype either way: of the activations, the KV cache, the embeddings, the norms and
-        the LM head, and what FP8 matrices are dequantized to. FP8 decodes on the reference backend
-        for now (the megakernel refuses it, and "auto" falls back).
+        the LM head, and what FP8 matrices are dequantized to. The megakernel streams FP8 matrices
+        with one scale per output row; block-scaled ones decode on the reference backend.
+
+        `kv_cache_dtype="fp8"` (or "fp8_e4m3") keeps the KV cache in FP8 e4m3 with one fp32 scale
+        per token and kv head (half the bytes of bf16, for long contexts and batches); "auto" keeps
+        it in `dtype`. An FP8 KV cache decodes on the reference backend for now (the megakernel
+        refuses it, and "auto" falls back, saying so).
 
         `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
         max_position_embeddings when that is smaller. Every argument is checked before a file is
@@ -254,6 +262,7 @@ class Engine:
         validate.boolean("progress", progress)
         validate.boolean("allow_unused_tensors", allow_unused_tensors)
         validate.quantization(quantization)
+        kv_cache_dtype = validate.kv_cache_dtype(kv_cache_dtype)
         model_dir = validate.checkpoint_path(path)
 
         spec = load_spec(model_dir)
@@ -269,12 +278,13 @@ class Engine:
                 stacklevel=2,
             )
         backend_cls = select_backend(
-            backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization
+            backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
         )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
         weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8")
-        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len)
+        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len, kv_cache_dtype)
         weights = load_weights(
             model_dir,
             spec,
@@ -284,7 +294,8 @@ class Engine:
             allow_unused_tensors=allow_unused_tensors,
             quantization=quantization,
         )
-        cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device)
+        cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device,
+                                 kv_cache_dtype=kv_cache_dtype)
         return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)
 
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:

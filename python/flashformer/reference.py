@@ -10,7 +10,9 @@ before that layer's matmuls, into one reusable buffer: the math is then that of 
 whose weights are the dequantized ones.
 
 The KV cache and the RoPE tables (`KVCache`) belong to the Engine, which hands them to its
-backend; a backend never makes its own.
+backend; a backend never makes its own. An FP8 KV cache (`kv_cache_dtype="fp8"`) holds each
+(token, kv head) vector of K and of V in e4m3 with one fp32 scale, absmax / 448, taken when the
+vector is written; attention reads them dequantized to the model dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelSpec, RopeSpec
-from .quantization import QuantizedMatrix
+from .quantization import FP8_DTYPE, QuantizedMatrix, quantize_per_channel
 from .weights import LAYER_MATRICES, LayerWeights, Weights
 
 
@@ -58,18 +60,39 @@ def rope_tables(spec: ModelSpec, max_seq_len: int, device) -> tuple[torch.Tensor
 @dataclass
 class KVCache:
     """What a decode step reads and writes besides the weights: the KV cache
-    `kv` [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] in the model dtype (the one
-    layout of the reference path and the megakernel) and the RoPE tables `cos`, `sin`
-    [max_seq_len, head_dim] in fp32 (halves repeated, rotate_half layout)."""
+    `kv` [layers, 2, max_batch_size, kv_heads, max_seq_len, head_dim] (the one layout of the
+    reference path and the megakernel) in the model dtype, or in FP8 e4m3 with `scale`
+    [layers, 2, max_batch_size, kv_heads, max_seq_len] fp32 (a scale per token and kv head: the
+    vector kv[..., t, :] stands for kv[..., t, :] * scale[..., t]); and the RoPE tables `cos`,
+    `sin` [max_seq_len, head_dim] in fp32 (halves repeated, rotate_half layout). `dtype` is the
+    model dtype, what attention computes in."""
 
     kv: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    scale: torch.Tensor | None = None
+    dtype: torch.dtype | None = None  # (None: kv's own dtype, a dense cache)
+
+    def __post_init__(self):
+        if self.dtype is None:
+            self.dtype = self.kv.dtype
+        if (self.kv.dtype == FP8_DTYPE) != (self.scale is not None):
+            raise ValueError("an FP8 KV cache needs its scales, and only an FP8 one has them")
 
     @classmethod
-    def allocate(cls, spec: ModelSpec, max_batch_size: int, max_seq_len: int, *, dtype: torch.dtype, device) -> KVCache:
+    def allocate(cls, spec: ModelSpec, max_batch_size: int, max_seq_len: int, *, dtype: torch.dtype, device,
+                 kv_cache_dtype: str = "auto") -> KVCache:
+        """An empty cache; `kv_cache_dtype` "auto" (the model dtype `dtype`) or "fp8" (e4m3 with scales)."""
         cos, sin = rope_tables(spec, max_seq_len, device)
-        return cls(torch.zeros(spec.kv_cache_shape(max_batch_size, max_seq_len), dtype=dtype, device=device), cos, sin)
+        shape = spec.kv_cache_shape(max_batch_size, max_seq_len)
+        if kv_cache_dtype == "fp8":
+            return cls(torch.zeros(shape, dtype=FP8_DTYPE, device=device), cos, sin,
+                       scale=torch.ones(shape[:-1], dtype=torch.float32, device=device), dtype=dtype)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), cos, sin)
+
+    @property
+    def fp8(self) -> bool:
+        return self.scale is not None
 
     @property
     def max_batch_size(self) -> int:
@@ -81,8 +104,20 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the KV cache itself (the RoPE tables are small beside it)."""
-        return self.kv.nbytes
+        """Bytes of the KV cache itself, scales included (the RoPE tables are small beside it)."""
+        return self.kv.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 of K or V vectors x [..., head_dim]: (data [..., head_dim] e4m3, scale [...] fp32),
+    one scale per vector, as quantize_per_channel takes per row."""
+    data, scale = quantize_per_channel(x.reshape(-1, x.shape[-1]))
+    return data.view(x.shape), scale.view(x.shape[:-1])
+
+
+def dequantize_kv(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """data [..., head_dim] e4m3 times scale [...], in fp32, rounded to `dtype`."""
+    return (data.float() * scale[..., None]).to(dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,7 +194,7 @@ class Transformer:
         layer still writes every position's K and V, but its attention output and MLP run for that
         position only (what a prefill needs)."""
         self.check_layout()  # (a backend may have reordered them since this decoder was made)
-        dtype = self.cache.kv.dtype
+        dtype = self.cache.dtype
         xs, views = [], []
         for tokens, start, row0 in segments:
             B, T = tokens.shape
@@ -174,6 +209,8 @@ class Transformer:
             last = last_only and i == self.spec.num_layers - 1
             for s, (rows, length, positions, cos, sin, mask) in enumerate(views):
                 cache = self.cache.kv[i, :, rows, :, :length]  # (2, B, kv_heads, length, D)
+                if self.cache.fp8:  # (and its scales, (2, B, kv_heads, length))
+                    cache = (cache, self.cache.scale[i, :, rows, :, :length])
                 x = xs[s]
                 h = self._attention(layer, self.norm(x, layer.attn_norm), cache, positions, cos, sin, mask, last)
                 x = (x[:, -1:] if last else x) + h
@@ -190,8 +227,9 @@ class Transformer:
         return F.silu(gate) * up
 
     def _attention(self, layer: LayerWeights, x, cache, positions, cos, sin, mask, last_only=False) -> torch.Tensor:
-        """Appends the K and V of every position of x to the cache; the output of every position,
-        or of the last one alone (`last_only`)."""
+        """Appends the K and V of every position of x to the cache (`cache`: this layer's view of
+        the KV cache, or of an FP8 one and its scales); the output of every position, or of the
+        last one alone (`last_only`)."""
         spec = self.spec
         B, T, _ = x.shape
         q, k, v = F.linear(x, layer.wqkv, layer.bqkv).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
@@ -202,9 +240,15 @@ class Transformer:
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         rows = torch.arange(B, device=x.device)[:, None]
-        cache[0, rows, :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, D) into the cache
-        cache[1, rows, :, positions] = v.view(B, T, spec.num_kv_heads, spec.head_dim)
-        keys, values = cache[0], cache[1]  # (kv heads: SDPA's enable_gqa shares each among its q heads)
+        new = (k.transpose(1, 2), v.view(B, T, spec.num_kv_heads, spec.head_dim))  # (B, T, kv_heads, D) each
+        if isinstance(cache, tuple):  # FP8: each vector quantized as it is written, read back dequantized
+            cache, scale = cache
+            for j, vectors in enumerate(new):
+                cache[j, rows, :, positions], scale[j, rows, :, positions] = quantize_kv(vectors)
+            keys, values = (dequantize_kv(cache[j], scale[j], x.dtype) for j in (0, 1))
+        else:
+            cache[0, rows, :, positions], cache[1, rows, :, positions] = new
+            keys, values = cache[0], cache[1]  # (kv heads: SDPA's enable_gqa shares each among its q heads)
         length = cache.shape[3]
         if last_only:  # each row's last position (one row: the last of the cache, which sees all of it)
             q, T, attn = q[:, :, -1:], 1, dict(attn_mask=mask[:, None, -1:] if B > 1 else None)

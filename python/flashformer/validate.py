@@ -14,6 +14,9 @@ from pathlib import Path
 
 BACKENDS = ("auto", "reference", "megakernel")
 QUANTIZATIONS = ("fp8",)  # Engine.from_pretrained(quantization=...): None or one of these
+# Engine.from_pretrained(kv_cache_dtype=...): "auto" (the model dtype) or FP8 e4m3 with scales;
+# "fp8_e4m3" is vLLM's other name for "fp8".
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 DEVICE_TYPES = ("cpu", "cuda")
 # `flashformer serve`: sequences that may wait for a batch slot; past them a request gets HTTP 429.
@@ -99,6 +102,13 @@ def quantization(value) -> str | None:
     if value is not None and (not isinstance(value, str) or value not in QUANTIZATIONS):
         fail("quantization", f"None or one of {', '.join(map(repr, QUANTIZATIONS))}", value)
     return value
+
+
+def kv_cache_dtype(value) -> str:
+    """"auto" or "fp8" (a name in KV_CACHE_DTYPES, "fp8_e4m3" read as "fp8")."""
+    if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+        fail("kv_cache_dtype", f"one of {', '.join(map(repr, KV_CACHE_DTYPES))} (e5m2 is not supported)", value)
+    return "fp8" if value.startswith("fp8") else value
 
 
 def checkpoint_path(path) -> Path:
@@ -196,10 +206,13 @@ def check_fits(device, bytes_needed: int, what: str) -> None:
         )
 
 
-def check_model_fits(spec, weight_bytes: int, device, dtype, max_batch_size: int, max_seq_len: int) -> None:
+def check_model_fits(spec, weight_bytes: int, device, dtype, max_batch_size: int, max_seq_len: int,
+                     kv_cache_dtype: str = "auto") -> None:
     """Refuse, before anything is allocated, a model whose weights (`weight_bytes`, from the
-    checkpoint's tensor sizes in `dtype`), KV cache and RoPE tables cannot fit on `device`."""
-    kv = spec.kv_cache_bytes(max_batch_size, max_seq_len, dtype.itemsize)
+    checkpoint's tensor sizes in `dtype`), KV cache (in `dtype`, or in FP8 and its scales) and
+    RoPE tables cannot fit on `device`."""
+    fp8 = kv_cache_dtype == "fp8"
+    kv = spec.kv_cache_bytes(max_batch_size, max_seq_len, 1 if fp8 else dtype.itemsize, scaled=fp8)
     rope = 2 * max_seq_len * spec.head_dim * 4  # cos and sin tables, fp32
     check_fits(
         device,
