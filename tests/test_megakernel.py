@@ -18,7 +18,7 @@ from flashformer.bench import shape_config
 from flashformer.config import spec_from_dict
 from flashformer.engine import select_backend
 from flashformer.megakernel import MegakernelBackend, compiled_configs, match_config
-from flashformer.reference import ReferenceBackend
+from flashformer.reference import KVCache, ReferenceBackend, dequantize_kv
 from flashformer.quantization import QuantizedMatrix
 from flashformer.weights import Weights, random_weights
 
@@ -333,23 +333,73 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name,fp8", [("tiny-gqa", False), ("tiny-qk-norm", False), ("tiny-bias", False),
-                                      ("tiny-gqa", True), ("tiny-bias", True)])
-def test_sanitizer_smoke(name, fp8):
+@pytest.mark.parametrize("name,fp8,kv", [("tiny-gqa", False, "auto"), ("tiny-qk-norm", False, "auto"),
+                                         ("tiny-bias", False, "auto"), ("tiny-gqa", True, "auto"), ("tiny-bias", True, "auto"),
+                                         ("tiny-gqa", False, "fp8"), ("tiny-qk-norm", True, "fp8")])
+def test_sanitizer_smoke(name, fp8, kv):
     """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
     a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
     memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
-    q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers."""
+    q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers; then an FP8 KV cache."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)
-    mk = megakernel(spec, weights, 2, 16)
+    mk = fp8_kv_backend(MegakernelBackend, spec, weights, 2, 16) if kv == "fp8" else megakernel(spec, weights, 2, 16)
     for step in range(3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()
         assert torch.equal(mk.next_tokens[:2], logits.argmax(-1).int())
         assert mk.greedy_tokens(2) == logits.argmax(-1).tolist()  # copied back by the step's record
+
+
+def fp8_kv_backend(cls, spec, weights, batch: int, max_seq: int):
+    """`cls` (a backend class) over a fresh FP8 KV cache (kv_cache_dtype="fp8")."""
+    cache = KVCache.allocate(spec, batch, max_seq, dtype=weights.embed.dtype, device=weights.embed.device,
+                             kv_cache_dtype="fp8")
+    return cls(spec, weights, cache)
+
+
+# (shape, weight std, prompt lengths, steps, cache length, FP8 weights): the tiny configs at batch 1
+# and 8 (ragged contexts past one attention chunk), with bf16 and e4m3 layers; the 1B shape at batch 2.
+FP8_KV_CASES = [*[(n, 0.1, RAGGED[b], 8, 4200, w) for n in TINY for b in (1, 8) for w in (False, True)],
+                ("llama-3.2-1b", 0.02, [1, 300], 4, 400, True)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name,std,prompt_lens,steps,max_seq,fp8_weights", FP8_KV_CASES,
+                         ids=[f"{c[0]}-b{len(c[2])}-{'fp8' if c[5] else 'bf16'}" for c in FP8_KV_CASES])
+def test_fp8_kv_cache_teacher_forced_logits_match_the_reference(name, std, prompt_lens, steps, max_seq, fp8_weights):
+    """The megakernel over an FP8 KV cache (prefill's vectors quantized by the reference path,
+    each decode step's by the kernel) against the fp32 reference over one: within 2x the bf16
+    reference path's error with an FP8 cache. The kernel's appended vectors dequantize to the bf16
+    reference's within e4m3's rounding."""
+    spec = spec_from_dict(shape_config(name))
+    weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=std,
+                             quantization="fp8" if fp8_weights else None)
+    batch = len(prompt_lens)
+    prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
+    forced = torch.randint(0, spec.vocab_size, (steps, batch))
+    fp32 = dequantized_fp32(weights) if fp8_weights else to_fp32(weights)
+    ref16_backend = fp8_kv_backend(ReferenceBackend, spec, weights, batch, max_seq)
+    out = {"bf16": teacher_forced(ref16_backend, prompts, forced),
+           "fp32": teacher_forced(fp8_kv_backend(ReferenceBackend, spec, fp32, batch, max_seq), prompts, forced)}
+    mk = fp8_kv_backend(MegakernelBackend, spec, weights, batch, max_seq)  # (packs them: the references ran)
+    mk.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
+    out["mk"] = teacher_forced(mk, prompts, forced)
+    out["mk_next"] = mk.next_tokens[:batch].cpu()
+    mk_err, ref_err = check_errors(out)
+    print(f"{name} b{batch} {'fp8' if fp8_weights else 'bf16'} weights, fp8 KV: megakernel rel-L2 {mk_err:.2e}, "
+          f"bf16 reference {ref_err:.2e}")
+    # layer 0's decode positions: written by the kernel, against the bf16 reference's (same inputs)
+    ends = [len(p) for p in prompts]
+    for b, end in enumerate(ends):
+        sl = (0, slice(None), b, slice(None), slice(end, end + steps))
+        ours = dequantize_kv(mk.cache.kv[sl], mk.cache.scale[sl], torch.float32)
+        theirs = dequantize_kv(ref16_backend.model.cache.kv[sl], ref16_backend.model.cache.scale[sl], torch.float32)
+        assert torch.isfinite(mk.cache.scale[sl]).all() and (mk.cache.scale[sl] > 0).all()
+        assert rel_l2(ours, theirs) < 0.03, (b, rel_l2(ours, theirs))
 
 
 @pytest.mark.gpu

@@ -261,7 +261,7 @@ PYBIND11_MODULE(_C, m) {
           [](MegakernelEngine& e, std::uintptr_t scratch, const std::vector<std::map<std::string, std::uintptr_t>>& layers,
              std::uintptr_t embed, bool embed_packed, std::uintptr_t final_norm, std::uintptr_t lm_head,
              std::uintptr_t rope_cos, std::uintptr_t rope_sin, std::uintptr_t kv_cache, float rms_eps,
-             std::uintptr_t lm_head_scale) {
+             std::uintptr_t lm_head_scale, std::uintptr_t kv_scale) {
             auto bf = [](std::uintptr_t v) { return reinterpret_cast<bf16_t*>(v); };
             auto f32 = [](std::uintptr_t v) { return reinterpret_cast<const float*>(v); };
             ModelPointers mp;
@@ -298,12 +298,15 @@ PYBIND11_MODULE(_C, m) {
             mp.rope_cos = reinterpret_cast<const float*>(rope_cos);
             mp.rope_sin = reinterpret_cast<const float*>(rope_sin);
             mp.kv_cache = bf(kv_cache);
+            if (kv_scale % 16 != 0) throw std::invalid_argument("megakernel bind: kv_scale must be 16-byte aligned");
+            mp.kv_scale = reinterpret_cast<float*>(kv_scale);
             mp.rms_eps = rms_eps;
             e.bind(reinterpret_cast<void*>(scratch), mp);
           },
           py::arg("scratch"), py::arg("layers"), py::arg("embed"), py::arg("embed_packed"), py::arg("final_norm"),
           py::arg("lm_head"),
-          py::arg("rope_cos"), py::arg("rope_sin"), py::arg("kv_cache"), py::arg("rms_eps"), py::arg("lm_head_scale") = 0)
+          py::arg("rope_cos"), py::arg("rope_sin"), py::arg("kv_cache"), py::arg("rms_eps"), py::arg("lm_head_scale") = 0,
+          py::arg("kv_scale") = 0)
       .def(
           "step",
           [](MegakernelEngine& e, std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t next_tokens,

@@ -21,7 +21,7 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.x = take(int64_t(kMaxBatch) * d.hidden * 4);
   l.q = take(int64_t(kMaxBatch) * d.q_rows() * 4);
   const bool qk_norm = d.has(kQkNorm);  // (the scratch of a feature only where a config has it)
-  l.k_new = take(qk_norm ? int64_t(kMaxBatch) * d.kv_rows() * 4 : 0);
+  l.k_new = take(2 * int64_t(kMaxBatch) * d.kv_rows() * 4);  // (any config may get an FP8 KV cache)
   l.qk_sq = take(qk_norm ? int64_t(kMaxBatch) * (d.heads + d.kv_heads) * (d.head_dim / kRowBlock) * 4 : 0);
   l.attn_frag = take(int64_t(kMaxBatch) * d.q_rows() * 2);
   l.act_frag = take(int64_t(kMaxBatch) * d.intermediate * 2);
@@ -113,6 +113,7 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.rope_sin = model.rope_sin;
   p.rms_eps = model.rms_eps;
   p.kv_cache = model.kv_cache;
+  p.kv_scale = model.kv_scale;
   p.max_batch = max_batch_;
   p.max_seq = max_seq_;
   p.scratch = Scratch{reinterpret_cast<float*>(scratch_ + layout_.x),

@@ -32,6 +32,7 @@ struct ModelPointers {
   const float* rope_cos;
   const float* rope_sin;
   bf16_t* kv_cache;
+  float* kv_scale;  // null: a bf16 KV cache (MegakernelParams::kv_scale)
   float rms_eps;
 };
 

@@ -93,7 +93,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-        help="auto: the KV cache in --dtype; fp8 (fp8_e4m3): e4m3 with a scale per token and kv head (reference path for now)",
+        help="auto: the KV cache in --dtype; fp8 (fp8_e4m3): e4m3 with a scale per token and kv head",
     )
 
 

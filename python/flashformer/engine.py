@@ -243,8 +243,7 @@ class Engine:
 
         `kv_cache_dtype="fp8"` (or "fp8_e4m3") keeps the KV cache in FP8 e4m3 with one fp32 scale
         per token and kv head (half the bytes of bf16, for long contexts and batches); "auto" keeps
-        it in `dtype`. An FP8 KV cache decodes on the reference backend for now (the megakernel
-        refuses it, and "auto" falls back, saying so).
+        it in `dtype`. The megakernel reads either.
 
         `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
         max_position_embeddings when that is smaller. Every argument is checked before a file is

@@ -111,9 +111,7 @@ def unavailable_reason(
 ) -> str | None:
     """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
     weights' format as loaded ("fp8", or None for dense weights in `dtype`); `kv_cache_dtype`: the
-    KV cache's ("auto": `dtype`, or "fp8")."""
-    if kv_cache_dtype != "auto":
-        return f"it reads a KV cache in the model dtype, not kv_cache_dtype={kv_cache_dtype!r} (that runs on the reference path)"
+    KV cache's ("auto": `dtype`, or "fp8": the kernel reads either)."""
     q = spec.quantization
     if quantization == "fp8" and q is not None and q.strategy == "block":
         return (
@@ -326,6 +324,7 @@ class MegakernelBackend:
             self.rope_sin.data_ptr(),
             cache.kv.data_ptr(),
             spec.rms_norm_eps,
+            kv_scale=cache.scale.data_ptr() if cache.fp8 else 0,
         )
         b = cache.max_batch_size
         self.tokens = torch.zeros(b, dtype=torch.int64, device=device)

@@ -86,8 +86,11 @@ class KVCache:
         cos, sin = rope_tables(spec, max_seq_len, device)
         shape = spec.kv_cache_shape(max_batch_size, max_seq_len)
         if kv_cache_dtype == "fp8":
-            return cls(torch.zeros(shape, dtype=FP8_DTYPE, device=device), cos, sin,
-                       scale=torch.ones(shape[:-1], dtype=torch.float32, device=device), dtype=dtype)
+            # (4 floats of padding after the scales: the megakernel copies a row's scales in 16-byte
+            # pieces from the boundary below the first, which may reach past the last row's end)
+            scales = math.prod(shape[:-1])
+            scale = torch.ones(scales + 4, dtype=torch.float32, device=device)[:scales].view(shape[:-1])
+            return cls(torch.zeros(shape, dtype=FP8_DTYPE, device=device), cos, sin, scale=scale, dtype=dtype)
         return cls(torch.zeros(shape, dtype=dtype, device=device), cos, sin)
 
     @property

@@ -104,6 +104,16 @@ struct Producer {
     return true;
   }
 
+  // One FP8 KV-cache stage (ring.push_kv_fp8) under the same in-flight limit.
+  __device__ bool stream_kv_fp8(const void* keys, const void* values, const float* key_scales, int key_scale_bytes,
+                                const float* value_scales, int value_scale_bytes, int bytes) {
+    if (!make_room() || !ring.push_kv_fp8(cursor, keys, values, key_scales, key_scale_bytes, value_scales,
+                                          value_scale_bytes, bytes, p, slot_wait))
+      return false;
+    ++in_flight;
+    return true;
+  }
+
   // Waits for the oldest copy to land when p.inflight_stages are outstanding.
   __device__ bool make_room() {
     if (in_flight < p.inflight_stages) return true;

@@ -104,8 +104,9 @@ struct Scratch {
   float* x;                // [kMaxBatch][hidden] residual stream, fp32
   float* q;                // [kMaxBatch][heads][head_dim] roped, scaled by log2(e)/sqrt(head_dim)
                            // (kQkNorm: not yet by the head's RMSNorm scale, which attention applies)
-  float* k_new;            // kQkNorm: [kMaxBatch][kv_heads][head_dim] this step's k, normed but for
-                           // the RMSNorm scale and roped; attention scales it into the KV cache
+  float* k_new;            // [2][kMaxBatch][kv_heads][head_dim] this step's k (roped; with kQkNorm normed
+                           // but for the RMSNorm scale) and v, when attention appends them to the KV cache
+                           // (kQkNorm: k; an FP8 KV cache: k and v, quantized there)
   float* qk_sq;            // kQkNorm: [kMaxBatch][heads + kv_heads][head_dim / 16] sums of squares
                            // of each head's 16-row blocks (the per-head RMSNorm's statistic)
   bf16_t* attn_frag;       // attention output as mma B fragments [q_rows/16][8][4][4]
@@ -129,7 +130,10 @@ struct MegakernelParams {
   const float* rope_cos;       // [max_seq, head_dim / 2]
   const float* rope_sin;       // [max_seq, head_dim / 2]
   float rms_eps;
-  bf16_t* kv_cache;            // [n_layers][2][max_batch][kv_heads][max_seq][head_dim]
+  bf16_t* kv_cache;            // [n_layers][2][max_batch][kv_heads][max_seq][head_dim] bf16, or e4m3 bytes
+  float* kv_scale;             // the FP8 KV cache's scales, [n_layers][2][max_batch][kv_heads][max_seq] fp32
+                               // (a vector stands for its e4m3 values times its scale; 4 floats of padding
+                               // after the last); null: a bf16 cache
   int max_batch;
   int max_seq;
   int batch;                   // rows decoded this step, 1..kMaxBatch

@@ -8,6 +8,13 @@
 // projection's B fragments and signals the op itself; with more, each unit writes partial
 // (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
 // finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
+// An FP8 KV cache (p.kv_scale; AttentionKernel<T, true>) holds e4m3 vectors, each with an fp32
+// scale: a stage carries the positions' key bytes and, a quarter of a stage on, their scales
+// (copied from the 16-byte boundary below the first), then the same for the values from the
+// stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
+// score times its key's scale; values into fp32 times theirs. The current position's k and v come
+// from scratch in fp32 (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
+// as the reference path's quantize_kv) and appends them, bytes and scales, to the cache.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +22,8 @@
 #include "flashformer/kernel_config.hpp"
 #include "flashformer/op.hpp"
 #ifdef __CUDACC__
+#include <cuda_fp8.h>
+
 #include <cfloat>
 #include <type_traits>
 
@@ -27,10 +36,14 @@
 namespace flashformer {
 
 #ifdef __CUDACC__
-// The attention op's device code for config T (AttentionOp below forwards its roles here).
-template <class T>
+// The attention op's device code for config T over a bf16 or (kFp8Kv) an FP8 KV cache
+// (AttentionOp below forwards its roles here, by p.kv_scale).
+template <class T, bool kFp8Kv>
 struct AttentionKernel {
   static constexpr int D = T::kHeadDim, G = T::kGroup;
+  static constexpr float kE4m3Max = 448.f;  // the largest finite e4m3 (torch.finfo(torch.float8_e4m3fn).max)
+  // The score mma's operands: bf16, or f16 beside e4m3 keys (their exact f16 values).
+  static constexpr WeightFormat kScoreFormat = kFp8Kv ? WeightFormat::kFp8 : WeightFormat::kBf16;
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
@@ -70,6 +83,18 @@ struct AttentionKernel {
     return {rows, kConsumerWarps / rows};
   }
 
+  // FP8: the scales of n positions from KV element `index` on, as a stage holds them: copied from
+  // the 16-byte boundary at or below the first (`offset` scales before it), a multiple of 16 bytes.
+  struct ScaleSpan {
+    int64_t first;  // index in p.kv_scale of the first scale copied
+    int offset, bytes;
+  };
+  __device__ static ScaleSpan scale_span(int64_t index, int n) {
+    const int64_t at = index / D, first = at & ~int64_t(3);
+    const int offset = int(at - first);
+    return {first, offset, (offset + n + 3) / 4 * 16};
+  }
+
   // Past K and V never depend on this step: the producer streams them through the ring ahead of
   // the qkv wait, in the order consume() takes them.
   __device__ static bool produce(Producer<T>& pr, int layer, int u0, int u1) {
@@ -85,7 +110,14 @@ struct AttentionKernel {
         row_ends(s, b0, rows, c1, pr.kv_ends, 0, 1);
         const bool ok = for_each_kv_stage(pr.kv_ends, c0, rows, [&](int r, int pos, int n) {
           const int64_t k = kv_index<T>(p, layer, 0, b0 + r, kv_head, pos), v = kv_index<T>(p, layer, 1, b0 + r, kv_head, pos);
-          return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
+          if constexpr (kFp8Kv) {
+            const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p.kv_cache);
+            const ScaleSpan ks = scale_span(k, n), vs = scale_span(v, n);
+            return pr.stream_kv_fp8(bytes + k, bytes + v, p.kv_scale + ks.first, ks.bytes, p.kv_scale + vs.first,
+                                    vs.bytes, n * D);
+          } else {
+            return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
+          }
         });
         if (!ok) return false;
       }
@@ -101,6 +133,22 @@ struct AttentionKernel {
     for (int i = 0; i < kDimsPerLane / 2; ++i) {
       const float2 f = __bfloat1622float2(h[i]);
       out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  }
+
+  // FP8: this lane's kDimsPerLane e4m3 bytes of a value row, times the row's scale.
+  __device__ static void unpack_fp8(const uint8_t* row, float scale, float (&out)[kDimsPerLane]) {
+    uint32_t w;
+    if constexpr (kDimsPerLane == 4) {
+      w = *reinterpret_cast<const uint32_t*>(row);
+    } else {
+      w = *reinterpret_cast<const uint16_t*>(row);
+    }
+    const uint32_t h[2] = {e4m3x2_to_f16x2<false>(w), e4m3x2_to_f16x2<true>(w)};
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane / 2; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h[i]));
+      out[2 * i] = f.x * scale, out[2 * i + 1] = f.y * scale;
     }
   }
 
@@ -125,9 +173,18 @@ struct AttentionKernel {
                     G * kPartStride <= kWarpFloats,
                 "the scoring scratch and the partials fit in the warp's slot");
 
+  // n positions' K and V rows in shared memory: bf16, or (kFp8Kv) e4m3 bytes with one scale per
+  // position (key_scales[u], value_scales[u]).
+  struct KvRows {
+    const void* keys;
+    const void* values;
+    const float* key_scales = nullptr;
+    const float* value_scales = nullptr;
+  };
+
   // One warp's online-softmax state for the G q heads of its kv head and batch row.
   struct WarpState {
-    // q as bf16 A fragments of the score mma, rows g < G (the rest zero): lane t's k indices of
+    // q as bf16 (kFp8Kv: f16) A fragments of the score mma, rows g < G (the rest zero): lane t's k indices of
     // chunk ch's two k-steps are dims 32 ch + 8 t .. + 7 (the same permutation as the keys' B
     // fragments, one 16-byte load each).
     uint32_t qa[kChunks][4];
@@ -155,15 +212,20 @@ struct AttentionKernel {
       m = -INFINITY, l = 0.f;
     }
     __device__ static uint32_t pack(float a, float b) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-      return *reinterpret_cast<const uint32_t*>(&h);
+      if constexpr (kFp8Kv) {
+        const __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<const uint32_t*>(&h);
+      } else {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<const uint32_t*>(&h);
+      }
     }
 
-    // Folds positions [0, n) (1 <= n <= kStagePositions) of the K and V rows at `keys` and
-    // `values` (shared memory, D bf16 a row) in. Scores: one mma per tile and k-step, lane (g, t)
-    // ends with head g's scores of positions 2t, 2t+1 of each tile; their weights go through
-    // `scratch` to every lane, which accumulates o for its dims on the CUDA cores.
-    __device__ void add(const bf16_t* keys, const bf16_t* values, int n, float* scratch, int lane) {
+    // Folds positions [0, n) (1 <= n <= kStagePositions) of the K and V rows `kv` (shared memory,
+    // D elements a row) in. Scores: one mma per tile and k-step, lane (g, t) ends with head g's
+    // scores of positions 2t, 2t+1 of each tile; their weights go through `scratch` to every
+    // lane, which accumulates o for its dims on the CUDA cores.
+    __device__ void add(const KvRows& kv, int n, float* scratch, int lane) {
       const int g = lane / 4, t = lane % 4;
       // Raw scores into the weights' places first (each lane reads back only its own), so no
       // tile's scores stay live in registers.
@@ -172,19 +234,28 @@ struct AttentionKernel {
 #pragma unroll 2
       for (int j = 0; 8 * j < n; ++j) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        const uint4* row = reinterpret_cast<const uint4*>(keys + min(8 * j + g, n - 1) * D) + t;  // past n: a valid row
+        const int key = min(8 * j + g, n - 1);  // past n: a valid row
 #pragma unroll
         for (int ch = 0; ch < kChunks; ++ch) {
-          const uint4 k = row[4 * ch];
-          mma_fragment(acc, make_uint4(qa[ch][0], 0u, qa[ch][1], 0u), make_uint2(k.x, k.y));
-          mma_fragment(acc, make_uint4(qa[ch][2], 0u, qa[ch][3], 0u), make_uint2(k.z, k.w));
+          uint2 lo, hi;  // the B registers of the chunk's two k-steps: dims 32 ch + 8 t .. +3, then .. +7
+          if constexpr (kFp8Kv) {
+            const uint2 k = reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(kv.keys) + key * D)[4 * ch + t];
+            lo = make_uint2(e4m3x2_to_f16x2<false>(k.x), e4m3x2_to_f16x2<true>(k.x));
+            hi = make_uint2(e4m3x2_to_f16x2<false>(k.y), e4m3x2_to_f16x2<true>(k.y));
+          } else {
+            const uint4 k = reinterpret_cast<const uint4*>(static_cast<const bf16_t*>(kv.keys) + key * D)[4 * ch + t];
+            lo = make_uint2(k.x, k.y), hi = make_uint2(k.z, k.w);
+          }
+          mma_fragment<kScoreFormat>(acc, make_uint4(qa[ch][0], 0u, qa[ch][1], 0u), lo);
+          mma_fragment<kScoreFormat>(acc, make_uint4(qa[ch][2], 0u, qa[ch][3], 0u), hi);
         }
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int u = 8 * j + 2 * t + e;
           if (u < n) {
-            mx = fmaxf(mx, acc[e]);
-            if (g < G) weights[u * kHeadSlots + g] = acc[e];
+            const float score = kFp8Kv ? acc[e] * kv.key_scales[u] : acc[e];
+            mx = fmaxf(mx, score);
+            if (g < G) weights[u * kHeadSlots + g] = score;
           }
         }
       }
@@ -211,11 +282,14 @@ struct AttentionKernel {
 #pragma unroll
         for (int i = 0; i < kDimsPerLane; ++i) o[h][i] *= ch;
       }
-      const RawRow* vrow = reinterpret_cast<const RawRow*>(values) + lane;
 #pragma unroll 4
       for (int u = 0; u < n; ++u) {
         float v[kDimsPerLane], w[kHeadSlots];
-        unpack(vrow[u * kWarpSize], v);
+        if constexpr (kFp8Kv) {
+          unpack_fp8(static_cast<const uint8_t*>(kv.values) + u * D + lane * kDimsPerLane, kv.value_scales[u], v);
+        } else {
+          unpack(reinterpret_cast<const RawRow*>(kv.values)[u * kWarpSize + lane], v);
+        }
         load_weights(weights + u * kHeadSlots, w);
 #pragma unroll
         for (int h = 0; h < G; ++h)
@@ -266,6 +340,40 @@ struct AttentionKernel {
     }
   }
 
+  // FP8: the current position's k or v (kv 0 or 1; row b, kv head `kv_head`) from scratch in fp32,
+  // times `factor` (k's RMSNorm scale with q/k norm) and rounded to bf16 as a bf16 cache would
+  // hold it, quantized as one vector (scale = absmax / 448, each value / scale to the nearest
+  // e4m3) and appended to the cache. Returns this lane's e4m3 bytes (kDimsPerLane of them, low
+  // first) and, through `scale`, the vector's scale.
+  __device__ static uint32_t append_fp8(const MegakernelParams& p, int layer, int kv, int b, int kv_head, int pos,
+                                        float factor, float& scale, int lane) {
+    const float* src = p.scratch.k_new + (int64_t(kv * kMaxBatch + b) * T::kKvHeads + kv_head) * D + lane * kDimsPerLane;
+    float x[kDimsPerLane], amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      x[i] = __bfloat162float(__float2bfloat16(factor * __ldcg(src + i)));
+      amax = fmaxf(amax, fabsf(x[i]));
+    }
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    scale = amax > 0.f ? __fdiv_rn(amax, kE4m3Max) : 1.f;
+    uint32_t bytes = 0;
+#pragma unroll
+    for (int i = 0; i < kDimsPerLane; ++i) {
+      const float q = fminf(fmaxf(__fdiv_rn(x[i], scale), -kE4m3Max), kE4m3Max);
+      bytes |= uint32_t(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3)) << (8 * i);
+    }
+    const int64_t at = kv_index<T>(p, layer, kv, b, kv_head, pos);
+    uint8_t* dst = reinterpret_cast<uint8_t*>(p.kv_cache) + at + lane * kDimsPerLane;
+    if constexpr (kDimsPerLane == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = bytes;
+    } else {
+      *reinterpret_cast<uint16_t*>(dst) = uint16_t(bytes);
+    }
+    if (lane == 0) p.kv_scale[at / D] = scale;
+    return bytes;
+  }
+
   // This warp's partial over row (b0 + warp / per_row)'s positions of the chunk [c0, c1), into its
   // slot (o, m, l per q head): the row's KV stages go round-robin to its per_row warps, and the
   // current position (from global memory: written by this step's qkv op) to the next warp in
@@ -277,25 +385,41 @@ struct AttentionKernel {
     const int r = c.warp / per_row, first = c.warp % per_row, b = b0 + r;
     const bool mine = r < rows;
     float* slots = c.attn + c.warp * kWarpFloats;  // also the scoring scratch until the end
+    // The current position: its loads go out now (FP8: it is quantized and appended first, before
+    // the warp's state is live), its scores after the stages.
+    const int pos = mine ? c.shape->positions[b] : -1;
+    const bool current = c0 <= pos && pos < c1 && stages_of(c0, mine ? c.kv_ends[r] : 0) % per_row == first;
+    RawRow cur_k, cur_v;    // bf16
+    uint32_t cur_k8, cur_v8;  // FP8: this lane's bytes, and the vectors' scales
+    float cur_ks, cur_vs;
+    if (current) {
+      if constexpr (kFp8Kv) {
+        const float factor = T::kQkNorm ? head_rms_scale<T>(p, b, T::kHeads + kv_head) : 1.f;
+        cur_k8 = append_fp8(p, layer, 0, b, kv_head, pos, factor, cur_ks, c.lane);
+        cur_v8 = append_fp8(p, layer, 1, b, kv_head, pos, 1.f, cur_vs, c.lane);
+      } else {
+        cur_k = current_key(p, layer, b, kv_head, pos, c.lane);
+        cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
+      }
+    }
     WarpState st;
     if (mine) {
       const int head = kv_head * G + min(c.lane / 4, G - 1);  // (lanes past the G heads load nothing)
       st.start(p.scratch.q + (int64_t(b) * T::kHeads + kv_head * G) * D, T::kQkNorm ? head_rms_scale<T>(p, b, head) : 1.f,
                c.lane);
     }
-    // The current position: its loads go out now, its scores after the stages.
-    const int pos = mine ? c.shape->positions[b] : -1;
-    const bool current = c0 <= pos && pos < c1 && stages_of(c0, mine ? c.kv_ends[r] : 0) % per_row == first;
-    RawRow cur_k, cur_v;
-    if (current) {
-      cur_k = current_key(p, layer, b, kv_head, pos, c.lane);
-      cur_v = __ldcg(reinterpret_cast<const RawRow*>(p.kv_cache + kv_index<T>(p, layer, 1, b, kv_head, pos)) + c.lane);
-    }
     const bool ok = for_each_kv_stage(c.kv_ends, c0, rows, [&](int row, int at, int n) {
       if (!c.ring.wait_full(c.cursor, p, c.data_wait)) return false;
       if (row == r && (at - c0) / kStagePositions % per_row == first) {
-        const bf16_t* keys = reinterpret_cast<const bf16_t*>(c.ring.stage(c.cursor.stage));
-        st.add(keys, keys + kStageBytes / 4, n, slots, c.lane);  // values from the stage's middle
+        const uint8_t* stage = reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage));
+        KvRows kv{stage, stage + kStageBytes / 2};  // values from the stage's middle
+        if constexpr (kFp8Kv) {  // each one's scales a quarter of a stage on, from their 16-byte boundary
+          kv.key_scales = reinterpret_cast<const float*>(stage + kStageBytes / 4) +
+                          scale_span(kv_index<T>(p, layer, 0, b, kv_head, at), n).offset;
+          kv.value_scales = reinterpret_cast<const float*>(stage + 3 * kStageBytes / 4) +
+                            scale_span(kv_index<T>(p, layer, 1, b, kv_head, at), n).offset;
+        }
+        st.add(kv, n, slots, c.lane);
       }
       c.ring.release(c.cursor);
       return true;
@@ -303,11 +427,25 @@ struct AttentionKernel {
     if (!ok) return false;
     if (!mine) return true;
     if (current) {
-      RawRow* rows_kv = reinterpret_cast<RawRow*>(slots + kCurrentRows);  // K row, then V row
-      rows_kv[c.lane] = cur_k, rows_kv[kWarpSize + c.lane] = cur_v;
-      __syncwarp();
-      const bf16_t* keys = reinterpret_cast<const bf16_t*>(rows_kv);
-      st.add(keys, keys + D, 1, slots, c.lane);
+      if constexpr (kFp8Kv) {  // K row, V row (D bytes each), their two scales
+        uint8_t* rows_kv = reinterpret_cast<uint8_t*>(slots + kCurrentRows);
+        float* scales = reinterpret_cast<float*>(rows_kv + 2 * D);
+        if constexpr (kDimsPerLane == 4) {
+          reinterpret_cast<uint32_t*>(rows_kv)[c.lane] = cur_k8, reinterpret_cast<uint32_t*>(rows_kv + D)[c.lane] = cur_v8;
+        } else {
+          reinterpret_cast<uint16_t*>(rows_kv)[c.lane] = uint16_t(cur_k8);
+          reinterpret_cast<uint16_t*>(rows_kv + D)[c.lane] = uint16_t(cur_v8);
+        }
+        if (c.lane == 0) scales[0] = cur_ks, scales[1] = cur_vs;
+        __syncwarp();
+        st.add(KvRows{rows_kv, rows_kv + D, scales, scales + 1}, 1, slots, c.lane);
+      } else {
+        RawRow* rows_kv = reinterpret_cast<RawRow*>(slots + kCurrentRows);  // K row, then V row
+        rows_kv[c.lane] = cur_k, rows_kv[kWarpSize + c.lane] = cur_v;
+        __syncwarp();
+        const bf16_t* keys = reinterpret_cast<const bf16_t*>(rows_kv);
+        st.add(KvRows{keys, keys + D}, 1, slots, c.lane);
+      }
     }
     st.write(slots, c.lane);
     return true;
@@ -446,11 +584,13 @@ struct AttentionOp : OpDefaults {
 #ifdef __CUDACC__
   template <class T>
   __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
-    return AttentionKernel<T>::produce(pr, task.layer, u0, u1);
+    return pr.p.kv_scale ? AttentionKernel<T, true>::produce(pr, task.layer, u0, u1)
+                         : AttentionKernel<T, false>::produce(pr, task.layer, u0, u1);
   }
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
-    return AttentionKernel<T>::consume(c, task, u0, u1);
+    return c.p.kv_scale ? AttentionKernel<T, true>::consume(c, task, u0, u1)
+                        : AttentionKernel<T, false>::consume(c, task, u0, u1);
   }
 #endif
 };
