@@ -70,7 +70,7 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
-  config_->shipped[int(formats.layers)].prepare();
+  for (const KernelLaunch& k : config_->shipped[int(formats.layers)]) k.prepare();  // (either KV format: bind() picks)
   FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
   FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
 }
@@ -151,14 +151,15 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: debug_skip_signal must be -1 (off) or an op index below " +
                                 std::to_string(kNumOps) + ", got " + std::to_string(instr.skip_signal_op));
   p.instr = instr;
-  const KernelLaunch* kernel = &config_->shipped[int(formats_.layers)];
+  const int kv = int(p.kv_scale != nullptr ? KvFormat::kFp8 : KvFormat::kBf16);  // the bound cache's
+  const KernelLaunch* kernel = &config_->shipped[int(formats_.layers)][kv];
   if (instr.any()) {
-    kernel = &config_->instrumented[int(formats_.layers)];
+    kernel = &config_->instrumented[int(formats_.layers)][kv];
     if (!*kernel)
       throw std::invalid_argument(
           "megakernel: timing_variant, trace and debug_skip_signal need the instrumented kernels, which this build "
           "does not have (build with -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON, as scripts/gpu_check.sh does)");
-    if (!instrumented_prepared_) kernel->prepare(), instrumented_prepared_ = true;
+    if (!instrumented_prepared_[kv]) kernel->prepare(), instrumented_prepared_[kv] = true;
   }
   const SmemSplit split = smem_split(config_->dims, batch);
   if (ring_stages_limit != 0 && ring_stages_limit < kMinStages)

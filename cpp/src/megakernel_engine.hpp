@@ -103,7 +103,7 @@ class MegakernelEngine {
   cudaEvent_t recorded_ = nullptr;  // after record()'s copies
   cudaStream_t recorded_stream_ = nullptr;  // where they were queued (an abort's reset goes there too)
   unsigned epoch_ = 0;
-  bool instrumented_prepared_ = false;
+  bool instrumented_prepared_[kNumKvFormats] = {false, false};
 };
 
 }  // namespace flashformer

@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(ff::kConsumerThreads, 1)
   extern __shared__ __align__(128) uint8_t smem[];
   const ff::SmemRegions regions(smem, p);
   ff::Consumer<T> c(p, regions, int(threadIdx.x));
-  ff::AttentionKernel<T, false>::merge_chunks(c, kv_head, active);  // (the merge is the same over either KV format)
+  ff::AttentionKernel<T>::merge_chunks(c, kv_head, active);
 }
 
 // Random partials (o, m, l) per (row, head, chunk), some chunks empty (l = 0, as a chunk past a

@@ -140,11 +140,18 @@ struct SmemPlan {
 // shipped kernel compiles every one of their branches away (kInstrumented is a constant).
 enum class Build : int { kShipped = 0, kInstrumented = 1 };
 
-template <int Config, Build B, WeightFormat F = WeightFormat::kBf16>
+// The KV cache a kernel reads (KernelTraits' kKv): bf16, or e4m3 with an fp32 scale per token and kv
+// head (MegakernelParams::kv_scale). A compile-time choice, as the weights' format: with both
+// attention variants in one kernel the FP8-weight kernels spilled.
+enum class KvFormat : int { kBf16 = 0, kFp8 = 1 };
+inline constexpr int kNumKvFormats = 2;
+
+template <int Config, Build B, WeightFormat F = WeightFormat::kBf16, KvFormat K = KvFormat::kBf16>
 struct KernelTraits : ModelTraits<Config> {
   using Base = ModelTraits<Config>;
   static constexpr bool kInstrumented = B == Build::kInstrumented;
   static constexpr WeightFormat kWeights = F;  // the layers' matrices (the LM head: MegakernelParams::lm_head)
+  static constexpr KvFormat kKv = K;
   static_assert(F == WeightFormat::kBf16 ||
                     (Base::kHidden % 32 == 0 && Base::kQRows % 32 == 0 && Base::kIntermediate % 32 == 0),
                 "e4m3 fragments span 32 columns: every matmul's K must be a multiple of 32");

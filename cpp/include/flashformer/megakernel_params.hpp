@@ -133,7 +133,8 @@ struct MegakernelParams {
   bf16_t* kv_cache;            // [n_layers][2][max_batch][kv_heads][max_seq][head_dim] bf16, or e4m3 bytes
   float* kv_scale;             // the FP8 KV cache's scales, [n_layers][2][max_batch][kv_heads][max_seq] fp32
                                // (a vector stands for its e4m3 values times its scale; 4 floats of padding
-                               // after the last); null: a bf16 cache
+                               // after the last); null: a bf16 cache. The engine launches the kernel of
+                               // that format (KernelTraits' kKv)
   int max_batch;
   int max_seq;
   int batch;                   // rows decoded this step, 1..kMaxBatch

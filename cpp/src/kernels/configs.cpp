@@ -16,10 +16,10 @@ static_assert(FLASHFORMER_CONFIG_COUNT == kNumConfigs,
               "CMakeLists.txt found another number of config lines in model_traits.hpp than kCompiledConfigs "
               "holds: keep one config per line, each starting with {\"name\",");
 
-template <int Config, WeightFormat F>
-KernelLaunch instrumented_launch() {
-  if constexpr (FLASHFORMER_INSTRUMENTED)
-    return kernel_launch<Config, Build::kInstrumented, F>();
+template <int Config, Build B, WeightFormat F, KvFormat K>
+KernelLaunch launch_of() {
+  if constexpr (B == Build::kShipped || FLASHFORMER_INSTRUMENTED)
+    return kernel_launch<Config, B, F, K>();
   else
     return {};
 }
@@ -27,10 +27,20 @@ KernelLaunch instrumented_launch() {
 template <int Config>
 CompiledConfig compiled_config() {
   constexpr WeightFormat kBf16 = WeightFormat::kBf16, kFp8 = WeightFormat::kFp8;
-  static_assert(int(kBf16) == 0 && int(kFp8) == 1 && kNumWeightFormats == 2, "the launches are indexed by format");
-  return CompiledConfig{kCompiledConfigs[Config],
-                        {kernel_launch<Config, Build::kShipped, kBf16>(), kernel_launch<Config, Build::kShipped, kFp8>()},
-                        {instrumented_launch<Config, kBf16>(), instrumented_launch<Config, kFp8>()}};
+  constexpr KvFormat kKvBf16 = KvFormat::kBf16, kKvFp8 = KvFormat::kFp8;
+  static_assert(int(kBf16) == 0 && int(kFp8) == 1 && kNumWeightFormats == 2 && int(kKvBf16) == 0 && int(kKvFp8) == 1 &&
+                    kNumKvFormats == 2,
+                "the launches are indexed by format");
+  CompiledConfig c{kCompiledConfigs[Config], {}, {}};
+  c.shipped[0][0] = launch_of<Config, Build::kShipped, kBf16, kKvBf16>();
+  c.shipped[0][1] = launch_of<Config, Build::kShipped, kBf16, kKvFp8>();
+  c.shipped[1][0] = launch_of<Config, Build::kShipped, kFp8, kKvBf16>();
+  c.shipped[1][1] = launch_of<Config, Build::kShipped, kFp8, kKvFp8>();
+  c.instrumented[0][0] = launch_of<Config, Build::kInstrumented, kBf16, kKvBf16>();
+  c.instrumented[0][1] = launch_of<Config, Build::kInstrumented, kBf16, kKvFp8>();
+  c.instrumented[1][0] = launch_of<Config, Build::kInstrumented, kFp8, kKvBf16>();
+  c.instrumented[1][1] = launch_of<Config, Build::kInstrumented, kFp8, kKvFp8>();
+  return c;
 }
 
 template <size_t... I>

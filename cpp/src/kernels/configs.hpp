@@ -19,15 +19,15 @@ struct KernelLaunch {
 
 struct CompiledConfig {
   ModelDims dims;
-  // [WeightFormat of the layers]; instrumented: empty unless the build has the instrumented
-  // kernels (FLASHFORMER_INSTRUMENTED)
-  KernelLaunch shipped[kNumWeightFormats];
-  KernelLaunch instrumented[kNumWeightFormats];
+  // [WeightFormat of the layers][KvFormat]; instrumented: empty unless the build has the
+  // instrumented kernels (FLASHFORMER_INSTRUMENTED)
+  KernelLaunch shipped[kNumWeightFormats][kNumKvFormats];
+  KernelLaunch instrumented[kNumWeightFormats][kNumKvFormats];
 };
 
 // Defined in kernels/megakernel_launch.cuh; CMake generates one translation unit per config,
-// build and weight format that instantiates it (from kCompiledConfigs, model_traits.hpp).
-template <int Config, Build B, WeightFormat F>
+// build, weight format and KV format that instantiates it (from kCompiledConfigs, model_traits.hpp).
+template <int Config, Build B, WeightFormat F, KvFormat K>
 KernelLaunch kernel_launch();
 
 // Every compiled config, in kCompiledConfigs order.

@@ -1,6 +1,6 @@
-// Host launcher of the megakernel for one config, build and weight format; CMake generates a
-// translation unit per (config, build, format) that instantiates kernel_launch<Config, B, F>, so
-// each compiles on its own.
+// Host launcher of the megakernel for one config, build, weight format and KV format; CMake
+// generates a translation unit per (config, build, format, KV format) that instantiates
+// kernel_launch<Config, B, F, K>, so each compiles on its own.
 #pragma once
 
 #include <stdexcept>
@@ -32,9 +32,9 @@ void launch_megakernel(const MegakernelParams& params, int num_sms, cudaStream_t
                                             dim3(kThreads), args, smem, stream));
 }
 
-template <int Config, Build B, WeightFormat F>
+template <int Config, Build B, WeightFormat F, KvFormat K>
 KernelLaunch kernel_launch() {
-  using T = KernelTraits<Config, B, F>;
+  using T = KernelTraits<Config, B, F, K>;
   return {&prepare_megakernel<T>, &launch_megakernel<T>};
 }
 

@@ -8,7 +8,7 @@
 // projection's B fragments and signals the op itself; with more, each unit writes partial
 // (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
 // finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
-// An FP8 KV cache (p.kv_scale; AttentionKernel<T, true>) holds e4m3 vectors, each with an fp32
+// An FP8 KV cache (T::kKv, with p.kv_scale) holds e4m3 vectors, each with an fp32
 // scale: a stage carries the positions' key bytes and, a quarter of a stage on, their scales
 // (copied from the 16-byte boundary below the first), then the same for the values from the
 // stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
@@ -36,11 +36,11 @@
 namespace flashformer {
 
 #ifdef __CUDACC__
-// The attention op's device code for config T over a bf16 or (kFp8Kv) an FP8 KV cache
-// (AttentionOp below forwards its roles here, by p.kv_scale).
-template <class T, bool kFp8Kv>
+// The attention op's device code for config T (AttentionOp below forwards its roles here).
+template <class T>
 struct AttentionKernel {
   static constexpr int D = T::kHeadDim, G = T::kGroup;
+  static constexpr bool kFp8Kv = T::kKv == KvFormat::kFp8;  // an e4m3 cache with scales
   static constexpr float kE4m3Max = 448.f;  // the largest finite e4m3 (torch.finfo(torch.float8_e4m3fn).max)
   // The score mma's operands: bf16, or f16 beside e4m3 keys (their exact f16 values).
   static constexpr WeightFormat kScoreFormat = kFp8Kv ? WeightFormat::kFp8 : WeightFormat::kBf16;
@@ -584,13 +584,11 @@ struct AttentionOp : OpDefaults {
 #ifdef __CUDACC__
   template <class T>
   __device__ static bool produce(Producer<T>& pr, Task task, int u0, int u1) {
-    return pr.p.kv_scale ? AttentionKernel<T, true>::produce(pr, task.layer, u0, u1)
-                         : AttentionKernel<T, false>::produce(pr, task.layer, u0, u1);
+    return AttentionKernel<T>::produce(pr, task.layer, u0, u1);
   }
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
-    return c.p.kv_scale ? AttentionKernel<T, true>::consume(c, task, u0, u1)
-                        : AttentionKernel<T, false>::consume(c, task, u0, u1);
+    return AttentionKernel<T>::consume(c, task, u0, u1);
   }
 #endif
 };

@@ -2,9 +2,9 @@
 // (d, d+D/2) in rows g and g+8 of one block, so the rotation happens in the accumulator
 // registers. With q/k norm (kQkNorm) the head's RMSNorm scale needs all of its row blocks, which
 // run on several SMs: this op leaves the rest of the norm to attention (rmsnorm.cuh's
-// head_rms_scale), which also appends the normed k to the cache. With an FP8 KV cache
-// (p.kv_scale) a vector's scale needs all of its head's dims, so k and v go to scratch in fp32 and
-// attention quantizes and appends them.
+// head_rms_scale), which also appends the normed k to the cache. With an FP8 KV cache (T::kKv) a
+// vector's scale needs all of its head's dims, so k and v go to scratch in fp32 and attention
+// quantizes and appends them.
 #pragma once
 
 #include "flashformer/op.hpp"
@@ -19,6 +19,7 @@ template <class T>
 struct QkvEpilogue {
   static constexpr int D = T::kHeadDim;
   static constexpr int kNormedHeads = T::kHeads + T::kKvHeads;  // q and k heads (kQkNorm)
+  static constexpr bool kFp8Kv = T::kKv == KvFormat::kFp8;
   Consumer<T>& c;
   int layer;
   int pos[2] = {0, 0};  // warp 0 (the epilogue's warp): positions of this lane's batch columns 2t, 2t+1
@@ -76,7 +77,7 @@ struct QkvEpilogue {
         qn[i] = rlo * q_scale;
         qn[i + D / 2] = rhi * q_scale;
       } else if (head < kNormedHeads) {
-        if (T::kQkNorm || p.kv_scale) {  // attention norms and/or quantizes it into the cache
+        if constexpr (T::kQkNorm || kFp8Kv) {  // attention norms and/or quantizes it into the cache
           float* k = p.scratch.k_new + (int64_t(n) * T::kKvHeads + head - T::kHeads) * D;
           k[i] = rlo;
           k[i + D / 2] = rhi;
@@ -85,7 +86,7 @@ struct QkvEpilogue {
           k[i] = __float2bfloat16(rlo);
           k[i + D / 2] = __float2bfloat16(rhi);
         }
-      } else if (p.kv_scale) {  // attention quantizes it into the cache
+      } else if constexpr (kFp8Kv) {  // attention quantizes it into the cache
         float* v = p.scratch.k_new + (int64_t(kMaxBatch + n) * T::kKvHeads + head - kNormedHeads) * D;
         v[i] = lo;
         v[i + D / 2] = hi;
