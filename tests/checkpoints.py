@@ -204,6 +204,16 @@ def teacher_forced(backend, prompts: list[list[int]], forced: torch.Tensor) -> t
     return torch.stack([backend.decode(forced[s].to(device), start + s) for s in range(forced.shape[0])])
 
 
+def prompt_logits(engine, tokens: list[int], prefill: int = 4) -> torch.Tensor:
+    """The logits [len(tokens) - prefill + 1, vocab] fp32 of one prompt through `engine`'s backend:
+    its first `prefill` tokens prefilled, then the rest decoded one by one (teacher-forced)."""
+    backend = engine.backend
+    rows = [backend.prefill([torch.tensor(tokens[:prefill])])[0]]
+    for pos in range(prefill, len(tokens)):
+        rows.append(backend.decode(torch.tensor([tokens[pos]]), torch.tensor([pos]))[0])
+    return torch.stack(rows)
+
+
 def load_cpu_engine(path, **kwargs):
     """Engine.from_pretrained for the CPU tests: float32, no progress bar; kwargs override."""
     from flashformer import Engine

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoints import kv_cache, load_cpu_engine, make_checkpoint, make_shape_checkpoint, random_prompt, rel_l2
+from checkpoints import (kv_cache, load_cpu_engine, make_checkpoint, make_shape_checkpoint, prompt_logits, random_prompt,
+                         rel_l2)
 from flashformer.engine import select_backend
 from flashformer.config import WeightQuantization
 from flashformer.megakernel import unavailable_reason, weight_format
@@ -136,15 +137,6 @@ def write_dense(path, source, tensors):
     return path
 
 
-def teacher_forced(engine, tokens):
-    """Logits [T, vocab] fp32 of every position of `tokens`, prefilled then decoded one by one."""
-    backend = engine.backend
-    rows = [backend.prefill([torch.tensor(tokens[:4])])[0]]
-    for pos in range(4, len(tokens)):
-        rows.append(backend.decode(torch.tensor([tokens[pos]]), torch.tensor([pos]))[0])
-    return torch.stack(rows)
-
-
 # --- QuantizedMatrix ------------------------------------------------------------------------
 
 
@@ -203,7 +195,7 @@ def test_compressed_tensors_checkpoint(tmp_path, arch, strategy, scale_dtype, fp
     assert fp8.spec.quantization.method == "compressed-tensors" and fp8.spec.quantization.strategy == strategy
     assert fp8.backend.name == "reference"
     tokens = random_prompt(24)
-    ours, theirs = teacher_forced(fp8, tokens), teacher_forced(dense, tokens)
+    ours, theirs = prompt_logits(fp8, tokens), prompt_logits(dense, tokens)
     assert rel_l2(ours, theirs) < 1e-6, rel_l2(ours, theirs)
     assert fp8.generate(prompt_token_ids=tokens[:8])[0].token_ids == dense.generate(prompt_token_ids=tokens[:8])[0].token_ids
 
@@ -222,7 +214,7 @@ def test_transformers_fp8_block_checkpoint(tmp_path):
     for attr in LAYER_MATRICES:
         assert torch.equal(getattr(layer, attr).dequantize(), getattr(dense.weights.layers[0], attr)), attr
     tokens = random_prompt(20)
-    assert rel_l2(teacher_forced(fp8, tokens), teacher_forced(dense, tokens)) < 1e-6
+    assert rel_l2(prompt_logits(fp8, tokens), prompt_logits(dense, tokens)) < 1e-6
 
 
 def test_fp8_checkpoint_bytes_on_the_device(tmp_path):
@@ -267,10 +259,10 @@ def test_quantize_at_load(tmp_path, arch):
                           for l in fp8.weights.layers])
     dequantized = ReferenceBackend(fp8.spec, deq, kv_cache(fp8.spec, deq, 1, 48))
     tokens = random_prompt(32)
-    ours = teacher_forced(fp8, tokens)
-    assert torch.equal(ours, teacher_forced(type("E", (), {"backend": dequantized})(), tokens))
+    ours = prompt_logits(fp8, tokens)
+    assert torch.equal(ours, prompt_logits(type("E", (), {"backend": dequantized})(), tokens))
     # ... and within the FP8 bound of the original
-    error = rel_l2(ours, teacher_forced(original, tokens))
+    error = rel_l2(ours, prompt_logits(original, tokens))
     assert 0 < error < QUANTIZE_AT_LOAD_BOUND, error
 
 

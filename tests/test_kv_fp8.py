@@ -4,7 +4,7 @@ and kv head, on the reference path (CPU tests; the megakernel's are in test_mega
 import pytest
 import torch
 
-from checkpoints import load_cpu_engine, make_checkpoint, random_prompt, rel_l2
+from checkpoints import load_cpu_engine, make_checkpoint, prompt_logits, random_prompt, rel_l2
 from flashformer.cli import main
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import unavailable_reason
@@ -55,15 +55,6 @@ def test_fp8_cache_layout_and_bytes():
         KVCache(dense.kv, dense.cos, dense.sin, scale=cache.scale)
 
 
-def _teacher_forced(engine, tokens):
-    """Logits [T - 4, vocab] of `tokens`: the first 4 prefilled, the rest decoded one by one."""
-    backend = engine.backend
-    rows = [backend.prefill([torch.tensor(tokens[:4])])[0]]
-    for pos in range(4, len(tokens)):
-        rows.append(backend.decode(torch.tensor([tokens[pos]]), torch.tensor([pos]))[0])
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3", "llama_tied"])
 def test_fp8_kv_cache_decodes_within_its_rounding(tmp_path, arch):
     _, path = make_checkpoint(tmp_path / arch, arch)
@@ -71,7 +62,7 @@ def test_fp8_kv_cache_decodes_within_its_rounding(tmp_path, arch):
     fp8 = load_cpu_engine(path, max_seq_len=48, kv_cache_dtype="fp8")
     assert fp8.backend.name == "reference" and fp8.backend.kv_cache.dtype == FP8_DTYPE
     tokens = random_prompt(32)
-    ours, ref = _teacher_forced(fp8, tokens), _teacher_forced(dense, tokens)
+    ours, ref = prompt_logits(fp8, tokens), prompt_logits(dense, tokens)
     error = rel_l2(ours, ref)
     assert 0 < error < KV_LOGITS_BOUND, error
     # Layer 0 sees the same inputs in both engines: its FP8 cache is exactly the dense cache's K and V
