@@ -341,23 +341,24 @@ PYBIND11_MODULE(_C, m) {
 
   {  // the sampler's constants and layouts (sampling.cuh), so Python states none of them itself
     py::list row_fields;  // (name, byte offset, "f4" | "i4" | "u4") of each Sampler::Row field
-    auto field = [&](const char* name, size_t offset, const char* type) {
-      row_fields.append(py::make_tuple(name, offset, type));
-    };
-    field("temperature", offsetof(Sampler::Row, temperature), "f4");
-    field("top_p", offsetof(Sampler::Row, top_p), "f4");
-    field("min_p", offsetof(Sampler::Row, min_p), "f4");
-    field("repetition_penalty", offsetof(Sampler::Row, repetition_penalty), "f4");
-    field("presence_penalty", offsetof(Sampler::Row, presence_penalty), "f4");
-    field("frequency_penalty", offsetof(Sampler::Row, frequency_penalty), "f4");
-    field("top_k", offsetof(Sampler::Row, top_k), "i4");
-    field("max_tokens", offsetof(Sampler::Row, max_tokens), "i4");
-    field("seed_lo", offsetof(Sampler::Row, seed_lo), "u4");
-    field("seed_hi", offsetof(Sampler::Row, seed_hi), "u4");
-    field("penalized", offsetof(Sampler::Row, penalized), "i4");
-    field("num_stop", offsetof(Sampler::Row, num_stop), "i4");
+#define FF_ROW_FIELD(name, type) row_fields.append(py::make_tuple(#name, offsetof(Sampler::Row, name), type))
+    FF_ROW_FIELD(temperature, "f4");
+    FF_ROW_FIELD(top_p, "f4");
+    FF_ROW_FIELD(min_p, "f4");
+    FF_ROW_FIELD(repetition_penalty, "f4");
+    FF_ROW_FIELD(presence_penalty, "f4");
+    FF_ROW_FIELD(frequency_penalty, "f4");
+    FF_ROW_FIELD(top_k, "i4");
+    FF_ROW_FIELD(max_tokens, "i4");
+    FF_ROW_FIELD(seed_lo, "u4");
+    FF_ROW_FIELD(seed_hi, "u4");
+    FF_ROW_FIELD(penalized, "i4");
+    FF_ROW_FIELD(num_stop, "i4");
+#undef FF_ROW_FIELD
     static_assert(sizeof(Sampler::Row) == 12 * 4, "a Sampler::Row field is missing from SAMPLER['row_fields']");
-    static_assert(sizeof(Sampler::Record) == 3 * 4, "SAMPLER['record_fields'] is out of date");
+    static_assert(sizeof(Sampler::Record) == 3 * 4 && offsetof(Sampler::Record, token) == 0 &&
+                      offsetof(Sampler::Record, finish) == 4 && offsetof(Sampler::Record, flags) == 8,
+                  "SAMPLER['record_fields'] is out of date");
     py::dict d;
     d["row_fields"] = row_fields;
     d["row_bytes"] = sizeof(Sampler::Row);
@@ -369,7 +370,6 @@ PYBIND11_MODULE(_C, m) {
     d["max_logprobs"] = Sampler::kMaxLogprobs;
     d["max_rounds"] = Sampler::kMaxRounds;
     d["hash_multipliers"] = py::make_tuple(Sampler::kHashMul0, Sampler::kHashMul1);
-    d["cluster_ctas"] = Sampler::kClusterCtas;
     d["noise_bits"] = Sampler::kNoiseBits;
     m.attr("SAMPLER") = d;
   }

@@ -814,7 +814,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--quantization", default=None, choices=["fp8"],
+        "--quantization", default=None, choices=validate.QUANTIZATIONS,
         help="also bench each model with its layer matrices in FP8 e4m3 (per-channel scales), as <model>:fp8",
     )
     parser.add_argument(

@@ -103,7 +103,7 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale  # (not in place: w may be `weight`)
 
 
-def fp8_nan(data: torch.Tensor) -> torch.Tensor:
-    """Whether e4m3fn `data` holds a NaN (exponent and mantissa bits all ones), as a 0-d bool tensor."""
-    return ((data.view(torch.uint8) & 0x7F) == 0x7F).any()
+def fp8_nans(data: torch.Tensor) -> torch.Tensor:
+    """Where e4m3fn `data` holds a NaN (exponent and mantissa bits all ones): a bool tensor of its shape."""
+    return (data.view(torch.uint8) & 0x7F) == 0x7F
 

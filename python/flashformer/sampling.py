@@ -44,6 +44,11 @@ def max_logprobs() -> int:
     return constants()["max_logprobs"]
 
 
+def record_column(field: str) -> int:
+    """The column of a Sampler::Record field ("token", "finish", "flags") in a [batch, fields] int32 view."""
+    return constants()["record_fields"].index(field)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 (or below 1e-5) means greedy (argmax).
@@ -359,12 +364,12 @@ class BatchSampler:
         zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=self.device)  # noqa: E731
         self.tokens, self.positions = zeros(max_batch, dtype=torch.int64), zeros(max_batch, dtype=torch.int64)
         self.generated, self.status = zeros(max_batch, dtype=torch.int32), zeros(max_batch, dtype=torch.int32)
-        self.records = zeros(max_batch, 3, dtype=torch.int32)
+        self.record_width = len(constants()["record_fields"])  # (int32 fields of a Sampler::Record)
+        self.records = zeros(max_batch, self.record_width, dtype=torch.int32)
         self.rows = zeros(max_batch * row_dtype().itemsize, dtype=torch.uint8)
         self.counts = self.in_prompt = None
         self.stop_ids = zeros(max_batch, 1, dtype=torch.int32)
-        self.finish = {k: v for k, v in constants()["finish"].items()}
-        self.flags = {k: v for k, v in constants()["flags"].items()}
+        self.finish, self.flags = dict(constants()["finish"]), dict(constants()["flags"])
         self._slots: list[dict] = []
         self._next_slot = 0
 
@@ -389,7 +394,8 @@ class BatchSampler:
         self.positions[:B].copy_(torch.tensor([len(p) - 1 for p in prompts]))
         self.generated.zero_()
         self.status.zero_()
-        if any(p.penalized for p in params):
+        self.penalized = any(p.penalized for p in params)
+        if self.penalized:
             if self.counts is None:
                 self.counts = torch.zeros(self.max_batch, self.vocab, dtype=torch.int32, device=self.device)
                 self.in_prompt = torch.zeros(self.max_batch, self.vocab, dtype=torch.uint8, device=self.device)
@@ -397,7 +403,6 @@ class BatchSampler:
             self.in_prompt.zero_()
             for b, p in enumerate(prompts):
                 self.in_prompt[b, torch.tensor(p, device=self.device)] = 1
-        self.penalized = any(p.penalized for p in params)
         self.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
 
     def step(self, logits: torch.Tensor | None, next_tokens: torch.Tensor | None = None) -> int:
@@ -430,7 +435,8 @@ class BatchSampler:
         slot["has_lp"] = self.num_logprobs is not None and logits is not None
         if slot["has_lp"]:
             lsm = logits[:B].float().log_softmax(-1)
-            chosen = lsm.gather(1, self.records[:B, :1].long().clamp(min=0))
+            token = record_column("token")
+            chosen = lsm.gather(1, self.records[:B, token : token + 1].long().clamp(min=0))
             parts = [chosen]
             if self.num_logprobs:
                 top = lsm.topk(self.num_logprobs, -1)
@@ -469,15 +475,16 @@ class BatchSampler:
         self.tokens[:B] = torch.where(cont, tokens, self.tokens[:B])
         self.positions[:B] = torch.where(cont, position, self.positions[:B])
         idle = ~active
-        self.records[:B, 0] = torch.where(idle, -1, tokens).int()
-        self.records[:B, 1] = torch.where(idle, self.status[:B], finish.int())
-        self.records[:B, 2] = (idle.int() * self.flags["idle"]) | ((non_finite & active).int() * self.flags["non_finite"])
+        self.records[:B, record_column("token")] = torch.where(idle, -1, tokens).int()
+        self.records[:B, record_column("finish")] = torch.where(idle, self.status[:B], finish.int())
+        self.records[:B, record_column("flags")] = (idle.int() * self.flags["idle"]) | (
+            (non_finite & active).int() * self.flags["non_finite"])
         self.status[:B] = torch.where(feed, finish.int(), self.status[:B])
 
     def _take_slot(self) -> tuple[int, dict]:
         """The next pinned record buffer (the ring's) and its handle."""
         while len(self._slots) < self.RING:
-            records = torch.zeros(self.max_batch, 3, dtype=torch.int32, pin_memory=self.cuda)
+            records = torch.zeros(self.max_batch, self.record_width, dtype=torch.int32, pin_memory=self.cuda)
             self._slots.append(dict(
                 records=records,
                 records_device_ptr=_core.load().host_device_pointer(records.data_ptr()) if self.kernel else 0,
@@ -498,7 +505,7 @@ class BatchSampler:
             slot["event"].synchronize()
         B, n = self.batch, self.num_logprobs or 0
         rec = slot["records"][:B].numpy()
-        out = StepRecord(rec[:, 0].copy(), rec[:, 1].copy(), rec[:, 2].copy())
+        out = StepRecord(*(rec[:, record_column(f)].copy() for f in ("token", "finish", "flags")))
         if slot["has_lp"]:
             lp = slot["lp"][:B].numpy()
             out.logprob = lp[:, 0].copy()

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .config import ModelSpec, WeightQuantization
-from .quantization import FP8_DTYPE, FP8_MAX, QuantizedMatrix, cdiv, fp8_nan, quantize_per_channel
+from .quantization import FP8_DTYPE, FP8_MAX, QuantizedMatrix, cdiv, fp8_nans, quantize_per_channel
 from . import validate
 from .validate import DTYPE_NAMES, show
 
@@ -411,8 +411,7 @@ def load_weights(
     published whatever `quantization` says (the matrices it left dense stay dense). Either way no
     dense copy of an FP8 matrix is made beyond the one tensor being read.
     """
-    if quantization not in (None, "fp8"):
-        raise ValueError(f"quantization must be None or 'fp8', got {show(quantization)}")
+    validate.quantization(quantization)
     device = torch.device(device)
     checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
     files, slots, fp8, q = checkpoint.files, checkpoint.slots, checkpoint.fp8, checkpoint.quantization
@@ -493,7 +492,7 @@ def _stored_block(q: WeightQuantization, shape: tuple[int, int]) -> tuple[int, i
 def _fp8_ok(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[0, 0] when FP8 `data` holds no NaN, else [NaN, NaN], in `dtype`: the finiteness check's
     entry for it (its scales are checked as they are read)."""
-    return torch.where(fp8_nan(data), float("nan"), 0.0).expand(2).to(dtype)
+    return torch.where(fp8_nans(data).any(), float("nan"), 0.0).expand(2).to(dtype)
 
 
 def _read_scales(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -524,7 +523,7 @@ def _non_finite_message(f, name: str, path: Path, dtype: torch.dtype) -> str:
     """Why tensor `name` is not finite as `dtype`: NaN/inf in the file, or values beyond `dtype`'s range."""
     source = _get(f, name, path)
     if source.dtype == FP8_DTYPE:
-        count = int(((source.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        count = int(fp8_nans(source).sum())
         return f"tensor {name} in {path.name} has {count} NaN values (FP8 e4m3 has no infinity)"
     if not bool(torch.isfinite(source).all()):
         count = int((~torch.isfinite(source)).sum())
