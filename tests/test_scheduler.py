@@ -169,16 +169,42 @@ def test_a_failing_step_fails_its_sequences_and_the_scheduler_goes_on(cpu_engine
     assert [outputs[i].token_ids for i in range(2)] == alone(cpu_engine, prompts, [8, 8])
 
 
+# How far apart (in log-probability) the two likeliest tokens of an alone run may be where a row of a
+# batch took the other one. The megakernel splits attention into chunks by the batch's longest
+# context and size, so a row's sums run in another order than at batch 1 (a last-bit difference in
+# attention's bf16 output, a few bf16 ulps of the logits at most); a row mixed with another's, or a
+# prefill writing the wrong rows, moves the logits by O(1).
+TIE = 0.05
+
+
+def assert_same_up_to_ties(engine, prompts, lengths, got, want):
+    """got[i] == want[i] (the alone run's tokens), or the two agree up to one step where the alone
+    run's two likeliest tokens are the two taken and lie within TIE of each other; from there on the
+    sequences differ, and nothing after it is compared."""
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g == w:
+            continue
+        assert len(g) == len(w) == lengths[i], (i, g, w)
+        k = next(j for j, (a, b) in enumerate(zip(g, w)) if a != b)
+        out = engine.generate(prompt_token_ids=[prompts[i]],
+                              sampling=SamplingParams(max_tokens=k + 1, ignore_eos=True, logprobs=2))[0]
+        assert out.token_ids == w[:k + 1], (i, k)
+        top = {t.token_id: t.logprob for t in out.logprobs[k].top_logprobs}
+        assert g[k] in top and w[k] in top and abs(top[w[k]] - top[g[k]]) <= TIE, (
+            f"row {i} left its alone run at token {k}: {g[k]} instead of {w[k]}, not a tie ({top})")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-gqa", "tiny-d128"])
 def test_megakernel_staggered_arrivals_get_what_they_get_alone(name, tmp_path):
     """On the megakernel: each row of a decode step is computed apart from the others (so a
-    batch of ragged rows, free rows among them, picks what batch 1 picks), and prefill writes
-    only its own rows."""
+    batch of ragged rows, free rows among them, picks what batch 1 picks but where batch 1's two
+    likeliest tokens tie to a summation order), and prefill writes only its own rows."""
     config = shape_config(name)
     path = make_shape_checkpoint(tmp_path, config)
     engine = Engine.from_pretrained(path, device="cuda", max_batch_size=8, max_seq_len=512, progress=False)
     assert engine.backend.name == "megakernel"
     prompts = [torch.randint(0, config["vocab_size"], (n,)).tolist() for n in (5, 40, 3, 100, 9, 12, 1, 64, 7, 20)]
     lengths = [30, 4, 50, 12, 25, 1, 40, 90, 8, 16]
-    assert staggered_run(engine, prompts, lengths, waves=4) == alone(engine, prompts, lengths)
+    got = staggered_run(engine, prompts, lengths, waves=4)
+    assert_same_up_to_ties(engine, prompts, lengths, got, alone(engine, prompts, lengths))
