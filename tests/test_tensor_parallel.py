@@ -1,7 +1,7 @@
 """Tensor parallelism's arithmetic on the reference path (issue 21), on the CPU: each rank's shard
 of a random model, the ranks' partial sums added between them, against the whole model
-(teacher-forced logits in fp32); ranks as threads sharing an in-process sum, then two processes
-over torch.distributed's gloo."""
+(teacher-forced logits in fp32); ranks as threads sharing an in-process sum, then an Engine over
+two processes (torch.distributed's gloo)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from checkpoints import rel_l2, teacher_forced
+from checkpoints import load_cpu_engine, make_checkpoint, prompt_logits, random_prompt, rel_l2, teacher_forced
+from flashformer import SamplingParams
 from flashformer.bench import shape_config
 from flashformer.config import spec_from_dict
 from flashformer.quantization import QuantizedMatrix
 from flashformer.reference import KVCache, ReferenceBackend
-from flashformer.tensor_parallel import (
-    ShardedTransformer,
-    TensorParallelBackend,
-    _take,
-    follow,
-    shard_spec,
-    shard_weights,
-    split_problem,
-)
+from flashformer.tensor_parallel import ShardedTransformer, _take, shard_spec, shard_weights, split_problem
 from flashformer.weights import random_weights
 
 MAX_SEQ = 48
@@ -133,33 +126,34 @@ def test_splits_that_cannot_be_made_are_refused():
         _take(blocks, cols=(0, 64))
 
 
-def _gloo_rank(rank: int, world: int, rendezvous: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        spec = CASES["biases"]
-        weights = _weights(spec)
-        cache = KVCache.allocate(shard_spec(spec, world), len(PROMPTS), MAX_SEQ, dtype=torch.float32, device="cpu")
-        shard = shard_weights(spec, weights, rank, world)
-        if rank == 0:
-            backend = TensorParallelBackend(spec, shard, cache, world)
-            try:
-                got = teacher_forced(backend, PROMPTS, FORCED)
-            finally:
-                backend.close()
-            torch.save({"got": got, "want": _whole_logits(spec, weights)}, out)
-        else:
-            follow(ShardedTransformer(spec, shard, cache, world, lambda t: dist.all_reduce(t)))
-    finally:
-        dist.destroy_process_group()
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("llama3"), "llama3")[1]  # 4 heads, 2 kv heads, biases
 
 
-def test_two_processes_over_gloo_give_the_models_logits(tmp_path):
-    """Rank 0's backend broadcasts each prefill and decode; rank 1 follows on its shard."""
-    import torch.multiprocessing as mp
+def test_an_engine_over_two_processes_decodes_as_one(checkpoint):
+    """Engine.from_pretrained(tensor_parallel_size=2) starts rank 1 as a process over gloo: its
+    teacher-forced logits are the one-rank engine's, its greedy tokens too; close() stops rank 1,
+    and another such engine can start after."""
+    tokens = random_prompt(12)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    one = load_cpu_engine(checkpoint, max_batch_size=2)
+    want, want_tokens = prompt_logits(one, tokens), one.generate(prompt_token_ids=[tokens[:5]], sampling=params)
+    with load_cpu_engine(checkpoint, max_batch_size=2, tensor_parallel_size=2) as two:
+        assert two.backend.name == "reference-tp" and two.cache.kv.shape[3] == 1  # its kv head of 2
+        procs = list(two._ranks.procs)
+        assert rel_l2(prompt_logits(two, tokens), want) < 1e-5
+        got = two.generate(prompt_token_ids=[tokens[:5]], sampling=params)
+        assert got[0].token_ids == want_tokens[0].token_ids
+    assert two._ranks is None and not any(p.is_alive() for p in procs)
+    with load_cpu_engine(checkpoint, tensor_parallel_size=2) as again:
+        assert again.generate(prompt_token_ids=[tokens[:5]], sampling=params)[0].token_ids == want_tokens[0].token_ids
 
-    out = tmp_path / "logits.pt"
-    mp.spawn(_gloo_rank, args=(2, str(tmp_path / "rendezvous"), str(out)), nprocs=2, join=True)
-    result = torch.load(out)
-    assert rel_l2(result["got"], result["want"]) < 1e-5
+
+def test_tensor_parallel_arguments_are_checked(checkpoint):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3: num_attention_heads=4, num_key_value_heads=2"):
+        load_cpu_engine(checkpoint, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        load_cpu_engine(checkpoint, tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="the megakernel does not split"):
+        load_cpu_engine(checkpoint, tensor_parallel_size=2, backend="megakernel")

@@ -216,6 +216,22 @@ class Engine:
         self._lock = threading.Lock()  # held by whoever runs the decode state (exclusive())
         self._holder: int | None = None  # the thread id holding it
         self._batch_sampler: BatchSampler | None = None
+        self._ranks = None  # tensor parallelism: the other ranks' processes (tensor_parallel.RankGroup)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: with tensor parallelism, stop the other
+        ranks' processes (the engine cannot decode after). A no-op otherwise, and when called again."""
+        if self._ranks is not None:
+            ranks, self._ranks = self._ranks, None
+            with contextlib.suppress(Exception):
+                self.backend.close()
+            ranks.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(
@@ -231,6 +247,7 @@ class Engine:
         allow_unused_tensors: bool = False,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
     ) -> Engine:
         """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files).
 
@@ -244,6 +261,11 @@ class Engine:
         `kv_cache_dtype="fp8"` (or "fp8_e4m3") keeps the KV cache in FP8 e4m3 with one fp32 scale
         per token and kv head (half the bytes of bf16, for long contexts and batches); "auto" keeps
         it in `dtype`. The megakernel reads either.
+
+        `tensor_parallel_size=N` > 1 splits the model over N ranks, this process and N - 1 it starts
+        (Megatron's splits, flashformer.tensor_parallel; on the CPU, or on GPUs 0..N-1): for now on the
+        reference backend, each rank loading the whole checkpoint and keeping its part. close() (or
+        a `with` block) stops the other ranks; one such engine a process.
 
         `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
         max_position_embeddings when that is smaller. Every argument is checked before a file is
@@ -262,6 +284,11 @@ class Engine:
         validate.boolean("allow_unused_tensors", allow_unused_tensors)
         validate.quantization(quantization)
         kv_cache_dtype = validate.kv_cache_dtype(kv_cache_dtype)
+        tensor_parallel_size = validate.integer("tensor_parallel_size", tensor_parallel_size, minimum=1,
+                                                requirement="an integer >= 1")
+        if tensor_parallel_size > 1 and backend == "megakernel":
+            raise ValueError("backend='megakernel' with tensor_parallel_size > 1: the megakernel does not split a "
+                             "model over ranks yet; use backend='auto' or 'reference'")
         model_dir = validate.checkpoint_path(path)
 
         spec = load_spec(model_dir)
@@ -276,14 +303,29 @@ class Engine:
                 "so the output there may degrade",
                 stacklevel=2,
             )
-        backend_cls = select_backend(
-            backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-        )
+        if tensor_parallel_size > 1:
+            from .tensor_parallel import split_problem
+
+            problem = split_problem(spec, tensor_parallel_size)
+            if problem:
+                raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: {problem}")
+            if device.type == "cuda" and (device.index or 0) != 0:
+                raise ValueError(f"tensor_parallel_size > 1 runs rank 0 on cuda:0 and rank r on cuda:r; got {device}")
+            backend_cls = None
+        else:
+            backend_cls = select_backend(
+                backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization,
+                kv_cache_dtype=kv_cache_dtype,
+            )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
         weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8")
         validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len, kv_cache_dtype)
+        if tensor_parallel_size > 1:
+            return cls._tensor_parallel(model_dir, tensor_parallel_size, tokenizer, dtype=torch_dtype, device=device,
+                                        max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                        kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                                        allow_unused_tensors=allow_unused_tensors, progress=progress)
         weights = load_weights(
             model_dir,
             spec,
@@ -296,6 +338,26 @@ class Engine:
         cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device,
                                  kv_cache_dtype=kv_cache_dtype)
         return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)
+
+    @classmethod
+    def _tensor_parallel(cls, model_dir, world: int, tokenizer, *, dtype, device, max_batch_size, max_seq_len,
+                         kv_cache_dtype, quantization, allow_unused_tensors, progress) -> Engine:
+        """from_pretrained over `world` ranks: start the others, build rank 0's part here."""
+        from .tensor_parallel import RankGroup, RankSetup, TensorParallelBackend, build_rank
+
+        setup = RankSetup(str(model_dir), dtype, device.type, max_batch_size, max_seq_len, kv_cache_dtype,
+                          quantization, allow_unused_tensors)
+        ranks = RankGroup(setup, world)
+        try:
+            spec, weights, cache = build_rank(setup, 0, world, progress=progress)
+            ranks.wait_ready()
+            engine = cls(spec, weights, cache, TensorParallelBackend(spec, weights, cache, world, ranks.commands),
+                         tokenizer)
+        except BaseException:
+            ranks.close()
+            raise
+        engine._ranks = ranks
+        return engine
 
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
         """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""

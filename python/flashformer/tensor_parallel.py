@@ -9,15 +9,23 @@ per attention and once per MLP) before the residual add, so every rank holds the
 after every layer. The output-projection and down biases live on rank 0 alone (added once). Each
 rank's KV cache holds its own kv heads (`shard_spec(spec, world).kv_cache_shape`).
 
-`TensorParallelBackend` is rank 0's decode backend over torch.distributed: each prefill and
-decode is broadcast to the other ranks (`follow`), which run the same forward on their shards;
-rank 0 alone computes the logits.
+`TensorParallelBackend` is rank 0's decode backend: each prefill and decode goes to the other
+ranks (`follow`), which run the same forward on their shards; rank 0 alone computes the logits.
+`RankGroup` starts ranks 1..N-1 as processes of this one (Engine.from_pretrained's
+tensor_parallel_size), each loading the checkpoint and keeping its part, and joins them in a
+torch.distributed group (gloo on the CPU, NCCL on GPUs 0..N-1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -134,28 +142,27 @@ class ShardedTransformer(Transformer):
         return self._sum(super()._mlp(layer, x))
 
 
-# The commands rank 0 broadcasts to the others (TensorParallelBackend -> follow).
+# The commands rank 0 sends the others (TensorParallelBackend -> follow), over a queue each: a rank
+# waits for the next command as long as the engine idles, and only the collectives inside a
+# forward (all the ranks in it together) are bounded by the process group's timeout.
 _PREFILL, _DECODE, _STOP = "prefill", "decode", "stop"
 
 
 class TensorParallelBackend(ReferenceBackend):
-    """Rank 0's decode backend (engine.Backend) over `group`: every prefill and decode runs on all
-    ranks, rank 0 computing the logits. close() releases the other ranks."""
+    """Rank 0's decode backend (engine.Backend): every prefill and decode runs on all the ranks
+    (`commands`: a queue to each other rank), rank 0 computing the logits. close() releases them."""
 
     name = "reference-tp"
 
-    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, world: int, group=None):
-        import torch.distributed as dist
-
-        if dist.get_rank(group) != 0:
-            raise ValueError("TensorParallelBackend runs on rank 0; the other ranks run follow()")
-        self.group, self.world = group, world
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, world: int, commands: list, group=None):
+        if len(commands) != world - 1:
+            raise ValueError(f"a backend over {world} ranks sends to {world - 1} others, got {len(commands)} queues")
+        self.world, self.commands = world, commands
         self.model = ShardedTransformer(spec, weights, cache, world, distributed_all_reduce(group))
 
     def _command(self, *command) -> None:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([command], src=0, group=self.group)
+        for q in self.commands:
+            q.put(command)
 
     @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
@@ -172,15 +179,19 @@ class TensorParallelBackend(ReferenceBackend):
 
 
 @torch.inference_mode()
-def follow(model: ShardedTransformer, group=None) -> None:
-    """Ranks 1..world-1: run rank 0's prefills and decodes on this rank's shard until it closes."""
-    import torch.distributed as dist
+def follow(model: ShardedTransformer, commands, alive: Callable[[], bool] = lambda: True) -> None:
+    """Ranks 1..world-1: run rank 0's prefills and decodes (from the queue `commands`) on this rank's
+    shard until it stops, or until `alive()` says rank 0 is gone."""
+    import queue
 
     device = model.cache.kv.device
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        command, *args = box[0]
+        try:
+            command, *args = commands.get(timeout=1.0)
+        except queue.Empty:
+            if not alive():
+                return
+            continue
         if command == _STOP:
             return
         if command == _PREFILL:
@@ -190,4 +201,141 @@ def follow(model: ShardedTransformer, group=None) -> None:
             tokens, positions = args
             model.forward(tokens.to(device)[:, None], positions.to(device))
         else:
-            raise RuntimeError(f"tensor parallelism: rank {dist.get_rank(group)} got an unknown command {command!r}")
+            raise RuntimeError(f"tensor parallelism: unknown command {command!r}")
+
+
+# How long a rank waits for the others inside a collective before it raises (a lost rank never
+# hangs the others), and for the other ranks to load their parts.
+COLLECTIVE_TIMEOUT = timedelta(minutes=2)
+LOAD_TIMEOUT_S = 30 * 60.0
+# NVLink multicast stays off in every process started (issue 21).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSetup:
+    """What every rank needs to build its part of an engine (sent to each process)."""
+
+    model_dir: str
+    dtype: torch.dtype
+    device_type: str  # "cpu", or "cuda": rank r on GPU r
+    max_batch_size: int
+    max_seq_len: int
+    kv_cache_dtype: str
+    quantization: str | None
+    allow_unused_tensors: bool
+
+    def device(self, rank: int) -> torch.device:
+        return torch.device("cpu") if self.device_type == "cpu" else torch.device("cuda", rank)
+
+    @property
+    def backend(self) -> str:
+        return "gloo" if self.device_type == "cpu" else "nccl"
+
+
+def build_rank(setup: RankSetup, rank: int, world: int, progress: bool = False) -> tuple[ModelSpec, Weights, KVCache]:
+    """Rank `rank`'s part: the model's spec, its shard of the checkpoint's weights (the whole
+    checkpoint is loaded, then the rank's part kept) and its KV cache."""
+    from .config import load_spec
+    from .weights import load_weights
+
+    spec = load_spec(Path(setup.model_dir))
+    device = setup.device(rank)
+    weights = load_weights(setup.model_dir, spec, dtype=setup.dtype, device=device, progress=progress,
+                           allow_unused_tensors=setup.allow_unused_tensors, quantization=setup.quantization)
+    shard = shard_weights(spec, weights, rank, world)
+    del weights
+    cache = KVCache.allocate(shard_spec(spec, world), setup.max_batch_size, setup.max_seq_len, dtype=setup.dtype,
+                             device=device, kv_cache_dtype=setup.kv_cache_dtype)
+    return spec, shard, cache
+
+
+def _rank_main(rank: int, world: int, rendezvous: str, setup: RankSetup, commands, reports, parent: int) -> None:
+    """A process of rank >= 1: join the group, build the rank's part, report, follow rank 0."""
+    import torch.distributed as dist
+
+    os.environ.update(NO_MULTICAST)
+    try:
+        if setup.device_type == "cuda":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(setup.backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+        spec, shard, cache = build_rank(setup, rank, world)
+        model = ShardedTransformer(spec, shard, cache, world, distributed_all_reduce())
+        reports.put((rank, None))
+        follow(model, commands, alive=lambda: os.getppid() == parent)
+    except BaseException as exc:  # noqa: BLE001 - told to rank 0, which raises it
+        reports.put((rank, f"{type(exc).__name__}: {exc}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RankGroup:
+    """Ranks 1..world-1 as processes of this one (rank 0), in one torch.distributed group with it.
+    start() launches them and joins; wait_ready() returns once each has built its part (raising
+    what one of them raised); close() stops them."""
+
+    def __init__(self, setup: RankSetup, world: int):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            raise RuntimeError("a torch.distributed group is already running in this process (another "
+                               "tensor-parallel engine?): close() it first; one such engine a process")
+        if setup.device_type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size={world} needs {world} GPUs; {torch.cuda.device_count()} are visible")
+        self.setup, self.world = setup, world
+        self.tmp = tempfile.mkdtemp(prefix="flashformer-tp-")
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.reports = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(world - 1)]
+        rendezvous = os.path.join(self.tmp, "rendezvous")
+        os.environ.update(NO_MULTICAST)
+        self.procs = [ctx.Process(target=_rank_main, name=f"flashformer-rank{r}", daemon=True,
+                                  args=(r, world, rendezvous, setup, self.commands[r - 1], self.reports, os.getpid()))
+                      for r in range(1, world)]
+        for proc in self.procs:
+            proc.start()
+        try:
+            dist.init_process_group(setup.backend, init_method=f"file://{rendezvous}", rank=0, world_size=world,
+                                    timeout=COLLECTIVE_TIMEOUT)
+        except Exception as exc:
+            self.close()
+            raise RuntimeError(f"tensor parallelism: the {world} ranks did not form a group: {exc}") from exc
+
+    def wait_ready(self, timeout: float = LOAD_TIMEOUT_S) -> None:
+        """Return once every other rank has built its part; raise RuntimeError (and stop them all)
+        when one fails or dies, or past `timeout` seconds."""
+        import queue
+
+        ready, deadline = set(), time.monotonic() + timeout
+        while len(ready) < self.world - 1:
+            try:
+                rank, error = self.reports.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close()
+                    why = f"{', '.join(dead)} exited" if dead else f"not ready within {timeout:.0f} s"
+                    raise RuntimeError(f"tensor parallelism: {why} while loading its part of the model") from None
+                continue
+            if error is not None:
+                self.close()
+                raise RuntimeError(f"tensor parallelism: rank {rank} failed to load its part of the model: {error}")
+            ready.add(rank)
+
+    def close(self) -> None:
+        """Stop the other ranks (a stop command, then a kill past a few seconds) and leave the group."""
+        import torch.distributed as dist
+
+        for q in self.commands:
+            q.put((_STOP,))
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        self.procs = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        shutil.rmtree(self.tmp, ignore_errors=True)
