@@ -185,6 +185,22 @@ def test_logprobs_zero_gives_the_chosen_token_only(engine):
     assert all(lp.top_logprobs == [] for lp in out.logprobs)
 
 
+def test_each_request_gets_the_top_logprobs_it_asked_for(engine):
+    """In one batch, logprobs=1 and 3 and none: each token's alternatives are that request's count,
+    the likeliest first (the step computes the batch's largest count), and the request without
+    logprobs gets none."""
+    counts = [1, 3, None]
+    sampling = [SamplingParams(max_tokens=3, logprobs=n, ignore_eos=True) for n in counts]
+    outs = engine.generate(prompt_token_ids=[random_prompt(4 + i) for i in range(3)], sampling=sampling)
+    for n, out in zip(counts, outs):
+        if n is None:
+            assert out.logprobs is None
+            continue
+        assert all(len(lp.top_logprobs) == n for lp in out.logprobs), n
+        for lp in out.logprobs:
+            assert [t.logprob for t in lp.top_logprobs] == sorted((t.logprob for t in lp.top_logprobs), reverse=True)
+
+
 def test_huge_top_k_and_max_tokens_mean_no_limit(engine):
     prompt = random_prompt(MAX_SEQ_LEN - 6)
     params = SamplingParams(max_tokens=10**12, top_k=10**12, temperature=1.0, seed=0)

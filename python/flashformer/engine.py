@@ -500,8 +500,9 @@ class Engine:
             self._batch_sampler = BatchSampler(self.max_batch_size, self.spec.vocab_size, self.max_seq_len, self.device)
         return self._batch_sampler
 
-    def _logprob(self, rec, b: int, token: int) -> TokenLogprob:
-        """Row b's logprobs in a step's records, OpenAI's shape."""
+    def _logprob(self, rec, b: int, token: int, top: int) -> TokenLogprob:
+        """Row b's logprobs in a step's records, OpenAI's shape, with its request's `top`
+        alternatives (the step holds the batch's largest count)."""
 
         def text(t):
             if self.tokenizer is None:
@@ -511,7 +512,7 @@ class Engine:
 
         tops = []
         if rec.top_ids is not None:
-            for t, lp in zip(rec.top_ids[b].tolist(), rec.top_logprobs[b].tolist()):
+            for t, lp in zip(rec.top_ids[b, :top].tolist(), rec.top_logprobs[b, :top].tolist()):
                 piece, raw = text(t)
                 tops.append(TopLogprob(piece, lp, raw, t))
         piece, raw = text(token)
@@ -579,7 +580,7 @@ class Engine:
                     if token < 0:
                         raise RuntimeError(f"the sampler ended row {b} before the engine did (internal error)")
                     position = len(r.prompt_ids) + len(r.token_ids)  # where this token goes
-                    logprob = self._logprob(rec, b, token) if r.params.logprobs is not None else None
+                    logprob = self._logprob(rec, b, token, r.params.logprobs) if r.params.logprobs is not None else None
                     deltas.append(r.add(token, now, cache_full=position + 1 >= self.max_seq_len, logprob=logprob))
                     if r.finish_reason is not None and rec.finish[b] == sampler.finish["none"]:
                         sampler.abort(b)  # a stop string: the device row stops advancing
