@@ -69,19 +69,17 @@ def select_backend(
     dtype: torch.dtype = torch.bfloat16,
     max_batch_size: int = 1,
     quantization: str | None = None,
-    kv_cache_dtype: str = "auto",
 ) -> type:
     """The backend class that will decode `spec` on `device` (with weights in `quantization`'s
-    format, "fp8", or dense in `dtype` when None; a KV cache in `kv_cache_dtype`). "auto" takes the
-    megakernel where it can run (a Hopper GPU, bf16, a compiled config, a bf16 KV cache) and warns
-    on a GPU where it cannot; "megakernel" raises RuntimeError saying why it cannot run."""
+    format, "fp8", or dense in `dtype` when None; either KV cache format). "auto" takes the
+    megakernel where it can run (a Hopper GPU, bf16, a compiled config) and warns on a GPU where it
+    cannot; "megakernel" raises RuntimeError saying why it cannot run."""
     validate.backend_name(name)
     if name == "reference":
         return ReferenceBackend
     from .megakernel import MegakernelBackend, unavailable_reason
 
-    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization,
-                                kv_cache_dtype=kv_cache_dtype)
+    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization)
     if reason is None:
         return MegakernelBackend
     if name == "megakernel":
@@ -223,8 +221,6 @@ class Engine:
         ranks' processes (the engine cannot decode after). A no-op otherwise, and when called again."""
         if self._ranks is not None:
             ranks, self._ranks = self._ranks, None
-            with contextlib.suppress(Exception):
-                self.backend.close()
             ranks.close()
 
     def __enter__(self) -> Engine:
@@ -314,8 +310,7 @@ class Engine:
             backend_cls = None
         else:
             backend_cls = select_backend(
-                backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization,
-                kv_cache_dtype=kv_cache_dtype,
+                backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization
             )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)

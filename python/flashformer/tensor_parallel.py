@@ -150,7 +150,8 @@ _PREFILL, _DECODE, _STOP = "prefill", "decode", "stop"
 
 class TensorParallelBackend(ReferenceBackend):
     """Rank 0's decode backend (engine.Backend): every prefill and decode runs on all the ranks
-    (`commands`: a queue to each other rank), rank 0 computing the logits. close() releases them."""
+    (`commands`: a queue to each other rank), rank 0 computing the logits. (RankGroup.close() stops
+    the others.)"""
 
     name = "reference-tp"
 
@@ -173,9 +174,6 @@ class TensorParallelBackend(ReferenceBackend):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self._command(_DECODE, tokens.cpu(), positions.cpu())
         return super().decode(tokens, positions)
-
-    def close(self) -> None:
-        self._command(_STOP)
 
 
 @torch.inference_mode()
