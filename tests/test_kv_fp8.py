@@ -1,5 +1,6 @@
 """The FP8 KV cache (kv_cache_dtype="fp8"): e4m3 K and V vectors with one fp32 scale per token
-and kv head, on the reference path (CPU tests; the megakernel's are in test_megakernel.py)."""
+and kv head, on the reference path (CPU tests), and backend="auto" choosing the megakernel for it
+(a GPU test; the megakernel's numerics are tested in test_megakernel.py)."""
 
 import pytest
 import torch
