@@ -151,14 +151,33 @@ def test_a_cancelled_sequence_frees_its_slot_for_the_next(cpu_engine):
     assert done[1].token_ids == alone(cpu_engine, [prompt], [12])[0]
 
 
-def test_logprobs_are_refused_by_the_scheduler(cpu_engine):
-    scheduler = Scheduler(cpu_engine, max_queue=1)
+def test_logprobs_through_the_scheduler_are_generates(cpu_engine):
+    """Sequences asking for logprobs (0, 2, 5 alternatives) beside one that does not: each gets
+    what Engine.generate gives it alone, with its own count of alternatives."""
+    prompts = [random_prompt(n) for n in (4, 7, 3, 9)]
+    counts = [0, 2, 5, None]
+    sampling = [dict(logprobs=n, temperature=0.7, seed=i) for i, n in enumerate(counts)]
+    lengths = [6, 9, 5, 7]
+    scheduler = Scheduler(cpu_engine, max_queue=0)
     scheduler.start()
     try:
-        with pytest.raises(ValueError, match="logprobs"):
-            scheduler.submit(Collector().sequences(cpu_engine, [random_prompt(3)], [SamplingParams(logprobs=2)]))
+        collector = Collector()
+        scheduler.submit(collector.sequences(cpu_engine, prompts, _params(lengths, sampling)))
+        got = collector.outputs(4)
     finally:
         scheduler.stop()
+    want = [cpu_engine.generate(prompt_token_ids=[p], sampling=sp)[0] for p, sp in zip(prompts, _params(lengths, sampling))]
+    for i, (n, w) in enumerate(zip(counts, want)):
+        g = got[i]
+        assert g.token_ids == w.token_ids
+        if n is None:
+            assert g.logprobs is None
+            continue
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        assert all(len(lp.top_logprobs) == n for lp in g.logprobs)
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t.token_id for t in a.top_logprobs] == [t.token_id for t in b.top_logprobs]
 
 
 def test_the_scheduler_holds_the_engine(cpu_engine):

@@ -484,7 +484,7 @@ class BatchSampler:
             slot["lp"][:B, : packed.shape[1]].copy_(packed, non_blocking=True)
         if slot["event"] is not None:
             slot["event"].record(torch.cuda.current_stream(self.device))
-        slot["first"], slot["count"] = first, B
+        slot["first"], slot["count"], slot["num_logprobs"] = first, B, self.num_logprobs
         return handle
 
     def _step_torch(self, logits, next_tokens, first: int, B: int):
@@ -547,7 +547,7 @@ class BatchSampler:
             raise RuntimeError(f"sampler records of step {handle} were overwritten (read them within {self.ring} steps)")
         if slot["event"] is not None:
             slot["event"].synchronize()
-        B, n = slot["count"], self.num_logprobs or 0
+        B, n = slot["count"], slot["num_logprobs"] or 0
         rec = slot["records"][:B].numpy()
         out = StepRecord(*(rec[:, record_column(f)].copy() for f in ("token", "finish", "flags")), first=slot["first"])
         if slot["has_lp"]:

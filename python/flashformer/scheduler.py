@@ -24,8 +24,8 @@ each one's tokens behind, RUN_AHEAD steps at most. A round of the loop:
      delivery to the sinks. Tokens a row produced after its sequence ended are dropped.
 Sampled and penalized sequences draw with the engine's sampler (its filters, penalties and noise
 keyed by each request's seed and token index), so a seeded sequence draws what it draws alone in
-Engine.generate, whatever else is in the batch. logprobs are not produced here yet (submit()
-refuses them).
+Engine.generate, whatever else is in the batch; so do its logprobs (a step computes them when one
+of its sequences asks, each sequence keeping the count it asked for).
 """
 
 from __future__ import annotations
@@ -104,6 +104,12 @@ class _Step:
     prefill: bool = False
 
 
+def _num_logprobs(seqs: list[Sequence | None]) -> int | None:
+    """The alternatives a step computes: the most any of its sequences asks for (None: no logprobs)."""
+    return max((s.request.params.logprobs for s in seqs if s is not None and s.request.params.logprobs is not None),
+               default=None)
+
+
 class Scheduler:
     """Continuous batching over `engine`'s max_batch_size slots, with at most `max_queue`
     sequences waiting for a slot beyond them (submit() raises QueueFull past that)."""
@@ -148,10 +154,7 @@ class Scheduler:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` (all or none): QueueFull when the free slots and the room left in the
-        queue cannot take them all, SchedulerStopped when the scheduler is not running;
-        ValueError for a sequence asking for logprobs (not produced by the scheduler yet)."""
-        if any(s.request.params.logprobs is not None for s in seqs):
-            raise ValueError("the scheduler does not produce logprobs yet: submit sequences with logprobs=None")
+        queue cannot take them all, SchedulerStopped when the scheduler is not running."""
         now = perf_counter()
         with self._cond:
             if not self.alive:
@@ -206,7 +209,6 @@ class Scheduler:
     def _loop(self) -> None:
         sampler = self.sampler = self.engine._sampler()
         sampler.end_all()  # every row idle until a sequence is admitted into it
-        sampler.num_logprobs = None
         pending: deque[_Step] = deque()
         while True:
             admitted, freed = self._between_steps(idle=not pending)
@@ -281,6 +283,7 @@ class Scheduler:
             logits = self.engine.backend.prefill(prompts, rows=[s.slot for s in seqs])
             sampler.admit([s.slot for s in seqs], [r.prompt_ids for r in requests], [r.params for r in requests],
                           [r.seed for r in requests], [r.stop_ids for r in requests])
+            sampler.num_logprobs = _num_logprobs(seqs)
             i = 0
             while i < len(seqs):
                 j = i + 1
@@ -307,7 +310,9 @@ class Scheduler:
         for s in self.slots[:batch]:
             if s is not None and not (s.done or s.cancelled):
                 rows[s.slot] = s
-        fused = all(s is None or (s.request.params.greedy and not s.request.params.penalized) for s in rows)
+        sampler.num_logprobs = _num_logprobs(rows)
+        fused = sampler.num_logprobs is None and all(
+            s is None or (s.request.params.greedy and not s.request.params.penalized) for s in rows)
         decode_step = getattr(backend, "decode_step", None)  # optional (engine.Backend)
         tokens, positions = sampler.tokens[:batch], sampler.positions[:batch]
         if decode_step is not None:
@@ -361,7 +366,9 @@ class Scheduler:
                 self._fail(s, RuntimeError(f"the sampler ended row {s.slot} before the scheduler did (internal error)"))
                 continue
             position = len(s.request.prompt_ids) + len(s.request.token_ids)  # where this token goes
-            delta = s.request.add(token, now, cache_full=position + 1 >= limit)
+            top = s.request.params.logprobs
+            logprob = None if top is None else self.engine._logprob(rec, i, token, top)
+            delta = s.request.add(token, now, cache_full=position + 1 >= limit, logprob=logprob)
             self.observer.token(s, delta)
             if delta.finish_reason is not None:
                 s.done = True
