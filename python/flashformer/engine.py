@@ -527,8 +527,8 @@ class Engine:
         for r in requests:
             r.start = start
         sampler, B = self._sampler(), len(requests)
-        if RUN_AHEAD >= sampler.RING:
-            raise ValueError(f"RUN_AHEAD={RUN_AHEAD} needs more than the sampler's {sampler.RING} record buffers")
+        if RUN_AHEAD >= sampler.ring:
+            raise ValueError(f"RUN_AHEAD={RUN_AHEAD} needs more than the sampler's {sampler.ring} record buffers")
         sampler.start([r.prompt_ids for r in requests], [r.params for r in requests], [r.seed for r in requests],
                       [r.stop_ids for r in requests])
         logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
