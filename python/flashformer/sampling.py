@@ -458,11 +458,12 @@ class BatchSampler:
                 if logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device != self.device:
                     logits = logits.float().contiguous().to(self.device)
             stream = torch.cuda.current_stream(self.device).cuda_stream
-            row = lambda t: t[first].data_ptr()  # noqa: E731 - row `first` of a per-row state tensor
+            # row `first` of a per-row state tensor (its address: no view per tensor a step)
+            row = lambda t: t.data_ptr() + first * t.stride(0) * t.element_size()  # noqa: E731
             C.sample_tokens(
                 0 if logits is None else logits.data_ptr(), 0 if logits is None else logits.stride(0),
                 0 if next_tokens is None else next_tokens.data_ptr(), self.vocab, B, self.max_seq,
-                self.rows.data_ptr() + first * row_dtype().itemsize, row(self.stop_ids), self.stop_ids.shape[1],
+                self.rows.data_ptr() + first * self._table.itemsize, row(self.stop_ids), self.stop_ids.shape[1],
                 row(self.counts) if self.penalized else 0, row(self.in_prompt) if self.penalized else 0,
                 row(self.tokens), row(self.positions), row(self.generated), row(self.status),
                 slot["records_device_ptr"] if direct else self.records.data_ptr(), self.device_index, stream,
