@@ -145,7 +145,7 @@ def test_logprobs_in_completions_and_chats_and_their_streams(client, path):
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2, **GREEDY)
     lp = full.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-4)
-    assert lp.tokens == [t.token for t in want.logprobs] and "".join(lp.tokens) == full.choices[0].text
+    assert lp.tokens == [t.text for t in want.logprobs] and "".join(lp.tokens) == full.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)  # (two ids of one text make one key)
     chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2, stream=True,
@@ -166,6 +166,29 @@ def test_logprobs_in_completions_and_chats_and_their_streams(client, path):
     assert [c.logprob for c in streamed] == [c.logprob for c in content]
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **GREEDY)
     assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprob_tokens_join_into_the_text(path):
+    """The legacy logprobs' tokens are what each token added to the text: a special token (not in
+    the text) adds "", a character whose bytes span two tokens lands on the second; so they join
+    into the text and text_offset indexes it (the random model once drew <|assistant|>)."""
+    from flashformer import SamplingParams
+    from flashformer.engine import TokenLogprob, _Request
+    from flashformer.serve import _completion_logprobs
+    from flashformer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    special, e_acute = tok.encode("<|assistant|>", add_special_tokens=False), tok.encode("é", add_special_tokens=False)
+    assert len(special) == 1 and len(e_acute) == 2  # (the test's premise: one special id, two byte ids)
+    ids = tok.encode("ab ", add_special_tokens=False) + special + e_acute + tok.encode(" cd", add_special_tokens=False)
+    r = _Request(0, None, [1], SamplingParams(max_tokens=len(ids), logprobs=0), tok, (), "cpu")
+    for t in ids:
+        r.add(t, 0.0, cache_full=False, logprob=TokenLogprob(tok.token_text(t), -1.0, None, [], t))
+    assert r.text == "ab é cd"
+    lp = _completion_logprobs(r.logprobs, 0)
+    assert "".join(lp["tokens"]) == r.text and lp["tokens"][ids.index(special[0])] == ""
+    assert [r.text[o : o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    assert r.logprobs[ids.index(special[0])].token == "<|assistant|>"  # (the chat entries keep the token's own)
 
 
 def test_sampling_parameters(client):

@@ -118,6 +118,10 @@ class TokenLogprob:
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
     token_id: int
+    # what this token added to the output's text (special tokens skipped as there; a character
+    # whose bytes span tokens on the one that completes it): the completions' legacy `tokens`, so
+    # that they join into the text and text_offset indexes it. None without a tokenizer.
+    text: str | None = None
 
 
 @dataclass
@@ -174,9 +178,12 @@ class _Request:
         if self.finish_reason is None and (len(self.token_ids) == self.params.max_tokens or cache_full):
             self.finish_reason = "length"
         if self.stream is not None:
-            self.text += self.stream.step(token)
+            piece = self.stream.step(token)
             if self.finish_reason is not None:  # an incomplete character at the end, as decode() gives it
-                self.text += self.stream.finish()
+                piece += self.stream.finish()
+            self.text += piece
+            if logprob is not None:
+                logprob.text = piece
             begin = max(0, self.searched - self.longest_stop + 1)
             cuts = [i for i in (self.text.find(s, begin) for s in self.params.stop) if i >= 0]
             self.searched = len(self.text)

@@ -194,12 +194,12 @@ def _chat_logprobs(logprobs) -> dict | None:
 
 
 def _completion_logprobs(logprobs, offset: int) -> dict | None:
-    """A completion choice's (or chunk's) logprobs in the legacy shape: tokens, their logprobs,
-    their alternatives (token -> logprob) and where each starts in the text (`offset`: the text
-    before these tokens)."""
+    """A completion choice's (or chunk's) logprobs in the legacy shape: tokens (the text each
+    added: they join into the completion's text), their logprobs, their alternatives (token ->
+    logprob) and where each starts in the text (`offset`: the text before these tokens)."""
     if logprobs is None:
         return None
-    tokens = [_token(lp) for lp in logprobs]
+    tokens = [lp.text if lp.text is not None else _token(lp) for lp in logprobs]
     starts = []
     for t in tokens:
         starts.append(offset)
