@@ -126,6 +126,69 @@ def test_splits_that_cannot_be_made_are_refused():
         _take(blocks, cols=(0, 64))
 
 
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, QuantizedMatrix):
+        return isinstance(b, QuantizedMatrix) and a.block == b.block and torch.equal(a.data, b.data) and torch.equal(
+            a.scale, b.scale)
+    return torch.equal(a, b)
+
+
+def _device_bytes(weights) -> int:
+    """Bytes of a Weights' distinct tensors (a tied LM head once), FP8 scales included."""
+    seen, total = set(), 0
+    for m in [weights.embed, weights.final_norm, weights.lm_head] + [
+            getattr(layer, f.name) for layer in weights.layers for f in dataclasses.fields(layer)]:
+        for t in (m.data, m.scale) if isinstance(m, QuantizedMatrix) else (m,):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+    return total
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "quantize-at-load", "compressed-tensors"])
+def test_a_rank_loads_its_part_layer_by_layer(tmp_path, fmt):
+    """build_rank cuts each layer as soon as it is read (load_weights' layer_hook): a rank never holds
+    the whole model, and gets exactly shard_weights of the whole load; the size check counts a
+    rank's part (Checkpoint.nbytes(world=))."""
+    from test_fp8 import write_compressed_tensors
+
+    from flashformer.config import load_spec
+    from flashformer.tensor_parallel import RankSetup, build_rank
+    from flashformer.weights import COLUMN_SPLIT_FIELDS, ROW_SPLIT_FIELDS, inspect_checkpoint, load_weights
+
+    path = make_checkpoint(tmp_path / "ckpt", "llama3")[1]
+    if fmt == "compressed-tensors":
+        write_compressed_tensors(path, "channel")
+    quantization = "fp8" if fmt == "quantize-at-load" else None
+    spec = load_spec(path)
+    whole = load_weights(path, spec, dtype=torch.float32, progress=False, quantization=quantization)
+    hooked = []
+    shard = load_weights(path, spec, dtype=torch.float32, progress=False, quantization=quantization,
+                         layer_hook=lambda i, layer: hooked.append(i) or shard_weights(
+                             spec, dataclasses.replace(whole, layers=[layer]), 1, 2).layers[0])
+    assert sorted(hooked) == list(range(spec.num_layers))  # each layer once, when whole
+    setup = RankSetup(str(path), torch.float32, "cpu", 2, MAX_SEQ, "auto", quantization, False)
+    nbytes = inspect_checkpoint(path, spec).nbytes(torch.float32, quantize=quantization == "fp8", world=2)
+    for rank in range(2):
+        _, got, cache = build_rank(setup, rank, 2)
+        want = shard_weights(spec, whole, rank, 2)
+        for a, b in zip(got.layers, want.layers):
+            for f in dataclasses.fields(a):
+                assert _same(getattr(a, f.name), getattr(b, f.name)), (rank, f.name)
+        assert torch.equal(got.embed, whole.embed) and torch.equal(got.lm_head, whole.lm_head)
+        assert cache.kv.shape[3] == spec.num_kv_heads // 2
+        if rank == 0:  # (rank 0 holds the O and down biases too: the whole's counted there)
+            assert _device_bytes(got) == nbytes, (_device_bytes(got), nbytes)
+    for a, b in zip(shard.layers, shard_weights(spec, whole, 1, 2).layers):
+        assert all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    # the fields shard_layer cuts are the ones the size check divides
+    first = shard_weights(spec, whole, 0, 2).layers[0]
+    cut = {f.name for f in dataclasses.fields(first) if getattr(first, f.name) is not getattr(whole.layers[0], f.name)}
+    assert {"wqkv", "wo", "w_gate_up", "w_down"} <= cut <= ROW_SPLIT_FIELDS | COLUMN_SPLIT_FIELDS
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("llama3"), "llama3")[1]  # 4 heads, 2 kv heads, biases

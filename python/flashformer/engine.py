@@ -306,12 +306,14 @@ class Engine:
                 "so the output there may degrade",
                 stacklevel=2,
             )
+        rank_spec = spec  # what one rank computes (its heads and rows): its KV cache's size
         if tensor_parallel_size > 1:
-            from .tensor_parallel import split_problem
+            from .tensor_parallel import shard_spec, split_problem
 
             problem = split_problem(spec, tensor_parallel_size)
             if problem:
                 raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: {problem}")
+            rank_spec = shard_spec(spec, tensor_parallel_size)
             if device.type == "cuda" and (device.index or 0) != 0:
                 raise ValueError(f"tensor_parallel_size > 1 runs rank 0 on cuda:0 and rank r on cuda:r; got {device}")
             backend_cls = None
@@ -321,8 +323,9 @@ class Engine:
             )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
-        weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8")
-        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len, kv_cache_dtype)
+        weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8", world=tensor_parallel_size)
+        validate.check_model_fits(rank_spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len,
+                                  kv_cache_dtype)
         if tensor_parallel_size > 1:
             return cls._tensor_parallel(model_dir, tensor_parallel_size, tokenizer, dtype=torch_dtype, device=device,
                                         max_batch_size=max_batch_size, max_seq_len=max_seq_len,

@@ -81,12 +81,11 @@ def _rows(v: torch.Tensor | None, rows: list[tuple[int, int]]) -> torch.Tensor |
     return None if v is None else torch.cat([v[r0:r1] for r0, r1 in rows]).contiguous()
 
 
-def shard_weights(spec: ModelSpec, weights: Weights, rank: int, world: int) -> Weights:
-    """Rank `rank`'s part of row-major `weights` (new tensors; the embeddings, norms and LM head are
-    shared with `weights`)."""
+def shard_layer(spec: ModelSpec, layer: LayerWeights, rank: int, world: int) -> LayerWeights:
+    """Rank `rank`'s part of one row-major layer: new tensors for weights.ROW_SPLIT_FIELDS and
+    COLUMN_SPLIT_FIELDS, the norms
+    shared, the O and down biases on rank 0 only (their sums are all-reduced)."""
     part = shard_spec(spec, world)
-    if weights.fragment_order:
-        raise ValueError("tensor parallelism splits row-major weights; these are in the megakernel's fragment order")
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
     q, kv, inter = part.q_size, part.kv_size, part.intermediate_size
@@ -94,22 +93,28 @@ def shard_weights(spec: ModelSpec, weights: Weights, rank: int, world: int) -> W
            (spec.q_size + spec.kv_size + rank * kv, spec.q_size + spec.kv_size + (rank + 1) * kv)]
     gate_up = [(rank * inter, (rank + 1) * inter),
                (spec.intermediate_size + rank * inter, spec.intermediate_size + (rank + 1) * inter)]
-    layers = []
-    for layer in weights.layers:
-        layers.append(LayerWeights(
-            attn_norm=layer.attn_norm,
-            wqkv=_take(layer.wqkv, qkv),
-            wo=_take(layer.wo, cols=(rank * q, (rank + 1) * q)),
-            mlp_norm=layer.mlp_norm,
-            w_gate_up=_take(layer.w_gate_up, gate_up),
-            w_down=_take(layer.w_down, cols=(rank * inter, (rank + 1) * inter)),
-            bqkv=_rows(layer.bqkv, qkv),
-            bo=layer.bo if rank == 0 else None,
-            q_norm=layer.q_norm,
-            k_norm=layer.k_norm,
-            b_gate_up=_rows(layer.b_gate_up, gate_up),
-            b_down=layer.b_down if rank == 0 else None,
-        ))
+    return LayerWeights(
+        attn_norm=layer.attn_norm,
+        wqkv=_take(layer.wqkv, qkv),
+        wo=_take(layer.wo, cols=(rank * q, (rank + 1) * q)),
+        mlp_norm=layer.mlp_norm,
+        w_gate_up=_take(layer.w_gate_up, gate_up),
+        w_down=_take(layer.w_down, cols=(rank * inter, (rank + 1) * inter)),
+        bqkv=_rows(layer.bqkv, qkv),
+        bo=layer.bo if rank == 0 else None,
+        q_norm=layer.q_norm,
+        k_norm=layer.k_norm,
+        b_gate_up=_rows(layer.b_gate_up, gate_up),
+        b_down=layer.b_down if rank == 0 else None,
+    )
+
+
+def shard_weights(spec: ModelSpec, weights: Weights, rank: int, world: int) -> Weights:
+    """Rank `rank`'s part of row-major `weights` (new tensors; the embeddings, norms and LM head are
+    shared with `weights`)."""
+    if weights.fragment_order:
+        raise ValueError("tensor parallelism splits row-major weights; these are in the megakernel's fragment order")
+    layers = [shard_layer(spec, layer, rank, world) for layer in weights.layers]
     return Weights(embed=weights.embed, final_norm=weights.final_norm, lm_head=weights.lm_head, layers=layers)
 
 
@@ -232,17 +237,16 @@ class RankSetup:
 
 
 def build_rank(setup: RankSetup, rank: int, world: int, progress: bool = False) -> tuple[ModelSpec, Weights, KVCache]:
-    """Rank `rank`'s part: the model's spec, its shard of the checkpoint's weights (the whole
-    checkpoint is loaded, then the rank's part kept) and its KV cache."""
+    """Rank `rank`'s part: the model's spec, its shard of the checkpoint's weights (each layer cut
+    as soon as it is read: the rank never holds the whole model) and its KV cache."""
     from .config import load_spec
     from .weights import load_weights
 
     spec = load_spec(Path(setup.model_dir))
     device = setup.device(rank)
-    weights = load_weights(setup.model_dir, spec, dtype=setup.dtype, device=device, progress=progress,
-                           allow_unused_tensors=setup.allow_unused_tensors, quantization=setup.quantization)
-    shard = shard_weights(spec, weights, rank, world)
-    del weights
+    shard = load_weights(setup.model_dir, spec, dtype=setup.dtype, device=device, progress=progress,
+                         allow_unused_tensors=setup.allow_unused_tensors, quantization=setup.quantization,
+                         layer_hook=lambda _, layer: shard_layer(spec, layer, rank, world))
     cache = KVCache.allocate(shard_spec(spec, world), setup.max_batch_size, setup.max_seq_len, dtype=setup.dtype,
                              device=device, kv_cache_dtype=setup.kv_cache_dtype)
     return spec, shard, cache
