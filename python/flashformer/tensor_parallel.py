@@ -83,8 +83,8 @@ def _rows(v: torch.Tensor | None, rows: list[tuple[int, int]]) -> torch.Tensor |
 
 def shard_layer(spec: ModelSpec, layer: LayerWeights, rank: int, world: int) -> LayerWeights:
     """Rank `rank`'s part of one row-major layer: new tensors for weights.ROW_SPLIT_FIELDS and
-    COLUMN_SPLIT_FIELDS, the norms
-    shared, the O and down biases on rank 0 only (their sums are all-reduced)."""
+    COLUMN_SPLIT_FIELDS, the norms shared, the O and down biases on rank 0 only (the ranks' sums
+    are all-reduced)."""
     part = shard_spec(spec, world)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
