@@ -155,7 +155,7 @@ def test_a_rank_loads_its_part_layer_by_layer(tmp_path, fmt):
     from test_fp8 import write_compressed_tensors
 
     from flashformer.config import load_spec
-    from flashformer.tensor_parallel import RankSetup, build_rank
+    from flashformer.tensor_parallel import RankSetup, build_rank, shard_layer
     from flashformer.weights import COLUMN_SPLIT_FIELDS, ROW_SPLIT_FIELDS, inspect_checkpoint, load_weights
 
     path = make_checkpoint(tmp_path / "ckpt", "llama3")[1]
@@ -166,8 +166,7 @@ def test_a_rank_loads_its_part_layer_by_layer(tmp_path, fmt):
     whole = load_weights(path, spec, dtype=torch.float32, progress=False, quantization=quantization)
     hooked = []
     shard = load_weights(path, spec, dtype=torch.float32, progress=False, quantization=quantization,
-                         layer_hook=lambda i, layer: hooked.append(i) or shard_weights(
-                             spec, dataclasses.replace(whole, layers=[layer]), 1, 2).layers[0])
+                         layer_hook=lambda i, layer: hooked.append(i) or shard_layer(spec, layer, 1, 2))
     assert sorted(hooked) == list(range(spec.num_layers))  # each layer once, when whole
     setup = RankSetup(str(path), torch.float32, "cpu", 2, MAX_SEQ, "auto", quantization, False)
     nbytes = inspect_checkpoint(path, spec).nbytes(torch.float32, quantize=quantization == "fp8", world=2)
