@@ -130,6 +130,8 @@ __device__ __forceinline__ void run_consumers(Consumer<T>& c) {
     return true;
   });
   if (c.tid == 0 && tr.on()) tr.header(TraceHeader::kEndNs, global_ns()), tr.header(TraceHeader::kEndCycles, clock64());
+  c.sync();  // every consumer thread is out of the task loop (an aborted step leaves it together too)
+  if (c.tid == 0) publish_status(p);
 }
 
 template <class T>

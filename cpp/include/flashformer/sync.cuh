@@ -100,6 +100,17 @@ __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
   return atomicAdd(counter, 1u);
 }
 
+// One thread a CTA, once every consumer thread of its CTA is out of the step (a finished or an
+// aborted one): count the CTA out; the last CTA out writes the step's outcome, its error words and
+// arg-max tokens, to host_status's half for this epoch, so the host needs no copies of its own.
+__device__ __forceinline__ void publish_status(const MegakernelParams& p) {
+  if (signal_counter(p.scratch.exits) + 1 != p.epoch * gridDim.x) return;
+  fence_acq_rel_gpu();  // every CTA's writes before its count (the error words, the tokens) are visible
+  int* out = p.host_status + (p.epoch & 1) * kStatusWords;
+  for (int i = 0; i < kErrorWords; ++i) out[i] = load_relaxed(p.scratch.error + i);
+  for (int b = 0; b < p.batch; ++b) out[kErrorWords + b] = __ldcg(p.next_tokens + b);
+}
+
 // The same publication when nobody needs the old value: a release reduction, so the thread
 // does not wait for the counter's round trip. (Under the timing variant kRelaxedSignals, without
 // the release ordering: what the fence costs a hand-off.)
