@@ -333,19 +333,23 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name,fp8,kv", [("tiny-gqa", False, "auto"), ("tiny-qk-norm", False, "auto"),
-                                         ("tiny-bias", False, "auto"), ("tiny-gqa", True, "auto"), ("tiny-bias", True, "auto"),
-                                         ("tiny-gqa", False, "fp8"), ("tiny-qk-norm", True, "fp8")])
-def test_sanitizer_smoke(name, fp8, kv):
-    """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
-    a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
-    memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
-    q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers; then an FP8 KV cache."""
+@pytest.mark.parametrize("name,fp8,kv,start", [("tiny-gqa", False, "auto", 0), ("tiny-qk-norm", False, "auto", 0),
+                                               ("tiny-bias", False, "auto", 0), ("tiny-gqa", True, "auto", 0),
+                                               ("tiny-bias", True, "auto", 0), ("tiny-gqa", False, "fp8", 0),
+                                               ("tiny-qk-norm", True, "fp8", 0), ("tiny-d128", False, "fp8", 90)])
+def test_sanitizer_smoke(name, fp8, kv, start):
+    """Decode-only steps of a tiny config from position `start` of an empty cache (no prefill:
+    only the kernel and a few elementwise torch ops run): scripts/gpu_check.sh runs this under
+    compute-sanitizer's memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised).
+    Llama's layer, then q/k norm and q/k/v biases (both with padded vocabularies); then e4m3
+    layers; then an FP8 KV cache, last over stages of more positions than scoring takes at once."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)
-    mk = fp8_kv_backend(MegakernelBackend, spec, weights, 2, 16) if kv == "fp8" else megakernel(spec, weights, 2, 16)
-    for step in range(3):
+    max_seq = start + 16
+    mk = (fp8_kv_backend(MegakernelBackend, spec, weights, 2, max_seq) if kv == "fp8"
+          else megakernel(spec, weights, 2, max_seq))
+    for step in range(start, start + 3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()

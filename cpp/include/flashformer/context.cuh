@@ -106,9 +106,9 @@ struct Producer {
 
   // One FP8 KV-cache stage (ring.push_kv_fp8) under the same in-flight limit.
   __device__ bool stream_kv_fp8(const void* keys, const void* values, const float* key_scales, int key_scale_bytes,
-                                const float* value_scales, int value_scale_bytes, int bytes) {
+                                const float* value_scales, int value_scale_bytes, int bytes, int scale_offset) {
     if (!make_room() || !ring.push_kv_fp8(cursor, keys, values, key_scales, key_scale_bytes, value_scales,
-                                          value_scale_bytes, bytes, p, slot_wait))
+                                          value_scale_bytes, bytes, scale_offset, p, slot_wait))
       return false;
     ++in_flight;
     return true;

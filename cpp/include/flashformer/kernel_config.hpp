@@ -59,6 +59,12 @@ struct WeightFormats {
   WeightFormat lm_head = WeightFormat::kBf16;
 };
 
+// The KV cache a kernel reads (KernelTraits' kKv): bf16, or e4m3 with an fp32 scale per token and kv
+// head (MegakernelParams::kv_scale). A compile-time choice, as the weights' format: with both
+// attention variants in one kernel the FP8-weight kernels spilled.
+enum class KvFormat : int { kBf16 = 0, kFp8 = 1 };
+inline constexpr int kNumKvFormats = 2;
+
 // Row orders applied while packing weights (weight_layout.cuh), so each epilogue finds related rows in one thread:
 // rows g and g+8 of a 16-row block land in the same lane's accumulators.
 enum class RowOrder : int {
@@ -70,16 +76,33 @@ enum class RowOrder : int {
 // Floats per attention partial (o[head_dim], m, l, two pad): a multiple of 4, so the chunk
 // merge reads o as float4.
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
-// Positions of one batch row in a KV stage of attention: their keys, then their values.
-constexpr int attn_stage_positions(int head_dim) { return kStageBytes / 2 / (head_dim * 2); }
+// Positions attention scores at a time (one pass through a warp's scoring scratch): a bf16 KV
+// stage's, whose first half holds their keys and second half their values.
+constexpr int attn_score_positions(int head_dim) { return kStageBytes / 2 / (head_dim * 2); }
+// Bytes of n FP8 KV scales as a stage holds them: copied from the 16-byte boundary at or below the
+// first (up to 3 scales before it), in whole 16-byte units.
+constexpr int attn_fp8_scale_bytes(int n) { return (n + 3 + 3) / 4 * 16; }
+// Where a half of an FP8 KV stage holds its scales: after its positions' D-byte rows, 16-byte aligned.
+constexpr int attn_fp8_scale_offset(int head_dim, int positions) { return (positions * head_dim + 15) / 16 * 16; }
+// Positions of one batch row in a KV stage of attention: bf16, their keys and then (from the
+// stage's middle) their values; e4m3, as many as fit a half with their scales (a multiple of 8:
+// whole score tiles), so that a stage carries as many bytes as a bf16 one.
+constexpr int attn_stage_positions(int head_dim, KvFormat kv) {
+  if (kv == KvFormat::kBf16) return attn_score_positions(head_dim);
+  int n = kStageBytes / 2 / head_dim / 8 * 8;
+  while (attn_fp8_scale_offset(head_dim, n) + attn_fp8_scale_bytes(n) > kStageBytes / 2) n -= 8;
+  return n;
+}
+static_assert(attn_stage_positions(128, KvFormat::kFp8) == 56 && attn_stage_positions(64, KvFormat::kFp8) == 120,
+              "an FP8 KV stage of head_dim 128 holds 56 positions, of 64 120 (bf16: 32, 64)");
 // q heads of a kv head rounded up to a power of two: the stride of the scoring weights.
 constexpr int attn_head_slots(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 // Floats of one consumer warp's attention slot in shared memory: its partials (o, m, l) of the
 // group's q heads, also its scoring scratch before that (a stage's rescale factors, then its
-// weights [stage positions][head slots]); a multiple of 4 (float4 loads).
+// weights [score positions][head slots]); a multiple of 4 (float4 loads).
 constexpr int attn_warp_floats(const ModelDims& d) {
   const int group = d.heads / d.kv_heads;
-  const int scoring = attn_head_slots(group) * (1 + attn_stage_positions(d.head_dim));
+  const int scoring = attn_head_slots(group) * (1 + attn_score_positions(d.head_dim));
   return (std::max(group * attn_part_stride(d.head_dim), scoring) + 3) / 4 * 4;
 }
 
@@ -139,12 +162,6 @@ struct SmemPlan {
 // holds the timing variants, the step trace and the test hooks (MegakernelParams::instr). The
 // shipped kernel compiles every one of their branches away (kInstrumented is a constant).
 enum class Build : int { kShipped = 0, kInstrumented = 1 };
-
-// The KV cache a kernel reads (KernelTraits' kKv): bf16, or e4m3 with an fp32 scale per token and kv
-// head (MegakernelParams::kv_scale). A compile-time choice, as the weights' format: with both
-// attention variants in one kernel the FP8-weight kernels spilled.
-enum class KvFormat : int { kBf16 = 0, kFp8 = 1 };
-inline constexpr int kNumKvFormats = 2;
 
 template <int Config, Build B, WeightFormat F = WeightFormat::kBf16, KvFormat K = KvFormat::kBf16>
 struct KernelTraits : ModelTraits<Config> {

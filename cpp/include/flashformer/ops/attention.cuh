@@ -9,9 +9,8 @@
 // (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
 // finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
 // An FP8 KV cache (T::kKv, with p.kv_scale) holds e4m3 vectors, each with an fp32
-// scale: a stage carries the positions' key bytes and, a quarter of a stage on, their scales
-// (copied from the 16-byte boundary below the first), then the same for the values from the
-// stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
+// scale: a stage carries the positions' key bytes and after them their scales (copied from the
+// 16-byte boundary below the first), then the same for the values from the stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
 // score times its key's scale; values into fp32 times theirs. The current position's k and v come
 // from scratch in fp32 (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
 // as the reference path's quantize_kv) and appends them, bytes and scales, to the cache.
@@ -47,8 +46,12 @@ struct AttentionKernel {
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
-  // stage's middle) their values.
-  static constexpr int kStagePositions = attn_stage_positions(D);
+  // stage's middle) their values; FP8, each half's rows followed by their scales (kScaleOffset
+  // bytes into the half), so that a stage holds 1.75-1.9x bf16's positions. Scoring takes at most
+  // kScorePositions of them at a time (its scratch's size).
+  static constexpr int kStagePositions = attn_stage_positions(D, T::kKv);
+  static constexpr int kScorePositions = attn_score_positions(D);
+  static constexpr int kScaleOffset = attn_fp8_scale_offset(D, kStagePositions);
   static constexpr int kWarpFloats = attn_warp_floats(T::kDims);  // a consumer warp's slot (kernel_config.hpp)
 
   // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
@@ -92,7 +95,7 @@ struct AttentionKernel {
   __device__ static ScaleSpan scale_span(int64_t index, int n) {
     const int64_t at = index / D, first = at & ~int64_t(3);
     const int offset = int(at - first);
-    return {first, offset, (offset + n + 3) / 4 * 16};
+    return {first, offset, (offset + n + 3) / 4 * 16};  // (at most attn_fp8_scale_bytes(n))
   }
 
   // Past K and V never depend on this step: the producer streams them through the ring ahead of
@@ -114,7 +117,7 @@ struct AttentionKernel {
             const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p.kv_cache);
             const ScaleSpan ks = scale_span(k, n), vs = scale_span(v, n);
             return pr.stream_kv_fp8(bytes + k, bytes + v, p.kv_scale + ks.first, ks.bytes, p.kv_scale + vs.first,
-                                    vs.bytes, n * D);
+                                    vs.bytes, n * D, kScaleOffset);
           } else {
             return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
           }
@@ -166,10 +169,10 @@ struct AttentionKernel {
   static constexpr int kChunks = D / 32;
   static_assert(G <= 8 && D % 32 == 0, "scores map the q heads onto the mma's rows, head_dim onto 32-dim chunks");
   // A warp's scoring scratch is its slot (the partials are written only after its last stage):
-  // the stage's rescale factors (kHeadSlots floats), then its weights [kStagePositions][kHeadSlots];
+  // the stage's rescale factors (kHeadSlots floats), then its weights [kScorePositions][kHeadSlots];
   // for the current position, its K and V rows from kCurrentRows floats on.
   static constexpr int kCurrentRows = 2 * kHeadSlots < 8 ? 8 : 2 * kHeadSlots;
-  static_assert(kHeadSlots * (1 + kStagePositions) <= kWarpFloats && kCurrentRows + D <= kWarpFloats &&
+  static_assert(kHeadSlots * (1 + kScorePositions) <= kWarpFloats && kCurrentRows + D <= kWarpFloats &&
                     G * kPartStride <= kWarpFloats,
                 "the scoring scratch and the partials fit in the warp's slot");
 
@@ -221,7 +224,7 @@ struct AttentionKernel {
       }
     }
 
-    // Folds positions [0, n) (1 <= n <= kStagePositions) of the K and V rows `kv` (shared memory,
+    // Folds positions [0, n) (1 <= n <= kScorePositions) of the K and V rows `kv` (shared memory,
     // D elements a row) in. Scores: one mma per tile and k-step, lane (g, t) ends with head g's
     // scores of positions 2t, 2t+1 of each tile; their weights go through `scratch` to every
     // lane, which accumulates o for its dims on the CUDA cores.
@@ -297,6 +300,17 @@ struct AttentionKernel {
           for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += w[h] * v[i];
       }
       __syncwarp();  // the scratch is read before the next call writes it
+    }
+    // A stage's positions [0, n), kScorePositions at a time.
+    __device__ void add_stage(const KvRows& kv, int n, float* scratch, int lane) {
+      if constexpr (kStagePositions <= kScorePositions) return add(kv, n, scratch, lane);  // (bf16)
+      constexpr int kRowBytes = kFp8Kv ? D : D * 2;
+      for (int u = 0; u < n; u += kScorePositions) {
+        const auto at = [&](const void* rows) { return static_cast<const uint8_t*>(rows) + u * kRowBytes; };
+        KvRows part{at(kv.keys), at(kv.values)};
+        if constexpr (kFp8Kv) part.key_scales = kv.key_scales + u, part.value_scales = kv.value_scales + u;
+        add(part, min(kScorePositions, n - u), scratch, lane);
+      }
     }
     __device__ static void load_weights(const float* src, float (&w)[kHeadSlots]) {
       if constexpr (kHeadSlots == 4) {
@@ -413,13 +427,13 @@ struct AttentionKernel {
       if (row == r && (at - c0) / kStagePositions % per_row == first) {
         const uint8_t* stage = reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage));
         KvRows kv{stage, stage + kStageBytes / 2};  // values from the stage's middle
-        if constexpr (kFp8Kv) {  // each one's scales a quarter of a stage on, from their 16-byte boundary
-          kv.key_scales = reinterpret_cast<const float*>(stage + kStageBytes / 4) +
+        if constexpr (kFp8Kv) {  // each half's scales after its rows, from their 16-byte boundary
+          kv.key_scales = reinterpret_cast<const float*>(stage + kScaleOffset) +
                           scale_span(kv_index<T>(p, layer, 0, b, kv_head, at), n).offset;
-          kv.value_scales = reinterpret_cast<const float*>(stage + 3 * kStageBytes / 4) +
+          kv.value_scales = reinterpret_cast<const float*>(stage + kStageBytes / 2 + kScaleOffset) +
                             scale_span(kv_index<T>(p, layer, 1, b, kv_head, at), n).offset;
         }
-        st.add(kv, n, slots, c.lane);
+        st.add_stage(kv, n, slots, c.lane);
       }
       c.ring.release(c.cursor);
       return true;
