@@ -105,6 +105,13 @@ constexpr int attn_warp_floats(const ModelDims& d) {
   const int scoring = attn_head_slots(group) * (1 + attn_score_positions(d.head_dim));
   return (std::max(group * attn_part_stride(d.head_dim), scoring) + 3) / 4 * 4;
 }
+// Positions one scoring pass takes (AttentionKernel's kScorePositions): as many whole score tiles
+// as the warp's slot holds the weights of, up to a stage's (a bf16 stage's always fit; an FP8
+// one's too where the partials' room exceeds the scoring's, at head_dim 128).
+constexpr int attn_pass_positions(const ModelDims& d, KvFormat kv) {
+  const int room = (attn_warp_floats(d) / attn_head_slots(d.heads / d.kv_heads) - 1) / 8 * 8;
+  return std::min(attn_stage_positions(d.head_dim, kv), room);
+}
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
 // The misc region, byte offsets: the ring's mbarriers (full[kMaxStages], empty[kMaxStages]),

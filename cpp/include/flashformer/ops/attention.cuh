@@ -50,7 +50,7 @@ struct AttentionKernel {
   // bytes into the half), so that a stage holds 1.75-1.9x bf16's positions. Scoring takes at most
   // kScorePositions of them at a time (its scratch's size).
   static constexpr int kStagePositions = attn_stage_positions(D, T::kKv);
-  static constexpr int kScorePositions = attn_score_positions(D);
+  static constexpr int kScorePositions = attn_pass_positions(T::kDims, T::kKv);
   static constexpr int kScaleOffset = attn_fp8_scale_offset(D, kStagePositions);
   static constexpr int kWarpFloats = attn_warp_floats(T::kDims);  // a consumer warp's slot (kernel_config.hpp)
 
