@@ -196,6 +196,8 @@ def main() -> int:
     ap.add_argument("--ncu-step", action="store_true", help="warm up, then one step per case (for ncu --launch-skip)")
     ap.add_argument("--quantization", default=None, choices=["fp8"],
                     help="the layer matrices in FP8 e4m3, per-channel scales (as flashformer bench --quantization)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="the KV cache: the model dtype, or FP8 e4m3 with scales (as flashformer bench --kv-cache-dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     C = _core.load()
@@ -244,10 +246,17 @@ def main() -> int:
         w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen,
                            quantization=args.quantization)
         max_ctx = max(ctx for _, ctx in cases)
-        cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda")
+        cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda",
+                                 kv_cache_dtype=args.kv_cache_dtype)
         mk = MegakernelBackend(spec, w, cache)
-        mk.kv_cache.uniform_(-1, 1, generator=gen)
-        rows = result["models"].setdefault(model + (f":{args.quantization}" if args.quantization else ""), {})
+        kv = mk.kv_cache
+        if kv.element_size() == 1:  # (FP8 has no uniform_: drawn in bf16, then rounded; the scales stay 1)
+            kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
+        else:
+            kv.uniform_(-1, 1, generator=gen)
+        label = model + (f":{args.quantization}" if args.quantization else "")
+        label += f":kv-{args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""
+        rows = result["models"].setdefault(label, {})
         for batch, ctx in cases:
             tokens = torch.randint(0, spec.vocab_size, (batch,), device="cuda", generator=gen)
             positions = torch.full((batch,), ctx, device="cuda")
@@ -273,13 +282,13 @@ def main() -> int:
                     times = interleaved_ms(mk, batch, {k: known[k] for k in sweep_variants})
                     summary = summarize_trace(take_trace(mk, batch), spec.num_layers)
                     swept[key] = {**times, "trace": summary}
-                    print(f"{model} batch {batch} ctx {ctx} {key}: "
+                    print(f"{label} batch {batch} ctx {ctx} {key}: "
                           + " ".join(f"{k} {v:.3f}" for k, v in times.items()), flush=True)
                     print(format_trace(summary), flush=True)
                 for a, v in zip(attrs, defaults):
                     setattr(mk.engine, a, v)
                 row["sweep"] = swept
-            floor_bytes = step_bytes(spec, w, batch, ctx)
+            floor_bytes = step_bytes(spec, w, batch, ctx, args.kv_cache_dtype)
             row["bytes"] = floor_bytes
             raw = take_trace(mk, batch)
             row["trace"] = summarize_trace(raw, spec.num_layers)
@@ -288,7 +297,7 @@ def main() -> int:
                 np.savez_compressed(Path(args.out, f"trace-{model}-{batch}x{ctx}.npz"), raw=raw)
             rows[f"{batch}x{ctx}"] = row
             times = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
-            print(f"{model} batch {batch} ctx {ctx} ({floor_bytes / 1e9:.2f} GB): {times}", flush=True)
+            print(f"{label} batch {batch} ctx {ctx} ({floor_bytes / 1e9:.2f} GB): {times}", flush=True)
             print(format_trace(row["trace"]), flush=True)
             for name in trace_variants:
                 row[f"trace_{name}"] = summarize_trace(take_trace(mk, batch, known[name]), spec.num_layers)

@@ -1,15 +1,15 @@
 """Load test of `flashformer serve` on a real model shape with random bf16 weights (no download).
 
   python benchmarks/serve_load.py --out DIR [--model SHAPE] [--clients 8] [--prompt-len 128]
-                                  [--max-tokens 256] [--arrivals 5]
+                                  [--max-tokens 256] [--arrivals 5] [--temperature 0.8 --top-p 0.95]
   python benchmarks/serve_load.py --quick --out DIR    # tiny shape, a few tokens: a smoke run, CPU too
 
 1. Starts the server as a subprocess of this script (`--serve`): the shape's random weights, the
    engine with max_batch_size = --clients, and, before it serves, the engine's decode step timed
    at that batch over the contexts the run covers (bench.py's timer: CUDA events between back to
    back steps) and the engine's own generate loop at that batch (ms per token).
-2. Steady state: --clients streaming completions start together (token-id prompts, greedy,
-   ignore_eos). Each client's inter-token latency is the gaps between its server-sent events once
+2. Steady state: --clients streaming completions start together (token-id prompts, greedy or
+   --temperature/--top-p, ignore_eos). Each client's inter-token latency is the gaps between its server-sent events once
    every client has its first token, against the decode step at the run's middle context
    (target: mean <= 1.10x).
 3. Arrival under load: clients - 1 streams decode; then one more request arrives (--arrivals
@@ -131,10 +131,12 @@ class Server:
                 self.proc.wait(60)
 
 
-async def stream(client, model: str, prompt: list[int], max_tokens: int, started: float | None = None) -> dict:
-    """One streaming completion; the time (perf_counter) of each token's event."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-            "ignore_eos": True}
+async def stream(client, model: str, prompt: list[int], max_tokens: int, sampling: dict,
+                 started: float | None = None) -> dict:
+    """One streaming completion (`sampling`: its temperature and top_p); the time (perf_counter) of
+    each token's event."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            **sampling}
     sent = time.perf_counter() if started is None else started
     times = []
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -161,7 +163,7 @@ def gap_stats(times: list[float], after: float = float("-inf")) -> dict:
 
 
 async def steady_state(client, args, prompts) -> list[dict]:
-    runs = await asyncio.wait_for(asyncio.gather(*(stream(client, args.model, p, args.max_tokens) for p in prompts)),
+    runs = await asyncio.wait_for(asyncio.gather(*(stream(client, args.model, p, args.max_tokens, args.sampling) for p in prompts)),
                                   TIMEOUT)
     everyone = max(r["times"][0] for r in runs)  # from here on every client decodes
     return [{"client": i, "tokens": len(r["times"]), "ttft_ms": (r["times"][0] - r["sent"]) * 1e3,
@@ -172,12 +174,12 @@ async def steady_state(client, args, prompts) -> list[dict]:
 async def arrivals(client, args, prompts) -> dict:
     """clients - 1 long streams decode; one more request arrives, --arrivals times."""
     background_tokens = args.max_seq_len - args.prompt_len - 8
-    background = [asyncio.ensure_future(stream(client, args.model, p, background_tokens)) for p in prompts[1:]]
+    background = [asyncio.ensure_future(stream(client, args.model, p, background_tokens, args.sampling)) for p in prompts[1:]]
     results = []
     try:
         await asyncio.sleep(0.5)  # (they are prefilled and decoding)
         for _ in range(args.arrivals):
-            run = await asyncio.wait_for(stream(client, args.model, prompts[0], 8), TIMEOUT)
+            run = await asyncio.wait_for(stream(client, args.model, prompts[0], 8, args.sampling), TIMEOUT)
             results.append(run)
             await asyncio.sleep(0.2)
         alive = sum(not b.done() for b in background)
@@ -187,7 +189,7 @@ async def arrivals(client, args, prompts) -> dict:
         await asyncio.gather(*background, return_exceptions=True)
     idle = []
     for _ in range(args.arrivals):
-        idle.append(await asyncio.wait_for(stream(client, args.model, prompts[0], 8), TIMEOUT))
+        idle.append(await asyncio.wait_for(stream(client, args.model, prompts[0], 8, args.sampling), TIMEOUT))
     ttft = [(r["times"][0] - r["sent"]) * 1e3 for r in results]
     ttft_idle = [(r["times"][0] - r["sent"]) * 1e3 for r in idle]
     return {"background_streams": len(background), "background_alive_at_the_end": alive,
@@ -203,7 +205,7 @@ async def run_clients(url: str, args) -> dict:
     prompts = [[rng.randrange(1, args.vocab) for _ in range(args.prompt_len)] for _ in range(args.clients)]
     limits = httpx.Limits(max_connections=4 * args.clients)
     async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, limits=limits) as client:
-        await asyncio.wait_for(stream(client, args.model, prompts[0], 4), TIMEOUT)  # warm-up
+        await asyncio.wait_for(stream(client, args.model, prompts[0], 4, args.sampling), TIMEOUT)  # warm-up
         steady = await steady_state(client, args, prompts)
         arrival = await arrivals(client, args, prompts)
         metrics = (await client.get("/metrics")).text
@@ -221,6 +223,7 @@ def report(args, step: dict, runs: dict) -> dict:
     worst = max((c["ratio_mean"] for c in clients if c["ratio_mean"] is not None), default=None)
     return {
         "model": args.model, "clients": args.clients, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+        "sampling": args.sampling,
         "max_seq_len": args.max_seq_len, "commit": _commit(), **step, "reference_ctx": int(mid),
         "reference_step_ms": step_ms, "target_ratio": TARGET_RATIO, "worst_client_ratio_mean": worst,
         "meets_target": worst is not None and worst <= TARGET_RATIO,
@@ -234,6 +237,12 @@ def _commit() -> str | None:
     return git_commit()
 
 
+def _sampling_text(sampling: dict) -> str:
+    if not sampling.get("temperature"):
+        return "greedy"
+    return f"sampled: temperature={sampling['temperature']}, top_p={sampling.get('top_p', 1.0)}"
+
+
 def _f(x, digits=2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -243,8 +252,8 @@ def markdown(r: dict) -> str:
         f"# flashformer serve under load: {r['model']}, {r['clients']} streaming clients",
         "",
         f"GPU {r['gpu'] or 'none (CPU: these figures mean nothing for GPU performance)'}, backend {r['backend']}, "
-        f"commit {r['commit']}; prompts of {r['prompt_len']} tokens, {r['max_tokens']} tokens each (greedy, "
-        f"ignore_eos); KV cache {r['max_seq_len']}.",
+        f"commit {r['commit']}; prompts of {r['prompt_len']} tokens, {r['max_tokens']} tokens each ("
+        f"{_sampling_text(r.get('sampling', {}))}, ignore_eos); KV cache {r['max_seq_len']}.",
         "",
         "Engine decode step at batch " + str(r["batch"]) + ": " + ", ".join(
             f"{_f(v)} ms at ctx {k}" for k, v in r["step_ms_by_ctx"].items())
@@ -277,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128; --quick: 16)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per steady-state request (default 256)")
     p.add_argument("--arrivals", type=int, default=None, help="arrivals under load (default 5; --quick: 2)")
+    p.add_argument("--temperature", type=float, default=0.0, help="every request's temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="every request's top_p (default 1: off)")
     p.add_argument("--backend", default="auto", help="the engine backend (auto: the megakernel where it can run)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny shape and few tokens: a smoke run, also on a CPU")
@@ -296,6 +307,7 @@ def main(argv=None) -> int:
     args.prompt_len = args.prompt_len or (16 if args.quick else 128)
     args.max_tokens = args.max_tokens or (16 if args.quick else 256)
     args.arrivals = args.arrivals or (2 if args.quick else 5)
+    args.sampling = {"temperature": args.temperature, "top_p": args.top_p}
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.vocab = shape_config(args.model)["vocab_size"]
     # room for the arrival phase's long background streams (about 1 s of decoding at 5 ms a step)

@@ -9,7 +9,9 @@
 # shipped kernel, and the instrumented one where they need timing variants, the trace or test hooks.
 # Performance stages: profile (benchmarks/profile_step.py: timing variants and the step trace;
 # PROFILE_ARGS adds arguments) and ncu (one 8-layer step of the largest default bench shape, or
-# NCU_MODEL, under Nsight Compute, exported as CSV; NCU_CASES, default 1x128). compare: the same
+# NCU_MODEL, under Nsight Compute, exported as CSV; NCU_CASES, default 1x128; NCU_ARGS adds
+# profile_step.py arguments, e.g. "--quantization fp8 --kv-cache-dtype fp8"; ncubase: the same for
+# every .carry/base*.tar, into ncu.tgz's folder of each name, head's being head/). compare: the same
 # profile for other commits, alternating with this tree's, in one lease (git archive --prefix=base/
 # COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2; the
 # bases need this profile_step.py's API). benchcmp: `flashformer bench` (each commit's own) of every
@@ -135,14 +137,23 @@ if has bench; then
   # shellcheck disable=SC2086
   step bench "${bench_cli[@]}" --out "$OUT/h200" ${BENCH_ARGS:---batch 1,8 --peers fast}
 fi
-if has ncu; then
-  model=${NCU_MODEL:-$(python3 -c 'from flashformer.bench import DEFAULT_MODELS; print(DEFAULT_MODELS[-1])')}
-  step ncu timeout 300 ncu --clock-control none --kernel-name regex:megakernel --launch-skip 3 --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis \
-    -f -o "$NCU/mk" python3 benchmarks/profile_step.py --models "$model" --layers 8 --cases "${NCU_CASES:-1x128}" --ncu-step
-  ncu -i "$NCU/mk.ncu-rep" --page details --csv >"$NCU/details.csv" 2>&1
-  ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source sass >"$NCU/sass.csv" 2>&1
-  ncu -i "$NCU/mk.ncu-rep" --page source --csv --print-source cuda >"$NCU/cuda.csv" 2>&1
-  ls -la "$NCU" | tee -a "$OUT/summary.txt"
+ncu_run() {  # ncu_run NAME [PYTHONPATH]: one step of NCU_MODEL under Nsight Compute, into $NCU/NAME
+  local name=$1 pp=${2:-} model
+  model=${NCU_MODEL:-$(PYTHONPATH=$pp python3 -c 'from flashformer.bench import DEFAULT_MODELS; print(DEFAULT_MODELS[-1])')}
+  mkdir -p "$NCU/$name"
+  # shellcheck disable=SC2086
+  step "ncu-$name" env PYTHONPATH="$pp" timeout 300 ncu --clock-control none --kernel-name regex:megakernel \
+    --launch-skip 3 --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis -f -o "$NCU/$name/mk" python3 benchmarks/profile_step.py --models "$model" \
+    --layers 8 --cases "${NCU_CASES:-1x128}" --ncu-step ${NCU_ARGS:-}
+  ncu -i "$NCU/$name/mk.ncu-rep" --page details --csv >"$NCU/$name/details.csv" 2>&1
+  ncu -i "$NCU/$name/mk.ncu-rep" --page source --csv --print-source sass >"$NCU/$name/sass.csv" 2>&1
+  ncu -i "$NCU/$name/mk.ncu-rep" --page source --csv --print-source cuda >"$NCU/$name/cuda.csv" 2>&1
+  ls -la "$NCU/$name" | tee -a "$OUT/summary.txt"
+}
+has ncu && ncu_run head
+if has ncubase; then  # the same step for every .carry/base*.tar (this tree's profile_step.py), e.g. beside ncu
+  build_bases ncubase
+  for name in "${!site[@]}"; do ncu_run "$name" "${site[$name]}"; done
 fi
 exit $status

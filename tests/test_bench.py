@@ -155,7 +155,7 @@ def test_fp8_kv_rows_count_a_byte_an_element_and_the_scales(tmp_path):
     m = result["models"]["tiny-gqa:kv-fp8"]
     assert dense["bytes_per_step"] - m["weights_streamed_bytes"] == vectors * (spec.head_dim + 4)
     assert m["kv_cache_bytes"] == spec.kv_cache_bytes(2, m["kv_cache_bytes"] // (vectors // 16 * (spec.head_dim + 4)),
-                                                      1, scaled=True)
+                                                      2, "fp8")
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         bench.run_bench(["tiny-gqa"], device="cpu", kv_cache_dtype="int8", progress=False)
 

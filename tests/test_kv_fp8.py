@@ -1,13 +1,13 @@
 """The FP8 KV cache (kv_cache_dtype="fp8"): e4m3 K and V vectors with one fp32 scale per token
-and kv head, on the reference path (CPU tests; the megakernel's are in test_megakernel.py)."""
+and kv head, on the reference path (CPU tests), and backend="auto" choosing the megakernel for it
+(a GPU test; the megakernel's numerics are tested in test_megakernel.py)."""
 
 import pytest
 import torch
 
-from checkpoints import load_cpu_engine, make_checkpoint, prompt_logits, random_prompt, rel_l2
+from checkpoints import load_cpu_engine, make_checkpoint, make_shape_checkpoint, prompt_logits, random_prompt, rel_l2
 from flashformer.cli import main
 from flashformer.config import spec_from_dict
-from flashformer.megakernel import unavailable_reason
 from flashformer.quantization import FP8_DTYPE, FP8_MAX
 from flashformer.reference import KVCache, dequantize_kv, quantize_kv
 from flashformer.bench import shape_config
@@ -47,7 +47,7 @@ def test_fp8_cache_layout_and_bytes():
     assert cache.fp8 and not dense.fp8
     assert cache.kv.dtype == FP8_DTYPE and cache.kv.shape == dense.kv.shape
     assert cache.scale.shape == dense.kv.shape[:-1] and cache.dtype == torch.bfloat16
-    assert cache.nbytes == spec.kv_cache_bytes(3, 40, 1, scaled=True) == dense.nbytes // 2 + dense.nbytes // 2 // spec.head_dim * 4
+    assert cache.nbytes == spec.kv_cache_bytes(3, 40, 2, "fp8") == dense.nbytes // 2 + dense.nbytes // 2 // spec.head_dim * 4
     assert (cache.max_batch_size, cache.max_seq_len) == (dense.max_batch_size, dense.max_seq_len)
     with pytest.raises(ValueError, match="an FP8 KV cache needs its scales"):
         KVCache(cache.kv, cache.cos, cache.sin)
@@ -93,13 +93,15 @@ def test_fp8_kv_cache_with_fp8_weights_generates(tmp_path):
     assert alone.token_ids == outs[1].token_ids
 
 
-def test_the_kv_cache_dtype_is_no_reason_against_the_megakernel():
-    """The megakernel reads an FP8 KV cache too (its GPU tests: test_megakernel.py): whether it can
-    run a model does not depend on the cache's dtype."""
-    spec = spec_from_dict(shape_config("tiny-gqa"))
-    for device in (torch.device("cuda"), torch.device("cpu")):
-        assert unavailable_reason(spec, device, torch.bfloat16, 1, kv_cache_dtype="fp8") == unavailable_reason(
-            spec, device, torch.bfloat16, 1)
+@pytest.mark.gpu
+def test_auto_decodes_an_fp8_kv_cache_on_the_megakernel(tmp_path):
+    """The megakernel reads an FP8 KV cache too (its GPU tests: test_megakernel.py): backend="auto"
+    picks it for a compiled shape whatever the cache's dtype."""
+    from flashformer import Engine
+
+    path = make_shape_checkpoint(tmp_path, shape_config("tiny-gqa"))
+    engine = Engine.from_pretrained(path, device="cuda", kv_cache_dtype="fp8", max_seq_len=64, progress=False)
+    assert engine.backend.name == "megakernel" and engine.cache.fp8
 
 
 @pytest.mark.parametrize("value", ["int8", "fp8_e5m2", "FP8", "", None, 8, True])

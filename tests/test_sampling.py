@@ -185,6 +185,22 @@ def test_logprobs_zero_gives_the_chosen_token_only(engine):
     assert all(lp.top_logprobs == [] for lp in out.logprobs)
 
 
+def test_each_request_gets_the_top_logprobs_it_asked_for(engine):
+    """In one batch, logprobs=1 and 3 and none: each token's alternatives are that request's count,
+    the likeliest first (the step computes the batch's largest count), and the request without
+    logprobs gets none."""
+    counts = [1, 3, None]
+    sampling = [SamplingParams(max_tokens=3, logprobs=n, ignore_eos=True) for n in counts]
+    outs = engine.generate(prompt_token_ids=[random_prompt(4 + i) for i in range(3)], sampling=sampling)
+    for n, out in zip(counts, outs):
+        if n is None:
+            assert out.logprobs is None
+            continue
+        assert all(len(lp.top_logprobs) == n for lp in out.logprobs), n
+        for lp in out.logprobs:
+            assert [t.logprob for t in lp.top_logprobs] == sorted((t.logprob for t in lp.top_logprobs), reverse=True)
+
+
 def test_huge_top_k_and_max_tokens_mean_no_limit(engine):
     prompt = random_prompt(MAX_SEQ_LEN - 6)
     params = SamplingParams(max_tokens=10**12, top_k=10**12, temperature=1.0, seed=0)
@@ -243,6 +259,43 @@ def test_the_batch_sampler_on_the_cpu_feeds_tokens_and_ends_rows():
     assert rec.token.tolist() == [7, -1] and rec.flags[1] & sampler.flags["idle"]
     rec = sampler.read(sampler.step(logits))
     assert rec.finish.tolist() == [2, 1]  # max_tokens
+
+
+def _admit_rows_and_step_a_run(device: str):
+    """Rows admitted one by one while another goes on: a step over a run of rows (first 1) draws
+    for those rows alone and leaves row 0's state as it was."""
+    sampler = BatchSampler(4, 10, 16, device)
+    sampler.end_all()
+    sampler.admit([0], [[1, 2]], [SamplingParams(max_tokens=8)], [0], [set()])
+    logits = torch.full((4, 10), -5.0, device=device)
+    logits[:, 7] = 1.0
+    rec = sampler.read(sampler.step(logits[:1], rows=(0, 1)))
+    assert rec.first == 0 and rec.token.tolist() == [7]
+    before = (sampler.tokens[0].item(), sampler.positions[0].item(), sampler.generated[0].item())
+    sampler.admit([2, 3], [[3], [4, 5, 6]], [SamplingParams(max_tokens=1), SamplingParams(max_tokens=4, stop_token_ids=[9])],
+                  [1, 2], [set(), {9}])
+    assert sampler.stop_ids.shape[1] == 1 and sampler.positions[2:].tolist() == [0, 2]
+    run = torch.full((2, 10), -5.0, device=device)
+    run[0, 3], run[1, 9] = 1.0, 1.0
+    rec = sampler.read(sampler.step(run, rows=(2, 2)))
+    assert rec.first == 2 and rec.token.tolist() == [3, 9] and rec.finish.tolist() == [2, 1]  # max_tokens; a stop
+    assert (sampler.tokens[0].item(), sampler.positions[0].item(), sampler.generated[0].item()) == before
+    rec = sampler.read(sampler.step(logits, rows=(0, 4)))  # rows 1 (never admitted), 2 and 3 (ended) idle
+    assert rec.token.tolist() == [7, -1, -1, -1] and (rec.flags[1:] & sampler.flags["idle"]).all()
+    assert sampler.positions[0].item() == 3 and sampler.generated[0].item() == 2
+    with pytest.raises(ValueError, match="rows 3..4"):
+        sampler.step(logits[:2], rows=(3, 2))
+
+
+def test_the_batch_sampler_admits_rows_and_steps_runs_of_them():
+    _admit_rows_and_step_a_run("cpu")
+
+
+@pytest.mark.gpu
+def test_the_compiled_sampler_admits_rows_and_steps_runs_of_them():
+    if not _core.cuda_available():
+        pytest.skip("needs a Hopper GPU")
+    _admit_rows_and_step_a_run("cuda")
 
 
 # --- GPU: the compiled sampler ------------------------------------------------------------------

@@ -105,14 +105,79 @@ def test_seeded_sampling_and_penalties_get_what_generate_gets(cpu_engine):
     assert got[:6] != alone(cpu_engine, prompts[:6], lengths[:6])  # (they did sample)
 
 
-def test_logprobs_are_refused_by_the_scheduler(cpu_engine):
+def test_a_stop_string_ends_a_sequence_where_it_ends_alone(cpu_engine):
+    """Stop strings are found on the host, steps behind the device: a sequence ended by one gets
+    the text and tokens it gets alone (none after the stop), and the batch goes on around it."""
+    prompts = [random_prompt(n) for n in (5, 9, 3)]
+    plain = SamplingParams(max_tokens=30, ignore_eos=True)
+    full = cpu_engine.generate(prompt_token_ids=[prompts[1]], sampling=plain)[0]
+    stop = next(full.text[i : i + 2] for i in range(4, len(full.text)) if "\ufffd" not in full.text[i : i + 2])
+    params = [plain, SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop]), plain]
+    scheduler = Scheduler(cpu_engine, max_queue=0)
+    scheduler.start()
+    try:
+        collector = Collector()
+        scheduler.submit(collector.sequences(cpu_engine, prompts, params))
+        got = collector.outputs(3)
+    finally:
+        scheduler.stop()
+    want = [cpu_engine.generate(prompt_token_ids=[p], sampling=sp)[0] for p, sp in zip(prompts, params)]
+    assert [(got[i].text, got[i].token_ids) for i in range(3)] == [(w.text, w.token_ids) for w in want]
+    assert got[1].finish_reason == "stop" and len(got[1].token_ids) < 30 and stop not in got[1].text
+
+
+def test_a_cancelled_sequence_frees_its_slot_for_the_next(cpu_engine):
+    """A sequence cancelled while it decodes stops (its sink hears nothing more), and one admitted
+    into its slot gets what it gets alone."""
     scheduler = Scheduler(cpu_engine, max_queue=1)
     scheduler.start()
     try:
-        with pytest.raises(ValueError, match="logprobs"):
-            scheduler.submit(Collector().sequences(cpu_engine, [random_prompt(3)], [SamplingParams(logprobs=2)]))
+        collector = Collector()
+        long = collector.sequences(cpu_engine, [random_prompt(6)], [SamplingParams(max_tokens=80, ignore_eos=True)])
+        scheduler.submit(long)
+        first, _ = collector.items.get(timeout=TIMEOUT)
+        assert first == 0
+        scheduler.cancel(long)
+        prompt = random_prompt(4)
+        scheduler.submit(collector.sequences(cpu_engine, [prompt], [SamplingParams(max_tokens=12, ignore_eos=True)]))
+        done = {}
+        while 1 not in done:
+            key, item = collector.items.get(timeout=TIMEOUT)
+            if key == 1 and item.finish_reason is not None:
+                done[1] = item.output
     finally:
         scheduler.stop()
+    assert long[0].cancelled and long[0].slot == 0 and len(long[0].request.token_ids) < 80
+    assert done[1].token_ids == alone(cpu_engine, [prompt], [12])[0]
+
+
+def test_logprobs_through_the_scheduler_are_generates(cpu_engine):
+    """Sequences asking for logprobs (0, 2, 5 alternatives) beside one that does not: each gets
+    what Engine.generate gives it alone, with its own count of alternatives."""
+    prompts = [random_prompt(n) for n in (4, 7, 3, 9)]
+    counts = [0, 2, 5, None]
+    sampling = [dict(logprobs=n, temperature=0.7, seed=i) for i, n in enumerate(counts)]
+    lengths = [6, 9, 5, 7]
+    scheduler = Scheduler(cpu_engine, max_queue=0)
+    scheduler.start()
+    try:
+        collector = Collector()
+        scheduler.submit(collector.sequences(cpu_engine, prompts, _params(lengths, sampling)))
+        got = collector.outputs(4)
+    finally:
+        scheduler.stop()
+    want = [cpu_engine.generate(prompt_token_ids=[p], sampling=sp)[0] for p, sp in zip(prompts, _params(lengths, sampling))]
+    for i, (n, w) in enumerate(zip(counts, want)):
+        g = got[i]
+        assert g.token_ids == w.token_ids
+        if n is None:
+            assert g.logprobs is None
+            continue
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        assert all(len(lp.top_logprobs) == n for lp in g.logprobs)
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t.token_id for t in a.top_logprobs] == [t.token_id for t in b.top_logprobs]
 
 
 def test_the_scheduler_holds_the_engine(cpu_engine):

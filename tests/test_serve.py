@@ -132,6 +132,65 @@ def test_chat_and_its_stream_agree(client):
     assert again.choices[0].message.content == full.choices[0].message.content
 
 
+def test_logprobs_in_completions_and_chats_and_their_streams(client, path):
+    """OpenAI's logprobs: a completion's legacy shape (tokens, token_logprobs, top_logprobs as
+    token -> logprob, text_offset) and a chat's content entries, equal to Engine.generate's for
+    the same request, and the same again in their streams."""
+    from checkpoints import load_cpu_engine
+    from flashformer import SamplingParams
+
+    engine = load_cpu_engine(path)
+    prompt = "the lazy dog"
+    want = engine.generate(prompt, sampling=SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2))[0]
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2, **GREEDY)
+    lp = full.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-4)
+    assert lp.tokens == [t.text for t in want.logprobs] and "".join(lp.tokens) == full.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)  # (two ids of one text make one key)
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, logprobs=2, stream=True,
+                                            **GREEDY))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum((s.token_logprobs for s in streamed), []) == lp.token_logprobs
+    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+
+    messages = [{"role": "user", "content": "how are you today?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, logprobs=True, top_logprobs=3,
+                                          **GREEDY)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5 and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)  # greedy: the top one is taken
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, logprobs=True,
+                                            top_logprobs=3, stream=True, **GREEDY)
+    streamed = sum((c.choices[0].logprobs.content for c in stream if c.choices and c.choices[0].logprobs), [])
+    assert [c.logprob for c in streamed] == [c.logprob for c in content]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprob_tokens_join_into_the_text(path):
+    """The legacy logprobs' tokens are what each token added to the text: a special token (not in
+    the text) adds "", a character whose bytes span two tokens lands on the second; so they join
+    into the text and text_offset indexes it (the random model once drew <|assistant|>)."""
+    from flashformer import SamplingParams
+    from flashformer.engine import TokenLogprob, _Request
+    from flashformer.serve import _completion_logprobs
+    from flashformer.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    special, e_acute = tok.encode("<|assistant|>", add_special_tokens=False), tok.encode("é", add_special_tokens=False)
+    assert len(special) == 1 and len(e_acute) == 2  # (the test's premise: one special id, two byte ids)
+    ids = tok.encode("ab ", add_special_tokens=False) + special + e_acute + tok.encode(" cd", add_special_tokens=False)
+    r = _Request(0, None, [1], SamplingParams(max_tokens=len(ids), logprobs=0), tok, (), "cpu")
+    for t in ids:
+        r.add(t, 0.0, cache_full=False, logprob=TokenLogprob(tok.token_text(t), -1.0, None, [], t))
+    assert r.text == "ab é cd"
+    lp = _completion_logprobs(r.logprobs, 0)
+    assert "".join(lp["tokens"]) == r.text and lp["tokens"][ids.index(special[0])] == ""
+    assert [r.text[o : o + len(t)] for o, t in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    assert r.logprobs[ids.index(special[0])].token == "<|assistant|>"  # (the chat entries keep the token's own)
+
+
 def test_sampling_parameters(client):
     first = client.completions.create(model="tiny", prompt="the quick", max_tokens=16, temperature=0.9, top_p=0.9,
                                       seed=3, n=3, extra_body={"top_k": 40, "ignore_eos": True})
@@ -262,14 +321,17 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "n": MAX_BATCH + 1}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "min_p": 1.5}, 400, "min_p"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
     ("/v1/completions", {}, 400, "prompt"),
     ("/v1/completions", {"prompt": 7}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),

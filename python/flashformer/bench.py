@@ -158,8 +158,7 @@ def step_bytes(spec: ModelSpec, weights: Weights, batch: int, ctx: int, kv_cache
     + the KV cache of the past positions (layers * 2 * batch * kv_heads * ctx * head_dim elements,
     in the model dtype, or in FP8 with their scales). The numerator of the floor, and of the
     achieved GB/s."""
-    fp8 = kv_cache_dtype == "fp8"
-    return weight_bytes(weights) + spec.kv_cache_bytes(batch, ctx, 1 if fp8 else weights.embed.element_size(), scaled=fp8)
+    return weight_bytes(weights) + spec.kv_cache_bytes(batch, ctx, weights.embed.element_size(), kv_cache_dtype)
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 4 << 30, iters: int = 20) -> tuple[float | None, dict]:
@@ -456,7 +455,7 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
     new_tokens = QUICK_GENERATE_TOKENS if result["quick"] else GENERATE_TOKENS
     max_seq = -(-max(max(ctxs) + 1, max(prompt_lens, default=0) + 1, GENERATE_PROMPT + new_tokens + 1) // 128) * 128
     backend_cls = select_backend(backend_name, spec, device, dtype=weights.embed.dtype, max_batch_size=max(batches),
-                                 quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                                 quantization=quantization)
     cache = KVCache.allocate(spec, max(batches), max_seq, dtype=weights.embed.dtype, device=device,
                              kv_cache_dtype=kv_cache_dtype)
     backend = backend_cls(spec, weights, cache)

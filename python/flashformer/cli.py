@@ -95,6 +95,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
         help="auto: the KV cache in --dtype; fp8 (fp8_e4m3): e4m3 with a scale per token and kv head",
     )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="split the model over this many ranks (processes; GPUs 0..N-1 on cuda), reference backend for now",
+    )
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +155,7 @@ def _engine(args, max_batch_size: int = 1):
         allow_unused_tensors=args.allow_unused_tensors,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -80,11 +80,14 @@ class ModelSpec:
         """The KV cache's one layout (DESIGN.md §2), shared by the reference path and the kernel."""
         return (self.num_layers, 2, max_batch_size, self.num_kv_heads, max_seq_len, self.head_dim)
 
-    def kv_cache_bytes(self, max_batch_size: int, max_seq_len: int, itemsize: int, scaled: bool = False) -> int:
-        """Bytes of a KV cache of kv_cache_shape (or of `max_seq_len` positions of one); `scaled`:
-        with an fp32 scale per head_dim vector, as an FP8 cache holds (KVCache.scale)."""
+    def kv_cache_bytes(self, max_batch_size: int, max_seq_len: int, itemsize: int, kv_cache_dtype: str = "auto") -> int:
+        """Bytes of a KV cache of kv_cache_shape (or of `max_seq_len` positions of one): in the model
+        dtype (`itemsize` bytes an element), or ("fp8") a byte an element and an fp32 scale per
+        head_dim vector (KVCache.scale)."""
         elems = math.prod(self.kv_cache_shape(max_batch_size, max_seq_len))
-        return elems * itemsize + (elems // self.head_dim * 4 if scaled else 0)
+        if kv_cache_dtype == "fp8":
+            return elems + elems // self.head_dim * 4
+        return elems * itemsize
 
     @property
     def q_size(self) -> int:

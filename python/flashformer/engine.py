@@ -69,19 +69,17 @@ def select_backend(
     dtype: torch.dtype = torch.bfloat16,
     max_batch_size: int = 1,
     quantization: str | None = None,
-    kv_cache_dtype: str = "auto",
 ) -> type:
     """The backend class that will decode `spec` on `device` (with weights in `quantization`'s
-    format, "fp8", or dense in `dtype` when None; a KV cache in `kv_cache_dtype`). "auto" takes the
-    megakernel where it can run (a Hopper GPU, bf16, a compiled config, a bf16 KV cache) and warns
-    on a GPU where it cannot; "megakernel" raises RuntimeError saying why it cannot run."""
+    format, "fp8", or dense in `dtype` when None; either KV cache format). "auto" takes the
+    megakernel where it can run (a Hopper GPU, bf16, a compiled config) and warns on a GPU where it
+    cannot; "megakernel" raises RuntimeError saying why it cannot run."""
     validate.backend_name(name)
     if name == "reference":
         return ReferenceBackend
     from .megakernel import MegakernelBackend, unavailable_reason
 
-    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization,
-                                kv_cache_dtype=kv_cache_dtype)
+    reason = unavailable_reason(spec, torch.device(device), dtype, max_batch_size, quantization=quantization)
     if reason is None:
         return MegakernelBackend
     if name == "megakernel":
@@ -120,6 +118,10 @@ class TokenLogprob:
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
     token_id: int
+    # what this token added to the output's text (special tokens skipped as there; a character
+    # whose bytes span tokens on the one that completes it): the completions' legacy `tokens`, so
+    # that they join into the text and text_offset indexes it. None without a tokenizer.
+    text: str | None = None
 
 
 @dataclass
@@ -176,9 +178,12 @@ class _Request:
         if self.finish_reason is None and (len(self.token_ids) == self.params.max_tokens or cache_full):
             self.finish_reason = "length"
         if self.stream is not None:
-            self.text += self.stream.step(token)
+            piece = self.stream.step(token)
             if self.finish_reason is not None:  # an incomplete character at the end, as decode() gives it
-                self.text += self.stream.finish()
+                piece += self.stream.finish()
+            self.text += piece
+            if logprob is not None:
+                logprob.text = piece
             begin = max(0, self.searched - self.longest_stop + 1)
             cuts = [i for i in (self.text.find(s, begin) for s in self.params.stop) if i >= 0]
             self.searched = len(self.text)
@@ -216,6 +221,20 @@ class Engine:
         self._lock = threading.Lock()  # held by whoever runs the decode state (exclusive())
         self._holder: int | None = None  # the thread id holding it
         self._batch_sampler: BatchSampler | None = None
+        self._ranks = None  # tensor parallelism: the other ranks' processes (tensor_parallel.RankGroup)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory: with tensor parallelism, stop the other
+        ranks' processes (the engine cannot decode after). A no-op otherwise, and when called again."""
+        if self._ranks is not None:
+            ranks, self._ranks = self._ranks, None
+            ranks.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def from_pretrained(
@@ -231,6 +250,7 @@ class Engine:
         allow_unused_tensors: bool = False,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
     ) -> Engine:
         """Load a HF checkpoint directory (config.json, safetensors, optional tokenizer files).
 
@@ -244,6 +264,11 @@ class Engine:
         `kv_cache_dtype="fp8"` (or "fp8_e4m3") keeps the KV cache in FP8 e4m3 with one fp32 scale
         per token and kv head (half the bytes of bf16, for long contexts and batches); "auto" keeps
         it in `dtype`. The megakernel reads either.
+
+        `tensor_parallel_size=N` > 1 splits the model over N ranks, this process and N - 1 it starts
+        (Megatron's splits, flashformer.tensor_parallel; on the CPU, or on GPUs 0..N-1): for now on the
+        reference backend, each rank loading the whole checkpoint and keeping its part. close() (or
+        a `with` block) stops the other ranks; one such engine a process.
 
         `max_seq_len` (the KV cache length, prompt + output) defaults to 4096, or to the model's
         max_position_embeddings when that is smaller. Every argument is checked before a file is
@@ -262,6 +287,11 @@ class Engine:
         validate.boolean("allow_unused_tensors", allow_unused_tensors)
         validate.quantization(quantization)
         kv_cache_dtype = validate.kv_cache_dtype(kv_cache_dtype)
+        tensor_parallel_size = validate.integer("tensor_parallel_size", tensor_parallel_size, minimum=1,
+                                                requirement="an integer >= 1")
+        if tensor_parallel_size > 1 and backend == "megakernel":
+            raise ValueError("backend='megakernel' with tensor_parallel_size > 1: the megakernel does not split a "
+                             "model over ranks yet; use backend='auto' or 'reference'")
         model_dir = validate.checkpoint_path(path)
 
         spec = load_spec(model_dir)
@@ -276,14 +306,31 @@ class Engine:
                 "so the output there may degrade",
                 stacklevel=2,
             )
-        backend_cls = select_backend(
-            backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization,
-            kv_cache_dtype=kv_cache_dtype,
-        )
+        rank_spec = spec  # what one rank computes (its heads and rows): its KV cache's size
+        if tensor_parallel_size > 1:
+            from .tensor_parallel import shard_spec, split_problem
+
+            problem = split_problem(spec, tensor_parallel_size)
+            if problem:
+                raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: {problem}")
+            rank_spec = shard_spec(spec, tensor_parallel_size)
+            if device.type == "cuda" and (device.index or 0) != 0:
+                raise ValueError(f"tensor_parallel_size > 1 runs rank 0 on cuda:0 and rank r on cuda:r; got {device}")
+            backend_cls = None
+        else:
+            backend_cls = select_backend(
+                backend, spec, device, dtype=torch_dtype, max_batch_size=max_batch_size, quantization=quantization
+            )
         tokenizer = Tokenizer.load(model_dir)
         checkpoint = inspect_checkpoint(model_dir, spec, allow_unused_tensors=allow_unused_tensors)
-        weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8")
-        validate.check_model_fits(spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len, kv_cache_dtype)
+        weight_bytes = checkpoint.nbytes(torch_dtype, quantize=quantization == "fp8", world=tensor_parallel_size)
+        validate.check_model_fits(rank_spec, weight_bytes, device, torch_dtype, max_batch_size, max_seq_len,
+                                  kv_cache_dtype)
+        if tensor_parallel_size > 1:
+            return cls._tensor_parallel(model_dir, tensor_parallel_size, tokenizer, dtype=torch_dtype, device=device,
+                                        max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                        kv_cache_dtype=kv_cache_dtype, quantization=quantization,
+                                        allow_unused_tensors=allow_unused_tensors, progress=progress)
         weights = load_weights(
             model_dir,
             spec,
@@ -296,6 +343,26 @@ class Engine:
         cache = KVCache.allocate(spec, max_batch_size, max_seq_len, dtype=torch_dtype, device=device,
                                  kv_cache_dtype=kv_cache_dtype)
         return cls(spec, weights, cache, backend_cls(spec, weights, cache), tokenizer)
+
+    @classmethod
+    def _tensor_parallel(cls, model_dir, world: int, tokenizer, *, dtype, device, max_batch_size, max_seq_len,
+                         kv_cache_dtype, quantization, allow_unused_tensors, progress) -> Engine:
+        """from_pretrained over `world` ranks: start the others, build rank 0's part here."""
+        from .tensor_parallel import RankGroup, RankSetup, TensorParallelBackend, build_rank
+
+        setup = RankSetup(str(model_dir), dtype, device.type, max_batch_size, max_seq_len, kv_cache_dtype,
+                          quantization, allow_unused_tensors)
+        ranks = RankGroup(setup, world)
+        try:
+            spec, weights, cache = build_rank(setup, 0, world, progress=progress)
+            ranks.wait_ready()
+            engine = cls(spec, weights, cache, TensorParallelBackend(spec, weights, cache, world, ranks.commands),
+                         tokenizer)
+        except BaseException:
+            ranks.close()
+            raise
+        engine._ranks = ranks
+        return engine
 
     def generate(self, prompts=None, *, prompt_token_ids=None, sampling=None) -> list[RequestOutput]:
         """Generate for each prompt (strings, or token-id lists); one RequestOutput per prompt."""
@@ -438,8 +505,9 @@ class Engine:
             self._batch_sampler = BatchSampler(self.max_batch_size, self.spec.vocab_size, self.max_seq_len, self.device)
         return self._batch_sampler
 
-    def _logprob(self, rec, b: int, token: int) -> TokenLogprob:
-        """Row b's logprobs in a step's records, OpenAI's shape."""
+    def _logprob(self, rec, b: int, token: int, top: int) -> TokenLogprob:
+        """Row b's logprobs in a step's records, OpenAI's shape, with its request's `top`
+        alternatives (the step holds the batch's largest count)."""
 
         def text(t):
             if self.tokenizer is None:
@@ -449,7 +517,7 @@ class Engine:
 
         tops = []
         if rec.top_ids is not None:
-            for t, lp in zip(rec.top_ids[b].tolist(), rec.top_logprobs[b].tolist()):
+            for t, lp in zip(rec.top_ids[b, :top].tolist(), rec.top_logprobs[b, :top].tolist()):
                 piece, raw = text(t)
                 tops.append(TopLogprob(piece, lp, raw, t))
         piece, raw = text(token)
@@ -469,8 +537,8 @@ class Engine:
         for r in requests:
             r.start = start
         sampler, B = self._sampler(), len(requests)
-        if RUN_AHEAD >= sampler.RING:
-            raise ValueError(f"RUN_AHEAD={RUN_AHEAD} needs more than the sampler's {sampler.RING} record buffers")
+        if RUN_AHEAD >= sampler.ring:
+            raise ValueError(f"RUN_AHEAD={RUN_AHEAD} needs more than the sampler's {sampler.ring} record buffers")
         sampler.start([r.prompt_ids for r in requests], [r.params for r in requests], [r.seed for r in requests],
                       [r.stop_ids for r in requests])
         logits = self.backend.prefill([torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests])
@@ -517,7 +585,7 @@ class Engine:
                     if token < 0:
                         raise RuntimeError(f"the sampler ended row {b} before the engine did (internal error)")
                     position = len(r.prompt_ids) + len(r.token_ids)  # where this token goes
-                    logprob = self._logprob(rec, b, token) if r.params.logprobs is not None else None
+                    logprob = self._logprob(rec, b, token, r.params.logprobs) if r.params.logprobs is not None else None
                     deltas.append(r.add(token, now, cache_full=position + 1 >= self.max_seq_len, logprob=logprob))
                     if r.finish_reason is not None and rec.finish[b] == sampler.finish["none"]:
                         sampler.abort(b)  # a stop string: the device row stops advancing

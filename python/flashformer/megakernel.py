@@ -106,12 +106,11 @@ def no_match_reason(spec: ModelSpec) -> str:
 
 
 def unavailable_reason(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int, *, quantization: str | None = None,
-    kv_cache_dtype: str = "auto",
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int, *, quantization: str | None = None
 ) -> str | None:
     """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
-    weights' format as loaded ("fp8", or None for dense weights in `dtype`); `kv_cache_dtype`: the
-    KV cache's ("auto": `dtype`, or "fp8": the kernel reads either)."""
+    weights' format as loaded ("fp8", or None for dense weights in `dtype`). (The KV cache's format
+    never is a reason: the kernel reads bf16 and FP8 caches.)"""
     q = spec.quantization
     if quantization == "fp8" and q is not None and q.strategy == "block":
         return (
@@ -290,8 +289,7 @@ class MegakernelBackend:
     def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
         device = weights.embed.device
         reason = unavailable_reason(spec, device, weights.dtype, cache.max_batch_size,
-                                    quantization="fp8" if weights.quantized else None,
-                                    kv_cache_dtype="fp8" if cache.fp8 else "auto")
+                                    quantization="fp8" if weights.quantized else None)
         if reason:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
         try:

@@ -295,6 +295,12 @@ class ReferenceBackend:
 def prefill_logits(model: Transformer, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
     """Prompt b into cache row rows[b] (default: b) from position 0, the other rows untouched; the
     last position's logits of each [B, vocab] fp32."""
+    return model.logits(prefill_hidden(model, prompts, rows))
+
+
+def prefill_hidden(model: Transformer, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
+    """prefill_logits without the LM head: the last position's final-normed hidden state of each
+    prompt [B, hidden]."""
     rows = range(len(prompts)) if rows is None else rows
     if len(rows) != len(prompts) or len(set(rows)) != len(rows):
         raise ValueError(
@@ -305,4 +311,4 @@ def prefill_logits(model: Transformer, prompts: list[torch.Tensor], rows: list[i
         raise ValueError(f"prefill: rows {list(rows)} must be cache rows, 0..{batch - 1}")
     start = torch.zeros(1, dtype=torch.long, device=model.kv_cache.device)
     hidden = model.forward_segments([(p[None], start, r) for r, p in zip(rows, prompts)], last_only=True)
-    return model.logits(torch.cat([h[:, -1] for h in hidden]))
+    return torch.cat([h[:, -1] for h in hidden])

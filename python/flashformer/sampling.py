@@ -333,8 +333,9 @@ def table_columns(table: np.ndarray) -> dict[str, torch.Tensor]:
 
 @dataclass
 class StepRecord:
-    """What the host reads of one step, per row: the token (-1: none), its FinishReason and flags,
-    and (when asked for) its logprob and the top ones."""
+    """What the host reads of one step, per row of the rows it stepped (`first` on, the arrays'
+    index 0 being row `first`): the token (-1: none), its FinishReason and flags, and (when asked
+    for) its logprob and the top ones."""
 
     token: np.ndarray
     finish: np.ndarray
@@ -342,6 +343,7 @@ class StepRecord:
     logprob: np.ndarray | None = None  # [B]
     top_logprobs: np.ndarray | None = None  # [B, n]
     top_ids: np.ndarray | None = None  # [B, n]
+    first: int = 0
 
 
 class BatchSampler:
@@ -350,9 +352,12 @@ class BatchSampler:
     tokens each request has produced, whether it has ended, the penalties' token counts. `step()`
     samples every row from a step's logits (or takes the backend's fused arg-max), feeds the chosen
     tokens back into `tokens`/`positions` and queues the step's records to the host without waiting;
-    `read()` waits for one. Steps run back to back; the host reads them behind."""
+    `read()` waits for one. Steps run back to back; the host reads them behind.
 
-    RING = 4  # pinned record buffers: at most this many steps between step() and read()
+    `start()` sets up a batch in rows 0..B-1 (Engine.generate); `admit()` sets up single rows while
+    the others go on (the server's scheduler), and `step(rows=...)` steps any run of rows."""
+
+    RING = 4  # pinned record buffers beyond max_batch: steps between step() and read() (`ring`)
 
     def __init__(self, max_batch: int, vocab: int, max_seq: int, device: torch.device):
         self.max_batch, self.vocab, self.max_seq, self.device = max_batch, vocab, max_seq, torch.device(device)
@@ -366,10 +371,18 @@ class BatchSampler:
         self.generated, self.status = zeros(max_batch, dtype=torch.int32), zeros(max_batch, dtype=torch.int32)
         self.record_width = len(constants()["record_fields"])  # (int32 fields of a Sampler::Record)
         self.records = zeros(max_batch, self.record_width, dtype=torch.int32)
-        self.rows = zeros(max_batch * row_dtype().itemsize, dtype=torch.uint8)
+        self._table = np.zeros(max_batch, dtype=row_dtype())  # every row's settings (Sampler::Row)
+        self._columns = table_columns(self._table)  # the same as columns, for the PyTorch sampler
+        self.rows = zeros(max_batch * row_dtype().itemsize, dtype=torch.uint8)  # the table on the device
         self.counts = self.in_prompt = None
-        self.stop_ids = zeros(max_batch, 1, dtype=torch.int32)
+        self.stop_ids = torch.full((max_batch, 1), -1, dtype=torch.int32, device=self.device)
+        self.batch = 0
+        self.penalized = False  # some row has penalties: the counts and prompt masks exist
+        self.num_logprobs: int | None = None
         self.finish, self.flags = dict(constants()["finish"]), dict(constants()["flags"])
+        # at most this many steps between step() and read(): a decode loop's few, and a
+        # scheduler's step per run of admitted rows beside them
+        self.ring = self.RING + max_batch
         self._slots: list[dict] = []
         self._next_slot = 0
 
@@ -382,34 +395,59 @@ class BatchSampler:
         that token's position (a row that ends at once re-decodes it there, rewriting its own entry)."""
         B = len(prompts)
         self.batch = B
-        table = row_table(params, seeds, [len(s) for s in stop_ids])
-        self.table = table_columns(table)
-        self.rows[: table.nbytes].copy_(torch.from_numpy(table.view(np.uint8)))
-        width = max(1, max(len(s) for s in stop_ids))
-        stops = torch.full((B, width), -1, dtype=torch.int32)
-        for b, s in enumerate(stop_ids):
-            stops[b, : len(s)] = torch.tensor(sorted(s), dtype=torch.int32)
-        self.stop_ids = stops.to(self.device)
-        self.tokens[:B].copy_(torch.tensor([p[-1] for p in prompts]))
-        self.positions[:B].copy_(torch.tensor([len(p) - 1 for p in prompts]))
-        self.generated.zero_()
-        self.status.zero_()
-        self.penalized = any(p.penalized for p in params)
-        if self.penalized:
-            if self.counts is None:
-                self.counts = torch.zeros(self.max_batch, self.vocab, dtype=torch.int32, device=self.device)
-                self.in_prompt = torch.zeros(self.max_batch, self.vocab, dtype=torch.uint8, device=self.device)
-            self.counts.zero_()
-            self.in_prompt.zero_()
-            for b, p in enumerate(prompts):
-                self.in_prompt[b, torch.tensor(p, device=self.device)] = 1
+        self.admit(list(range(B)), prompts, params, seeds, stop_ids)
         self.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
 
-    def step(self, logits: torch.Tensor | None, next_tokens: torch.Tensor | None = None) -> int:
-        """Sample rows 0..batch-1 from `logits` [batch, vocab] fp32 (or take `next_tokens`, int32,
-        when logits is None), feed the tokens to the next decode step and queue the records to the
-        host (no wait); returns the handle for read()."""
-        B = self.batch
+    @property
+    def table(self) -> dict[str, torch.Tensor]:
+        """The settings of rows 0..batch-1 as columns (what sample_rows reads)."""
+        return {name: col[: self.batch] for name, col in self._columns.items()}
+
+    def admit(self, rows: list[int], prompts: list[list[int]], params: list[SamplingParams], seeds: list[int],
+              stop_ids: list[set]) -> None:
+        """Set up rows `rows` for new requests, as start() does for a batch, leaving the other rows
+        as they are: the settings, stop tokens, the token and position each row's next decode step
+        reads, its token count and status, its penalties' state. (In stream order, after every step
+        queued before.)"""
+        if not rows:
+            return
+        table = row_table(params, seeds, [len(s) for s in stop_ids])
+        self._table[rows] = table
+        self._columns = table_columns(self._table)
+        self.rows.copy_(torch.from_numpy(self._table.view(np.uint8)))
+        width = max(self.stop_ids.shape[1], max(len(s) for s in stop_ids))
+        if width > self.stop_ids.shape[1]:  # (wider for every row: the kernel reads one stride)
+            wider = torch.full((self.max_batch, width), -1, dtype=torch.int32, device=self.device)
+            wider[:, : self.stop_ids.shape[1]] = self.stop_ids
+            self.stop_ids = wider
+        stops = torch.full((len(rows), width), -1, dtype=torch.int32)
+        for i, ids in enumerate(stop_ids):
+            stops[i, : len(ids)] = torch.tensor(sorted(ids), dtype=torch.int32)
+        index = torch.tensor(rows, device=self.device)
+        self.stop_ids[index] = stops.to(self.device)
+        self.tokens[index] = torch.tensor([p[-1] for p in prompts], device=self.device)
+        self.positions[index] = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        self.generated[index] = 0
+        self.status[index] = self.finish["none"]
+        penalized = [(r, p) for r, p, sp in zip(rows, prompts, params) if sp.penalized]
+        if penalized and self.counts is None:
+            self.counts = torch.zeros(self.max_batch, self.vocab, dtype=torch.int32, device=self.device)
+            self.in_prompt = torch.zeros(self.max_batch, self.vocab, dtype=torch.uint8, device=self.device)
+        self.penalized = self.counts is not None  # (rows without penalties never read theirs)
+        for r, p in penalized:
+            self.counts[r].zero_()
+            self.in_prompt[r].zero_()
+            self.in_prompt[r, torch.tensor(p, device=self.device)] = 1
+
+    def step(self, logits: torch.Tensor | None, next_tokens: torch.Tensor | None = None,
+             rows: tuple[int, int] | None = None) -> int:
+        """Sample rows first..first+B-1 (`rows` = (first, B); default: 0..batch-1) from `logits`
+        [B, vocab] fp32 (or take `next_tokens`, int32 [B], when logits is None), feed the tokens to
+        the next decode step and queue the records to the host (no wait); returns the handle for
+        read()."""
+        first, B = rows if rows is not None else (0, self.batch)
+        if not (0 <= first and 1 <= B and first + B <= self.max_batch):
+            raise ValueError(f"step: rows {first}..{first + B - 1} are not rows of a sampler of {self.max_batch}")
         handle, slot = self._take_slot()
         # Without logprobs the kernel writes the records straight into the pinned slot (mapped host
         # memory): no copy between this step and the next.
@@ -420,16 +458,18 @@ class BatchSampler:
                 if logits.dtype != torch.float32 or logits.stride(-1) != 1 or logits.device != self.device:
                     logits = logits.float().contiguous().to(self.device)
             stream = torch.cuda.current_stream(self.device).cuda_stream
+            # row `first` of a per-row state tensor (its address: no view per tensor a step)
+            row = lambda t: t.data_ptr() + first * t.stride(0) * t.element_size()  # noqa: E731
             C.sample_tokens(
                 0 if logits is None else logits.data_ptr(), 0 if logits is None else logits.stride(0),
                 0 if next_tokens is None else next_tokens.data_ptr(), self.vocab, B, self.max_seq,
-                self.rows.data_ptr(), self.stop_ids.data_ptr(), self.stop_ids.shape[1],
-                self.counts.data_ptr() if self.penalized else 0, self.in_prompt.data_ptr() if self.penalized else 0,
-                self.tokens.data_ptr(), self.positions.data_ptr(), self.generated.data_ptr(), self.status.data_ptr(),
+                self.rows.data_ptr() + first * self._table.itemsize, row(self.stop_ids), self.stop_ids.shape[1],
+                row(self.counts) if self.penalized else 0, row(self.in_prompt) if self.penalized else 0,
+                row(self.tokens), row(self.positions), row(self.generated), row(self.status),
                 slot["records_device_ptr"] if direct else self.records.data_ptr(), self.device_index, stream,
             )
         else:
-            self._step_torch(logits, next_tokens)
+            self._step_torch(logits, next_tokens, first, B)
         if not direct:
             slot["records"][:B].copy_(self.records[:B], non_blocking=True)
         slot["has_lp"] = self.num_logprobs is not None and logits is not None
@@ -445,45 +485,50 @@ class BatchSampler:
             slot["lp"][:B, : packed.shape[1]].copy_(packed, non_blocking=True)
         if slot["event"] is not None:
             slot["event"].record(torch.cuda.current_stream(self.device))
+        slot["first"], slot["count"], slot["num_logprobs"] = first, B, self.num_logprobs
         return handle
 
-    def _step_torch(self, logits, next_tokens):
-        """The compiled sampler's step, in PyTorch."""
-        B = self.batch
-        active = self.status[:B] == self.finish["none"]
+    def _step_torch(self, logits, next_tokens, first: int, B: int):
+        """The compiled sampler's step over rows first..first+B-1, in PyTorch (its records in rows
+        0..B-1 of self.records)."""
+        at = slice(first, first + B)
+        table = {name: col[at] for name, col in self._columns.items()}
+        status, generated, positions = self.status[at], self.generated[at], self.positions[at]
+        active = status == self.finish["none"]
         if logits is None:
             tokens, non_finite = next_tokens[:B].long(), torch.zeros(B, dtype=torch.bool, device=self.device)
         else:
-            in_prompt = None if not self.penalized else self.in_prompt[:B].bool()
-            tokens, non_finite = sample_rows(logits[:B], self.table, None if not self.penalized else self.counts[:B],
-                                             in_prompt, self.generated[:B])
+            in_prompt = None if not self.penalized else self.in_prompt[at].bool()
+            tokens, non_finite = sample_rows(logits[:B], table, None if not self.penalized else self.counts[at],
+                                             in_prompt, generated)
         feed = active & ~non_finite
-        produced = self.generated[:B] + 1
-        position = self.positions[:B] + 1
-        widths = torch.arange(self.stop_ids.shape[1], device=self.device)[None]
-        num_stop = self.table["num_stop"].to(self.device)[:, None]
-        stop = ((self.stop_ids == tokens[:, None].int()) & (widths < num_stop)).any(-1)
-        length = (produced >= self.table["max_tokens"].to(self.device)) | (position + 1 >= self.max_seq)
+        produced = generated + 1
+        position = positions + 1
+        stop_ids = self.stop_ids[at]
+        widths = torch.arange(stop_ids.shape[1], device=self.device)[None]
+        num_stop = table["num_stop"].to(self.device)[:, None]
+        stop = ((stop_ids == tokens[:, None].int()) & (widths < num_stop)).any(-1)
+        length = (produced >= table["max_tokens"].to(self.device)) | (position + 1 >= self.max_seq)
         finish = torch.where(stop, self.finish["stop"], torch.where(length, self.finish["length"], self.finish["none"]))
         finish = torch.where(feed, finish, torch.zeros_like(finish))
         if self.penalized:
-            rows = torch.arange(B, device=self.device)
-            penalized = self.table["penalized"].to(self.device).bool() & feed
+            rows = torch.arange(first, first + B, device=self.device)
+            penalized = table["penalized"].to(self.device).bool() & feed
             self.counts[rows, tokens.clamp(0, self.vocab - 1)] += penalized.int()
-        self.generated[:B] = torch.where(feed, produced, self.generated[:B]).int()
+        self.generated[at] = torch.where(feed, produced, generated).int()
         cont = feed & (finish == self.finish["none"])
-        self.tokens[:B] = torch.where(cont, tokens, self.tokens[:B])
-        self.positions[:B] = torch.where(cont, position, self.positions[:B])
+        self.tokens[at] = torch.where(cont, tokens, self.tokens[at])
+        self.positions[at] = torch.where(cont, position, positions)
         idle = ~active
         self.records[:B, record_column("token")] = torch.where(idle, -1, tokens).int()
-        self.records[:B, record_column("finish")] = torch.where(idle, self.status[:B], finish.int())
+        self.records[:B, record_column("finish")] = torch.where(idle, status, finish.int())
         self.records[:B, record_column("flags")] = (idle.int() * self.flags["idle"]) | (
             (non_finite & active).int() * self.flags["non_finite"])
-        self.status[:B] = torch.where(feed, finish.int(), self.status[:B])
+        self.status[at] = torch.where(feed, finish.int(), status)
 
     def _take_slot(self) -> tuple[int, dict]:
         """The next pinned record buffer (the ring's) and its handle."""
-        while len(self._slots) < self.RING:
+        while len(self._slots) < self.ring:
             records = torch.zeros(self.max_batch, self.record_width, dtype=torch.int32, pin_memory=self.cuda)
             self._slots.append(dict(
                 records=records,
@@ -492,20 +537,20 @@ class BatchSampler:
                 event=torch.cuda.Event() if self.cuda else None, has_lp=False))
         handle = self._next_slot
         self._next_slot += 1
-        slot = self._slots[handle % self.RING]
+        slot = self._slots[handle % self.ring]
         slot["handle"] = handle
         return handle, slot
 
     def read(self, handle: int) -> StepRecord:
-        """Wait for step `handle`'s records (at most RING steps after it was queued)."""
-        slot = self._slots[handle % self.RING]
+        """Wait for step `handle`'s records (at most `ring` steps after it was queued)."""
+        slot = self._slots[handle % self.ring]
         if slot.get("handle") != handle:
-            raise RuntimeError(f"sampler records of step {handle} were overwritten (read them within {self.RING} steps)")
+            raise RuntimeError(f"sampler records of step {handle} were overwritten (read them within {self.ring} steps)")
         if slot["event"] is not None:
             slot["event"].synchronize()
-        B, n = self.batch, self.num_logprobs or 0
+        B, n = slot["count"], slot["num_logprobs"] or 0
         rec = slot["records"][:B].numpy()
-        out = StepRecord(*(rec[:, record_column(f)].copy() for f in ("token", "finish", "flags")))
+        out = StepRecord(*(rec[:, record_column(f)].copy() for f in ("token", "finish", "flags")), first=slot["first"])
         if slot["has_lp"]:
             lp = slot["lp"][:B].numpy()
             out.logprob = lp[:, 0].copy()
@@ -515,3 +560,7 @@ class BatchSampler:
     def abort(self, row: int) -> None:
         """End `row` on the device (the host found a stop string): it stops advancing."""
         self.status[row] = self.finish["aborted"]
+
+    def end_all(self) -> None:
+        """End every row on the device: each idles until admit() sets it up."""
+        self.status.fill_(self.finish["aborted"])

@@ -6,27 +6,26 @@ threads) hand it `Sequence`s through `submit()` and withdraw them through `cance
 touch a queue under a lock. Each sequence's output comes back through its `sink`, called from
 the scheduler's thread with every `StreamDelta` and, when the sequence fails, an exception.
 
-A step of the loop, between two decode steps:
-  1. free the slots of finished and cancelled sequences; drop cancelled ones from the queue;
-     move waiting sequences (oldest first) into free slots, lowest slot first (a decode step
-     runs rows 0..B-1, so the batch stays as narrow as the load allows);
-  2. pick the tokens of the decode step in flight (this waits for it) and prefill the newly
-     admitted sequences into their slots, all in one prefill call;
-  3. launch the next decode step for every live sequence (a free row below the highest live
-     one decodes a dummy token at position 0 of its own row, which nothing reads);
-  4. only then, while that step runs on the GPU, do the host work of the picked tokens: stop
-     conditions, detokenization, delivery to the sinks.
-A sequence that step 4 finds finished (a stop string, EOS, max_tokens) was already part of the
-step launched in 3: that row's result is discarded and its slot freed at the next step 1.
-Positions never pass the cache: a sequence finishes when its next position would be the last.
-
-Tokens are picked on the host side of each step, with the engine's sampling semantics: greedy
-sequences take the backend's fused arg-max (or the logits' arg-max); as soon as one sequence
-samples or is penalized, the step's sequences are picked by `sampling.sample_rows`, the compiled
-sampler's PyTorch replica (the same distribution, the same noise keyed by each request's seed and
-token index), over per-slot penalty counts. So a seeded sequence draws what it draws alone in
-Engine.generate, whatever else is in the batch. logprobs are not produced here yet (submit()
-refuses them).
+The decode state lives on the device, in the engine's sampler (`sampling.BatchSampler`, as in
+Engine.generate): each step's sampler (or, when every row is greedy, the bookkeeping over the
+backend's fused arg-max) writes the chosen tokens where the next decode step reads them and ends
+a row on a stop token, max_tokens or a full cache. So steps run back to back, and the host reads
+each one's tokens behind, RUN_AHEAD steps at most. A round of the loop:
+  1. free the slots of finished and cancelled sequences (a cancelled row is ended on the device);
+     drop cancelled ones from the queue; move waiting sequences (oldest first) into free slots,
+     lowest slot first (a decode step runs rows 0..B-1, so the batch stays as narrow as the load
+     allows);
+  2. prefill the newly admitted sequences into their slots, all in one call, and queue the
+     sampling of their first tokens from its logits (their rows set up by `BatchSampler.admit`);
+  3. launch the next decode step of rows 0..B-1 up to the highest slot with tokens still to come
+     (free and ended rows among them idle: the sampler leaves them as they are);
+  4. read the oldest queued step (the GPU runs the newer ones meanwhile) and do its host work:
+     stop conditions, stop strings (which end the row on the device too), detokenization,
+     delivery to the sinks. Tokens a row produced after its sequence ended are dropped.
+Sampled and penalized sequences draw with the engine's sampler (its filters, penalties and noise
+keyed by each request's seed and token index), so a seeded sequence draws what it draws alone in
+Engine.generate, whatever else is in the batch; so do its logprobs (a step computes them when one
+of its sequences asks, each sequence keeping the count it asked for).
 """
 
 from __future__ import annotations
@@ -39,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from .engine import Engine, StreamDelta, _Request
-from .sampling import row_table, sample_rows, table_columns
+from .engine import RUN_AHEAD, Engine, StreamDelta, _Request
+from .sampling import BatchSampler
 
 Sink = Callable[["StreamDelta | BaseException"], None]
 
@@ -61,10 +60,16 @@ class Sequence:
     request: _Request
     sink: Sink
     slot: int | None = None
-    position: int = 0  # where `token` goes in the cache (its row: `slot`) at the next decode step
-    token: int = 0  # the newest token, fed to the next decode step
+    queued: int = 0  # its tokens the steps queued so far will produce (the prefill's first one included)
     cancelled: bool = False
     done: bool = False  # finished or failed: its slot is freed at the next step
+
+    def to_come(self, max_seq_len: int) -> bool:
+        """Whether a decode step may still give it a token: neither ended nor past the tokens it
+        can have (max_tokens, and the cache's: one position a token after the prompt's)."""
+        r = self.request
+        return not (self.done or self.cancelled) and self.queued < min(r.params.max_tokens,
+                                                                        max_seq_len - len(r.prompt_ids))
 
 
 class Observer:
@@ -89,11 +94,20 @@ class Observer:
 
 @dataclass
 class _Step:
-    """A launched decode step: the sequences it decodes (in slot order) and its logits."""
+    """A sampler step queued on the device: its handle (BatchSampler.read), the sequence of each
+    row it stepped from row `first` on (None: a free row), and whether it drew first tokens from
+    a prefill's logits."""
 
-    seqs: list[Sequence]
-    logits: torch.Tensor
-    batch: int
+    handle: int
+    first: int
+    seqs: list[Sequence | None]
+    prefill: bool = False
+
+
+def _num_logprobs(seqs: list[Sequence | None]) -> int | None:
+    """The alternatives a step computes: the most any of its sequences asks for (None: no logprobs)."""
+    return max((s.request.params.logprobs for s in seqs if s is not None and s.request.params.logprobs is not None),
+               default=None)
 
 
 class Scheduler:
@@ -112,10 +126,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None  # why the thread ended, when it failed
-        # penalties' state per slot (allocated with the first penalized sequence): how often each
-        # token is in the sequence's output, and whether it is in its prompt ([slots, vocab])
-        self._counts: torch.Tensor | None = None
-        self._in_prompt: torch.Tensor | None = None
+        self.sampler: BatchSampler | None = None  # the engine's, while the thread holds it
 
     # -- the callers' side (any thread) ----------------------------------------------------------
 
@@ -143,10 +154,7 @@ class Scheduler:
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue `seqs` (all or none): QueueFull when the free slots and the room left in the
-        queue cannot take them all, SchedulerStopped when the scheduler is not running;
-        ValueError for a sequence asking for logprobs (not produced by the scheduler yet)."""
-        if any(s.request.params.logprobs is not None for s in seqs):
-            raise ValueError("the scheduler does not produce logprobs yet: submit sequences with logprobs=None")
+        queue cannot take them all, SchedulerStopped when the scheduler is not running."""
         now = perf_counter()
         with self._cond:
             if not self.alive:
@@ -199,37 +207,51 @@ class Scheduler:
                 self._fail(s, why)
 
     def _loop(self) -> None:
-        inflight: _Step | None = None
+        sampler = self.sampler = self.engine._sampler()
+        sampler.end_all()  # every row idle until a sequence is admitted into it
+        pending: deque[_Step] = deque()
         while True:
-            admitted = self._between_steps(idle=inflight is None)
+            admitted, freed = self._between_steps(idle=not pending)
             if admitted is None:
-                if inflight is not None:  # leave the backend with no step unchecked
+                if pending:  # leave the backend with no step unchecked
                     getattr(self.engine.backend, "synchronize", lambda: None)()
                 return
-            picked: list[tuple[Sequence, int]] = []
-            if inflight is not None:
-                picked += self._collect(inflight)
+            for row in freed:
+                sampler.abort(row)
             if admitted:
-                picked += self._prefill(admitted)
-            for s, token in picked:
-                s.token = token
-            live = [s for s, _ in picked if not s.cancelled]
-            inflight = self._launch(live) if live else None
-            self._deliver(picked)
+                pending.extend(self._prefill(admitted))
+            launchable = [s for s in self.slots if s is not None and s.to_come(self.engine.max_seq_len)]
+            if launchable and sum(not p.prefill for p in pending) < RUN_AHEAD:
+                try:
+                    pending.append(self._launch(launchable))
+                except Exception as exc:  # noqa: BLE001 - the step failed: its sequences fail, the rest go on
+                    self._fail_steps(pending, exc, launchable)
+                    continue
+                if len(pending) < RUN_AHEAD:
+                    continue  # another step can be queued before the host reads one
+            if pending:
+                self._read(pending.popleft(), last=not pending)
+            else:  # (never: a sequence whose tokens were all read has finished) no step can end them
+                for s in self.slots:
+                    if s is not None and not (s.done or s.cancelled):
+                        self._fail(s, RuntimeError("the scheduler has no step left for this sequence (internal error)"))
 
-    def _between_steps(self, idle: bool) -> list[Sequence] | None:
+    def _between_steps(self, idle: bool) -> tuple[list[Sequence] | None, list[int]]:
         """Free the slots of done and cancelled sequences and admit waiting ones into free slots;
-        the admitted sequences, or None when the scheduler stops. With nothing in flight and
-        nothing to run, wait for a submit()."""
+        the admitted sequences (None when the scheduler stops) and the freed rows of cancelled
+        sequences (still running on the device). With nothing in flight and nothing to run, wait
+        for a submit()."""
+        freed = []
         with self._cond:
             while True:
                 if self._stopping:
-                    return None
+                    return None, freed
                 for i, s in enumerate(self.slots):
                     if s is not None and (s.done or s.cancelled):
                         self.slots[i] = None
                         if not s.done:
                             self.observer.finished(s, "cancelled")
+                            freed.append(i)
                 if any(s.cancelled for s in self.waiting):
                     for s in self.waiting:
                         if s.cancelled:
@@ -246,135 +268,112 @@ class Scheduler:
                 running = sum(s is not None for s in self.slots)
                 self.observer.depth(len(self.waiting), running)
                 if admitted or not idle or running:
-                    return admitted
+                    return admitted, freed
                 self._cond.wait()
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        """Prefill `seqs` into their slots (one call) and pick their first tokens."""
-        device = self.engine.device
-        prompts = [torch.tensor(s.request.prompt_ids, dtype=torch.long, device=device) for s in seqs]
+    def _prefill(self, seqs: list[Sequence]) -> list[_Step]:
+        """Prefill `seqs` into their slots (one call), set their rows up in the sampler and queue
+        the draws of their first tokens (a step per run of consecutive slots)."""
+        device, sampler = self.engine.device, self.sampler
+        seqs = sorted(seqs, key=lambda s: s.slot)
+        requests = [s.request for s in seqs]
+        steps = []
         try:
-            self._reset_penalties(seqs)
+            prompts = [torch.tensor(r.prompt_ids, dtype=torch.long, device=device) for r in requests]
             logits = self.engine.backend.prefill(prompts, rows=[s.slot for s in seqs])
-            tokens = self._pick(logits, seqs, list(range(len(seqs))), fused=None, check=True)
+            sampler.admit([s.slot for s in seqs], [r.prompt_ids for r in requests], [r.params for r in requests],
+                          [r.seed for r in requests], [r.stop_ids for r in requests])
+            sampler.num_logprobs = _num_logprobs(seqs)
+            i = 0
+            while i < len(seqs):
+                j = i + 1
+                while j < len(seqs) and seqs[j].slot == seqs[j - 1].slot + 1:
+                    j += 1
+                handle = sampler.step(logits[i:j], rows=(seqs[i].slot, j - i))
+                steps.append(_Step(handle, seqs[i].slot, seqs[i:j], prefill=True))
+                i = j
         except Exception as exc:  # noqa: BLE001 - these sequences fail; the others go on
             for s in seqs:
+                sampler.abort(s.slot)
                 self._fail(s, exc)
             return []
         for s in seqs:
-            s.position = len(s.request.prompt_ids)
-        return [(s, t) for s, t in zip(seqs, tokens) if t is not None]
+            s.queued = 1
+        return steps
 
-    def _launch(self, seqs: list[Sequence]) -> _Step | None:
-        """Launch a decode step of every row up to the highest slot of `seqs`: each sequence's
-        newest token at its position; free rows decode token 0 at position 0 of their own row."""
+    def _launch(self, seqs: list[Sequence]) -> _Step:
+        """Queue a decode step of rows 0..B-1 (B: past the highest slot of `seqs`) and its sampler
+        step; free and ended rows among them idle."""
+        backend, sampler = self.engine.backend, self.sampler
         batch = max(s.slot for s in seqs) + 1
-        tokens, positions = [0] * batch, [0] * batch
-        for s in seqs:
-            tokens[s.slot], positions[s.slot] = s.token, s.position
-        step = torch.tensor([tokens, positions], device=self.engine.device)
-        try:
-            logits = self.engine.backend.decode(step[0], step[1])
-        except Exception as exc:  # noqa: BLE001
-            for s in seqs:
-                self._fail(s, exc)
-            return None
-        self.observer.step(batch)
-        return _Step(seqs, logits, batch)
-
-    def _collect(self, step: _Step) -> list[tuple[Sequence, int]]:
-        """Wait for `step` and pick the next token of each of its sequences still live."""
-        backend = self.engine.backend
-        live = [s for s in step.seqs if not (s.done or s.cancelled)]
-        fused = getattr(backend, "greedy_tokens", None)  # optional (engine.Backend)
-        try:
-            if fused is not None:
-                greedy = fused(step.batch)  # waits for the step, raises if it failed
-            else:
-                greedy = None
-                getattr(backend, "synchronize", lambda: None)()
-            if not live:
-                return []
-            check = not getattr(backend, "checks_logits", False)
-            tokens = self._pick(step.logits, live, [s.slot for s in live], fused=greedy, check=check)
-        except Exception as exc:  # noqa: BLE001 - the step failed: its sequences fail, the rest go on
-            for s in live:
-                self._fail(s, exc)
-            return []
-        picked = []
-        for s, t in zip(live, tokens):
-            if t is not None:
-                s.position += 1
-                picked.append((s, t))
-        return picked
-
-    def _reset_penalties(self, seqs: list[Sequence]) -> None:
-        """Clear the penalty state of the slots of the penalized sequences among `seqs` (newly
-        admitted): no output yet, their prompt's tokens marked."""
-        penalized = [s for s in seqs if s.request.params.penalized]
-        if not penalized:
-            return
-        if self._counts is None:
-            shape, device = (len(self.slots), self.engine.spec.vocab_size), self.engine.device
-            self._counts = torch.zeros(shape, dtype=torch.int32, device=device)
-            self._in_prompt = torch.zeros(shape, dtype=torch.bool, device=device)
-        for s in penalized:
-            self._counts[s.slot].zero_()
-            self._in_prompt[s.slot].zero_()
-            self._in_prompt[s.slot, torch.tensor(s.request.prompt_ids, device=self.engine.device)] = True
-
-    def _pick(self, logits, seqs, rows, fused, check) -> list[int | None]:
-        """The next token of seqs[i] from row rows[i] of `logits`. When every sequence is greedy
-        and unpenalized: the backend's fused arg-max (`fused`, per batch row) or the logits'
-        arg-max; else every sequence through `sample_rows` (the engine's sampler, in PyTorch: its
-        penalties, filters and seeded noise at the request's token index; greedy rows take the
-        arg-max of their penalized logits). With `check`, a sequence whose row is not finite fails
-        (None in its place); the tokens and the finiteness of every row come to the host in one
-        transfer. (This is where the compiled sampler can plug in: one launch per step, with each
-        row's logprobs for the sinks.)"""
-        params = [s.request.params for s in seqs]
-        if all(p.greedy and not p.penalized for p in params):
-            finite = None
-            if check or fused is None:
-                argmax, finite = torch.stack([logits.argmax(-1), logits.isfinite().all(-1).long()]).tolist()
-                fused = fused if fused is not None else argmax
-            picks = [fused[r] for r in rows]
-            finite = [True] * len(seqs) if finite is None else [bool(finite[r]) for r in rows]
+        rows: list[Sequence | None] = [None] * batch
+        for s in self.slots[:batch]:
+            if s is not None and not (s.done or s.cancelled):
+                rows[s.slot] = s
+        sampler.num_logprobs = _num_logprobs(rows)
+        fused = sampler.num_logprobs is None and all(
+            s is None or (s.request.params.greedy and not s.request.params.penalized) for s in rows)
+        decode_step = getattr(backend, "decode_step", None)  # optional (engine.Backend)
+        tokens, positions = sampler.tokens[:batch], sampler.positions[:batch]
+        if decode_step is not None:
+            logits, next_tokens = decode_step(tokens, positions, want_logits=not fused)
         else:
-            device = logits.device
-            table = table_columns(row_table(params, [s.request.seed for s in seqs]))
-            step = torch.tensor([len(s.request.token_ids) for s in seqs], device=device)
-            counts = in_prompt = None
-            slots = torch.tensor([s.slot for s in seqs], device=device)
-            if any(p.penalized for p in params):
-                counts, in_prompt = self._counts[slots], self._in_prompt[slots]
-            chosen, non_finite = sample_rows(logits[torch.tensor(rows, device=device)], table, counts, in_prompt, step)
-            if counts is not None:  # the picks count from the next step on (the penalized rows only)
-                penalized = torch.tensor([p.penalized for p in params], device=device)
-                self._counts.index_put_((slots, chosen), penalized.int(), accumulate=True)
-            picks, bad = torch.stack([chosen, non_finite.long()]).tolist()
-            finite = [not b for b in bad]
-        tokens: list[int | None] = []
-        for s, token, ok in zip(seqs, picks, finite):
-            if check and not ok:
+            fused = False
+            logits, next_tokens = backend.decode(tokens, positions), None
+        handle = sampler.step(None if fused else logits, next_tokens, rows=(0, batch))
+        for s in seqs:
+            s.queued += 1
+        self.observer.step(batch)
+        return _Step(handle, 0, rows)
+
+    def _fail_steps(self, pending: deque[_Step], exc: BaseException, seqs: list[Sequence]) -> None:
+        """A decode step failed (or the one before it, which the backend reports at the next launch):
+        the sequences of every queued step and `seqs` fail, and their rows end on the device."""
+        failed = {id(s): s for step in pending for s in step.seqs if s is not None}
+        failed.update((id(s), s) for s in seqs)
+        pending.clear()
+        for s in failed.values():
+            self.sampler.abort(s.slot)
+            self._fail(s, exc)
+
+    def _read(self, step: _Step, last: bool) -> None:
+        """Wait for `step`'s tokens and do their host work: stop conditions, detokenization and
+        delivery. The newest queued step (`last`) is checked by the backend first (a step's failure
+        surfaces at the next launch, or at synchronize())."""
+        backend, sampler = self.engine.backend, self.sampler
+        try:
+            if last and not step.prefill:
+                getattr(backend, "synchronize", lambda: None)()
+            rec = sampler.read(step.handle)
+        except Exception as exc:  # noqa: BLE001 - the step failed: its sequences fail, the rest go on
+            self._fail_steps(deque([step]), exc, [])
+            return
+        check = step.prefill or not getattr(backend, "checks_logits", False)
+        limit = self.engine.max_seq_len
+        now = perf_counter()
+        for i, s in enumerate(step.seqs):
+            if s is None or s.done or s.cancelled:
+                continue  # (a free row, or a sequence that ended: what its row produced since is dropped)
+            if check and rec.flags[i] & sampler.flags["non_finite"]:
+                sampler.abort(s.slot)
                 self._fail(s, RuntimeError(
                     "the model produced non-finite logits (NaN or inf) for this request: the activations "
                     "overflowed or the backend failed; no token was emitted"))
-                tokens.append(None)
-            else:
-                tokens.append(token)
-        return tokens
-
-    def _deliver(self, picked: list[tuple[Sequence, int]]) -> None:
-        """Stop conditions, detokenization and delivery of each picked token."""
-        limit = self.engine.max_seq_len
-        for s, token in picked:
-            if s.cancelled or s.done:
                 continue
-            delta = s.request.add(token, perf_counter(), cache_full=s.position + 1 >= limit)
+            token = int(rec.token[i])
+            if token < 0:  # the device ended the row at a token the host has not finished on
+                sampler.abort(s.slot)
+                self._fail(s, RuntimeError(f"the sampler ended row {s.slot} before the scheduler did (internal error)"))
+                continue
+            position = len(s.request.prompt_ids) + len(s.request.token_ids)  # where this token goes
+            top = s.request.params.logprobs
+            logprob = None if top is None else self.engine._logprob(rec, i, token, top)
+            delta = s.request.add(token, now, cache_full=position + 1 >= limit, logprob=logprob)
             self.observer.token(s, delta)
             if delta.finish_reason is not None:
                 s.done = True
+                if rec.finish[i] == sampler.finish["none"]:
+                    sampler.abort(s.slot)  # a stop string: the device row stops advancing
                 self.observer.finished(s, delta.finish_reason)
             self._emit(s, delta)
 

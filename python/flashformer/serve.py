@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Engine, StreamDelta
-from .sampling import SamplingParams
+from .sampling import SamplingParams, max_logprobs
 from .scheduler import Observer, QueueFull, Scheduler, SchedulerStopped, Sequence
 from .validate import DEFAULT_MAX_QUEUE
 
@@ -48,8 +48,6 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "pres
                    "repetition_penalty", "seed", "stop", "stop_token_ids", "ignore_eos")
 # Fields this server does not implement, with the values that ask for nothing (accepted).
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),  # the engine has them; the scheduler does not produce them yet
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -180,6 +178,45 @@ def _sampling(body: dict, aliases: dict[str, str], defaults: dict) -> SamplingPa
             message = str(exc).removeprefix("invalid SamplingParams: ").replace(field, names[field], 1)
             raise APIError(400, message, names[field]) from None
     return SamplingParams(**{"temperature": DEFAULT_TEMPERATURE, **defaults, **given})
+
+
+def _token(lp) -> str:
+    """A logprob entry's token as OpenAI writes it: its text, or "token_id:N" without a tokenizer."""
+    return lp.token if lp.token is not None else f"token_id:{lp.token_id}"
+
+
+def _chat_logprobs(logprobs) -> dict | None:
+    """A chat choice's (or chunk's) logprobs, OpenAI's shape: one entry a token."""
+    if logprobs is None:
+        return None
+    entry = lambda lp: {"token": _token(lp), "logprob": lp.logprob, "bytes": lp.bytes}  # noqa: E731
+    return {"content": [{**entry(lp), "top_logprobs": [entry(t) for t in lp.top_logprobs]} for lp in logprobs]}
+
+
+def _completion_logprobs(logprobs, offset: int) -> dict | None:
+    """A completion choice's (or chunk's) logprobs in the legacy shape: tokens (the text each
+    added: they join into the completion's text), their logprobs, their alternatives (token ->
+    logprob) and where each starts in the text (`offset`: the text before these tokens)."""
+    if logprobs is None:
+        return None
+    tokens = [lp.text if lp.text is not None else _token(lp) for lp in logprobs]
+    starts = []
+    for t in tokens:
+        starts.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{_token(t): t.logprob for t in lp.top_logprobs} for lp in logprobs], "text_offset": starts}
+
+
+def _chat_logprob_count(body: dict) -> int | None:
+    """SamplingParams.logprobs of a chat request: top_logprobs (default 0) when logprobs is true."""
+    want = _get(body, "logprobs", bool, "a bool", False)
+    top = _get(body, "top_logprobs", int, f"an int in 0..{max_logprobs()}")
+    if top is not None and not 0 <= top <= max_logprobs():
+        raise APIError(400, f"top_logprobs must be an int in 0..{max_logprobs()}, got {top}", "top_logprobs")
+    if top is not None and not want:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if want else None
 
 
 def _check_unsupported(body: dict) -> None:
@@ -314,20 +351,28 @@ class Server:
         body = await _body(request)
         stream, include_usage, n = self._check_common(body)
         prompts = [(name, self._tokenize(name, p)) for name, p in _prompts(body)]
-        params = _sampling(body, {}, {})
+        params = _sampling(body, {"logprobs": "logprobs"}, {})
         job = self._job(prompts, params, n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
-        def choice(index, text, finish_reason):
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def choice(index, text, finish_reason, logprobs=None):
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
         if stream:
-            return _sse(self.scheduler, job, include_usage, head, lambda d: choice(d.index, d.text, d.finish_reason))
+            offsets = [0] * len(job.seqs)  # each choice's text so far, in token texts (text_offset)
+
+            def chunk(d: StreamDelta) -> dict:
+                logprobs = _completion_logprobs(d.logprobs, offsets[d.index])
+                if logprobs is not None:
+                    offsets[d.index] += sum(len(t) for t in logprobs["tokens"])
+                return choice(d.index, d.text, d.finish_reason, logprobs)
+
+            return _sse(self.scheduler, job, include_usage, head, chunk)
         outputs = await _complete(request, self.scheduler, job)
         if isinstance(outputs, Response):
             return outputs
-        choices = [choice(i, o.text, o.finish_reason) for i, o in enumerate(outputs)]
+        choices = [choice(i, o.text, o.finish_reason, _completion_logprobs(o.logprobs, 0)) for i, o in enumerate(outputs)]
         usage = _usage(job, sum(len(o.token_ids) for o in outputs))
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
@@ -342,23 +387,26 @@ class Server:
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from None
         room = max(1, self.engine.max_seq_len - len(ids))  # (a prompt too long is refused by _job)
-        params = _sampling(body, {"max_completion_tokens": "max_tokens"}, {"max_tokens": room})
+        params = _sampling(body, {"max_completion_tokens": "max_tokens"},
+                           {"max_tokens": room, "logprobs": _chat_logprob_count(body)})
         job = self._job([("messages", ids)], params, n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_name}
 
         if stream:
-            def choice(index, delta, finish_reason=None):
-                return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            def choice(index, delta, finish_reason=None, logprobs=None):
+                return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
             first = [choice(i, {"role": "assistant", "content": ""}) for i in range(len(job.seqs))]
             return _sse(self.scheduler, job, include_usage, head,
-                        lambda d: choice(d.index, {"content": d.text}, d.finish_reason), first)
+                        lambda d: choice(d.index, {"content": d.text}, d.finish_reason, _chat_logprobs(d.logprobs)),
+                        first)
         outputs = await _complete(request, self.scheduler, job)
         if isinstance(outputs, Response):
             return outputs
-        choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                    "finish_reason": o.finish_reason} for i, o in enumerate(outputs)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": _chat_logprobs(o.logprobs), "finish_reason": o.finish_reason}
+                   for i, o in enumerate(outputs)]
         usage = _usage(job, sum(len(o.token_ids) for o in outputs))
         return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage})
 

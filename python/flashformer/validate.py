@@ -211,8 +211,7 @@ def check_model_fits(spec, weight_bytes: int, device, dtype, max_batch_size: int
     """Refuse, before anything is allocated, a model whose weights (`weight_bytes`, from the
     checkpoint's tensor sizes in `dtype`), KV cache (in `dtype`, or in FP8 and its scales) and
     RoPE tables cannot fit on `device`."""
-    fp8 = kv_cache_dtype == "fp8"
-    kv = spec.kv_cache_bytes(max_batch_size, max_seq_len, 1 if fp8 else dtype.itemsize, scaled=fp8)
+    kv = spec.kv_cache_bytes(max_batch_size, max_seq_len, dtype.itemsize, kv_cache_dtype)
     rope = 2 * max_seq_len * spec.head_dim * 4  # cos and sin tables, fp32
     check_fits(
         device,

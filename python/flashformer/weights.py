@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,12 @@ class _Slot:
     @property
     def part_shape(self) -> tuple[int, ...]:
         return self.shape if self.rows is None else (self.rows[1] - self.rows[0], *self.shape[1:])
+
+
+# The layer fields tensor parallelism splits, by rows and by columns; the norms, and the O and
+# down biases (rank 0's), stay whole.
+ROW_SPLIT_FIELDS = frozenset({"wqkv", "bqkv", "w_gate_up", "b_gate_up"})
+COLUMN_SPLIT_FIELDS = frozenset({"wo", "w_down"})
 
 
 def _layer_slots(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...], tuple[int, int] | None]]:
@@ -233,19 +240,26 @@ class Checkpoint:
         b0, b1 = q.block_size
         return (b0, b1) if self._aligned[slot.attr] else (1, b1)
 
-    def nbytes(self, dtype: torch.dtype, quantize: bool = False) -> int:
+    def nbytes(self, dtype: torch.dtype, quantize: bool = False, world: int = 1) -> int:
         """Bytes of the weights on the device once loaded in `dtype` (a tied LM head counted once):
         FP8 matrices one byte an element plus their fp32 scales (with `quantize`, the layer
-        matrices of a dense checkpoint too)."""
+        matrices of a dense checkpoint too). With `world` > 1, one tensor-parallel rank's: a
+        1/world part of each layer's split fields (a column split keeps its rows' scales whole
+        where they span the row), the rest whole."""
         total, seen = 0, set()
         for slot in self.slots.values():
             block = self.fp8_block(slot, quantize)
+            in_layer = slot.layer is not None
+            rows_split = in_layer and slot.attr in ROW_SPLIT_FIELDS
+            cols_split = in_layer and slot.attr in COLUMN_SPLIT_FIELDS
+            split = world if rows_split or cols_split else 1
             if block is None:
-                total += math.prod(slot.part_shape) * dtype.itemsize
+                total += math.prod(slot.part_shape) * dtype.itemsize // split
             elif (slot.layer, slot.attr) not in seen:  # a packed field counted once, whole
                 seen.add((slot.layer, slot.attr))
                 rows, cols = slot.shape
-                total += rows * cols + cdiv(rows, block[0]) * cdiv(cols, block[1]) * 4
+                scales = cdiv(rows, block[0]) * cdiv(cols, block[1]) * 4
+                total += rows * cols // split + (scales if cols_split and block[1] == cols else scales // split)
         return total
 
 
@@ -398,8 +412,13 @@ def load_weights(
     progress: bool = True,
     allow_unused_tensors: bool = False,
     quantization: str | None = None,
+    layer_hook: Callable[[int, LayerWeights], LayerWeights] | None = None,
 ) -> Weights:
     """Stream the checkpoint in `model_dir` onto `device` as `dtype`, packing fused matrices.
+
+    `layer_hook(i, layer)`, when given, is called as soon as every tensor of layer i is in, and
+    what it returns is kept instead (tensor parallelism keeps its rank's part: so at most the
+    layers being read are there whole, never the whole model).
 
     The checkpoint is checked first (`inspect_checkpoint`); a tensor with a NaN or an infinity,
     in the file or after the cast to `dtype`, is a ValueError naming it. The output embedding is
@@ -422,6 +441,11 @@ def load_weights(
         by_file.setdefault(files[name], []).append(name)
     top: dict[str, Matrix] = {}
     layers: list[dict[str, Matrix]] = [{} for _ in range(spec.num_layers)]
+    built: list[LayerWeights | None] = [None] * spec.num_layers
+    unread = [0] * spec.num_layers  # each layer's tensors not yet in
+    for slot in slots.values():
+        if slot.layer is not None:
+            unread[slot.layer] += 1
     with tqdm(total=len(slots), desc="loading weights", unit="tensor", disable=not progress) as bar:
         for path in sorted(by_file):
             with _open(path, str(device)) as f:
@@ -461,6 +485,13 @@ def load_weights(
                         r0, r1 = slot.rows or (0, slot.shape[0])
                         matrix.data[r0:r1].copy_(data)
                         matrix.scale[r0 // block[0] : cdiv(r1, block[0])].copy_(scale)
+                    if slot.layer is not None:
+                        unread[slot.layer] -= 1
+                        if not unread[slot.layer]:  # the layer is whole
+                            built[slot.layer] = LayerWeights(**layers[slot.layer])
+                            layers[slot.layer] = {}
+                            if layer_hook is not None:
+                                built[slot.layer] = layer_hook(slot.layer, built[slot.layer])
                     bar.update()
                 finite = torch.stack(ranges).isfinite().all(-1).tolist()
                 for name, ok in zip(by_file[path], finite):
@@ -470,7 +501,7 @@ def load_weights(
         embed=top["embed"],
         final_norm=top["final_norm"],
         lm_head=top.get("lm_head", top["embed"]),
-        layers=[LayerWeights(**layer) for layer in layers],
+        layers=built,
     )
 
 

@@ -24,22 +24,25 @@ KernelLaunch launch_of() {
     return {};
 }
 
-template <int Config>
-CompiledConfig compiled_config() {
+// Every (weight format, KV format) launch of one config and build, indexed by the formats.
+template <int Config, Build B>
+void fill_launches(KernelLaunch (&out)[kNumWeightFormats][kNumKvFormats]) {
   constexpr WeightFormat kBf16 = WeightFormat::kBf16, kFp8 = WeightFormat::kFp8;
   constexpr KvFormat kKvBf16 = KvFormat::kBf16, kKvFp8 = KvFormat::kFp8;
   static_assert(int(kBf16) == 0 && int(kFp8) == 1 && kNumWeightFormats == 2 && int(kKvBf16) == 0 && int(kKvFp8) == 1 &&
                     kNumKvFormats == 2,
                 "the launches are indexed by format");
+  out[0][0] = launch_of<Config, B, kBf16, kKvBf16>();
+  out[0][1] = launch_of<Config, B, kBf16, kKvFp8>();
+  out[1][0] = launch_of<Config, B, kFp8, kKvBf16>();
+  out[1][1] = launch_of<Config, B, kFp8, kKvFp8>();
+}
+
+template <int Config>
+CompiledConfig compiled_config() {
   CompiledConfig c{kCompiledConfigs[Config], {}, {}};
-  c.shipped[0][0] = launch_of<Config, Build::kShipped, kBf16, kKvBf16>();
-  c.shipped[0][1] = launch_of<Config, Build::kShipped, kBf16, kKvFp8>();
-  c.shipped[1][0] = launch_of<Config, Build::kShipped, kFp8, kKvBf16>();
-  c.shipped[1][1] = launch_of<Config, Build::kShipped, kFp8, kKvFp8>();
-  c.instrumented[0][0] = launch_of<Config, Build::kInstrumented, kBf16, kKvBf16>();
-  c.instrumented[0][1] = launch_of<Config, Build::kInstrumented, kBf16, kKvFp8>();
-  c.instrumented[1][0] = launch_of<Config, Build::kInstrumented, kFp8, kKvBf16>();
-  c.instrumented[1][1] = launch_of<Config, Build::kInstrumented, kFp8, kKvFp8>();
+  fill_launches<Config, Build::kShipped>(c.shipped);
+  fill_launches<Config, Build::kInstrumented>(c.instrumented);
   return c;
 }
 
