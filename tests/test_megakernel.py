@@ -336,13 +336,15 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 @pytest.mark.parametrize("name,fp8,kv,start", [("tiny-gqa", False, "auto", 0), ("tiny-qk-norm", False, "auto", 0),
                                                ("tiny-bias", False, "auto", 0), ("tiny-gqa", True, "auto", 0),
                                                ("tiny-bias", True, "auto", 0), ("tiny-gqa", False, "fp8", 0),
-                                               ("tiny-qk-norm", True, "fp8", 0), ("tiny-d128", False, "fp8", 90)])
+                                               ("tiny-qk-norm", True, "fp8", 0), ("tiny-d128", False, "fp8", 90),
+                                               ("tiny-gqa", False, "fp8", 90)])
 def test_sanitizer_smoke(name, fp8, kv, start):
     """Decode-only steps of a tiny config from position `start` of an empty cache (no prefill:
     only the kernel and a few elementwise torch ops run): scripts/gpu_check.sh runs this under
     compute-sanitizer's memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised).
     Llama's layer, then q/k norm and q/k/v biases (both with padded vocabularies); then e4m3
-    layers; then an FP8 KV cache, last over stages of more positions than scoring takes at once."""
+    layers; then an FP8 KV cache, last past one stage's positions (head_dim 128: 56 a stage, scored
+    in one pass) and past one scoring pass's (head_dim 64: 120 a stage, scored 64 at a time)."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)
