@@ -16,7 +16,8 @@
 # COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2; the
 # bases need this profile_step.py's API). benchcmp: `flashformer bench` (each commit's own) of every
 # .carry/base*.tar and of this tree, alternating, COMPARE_ROUNDS rounds (BENCH_ARGS, default
-# "--batch 1,8 --peers none"), then a table of engine ms per row. bench: this tree's bench of
+# "--batch 1,8 --peers none"; several sets of flags separated by ';' run one after another on the
+# same builds), then a table of engine ms per row (and generate's ms per token). bench: this tree's bench of
 # record into $OUT/h200 (BENCH_ARGS, default "--batch 1,8 --peers fast"; FLASHFORMER_COMMIT names it).
 # Logs go to $OUT/logs.tgz (logs-1.tgz ... for later runs in the same call; the device tool returns
 # at most 8 files), the summary to
@@ -105,14 +106,17 @@ fi
 bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
 if has benchcmp; then
   build_bases benchcmp
+  IFS=';' read -ra bench_sets <<<"${BENCH_ARGS:---batch 1,8 --peers none}"  # (';' between sets of flags)
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    for name in "${!site[@]}"; do
+    for k in "${!bench_sets[@]}"; do
+      for name in "${!site[@]}"; do
+        # shellcheck disable=SC2086
+        step "bench-$name-$round.$k" env PYTHONPATH="${site[$name]}" FLASHFORMER_COMMIT="$name" "${bench_cli[@]}" \
+          --out "$LOGS/bench-$name-$round.$k" ${bench_sets[$k]}
+      done
       # shellcheck disable=SC2086
-      step "bench-$name-$round" env PYTHONPATH="${site[$name]}" FLASHFORMER_COMMIT="$name" "${bench_cli[@]}" \
-        --out "$LOGS/bench-$name-$round" ${BENCH_ARGS:---batch 1,8 --peers none}
+      step "bench-head-$round.$k" "${bench_cli[@]}" --out "$LOGS/bench-head-$round.$k" ${bench_sets[$k]}
     done
-    # shellcheck disable=SC2086
-    step "bench-head-$round" "${bench_cli[@]}" --out "$LOGS/bench-head-$round" ${BENCH_ARGS:---batch 1,8 --peers none}
   done
   python3 - "$LOGS" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
@@ -124,6 +128,7 @@ for key, doc in runs.items():
     d = best[key.rsplit("-", 1)[0]]
     figures = [((r["model"], r["batch"], r["ctx"]), r["engine_ms"]) for r in doc["rows"]]
     figures += [((t["model"], "ttft", t["prompt_len"]), t["engine_ms"]) for t in doc["ttft"]]
+    figures += [((g["model"], g["batch"], g["mode"]), g["ms_per_token"]) for g in doc.get("generate", [])]
     for row, ms in figures:
         d[row] = min(d.get(row, 1e9), ms)
 print("model batch ctx " + " ".join(names) + "  (ms, best of rounds; last column / first - 1)")

@@ -20,6 +20,7 @@ elsewhere `sample_rows` does the same in PyTorch, with the same noise.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -346,6 +347,12 @@ class StepRecord:
     first: int = 0
 
 
+def most_logprobs(params: Iterable[SamplingParams]) -> int | None:
+    """The alternatives a step computes for its rows' requests: the most any asks for (each row's
+    record keeps its own count); None when none asks for logprobs."""
+    return max((p.logprobs for p in params if p.logprobs is not None), default=None)
+
+
 class BatchSampler:
     """The decode state of one batch on the device and the sampler that advances it: the token and
     position each row's next decode step reads (`tokens`, `positions`: int64 [max_batch]), how many
@@ -396,7 +403,7 @@ class BatchSampler:
         B = len(prompts)
         self.batch = B
         self.admit(list(range(B)), prompts, params, seeds, stop_ids)
-        self.num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        self.num_logprobs = most_logprobs(params)
 
     @property
     def table(self) -> dict[str, torch.Tensor]:

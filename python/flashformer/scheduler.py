@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from .engine import RUN_AHEAD, Engine, StreamDelta, _Request
-from .sampling import BatchSampler
+from .sampling import BatchSampler, most_logprobs
 
 Sink = Callable[["StreamDelta | BaseException"], None]
 
@@ -95,19 +95,17 @@ class Observer:
 @dataclass
 class _Step:
     """A sampler step queued on the device: its handle (BatchSampler.read), the sequence of each
-    row it stepped from row `first` on (None: a free row), and whether it drew first tokens from
-    a prefill's logits."""
+    row it stepped (from its StepRecord's `first` row on; None: a free row), and whether it drew
+    first tokens from a prefill's logits."""
 
     handle: int
-    first: int
     seqs: list[Sequence | None]
     prefill: bool = False
 
 
 def _num_logprobs(seqs: list[Sequence | None]) -> int | None:
-    """The alternatives a step computes: the most any of its sequences asks for (None: no logprobs)."""
-    return max((s.request.params.logprobs for s in seqs if s is not None and s.request.params.logprobs is not None),
-               default=None)
+    """The alternatives a step of these rows computes (BatchSampler.num_logprobs)."""
+    return most_logprobs(s.request.params for s in seqs if s is not None)
 
 
 class Scheduler:
@@ -290,7 +288,7 @@ class Scheduler:
                 while j < len(seqs) and seqs[j].slot == seqs[j - 1].slot + 1:
                     j += 1
                 handle = sampler.step(logits[i:j], rows=(seqs[i].slot, j - i))
-                steps.append(_Step(handle, seqs[i].slot, seqs[i:j], prefill=True))
+                steps.append(_Step(handle, seqs[i:j], prefill=True))
                 i = j
         except Exception as exc:  # noqa: BLE001 - these sequences fail; the others go on
             for s in seqs:
@@ -324,7 +322,7 @@ class Scheduler:
         for s in seqs:
             s.queued += 1
         self.observer.step(batch)
-        return _Step(handle, 0, rows)
+        return _Step(handle, rows)
 
     def _fail_steps(self, pending: deque[_Step], exc: BaseException, seqs: list[Sequence]) -> None:
         """A decode step failed (or the one before it, which the backend reports at the next launch):

@@ -46,6 +46,7 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = chat_template
+        self._token_texts: dict[int, str] = {}  # token_text's, as asked for (at most the vocabulary)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Tokenizer | None:
@@ -77,8 +78,12 @@ class Tokenizer:
         return TextStream(self, skip_special_tokens)
 
     def token_text(self, token: int) -> str:
-        """One token's own text (special tokens included), e.g. for logprobs."""
-        return self._tok.decode([token], skip_special_tokens=False)
+        """One token's own text (special tokens included), e.g. for logprobs: each step's chosen
+        tokens and up to 20 alternatives a row, so decoded once a token id."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self._tok.decode([token], skip_special_tokens=False)
+        return text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""
