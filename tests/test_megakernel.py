@@ -343,8 +343,8 @@ def test_sanitizer_smoke(name, fp8, kv, start):
     only the kernel and a few elementwise torch ops run): scripts/gpu_check.sh runs this under
     compute-sanitizer's memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised).
     Llama's layer, then q/k norm and q/k/v biases (both with padded vocabularies); then e4m3
-    layers; then an FP8 KV cache, last past one stage's positions (head_dim 128: 56 a stage, scored
-    in one pass) and past one scoring pass's (head_dim 64: 120 a stage, scored 64 at a time)."""
+    layers; then an FP8 KV cache, last past one stage's positions (head_dim 128: 56 a stage; 64:
+    64)."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)

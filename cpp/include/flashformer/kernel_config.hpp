@@ -84,33 +84,34 @@ constexpr int attn_score_positions(int head_dim) { return kStageBytes / 2 / (hea
 constexpr int attn_fp8_scale_bytes(int n) { return (n + 3 + 3) / 4 * 16; }
 // Where a half of an FP8 KV stage holds its scales: after its positions' D-byte rows, 16-byte aligned.
 constexpr int attn_fp8_scale_offset(int head_dim, int positions) { return (positions * head_dim + 15) / 16 * 16; }
-// Positions of one batch row in a KV stage of attention: bf16, their keys and then (from the
-// stage's middle) their values; e4m3, as many as fit a half with their scales (a multiple of 8:
-// whole score tiles), so that a stage carries as many bytes as a bf16 one.
-constexpr int attn_stage_positions(int head_dim, KvFormat kv) {
-  if (kv == KvFormat::kBf16) return attn_score_positions(head_dim);
+// Positions an FP8 KV stage's half has room for with their scales: a multiple of 8 (whole score
+// tiles), so that a stage carries as many bytes as a bf16 one.
+constexpr int attn_fp8_stage_room(int head_dim) {
   int n = kStageBytes / 2 / head_dim / 8 * 8;
   while (attn_fp8_scale_offset(head_dim, n) + attn_fp8_scale_bytes(n) > kStageBytes / 2) n -= 8;
   return n;
 }
-static_assert(attn_stage_positions(128, KvFormat::kFp8) == 56 && attn_stage_positions(64, KvFormat::kFp8) == 120,
-              "an FP8 KV stage of head_dim 128 holds 56 positions, of 64 120 (bf16: 32, 64)");
+static_assert(attn_fp8_stage_room(128) == 56 && attn_fp8_stage_room(64) == 120,
+              "an FP8 KV stage of head_dim 128 has room for 56 positions, of 64 for 120 (bf16: 32, 64)");
 // q heads of a kv head rounded up to a power of two: the stride of the scoring weights.
 constexpr int attn_head_slots(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 // Floats of one consumer warp's attention slot in shared memory: its partials (o, m, l) of the
 // group's q heads, also its scoring scratch before that (a stage's rescale factors, then its
-// weights [score positions][head slots]); a multiple of 4 (float4 loads).
+// weights [stage positions][head slots]); a multiple of 4 (float4 loads).
 constexpr int attn_warp_floats(const ModelDims& d) {
   const int group = d.heads / d.kv_heads;
   const int scoring = attn_head_slots(group) * (1 + attn_score_positions(d.head_dim));
   return (std::max(group * attn_part_stride(d.head_dim), scoring) + 3) / 4 * 4;
 }
-// Positions one scoring pass takes (AttentionKernel's kScorePositions): as many whole score tiles
-// as the warp's slot holds the weights of, up to a stage's (a bf16 stage's always fit; an FP8
-// one's too where the partials' room exceeds the scoring's, at head_dim 128).
-constexpr int attn_pass_positions(const ModelDims& d, KvFormat kv) {
+// Positions of one batch row in a KV stage of attention, all scored in one pass: bf16, their keys
+// and then (from the stage's middle) their values; e4m3 the same, each half's rows followed by
+// their scales, as many as the half has room for and the warp's slot holds the weights of (whole
+// score tiles). At head_dim 128 that is 56 (bf16: 32): the slot's partials leave room. At 64 the
+// slot holds 64 (bf16's): 120 in two passes made batch 1 slower at short contexts (NOTES).
+constexpr int attn_stage_positions(const ModelDims& d, KvFormat kv) {
+  if (kv == KvFormat::kBf16) return attn_score_positions(d.head_dim);
   const int room = (attn_warp_floats(d) / attn_head_slots(d.heads / d.kv_heads) - 1) / 8 * 8;
-  return std::min(attn_stage_positions(d.head_dim, kv), room);
+  return std::min(attn_fp8_stage_room(d.head_dim), room);
 }
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2

@@ -10,9 +10,10 @@
 // finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
 // An FP8 KV cache (T::kKv, with p.kv_scale) holds e4m3 vectors, each with an fp32
 // scale: a stage carries the positions' key bytes and after them their scales (copied from the
-// 16-byte boundary below the first), then the same for the values from the stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
-// score times its key's scale; values into fp32 times theirs. The current position's k and v come
-// from scratch in fp32 (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
+// 16-byte boundary below the first), then the same for the values from the stage's middle. Keys
+// turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each score times its key's
+// scale; values into fp32 times theirs. The current position's k and v come from scratch in fp32
+// (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
 // as the reference path's quantize_kv) and appends them, bytes and scales, to the cache.
 #pragma once
 
@@ -47,10 +48,8 @@ struct AttentionKernel {
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
   // stage's middle) their values; FP8, each half's rows followed by their scales (kScaleOffset
-  // bytes into the half), so that a stage holds 1.75-1.9x bf16's positions. Scoring takes at most
-  // kScorePositions of them at a time (its scratch's size).
-  static constexpr int kStagePositions = attn_stage_positions(D, T::kKv);
-  static constexpr int kScorePositions = attn_pass_positions(T::kDims, T::kKv);
+  // bytes into the half), up to 1.75x bf16's positions (kernel_config.hpp).
+  static constexpr int kStagePositions = attn_stage_positions(T::kDims, T::kKv);
   static constexpr int kScaleOffset = attn_fp8_scale_offset(D, kStagePositions);
   static constexpr int kWarpFloats = attn_warp_floats(T::kDims);  // a consumer warp's slot (kernel_config.hpp)
 
@@ -169,10 +168,10 @@ struct AttentionKernel {
   static constexpr int kChunks = D / 32;
   static_assert(G <= 8 && D % 32 == 0, "scores map the q heads onto the mma's rows, head_dim onto 32-dim chunks");
   // A warp's scoring scratch is its slot (the partials are written only after its last stage):
-  // the stage's rescale factors (kHeadSlots floats), then its weights [kScorePositions][kHeadSlots];
+  // the stage's rescale factors (kHeadSlots floats), then its weights [kStagePositions][kHeadSlots];
   // for the current position, its K and V rows from kCurrentRows floats on.
   static constexpr int kCurrentRows = 2 * kHeadSlots < 8 ? 8 : 2 * kHeadSlots;
-  static_assert(kHeadSlots * (1 + kScorePositions) <= kWarpFloats && kCurrentRows + D <= kWarpFloats &&
+  static_assert(kHeadSlots * (1 + kStagePositions) <= kWarpFloats && kCurrentRows + D <= kWarpFloats &&
                     G * kPartStride <= kWarpFloats,
                 "the scoring scratch and the partials fit in the warp's slot");
 
@@ -224,7 +223,7 @@ struct AttentionKernel {
       }
     }
 
-    // Folds positions [0, n) (1 <= n <= kScorePositions) of the K and V rows `kv` (shared memory,
+    // Folds positions [0, n) (1 <= n <= kStagePositions) of the K and V rows `kv` (shared memory,
     // D elements a row) in. Scores: one mma per tile and k-step, lane (g, t) ends with head g's
     // scores of positions 2t, 2t+1 of each tile; their weights go through `scratch` to every
     // lane, which accumulates o for its dims on the CUDA cores.
@@ -300,17 +299,6 @@ struct AttentionKernel {
           for (int i = 0; i < kDimsPerLane; ++i) o[h][i] += w[h] * v[i];
       }
       __syncwarp();  // the scratch is read before the next call writes it
-    }
-    // A stage's positions [0, n), kScorePositions at a time.
-    __device__ void add_stage(const KvRows& kv, int n, float* scratch, int lane) {
-      if constexpr (kStagePositions <= kScorePositions) return add(kv, n, scratch, lane);  // (bf16)
-      constexpr int kRowBytes = kFp8Kv ? D : D * 2;
-      for (int u = 0; u < n; u += kScorePositions) {
-        const auto at = [&](const void* rows) { return static_cast<const uint8_t*>(rows) + u * kRowBytes; };
-        KvRows part{at(kv.keys), at(kv.values)};
-        if constexpr (kFp8Kv) part.key_scales = kv.key_scales + u, part.value_scales = kv.value_scales + u;
-        add(part, min(kScorePositions, n - u), scratch, lane);
-      }
     }
     __device__ static void load_weights(const float* src, float (&w)[kHeadSlots]) {
       if constexpr (kHeadSlots == 4) {
@@ -433,7 +421,7 @@ struct AttentionKernel {
           kv.value_scales = reinterpret_cast<const float*>(stage + kStageBytes / 2 + kScaleOffset) +
                             scale_span(kv_index<T>(p, layer, 1, b, kv_head, at), n).offset;
         }
-        st.add_stage(kv, n, slots, c.lane);
+        st.add(kv, n, slots, c.lane);
       }
       c.ring.release(c.cursor);
       return true;
