@@ -13,7 +13,7 @@ from flashformer.weights import random_weights
 from tqdm import tqdm
 
 from flashformer import bench
-from flashformer.baselines import GptFast, HFEager, cache_len, hf_config
+from flashformer.baselines import GptFast, HFEager, TorchaoFp8, cache_len, hf_config, torchao_fp8_weights
 from flashformer.cli import main
 from flashformer.config import spec_from_dict
 from flashformer.reference import ReferenceBackend
@@ -263,6 +263,41 @@ def test_peers_compute_what_the_reference_computes(name, tmp_path):
         torch.testing.assert_close(hf.decode(tokens), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_torchao_fp8_peer_computes_what_the_reference_computes_on_the_fp8_weights():
+    """The torchao FP8 peer (run eagerly here) multiplies the FP8 model's own e4m3 matrices (the
+    same bytes and scales, not copies), so it returns the reference decoder's logits on them."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8Tensor
+
+    spec = spec_from_dict(bench.shape_config("tiny-gqa"))
+    generator = torch.Generator().manual_seed(0)
+    weights = random_weights(spec, tied=False, device="cpu", dtype=torch.float32, std=0.1, generator=generator,
+                             quantization="fp8")
+    batch, ctx = 2, 40
+    reference = ReferenceBackend(spec, weights, kv_cache(spec, weights, batch, 64))
+    reference.kv_cache.normal_(generator=generator)
+    peer = TorchaoFp8(spec, weights, 64, compile=False)
+    peer.setup(batch, ctx, source=reference.kv_cache)
+    wqkv = peer.model.blocks[0].wqkv
+    assert isinstance(wqkv, Float8Tensor) and wqkv.qdata.data_ptr() == weights.layers[0].wqkv.data.data_ptr()
+    for step in range(3):
+        tokens = torch.randint(spec.vocab_size, (batch,), generator=generator)
+        expected = reference.decode(tokens, torch.full((batch,), ctx + step))
+        assert torch.isfinite(expected).all() and expected.std() > 0.1
+        torch.testing.assert_close(peer.decode(tokens, torch.tensor([ctx + step])), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torchao_fp8_peer_needs_fp8_weights_and_says_when_torchao_is_missing(monkeypatch):
+    _, spec, dense, _ = _tiny_fp32()
+    pytest.importorskip("torchao")
+    with pytest.raises(ValueError, match="needs a model with FP8 layer matrices"):
+        torchao_fp8_weights(dense)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # (import torchao raises ImportError)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(RuntimeError, match=r"the torchao FP8 peer needs torchao >= 0.17 \(pip install torchao\)"):
+        torchao_fp8_weights(dense)
+
+
 def test_hf_prefill_matches_the_reference():
     pytest.importorskip("transformers")
     cfg, spec, weights, generator = _tiny_fp32()
@@ -282,16 +317,22 @@ def test_gptfast_cache_is_sized_to_the_context():
 
 
 @NO_GPU
-def test_compiled_gptfast_runs_and_says_when_cuda_graphs_were_skipped():
-    """On a CPU `mode="reduce-overhead"` cannot use CUDA graphs: the peer must say its figures understate it."""
-    _, spec, weights, _ = _tiny_fp32()
+@pytest.mark.parametrize("peer", ["gptfast", "torchao_fp8"])
+def test_compiled_peer_runs_and_says_when_cuda_graphs_were_skipped(peer):
+    """On a CPU `mode="reduce-overhead"` cannot use CUDA graphs: the peer must say its figures
+    understate it. The torchao FP8 peer compiles (fullgraph) over torchao's tensors, on FP8 weights."""
+    if peer == "torchao_fp8":
+        pytest.importorskip("torchao")
+    spec = spec_from_dict(bench.shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, device="cpu", dtype=torch.float32, generator=torch.Generator().manual_seed(0),
+                             quantization="fp8" if peer == "torchao_fp8" else None)
     rows = {(1, 16): {}}
     with tqdm(disable=True) as bar:
         problem = bench._run_gptfast(
-            "tiny-gqa", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar
+            "tiny-gqa", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar, peer
         )
-    assert "skipped CUDA graphs" in problem and "understate gpt-fast" in problem
-    assert rows[1, 16]["gptfast_ms"] > 0
+    assert "skipped CUDA graphs" in problem and f"understate {bench.PEER_LABELS[peer]}" in problem
+    assert rows[1, 16][f"{peer}_ms"] > 0
 
 
 def test_time_calls_gives_one_non_negative_time_per_timed_call():
@@ -352,6 +393,17 @@ def test_render_rewrites_table_and_plot_from_a_json_without_measuring(tmp_path, 
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| m | 1 | 128 |" in capsys.readouterr().out
     assert main(["bench", "--render", str(tmp_path / "missing.json")]) == 1
+
+
+def test_the_table_has_the_torchao_fp8_columns_when_that_peer_ran():
+    result = _result()
+    assert "torchao" not in bench.format_table(result)  # (nor in a bench.json from before it)
+    fp8 = dict(result["rows"][0], model="m:fp8", torchao_fp8_ms=1.5, speedup_vs_torchao_fp8=0.75)
+    result.update(peers=["gptfast", "torchao_fp8"], rows=[dict(result["rows"][0]), fp8])
+    header, rule, dense_line, fp8_line = bench.format_table(result).splitlines()[4:8]
+    assert header.endswith("| HF eager ms | × HF eager | torchao FP8 ms | × torchao FP8 |")
+    assert rule.count("|") == header.count("|")
+    assert dense_line.endswith("| 40.000 | 20.00 | — | — |") and fp8_line.endswith("| 1.500 | 0.75 |")
 
 
 @pytest.mark.gpu

@@ -176,7 +176,10 @@ def test_logprobs_are_log_softmax_of_the_reference_logits(engine, temperature):
         top = expected.topk(4)
         assert [t.token_id for t in lp.top_logprobs] == top.indices.tolist()
         assert [t.logprob for t in lp.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
-        assert lp.token == engine.tokenizer.token_text(token) and lp.bytes == list(lp.token.encode())
+        assert lp.token == engine.tokenizer.token_text(token) and lp.bytes == engine.tokenizer.token_bytes(token)
+        assert [t.bytes for t in lp.top_logprobs] == [engine.tokenizer.token_bytes(t.token_id) for t in lp.top_logprobs]
+        if "\ufffd" not in lp.token:  # (a part of a character: the bytes it stands for, tests/test_stream_text.py)
+            assert lp.bytes == list(lp.token.encode())
     assert engine.generate(prompt_token_ids=[prompt], sampling=SamplingParams(max_tokens=2))[0].logprobs is None
 
 

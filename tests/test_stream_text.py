@@ -5,7 +5,7 @@ character span tokens."""
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from flashformer.engine import _Request
 from flashformer.sampling import SamplingParams
@@ -70,3 +70,30 @@ def test_the_text_is_not_re_decoded_per_token(tokenizer, monkeypatch):
     streamed, output = stream(tokenizer, tokenizer.encode(text))
     assert streamed == output.text == text
     assert calls == [len(tokenizer.encode(text))]
+
+
+def test_token_bytes_are_each_tokens_own_and_join_into_the_text(tokenizer):
+    """OpenAI's logprobs `bytes`: a token's own bytes, so that a client joining them gets the text
+    back also where a character spans tokens (each piece alone decodes to U+FFFD)."""
+    text = "héllo € wörld 😀!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    # (a token a byte: each byte of a multi-byte character alone decodes to U+FFFD)
+    assert sum("\ufffd" in tokenizer.token_text(t) for t in ids) == sum(b >= 0x80 for b in text.encode())
+    assert b"".join(bytes(tokenizer.token_bytes(t)) for t in ids) == text.encode()
+    assert [tokenizer.token_bytes(t) for t in tokenizer.encode("a!", add_special_tokens=False)] == [[97], [33]]
+
+
+def test_token_bytes_of_byte_fallback_pieces():
+    """A SentencePiece-style tokenizer (Llama-2, Mistral): characters outside the vocabulary become
+    byte pieces ("<0xC3>"), which stand for their byte; whole pieces are their text's UTF-8."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁": 257, "h": 258, "i": 259}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = Tokenizer(tok, {}, None)
+    text = "hi é€"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert [tok.id_to_token(t) for t in ids][:4] == ["h", "i", "▁", "<0xC3>"]
+    assert tokenizer.token_text(ids[3]) == "\ufffd" and tokenizer.token_bytes(ids[3]) == [0xC3]
+    assert tokenizer.token_bytes(ids[2]) == [0x20]  # ("▁" is a space)
+    assert b"".join(bytes(tokenizer.token_bytes(t)) for t in ids) == text.encode()

@@ -28,10 +28,12 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
   l.attn_part = take(int64_t(kMaxBatch) * d.heads * s.attn_chunks * attn_part_stride(d.head_dim) * 4);
   l.argmax_part = take(int64_t(kMaxBatch) * s.num_sms * 2 * 4);
   l.sq_part = take(int64_t(2 * s.layers + 1) * s.num_sms * kMaxBatch * 4);
-  // the task counters, then attention's per-kv-head group counters: one region, zeroed together
-  l.counters_bytes = (int64_t(s.tasks()) + int64_t(s.layers) * d.kv_heads) * 4;
+  // the task counters, attention's per-kv-head group counters, the exit counter: one region,
+  // zeroed together
+  l.counters_bytes = (int64_t(s.tasks()) + int64_t(s.layers) * d.kv_heads + 1) * 4;
   l.counters = take(l.counters_bytes);
   l.attn_groups = l.counters + int64_t(s.tasks()) * 4;
+  l.exits = l.attn_groups + int64_t(s.layers) * d.kv_heads * 4;
   l.error = take(kErrorWords * sizeof(int));
   l.layer_table = take(int64_t(s.layers) * sizeof(LayerWeights));
   l.schedule = take(int64_t(s.tasks()) * (s.num_sms + 1) * 4);
@@ -71,7 +73,11 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
   for (const KernelLaunch& k : config_->shipped[int(formats.layers)]) k.prepare();  // (either KV format: bind() picks)
-  FF_CUDA_CHECK(cudaMallocHost(&host_words_, (kErrorWords + kMaxBatch) * sizeof(int)));
+  // mapped: the kernel's last CTA out writes each step's outcome there (publish_status)
+  FF_CUDA_CHECK(cudaHostAlloc(&host_words_, 2 * kStatusWords * sizeof(int), cudaHostAllocMapped));
+  std::fill_n(host_words_, 2 * kStatusWords, 0);
+  FF_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&params_.host_status), host_words_, 0));
+  recorded_words_ = checked_words_ = host_words_;
   FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
 }
 
@@ -127,6 +133,7 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
                       reinterpret_cast<float*>(scratch_ + layout_.sq_part),
                       reinterpret_cast<unsigned*>(scratch_ + layout_.counters),
                       reinterpret_cast<unsigned*>(scratch_ + layout_.attn_groups),
+                      reinterpret_cast<unsigned*>(scratch_ + layout_.exits),
                       reinterpret_cast<int*>(scratch_ + layout_.error)};
   p.schedule = reinterpret_cast<const int*>(scratch_ + layout_.schedule);
   for (int op = 0; op < kNumOps; ++op) p.arrivals[op] = schedule_.arrivals(config_->dims, op);
@@ -183,17 +190,13 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
 
 void MegakernelEngine::record(cudaStream_t stream) {
   if (!scratch_) return;
-  if (recorded_batch_ >= 0) check_recorded();  // the pinned words are still to be read
-  // Asynchronous copies into pinned memory (the error words, the last step's arg-max tokens) and
-  // one event: check_recorded() waits once, and the tokens need no transfer of their own.
-  FF_CUDA_CHECK(cudaMemcpyAsync(host_words_, scratch_ + layout_.error, kErrorWords * sizeof(int), cudaMemcpyDeviceToHost,
-                                stream));
+  if (recorded_batch_ >= 0) check_recorded();  // the last recorded outcome is still to be read
+  // The kernel wrote the step's outcome (the error words, the arg-max tokens) into its half of the
+  // mapped host words (publish_status): one event, and check_recorded() waits once.
   checked_batch_ = 0;
-  if (params_.next_tokens)
-    FF_CUDA_CHECK(cudaMemcpyAsync(host_words_ + kErrorWords, params_.next_tokens, params_.batch * sizeof(int32_t),
-                                  cudaMemcpyDeviceToHost, stream));
   FF_CUDA_CHECK(cudaEventRecord(recorded_, stream));
   recorded_batch_ = params_.next_tokens ? params_.batch : 0;
+  recorded_words_ = host_words_ + (epoch_ & 1) * kStatusWords;
   recorded_stream_ = stream;
 }
 
@@ -202,12 +205,12 @@ void MegakernelEngine::check_recorded() {
   const int batch = recorded_batch_;
   recorded_batch_ = -1;
   FF_CUDA_CHECK(cudaEventSynchronize(recorded_));
-  const int* err = host_words_;
+  const int* err = recorded_words_;
   if (err[0] == int(StepError::kNone)) {
     checked_batch_ = batch;
+    checked_words_ = recorded_words_;
     return;
   }
-  const int code = err[0], task = err[1], detail = err[2], sm = err[3];
   const int layers = schedule_.layers;
   // Any step launched since saw the error word and stopped early, so the counters may hold a
   // partial step: start the epochs afresh so the engine stays usable (on the steps' stream, after
@@ -216,6 +219,8 @@ void MegakernelEngine::check_recorded() {
   FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.error, 0, kErrorWords * sizeof(int), recorded_stream_));
   FF_CUDA_CHECK(cudaStreamSynchronize(recorded_stream_));
   epoch_ = 0;
+  const int code = err[0], task = err[1], detail = err[2], sm = err[3];
+  std::fill_n(host_words_, 2 * kStatusWords, 0);  // (no step runs now: neither half holds a later outcome)
   if (code == int(StepError::kNonFiniteLogits))
     throw std::runtime_error("megakernel step produced non-finite logits (NaN or inf) in batch row " +
                              std::to_string(detail) + " (found by " + task_name(task, layers) +

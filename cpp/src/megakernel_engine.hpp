@@ -17,7 +17,7 @@ namespace flashformer {
 
 // Byte offsets of the scratch regions (256-byte aligned) and the total size.
 struct ScratchLayout {
-  int64_t x, q, k_new, qk_sq, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, attn_groups, error, layer_table, schedule,
+  int64_t x, q, k_new, qk_sq, attn_frag, act_frag, attn_part, argmax_part, sq_part, counters, attn_groups, exits, error, layer_table, schedule,
       total;
   int64_t counters_bytes;
 };
@@ -60,8 +60,9 @@ class MegakernelEngine {
   void step(const int64_t* tokens, const int64_t* positions, int32_t* next_tokens, float* logits, int batch,
             cudaStream_t stream);
 
-  // Queues, on `stream` after the last step, copies of its outcome (the error words and arg-max
-  // tokens) into pinned host memory, without waiting: check_recorded() reads them.
+  // Records, on `stream` after the last step, an event after its outcome (the error words and
+  // arg-max tokens, which its kernel writes into mapped host memory), without waiting:
+  // check_recorded() reads them.
   void record(cudaStream_t stream);
   // Waits for what record() queued (nothing to do when nothing is pending); if that step failed,
   // throws std::runtime_error saying why: a dependency that never completed (the counters are
@@ -75,7 +76,7 @@ class MegakernelEngine {
 
   // The arg-max tokens of the step the last successful check waited for (its batch rows).
   std::vector<int> checked_next_tokens() const {
-    return std::vector<int>(host_words_ + kErrorWords, host_words_ + kErrorWords + checked_batch_);
+    return std::vector<int>(checked_words_ + kErrorWords, checked_words_ + kErrorWords + checked_batch_);
   }
 
   double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
@@ -97,10 +98,12 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
-  int* host_words_ = nullptr;  // pinned, filled by record(): the error words, then the arg-max tokens
-  int checked_batch_ = 0;      // rows of arg-max tokens in host_words_ (0: none valid)
+  int* host_words_ = nullptr;  // mapped pinned [2][kStatusWords]: a step's outcome in half epoch % 2 (publish_status)
+  const int* recorded_words_ = nullptr;  // the half of the step record() waits for
+  const int* checked_words_ = nullptr;   // the half the last successful check read
+  int checked_batch_ = 0;      // rows of arg-max tokens in checked_words_ (0: none valid)
   int recorded_batch_ = -1;    // rows of arg-max tokens record() queued (-1: nothing pending)
-  cudaEvent_t recorded_ = nullptr;  // after record()'s copies
+  cudaEvent_t recorded_ = nullptr;  // after the recorded step
   cudaStream_t recorded_stream_ = nullptr;  // where they were queued (an abort's reset goes there too)
   unsigned epoch_ = 0;
   bool instrumented_prepared_[kNumKvFormats] = {false, false};

@@ -7,6 +7,10 @@ grouped-query attention as gpt-fast does it (`repeat_interleave` of the cache, t
 position mask over the whole cache). As in gpt-fast the cache is sized to the context being run
 (here `ctx + 8` rounded up to a multiple of 8), so a step reads that cache and no more.
 
+`TorchaoFp8`: the FP8 counterpart of `GptFast` for models with FP8 weights: the same compiled
+decoder, each e4m3 layer matrix a torchao FP8 weight-only tensor (`Float8Tensor`, the format of
+torchao's `Float8WeightOnlyConfig`) over the engine's own e4m3 values and scales.
+
 `HFEager`: HF transformers' own model class (LlamaForCausalLM, ...) run eagerly with its default
 attention (SDPA) and a `DynamicCache`, its parameters bound to the same tensors (no copy).
 
@@ -15,6 +19,7 @@ Both compute what `reference.py` computes (tests/test_bench.py compares their lo
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelSpec
+from .quantization import QuantizedMatrix
 from .reference import apply_rope, rms_norm, rope_tables
 from .weights import LayerWeights, Weights, _layer_slots
 
@@ -94,6 +100,8 @@ class GptFast:
     """
 
     name = "gptfast"
+    # Inductor settings the peer is compiled and run under (bench.py scopes them to its sweep).
+    INDUCTOR_SETTINGS: dict = {}
 
     def __init__(self, spec: ModelSpec, weights: Weights, max_seq_len: int, *, compile: bool = True):
         self.spec = spec
@@ -137,6 +145,49 @@ class GptFast:
         self.caches = []
         if self.compiled:
             torch._dynamo.reset()
+
+
+class TorchaoFp8(GptFast):
+    """The gpt-fast peer of a model with FP8 weights, through torchao (>= 0.17): every e4m3 layer
+    matrix becomes a torchao FP8 weight-only tensor over the same bytes (torchao_fp8_weights), which
+    torchao multiplies in the activations' dtype, and the step is compiled as GptFast's under
+    torchao's recommended Inductor settings (those its Float8WeightOnlyConfig applies). So it
+    computes what the engine computes on those weights; the LM head stays bf16, as the engine's."""
+
+    name = "torchao_fp8"
+    INDUCTOR_SETTINGS = {  # (torchao.quantization.utils.recommended_inductor_config_setter's)
+        "coordinate_descent_tuning": True,
+        "coordinate_descent_check_all_directions": True,
+        "force_fuse_int_mm_with_mul": True,
+        "fx_graph_cache": True,
+        "triton.unique_kernel_names": True,
+    }
+
+    def __init__(self, spec: ModelSpec, weights: Weights, max_seq_len: int, *, compile: bool = True):
+        super().__init__(spec, torchao_fp8_weights(weights), max_seq_len, compile=compile)
+
+
+def torchao_fp8_weights(weights: Weights) -> Weights:
+    """`weights` with each FP8 layer matrix (QuantizedMatrix) as a torchao Float8Tensor: per output
+    channel over the same e4m3 data and scales (no copy); block-scaled, dequantized and quantized
+    again per output channel by torchao. Dense matrices and the rest are the same tensors."""
+    try:
+        from torchao.quantization import Float8Tensor
+    except ImportError as exc:
+        raise RuntimeError("the torchao FP8 peer needs torchao >= 0.17 (pip install torchao)") from exc
+    dtype = weights.embed.dtype
+
+    def convert(m):
+        if not isinstance(m, QuantizedMatrix):
+            return m
+        if m.per_channel:  # scale [rows, 1]: torchao's per-row layout
+            return Float8Tensor(m.data, m.scale, block_size=[1, m.shape[1]], dtype=dtype)
+        return Float8Tensor.from_hp(m.dequantize(dtype))
+
+    layers = [dataclasses.replace(layer, **{k: convert(v) for k, v in vars(layer).items()}) for layer in weights.layers]
+    if not any(isinstance(v, QuantizedMatrix) for layer in weights.layers for v in vars(layer).values()):
+        raise ValueError("the torchao FP8 peer needs a model with FP8 layer matrices; these are all dense")
+    return dataclasses.replace(weights, layers=layers)
 
 
 def hf_config(cfg: dict):

@@ -89,6 +89,11 @@ DEFAULT_PROMPT_LENS = (128, 1024, 8192)
 # Hopper GPU the quick run uses the kernel).
 QUICK_MODELS, QUICK_BATCHES, QUICK_CTXS, QUICK_PROMPT_LENS = ("tiny-gqa",), (1, 2), (32, 128), (32, 128)
 PEERS = ("none", "fast", "all")
+# Each peer's name in bench.json (`<name>_ms`, `speedup_vs_<name>`) and its label in bench.md. The
+# dense ones run on the bf16 model; torchao_fp8, the compiled peer of an FP8 model (with --peers
+# fast or all), on the FP8 one.
+PEER_LABELS = {"gptfast": "gpt-fast", "hf_eager": "HF eager", "torchao_fp8": "torchao FP8"}
+DENSE_PEERS = ("gptfast", "hf_eager")
 DEFAULT_OUT = "bench-results"
 
 CPU_NOTE = "CPU reference run: these figures mean nothing for GPU performance"
@@ -339,13 +344,15 @@ def run_bench(
     if device.type != "cuda" and "gptfast" in run_peers:
         run_peers = tuple(p for p in run_peers if p != "gptfast")
         notes.append(GPTFAST_CPU_NOTE)
+    # the FP8 model's compiled peer goes with the bf16 model's (same CUDA-graph mode)
+    fp8_peers = ("torchao_fp8",) if quantization and "gptfast" in run_peers else ()
     result = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "commit": git_commit(),
         "note": "; ".join(notes) or None,
         "device": str(device),
         "backend": None,
-        "peers": list(run_peers),
+        "peers": [*run_peers, *fp8_peers],
         "torch": torch.__version__,
         "transformers": _transformers_version() if "hf_eager" in run_peers else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -363,6 +370,8 @@ def run_bench(
     }
     generator = torch.Generator(device=device).manual_seed(seed)
     per_model = len(batches) * len(ctxs) * (1 + len(run_peers)) + len(prompt_lens) * (1 + ("hf_eager" in run_peers))
+    if quantization:  # (the FP8 model's rows, its peer's, its prompts)
+        per_model += len(batches) * len(ctxs) * (1 + len(fp8_peers)) + len(prompt_lens)
     from tqdm.auto import tqdm
 
     with tqdm(total=1 + per_model * len(models), desc="read probe", unit="run", disable=not progress) as bar:
@@ -377,8 +386,8 @@ def run_bench(
                 _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, run_peers, counts, generator,
                              bar, kv_cache_dtype=kv_cache_dtype)
             if quantization:
-                _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, (), counts, generator, bar,
-                             quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                _bench_model(model, result, device, backend, batches, ctxs, prompt_lens, fp8_peers, counts, generator,
+                             bar, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
                 _compare_with_dense_peers(result)
             result["backend"] = ", ".join(dict.fromkeys(m["backend"] for m in result["models"].values()))
             result["wall_s"] = round(perf_counter() - started, 1)
@@ -420,7 +429,7 @@ def _compare_with_dense_peers(result: dict) -> None:
         base = dense.get((row["model"].split(":")[0], row["batch"], row["ctx"]))
         if row["weights"] == "bf16" or base is None:
             continue
-        for peer in ("gptfast", "hf_eager"):
+        for peer in DENSE_PEERS:
             row[f"{peer}_ms"] = base[f"{peer}_ms"]
             row[f"speedup_vs_{peer}"] = base[f"{peer}_ms"] / row["engine_ms"] if base[f"{peer}_ms"] else None
 
@@ -489,10 +498,8 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
             "kv_cache_dtype": "fp8" if cache.fp8 else str(cache.kv.dtype).removeprefix("torch."),
             "floor_ms": floor,
             "floor_fraction": floor / median if floor is not None else None,
-            "gptfast_ms": None,
-            "hf_eager_ms": None,
-            "speedup_vs_gptfast": None,
-            "speedup_vs_hf_eager": None,
+            **{f"{peer}_ms": None for peer in PEER_LABELS},
+            **{f"speedup_vs_{peer}": None for peer in PEER_LABELS},
         }
         bar.update()
     ttft = {}
@@ -510,14 +517,15 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         backend.release_weights()
     del backend, cache
     _release()
-    if "gptfast" in run_peers:
-        args = (name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar)
-        _run_peer(result, name, "gptfast", _run_gptfast, *args)
+    for peer in ("gptfast", "torchao_fp8"):  # (the compiled peers)
+        if peer in run_peers:
+            args = (name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar, peer)
+            _run_peer(result, name, peer, _run_gptfast, *args)
     if "hf_eager" in run_peers:
         args = (name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar)
         _run_peer(result, name, "hf_eager", _run_hf, *args)
     for row in rows.values():
-        for peer in ("gptfast", "hf_eager"):
+        for peer in PEER_LABELS:
             if row[f"{peer}_ms"] is not None:
                 row[f"speedup_vs_{peer}"] = row[f"{peer}_ms"] / row["engine_ms"]
     result["rows"].extend(rows.values())
@@ -576,32 +584,37 @@ def _run_peer(result: dict, model: str, peer: str, run: Callable, *args) -> None
     _release()
 
 
-def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar) -> str | None:
-    """The gpt-fast peer over the grid; returns a problem to record where CUDA graphs were skipped."""
+def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar, peer_name="gptfast") -> str | None:
+    """A compiled peer over the grid (`peer_name`: gptfast, or torchao_fp8 on FP8 weights), under its
+    Inductor settings; returns a problem to record where CUDA graphs were skipped."""
+    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
-    from .baselines import GptFast
+    from .baselines import GptFast, TorchaoFp8
 
+    label = PEER_LABELS[peer_name]
+    cls = {"gptfast": GptFast, "torchao_fp8": TorchaoFp8}[peer_name]
     skips = counters["inductor"]["cudagraph_skips"]
-    peer = GptFast(spec, weights, max(c for _, c in grid), compile=True)
+    peer = cls(spec, weights, max(c for _, c in grid), compile=True)
     try:
-        for batch, ctx in grid:
-            bar.set_description(f"{name} gpt-fast b{batch} ctx{ctx}")
-            peer.setup(batch, ctx, generator=generator)
-            tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
-            position = torch.tensor([ctx], device=device)
-            rows[batch, ctx]["gptfast_ms"] = _median(
-                _time_calls(partial(peer.decode, tokens, position), counts, device)
-            )
-            peer.caches = []
-            _release()
-            bar.update()
+        with inductor_config.patch(cls.INDUCTOR_SETTINGS):  # (compiled at the first call of each shape)
+            for batch, ctx in grid:
+                bar.set_description(f"{name} {label} b{batch} ctx{ctx}")
+                peer.setup(batch, ctx, generator=generator)
+                tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=generator)
+                position = torch.tensor([ctx], device=device)
+                rows[batch, ctx][f"{peer_name}_ms"] = _median(
+                    _time_calls(partial(peer.decode, tokens, position), counts, device)
+                )
+                peer.caches = []
+                _release()
+                bar.update()
         skipped = counters["inductor"]["cudagraph_skips"] - skips
     finally:
         peer.release()
     if skipped:
         return (
-            f"torch.compile skipped CUDA graphs {skipped} time(s) (the log says why): its figures understate gpt-fast"
+            f"torch.compile skipped CUDA graphs {skipped} time(s) (the log says why): its figures understate {label}"
         )
     return None
 
@@ -644,6 +657,7 @@ def format_table(result: dict) -> str:
     if result["note"]:
         lines.append(f"> **{result['note']}**\n")
     bw = f"{result['read_bw_gbs']:,.0f} GB/s" if result["read_bw_gbs"] else "not measured (no GPU)"
+    peers = [*DENSE_PEERS, *(p for p in PEER_LABELS if p not in DENSE_PEERS and p in result.get("peers", ()))]
     lines += [
         f"flashformer bench: {result['gpu'] or result['device']}, commit {result['commit'] or 'unknown'}, "
         f"engine backend `{result['backend']}`, torch {result['torch']}"
@@ -656,20 +670,17 @@ def format_table(result: dict) -> str:
             "× peer = peer ms / engine ms (> 1: the engine is faster)."
         ),
         "",
-        (
-            "| model | batch | ctx | engine ms | p10–p90 ms | tok/s | GB/s | floor ms | % of floor "
-            "| gpt-fast ms | × gpt-fast | HF eager ms | × HF eager |"
-        ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | batch | ctx | engine ms | p10–p90 ms | tok/s | GB/s | floor ms | % of floor | "
+        + "".join(f"{PEER_LABELS[p]} ms | × {PEER_LABELS[p]} | " for p in peers).rstrip(),
+        "| --- |" + " ---: |" * (8 + 2 * len(peers)),
     ]
     for r in result["rows"]:
         frac = None if r["floor_fraction"] is None else r["floor_fraction"] * 100
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['ctx']} | {_fmt(r['engine_ms'], 3)} "
             f"| {_fmt(r['engine_p10_ms'], 3)}–{_fmt(r['engine_p90_ms'], 3)} | {_fmt(r['engine_tok_s'], 1)} "
-            f"| {_fmt(r['engine_gbs'], 0)} | {_fmt(r['floor_ms'], 3)} | {_fmt(frac, 1)} "
-            f"| {_fmt(r['gptfast_ms'], 3)} | {_fmt(r['speedup_vs_gptfast'])} "
-            f"| {_fmt(r['hf_eager_ms'], 3)} | {_fmt(r['speedup_vs_hf_eager'])} |"
+            f"| {_fmt(r['engine_gbs'], 0)} | {_fmt(r['floor_ms'], 3)} | {_fmt(frac, 1)} |"
+            + "".join(f" {_fmt(r.get(f'{p}_ms'), 3)} | {_fmt(r.get(f'speedup_vs_{p}'))} |" for p in peers)
         )
     if result["ttft"]:
         lines += [
@@ -728,6 +739,7 @@ def plot(result: dict, path: str | Path) -> bool:
         ("engine_ms", f"engine ({result['backend']})", {"marker": "o", "color": "C0"}),
         ("gptfast_ms", "gpt-fast (torch.compile)", {"marker": "s", "color": "C1"}),
         ("hf_eager_ms", "HF transformers eager", {"marker": "^", "color": "C2"}),
+        ("torchao_fp8_ms", "torchao FP8 (torch.compile)", {"marker": "D", "color": "C3"}),
         ("floor_ms", "floor (bytes / read bw)", {"linestyle": "--", "color": "black"}),
     ]
     number = FuncFormatter(lambda v, _: f"{v:g}")
@@ -739,7 +751,7 @@ def plot(result: dict, path: str | Path) -> bool:
                 (r for r in result["rows"] if r["model"] == model and r["batch"] == batch), key=lambda r: r["ctx"]
             )
             for key, label, style in series:
-                points = [(r["ctx"], r[key]) for r in rows if r[key] is not None]
+                points = [(r["ctx"], r.get(key)) for r in rows if r.get(key) is not None]
                 if points:
                     (legend[label],) = ax.plot(*zip(*points), label=label, **style)
             ax.set_xscale("log", base=2)

@@ -104,7 +104,7 @@ class TopLogprob:
 
     token: str | None  # the token's text (None without a tokenizer)
     logprob: float
-    bytes: list[int] | None  # its text's UTF-8 bytes
+    bytes: list[int] | None  # the token's own bytes (Tokenizer.token_bytes)
     token_id: int
 
 
@@ -512,8 +512,7 @@ class Engine:
         def text(t):
             if self.tokenizer is None:
                 return None, None
-            piece = self.tokenizer.token_text(t)
-            return piece, list(piece.encode("utf-8"))
+            return self.tokenizer.token_text(t), self.tokenizer.token_bytes(t)
 
         tops = []
         if rec.top_ids is not None:

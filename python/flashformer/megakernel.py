@@ -358,7 +358,7 @@ class MegakernelBackend:
     def greedy_tokens(self, batch: int) -> list[int]:
         """The last decode step's arg-max token of rows 0..batch-1 (the kernel's fused arg-max over
         the logits it wrote: the lowest index among equal maxima, as torch.argmax). Waits for that
-        step (raising as synchronize() does); decode() already queued the tokens' copy to the host."""
+        step (raising as synchronize() does); the kernel's last CTA out wrote them to the host."""
         self.synchronize()
         tokens = self._live_engine().checked_next_tokens
         if batch > len(tokens):

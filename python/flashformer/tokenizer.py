@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -23,6 +24,29 @@ def _token_text(value) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
     text = value.get("content") if isinstance(value, dict) else value
     return text if isinstance(text, str) else None
+
+
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte each character of a byte-level BPE vocabulary stands for (GPT-2's alphabet, which
+    tokenizers' ByteLevel pre-tokenizer and decoder use): the printable bytes as themselves, the
+    other 68 as chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = dict(zip(printable, map(chr, printable)))
+    chars.update((b, chr(256 + n)) for n, b in enumerate(b for b in range(256) if b not in chars))
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL = _byte_level_bytes()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece-style byte piece
+
+
+def _decodes_bytes(decoder: dict | None) -> bool:
+    """Whether a tokenizer.json decoder (its JSON) maps pieces through the byte-level alphabet."""
+    if not decoder:
+        return False
+    if decoder.get("type") == "Sequence":
+        return any(_decodes_bytes(d) for d in decoder.get("decoders", []))
+    return decoder.get("type") == "ByteLevel"
 
 
 def _chat_template(model_dir: Path, config: dict) -> str | None:
@@ -47,6 +71,8 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = chat_template
         self._token_texts: dict[int, str] = {}  # token_text's, as asked for (at most the vocabulary)
+        self._token_bytes: dict[int, tuple[int, ...]] = {}  # token_bytes', likewise
+        self._byte_level: bool | None = None  # whether the decoder is byte-level (read when first needed)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Tokenizer | None:
@@ -84,6 +110,29 @@ class Tokenizer:
         if text is None:
             text = self._token_texts[token] = self._tok.decode([token], skip_special_tokens=False)
         return text
+
+    def token_bytes(self, token: int) -> list[int]:
+        """One token's own bytes (OpenAI's logprobs `bytes`, which a client joins where a character
+        spans tokens): its text's UTF-8, and for a token that holds part of a character (its text
+        alone decodes to U+FFFD) the bytes it stands for: byte-level BPE's (GPT-2's alphabet) or a
+        byte-fallback piece's ("<0xE2>")."""
+        raw = self._token_bytes.get(token)
+        if raw is None:
+            raw = self._token_bytes[token] = tuple(self._raw_bytes(token))
+        return list(raw)  # (a list of its own: an output's entry is the caller's to change)
+
+    def _raw_bytes(self, token: int) -> list[int]:
+        text = self.token_text(token)
+        piece = self._tok.id_to_token(token) if "\ufffd" in text else None
+        if piece is not None:
+            if self._byte_level is None:
+                self._byte_level = _decodes_bytes(json.loads(self._tok.to_str()).get("decoder"))
+            if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
+                return [_BYTE_LEVEL[c] for c in piece]
+            byte = _BYTE_FALLBACK.fullmatch(piece)
+            if byte:
+                return [int(byte[1], 16)]
+        return list(text.encode("utf-8"))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's chat template."""

@@ -98,6 +98,8 @@ enum class StepError : int {
   kNonFiniteLogits = 2,    // detail: the batch row
 };
 inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, task, detail, SM
+// Words of a step's outcome in MegakernelParams::host_status: its error words, then its arg-max tokens.
+inline constexpr int kStatusWords = kErrorWords + kMaxBatch;
 
 // Engine-owned scratch carved from one Python-owned buffer (see scratch_layout in megakernel_engine.cpp).
 struct Scratch {
@@ -117,6 +119,7 @@ struct Scratch {
                            // every RMSNorm's input, written by the op that wrote its rows of x
   unsigned* counters;      // [tasks]: one per task of the step (ops.hpp's task order)
   unsigned* attn_groups;   // [layers][kv_heads]: attention's last-chunk counters (after the task counters)
+  unsigned* exits;         // CTAs out of the step (after attention's counters): the last one writes host_status
   int* error;              // [kErrorWords]: StepError, task, detail, SM
 };
 
@@ -142,6 +145,8 @@ struct MegakernelParams {
   const int64_t* positions;    // [batch] position (KV slot) of that token
   int32_t* next_tokens;        // [batch] greedy (arg-max) next token
   float* logits;               // [batch][vocab] fp32, or nullptr
+  int* host_status;            // mapped host memory [2][kStatusWords]: the step's outcome, in half epoch % 2,
+                               // written by the last CTA out (the host reads it after the step's event)
   Scratch scratch;
   const int* schedule;         // [tasks][num_sms + 1] unit ranges (schedule.hpp)
   int arrivals[kMaxOps];       // counter arrivals that complete a task of each op (ops.hpp order), per step

@@ -128,10 +128,10 @@ struct Sampler {
                                                           uint32_t round) {
     return mix(mix(mix(mix(round) ^ step) ^ seed_lo) ^ seed_hi);
   }
-  // 23 uniform bits for token `token` under a draw's key (two mixes a token): (bits + 0.5) / 2^23 is
-  // exact in fp32 and strictly inside (0, 1).
+  // 23 uniform bits for token `token` under a draw's key (one mix a token: the key is mixed four
+  // times already): (bits + 0.5) / 2^23 is exact in fp32 and strictly inside (0, 1).
   __host__ __device__ static constexpr uint32_t noise_bits(uint32_t key, uint32_t token) {
-    return mix(mix(token ^ key)) >> (32 - kNoiseBits);
+    return mix(token ^ key) >> (32 - kNoiseBits);
   }
 
   __host__ __device__ static constexpr int slice_len(int vocab) { return (vocab + kClusterCtas - 1) / kClusterCtas; }
@@ -177,10 +177,31 @@ struct Sampler {
     const unsigned b = __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
-  // The race's exponential E = -log u of a token under a draw's key (in (6e-8, 16.7)).
+  // The race's exponential E = -log u of a token under a draw's key (in (6e-8, 16.7)), to 1e-5 of
+  // its value: with v = 1 - u (exact in fp32, as u) below kSeriesBelow, -log(1 - v) as its series
+  // to v^4 (the rest is below v^4 / 5 of it); above, the hardware's log2 (absolute error about
+  // 2^-22, against |log2 u| >= 0.0227 there). Both are computed and one is picked: no divergence.
+  static constexpr float kSeriesBelow = 1.f / 64.f;
   __device__ static float race_noise(uint32_t key, uint32_t token) {
-    const float u = (float(noise_bits(key, token)) + 0.5f) * (1.f / float(1u << kNoiseBits));  // (0, 1)
-    return -logf(u);
+    const uint32_t bits = noise_bits(key, token);
+    constexpr float kUlp = 1.f / float(1u << kNoiseBits);
+    const float u = (float(bits) + 0.5f) * kUlp;                                  // (0, 1)
+    const float v = (float((1u << kNoiseBits) - 1u - bits) + 0.5f) * kUlp;        // 1 - u
+    const float series = v * fmaf(v, fmaf(v, fmaf(v, 0.25f, 1.f / 3.f), 0.5f), 1.f);
+    float lg2;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(lg2) : "f"(u));
+    return v < kSeriesBelow ? series : -0.6931471805599453f * lg2;
+  }
+  // exp(z) for z <= 0 (tiny results flush to zero) and 1 / x for the race's E: one MUFU each.
+  __device__ static float fast_exp(float z) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(z * 1.4426950408889634f));
+    return y;
+  }
+  __device__ static float fast_rcp(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
   }
 
   // The reduction of every thread's `p` over the row's cluster; every thread gets the result.
@@ -356,36 +377,56 @@ struct Sampler {
     int token = top.index == INT_MAX ? 0 : top.index;
 
     if (!(top.flags & kNonFinite) && r.temperature >= kGreedyBelow) {
-      for (int i = threadIdx.x; i < n; i += kThreads) slice[i] = __fdiv_rn(__fsub_rn(slice[i], top.value), r.temperature);
+      // z = (l - max l) / T into the slice: a pass of its own before top-k's select, else in the
+      // first round's draw.
+      const auto scaled = [&](int i) { return __fdiv_rn(__fsub_rn(slice[i], top.value), r.temperature); };
+      const bool top_k = r.top_k > 0 && r.top_k < a.vocab;
       unsigned low = 0;  // kept: key_of(z) >= low
       if (r.min_p > 0.f) low = key_of(logf(r.min_p));
-      if (r.top_k > 0 && r.top_k < a.vocab) low = max(low, kth_largest_key(slice, n, unsigned(r.top_k), s));
+      if (top_k) {
+        for (int i = threadIdx.x; i < n; i += kThreads) slice[i] = scaled(i);
+        low = max(low, kth_largest_key(slice, n, unsigned(r.top_k), s));
+      }
       const bool nucleus = r.top_p < 1.f;
       unsigned pivot = low;  // this round draws among the keys >= pivot
       float kept_mass = 0.f;
       for (int round = 0; round < kMaxRounds; ++round) {
         const uint32_t key = noise_key(r.seed_lo, r.seed_hi, step, uint32_t(round));
-        Partial d = identity();  // the draw; the kept mass (first round)
+        const bool first_round = round == 0;
+        // The draw (a thread visits its tokens in increasing index, so a strictly larger score is
+        // the only one that takes over); the kept mass (first round).
+        float best = -INFINITY, mass = 0.f;
+        int best_i = INT_MAX;
+#pragma unroll 2
         for (int i = threadIdx.x; i < n; i += kThreads) {
-          const float z = slice[i];
-          if (z >= -kNoiseReach && key_of(z) >= pivot) {  // (lower z never beats the top token, z = 0)
-            d = combine(d, Partial{__fdividef(__expf(z), race_noise(key, first + i)), first + i, 0.f, 0});
+          float z;
+          if (first_round && !top_k) {
+            z = scaled(i);
+            slice[i] = z;
+          } else {
+            z = slice[i];
           }
-          if (round == 0 && nucleus && key_of(z) >= low) d.sum += __expf(z);
+          const unsigned kz = key_of(z);
+          if (z >= -kNoiseReach && kz >= pivot) {  // (lower z never beats the top token, z = 0)
+            const float score = fast_exp(z) * fast_rcp(race_noise(key, first + i));
+            if (score > best) best = score, best_i = first + i;
+          }
+          if (first_round && nucleus && kz >= low) mass += fast_exp(z);
         }
-        const Partial drawn = cluster_reduce(d, s, phase);
-        if (round == 0) kept_mass = drawn.sum;
+        const Partial drawn = cluster_reduce(Partial{best, best_i, mass, 0}, s, phase);
+        if (first_round) kept_mass = drawn.sum;
         token = drawn.index == INT_MAX ? top.index : drawn.index;  // (none above the pivot: never, the top is)
         if (!nucleus) break;
         const int owner = token / len;  // the CTA whose slice holds the token (read through DSMEM)
         const unsigned kj = key_of(cluster.map_shared_rank(slice, owner)[token - owner * len]);
-        Partial m = identity();  // the kept mass strictly above z_j
+        float above = 0.f;  // the kept mass strictly above z_j
         for (int i = threadIdx.x; i < n; i += kThreads) {
           const float z = slice[i];
           const unsigned key = key_of(z);
-          if (key >= low && key > kj) m.sum += __expf(z);
+          if (key >= low && key > kj) above += fast_exp(z);
         }
-        if (cluster_reduce(m, s, phase).sum < __fmul_rn(r.top_p, kept_mass)) break;  // j is in the nucleus
+        if (cluster_reduce(Partial{-INFINITY, INT_MAX, above, 0}, s, phase).sum < __fmul_rn(r.top_p, kept_mass))
+          break;            // j is in the nucleus
         pivot = kj + 1;     // nothing at or below z_j is in the nucleus
         token = top.index;  // the last resort, should the rounds run out: the top token is always kept
       }

@@ -14,6 +14,14 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
+// Programmatic dependent launch (the sampler after a decode step): a grid launched with
+// cudaLaunchAttributeProgrammaticStreamSerialization may start as soon as every CTA of the grid
+// before it has called launch_dependents() or exited, so its launch overlaps that grid's end; it
+// reads and writes nothing that grid touches before wait_for_previous_grid(), which returns once
+// that grid has completed and its writes are visible.
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -98,6 +106,17 @@ __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned t
 __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {
   fence_acq_rel_gpu();
   return atomicAdd(counter, 1u);
+}
+
+// One thread a CTA, once every consumer thread of its CTA is out of the step (a finished or an
+// aborted one): count the CTA out; the last CTA out writes the step's outcome, its error words and
+// arg-max tokens, to host_status's half for this epoch, so the host needs no copies of its own.
+__device__ __forceinline__ void publish_status(const MegakernelParams& p) {
+  if (signal_counter(p.scratch.exits) + 1 != p.epoch * gridDim.x) return;
+  fence_acq_rel_gpu();  // every CTA's writes before its count (the error words, the tokens) are visible
+  int* out = p.host_status + (p.epoch & 1) * kStatusWords;
+  for (int i = 0; i < kErrorWords; ++i) out[i] = load_relaxed(p.scratch.error + i);
+  for (int b = 0; b < p.batch; ++b) out[kErrorWords + b] = __ldcg(p.next_tokens + b);
 }
 
 // The same publication when nobody needs the old value: a release reduction, so the thread

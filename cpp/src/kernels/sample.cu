@@ -5,6 +5,7 @@
 
 #include "cuda_check.hpp"
 #include "flashformer/sampling.cuh"
+#include "flashformer/sync.cuh"
 #include "kernels/launch.hpp"
 
 namespace flashformer {
@@ -15,10 +16,12 @@ namespace {
 __global__ void __launch_bounds__(Sampler::kThreads, 2) sample_kernel(const Sampler::Args args) {
   extern __shared__ float slice[];  // (slice_len(vocab)) this CTA's part of its row
   __shared__ Sampler::SharedStorage storage;
+  wait_for_previous_grid();  // the decode step's logits (launched as its programmatic dependent)
   Sampler::run(args, slice, storage);
 }
 
 __global__ void commit_kernel(const Sampler::Args args) {
+  wait_for_previous_grid();  // the decode step's arg-max and state
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= args.batch) return;
   if (args.status[row] != Sampler::kNone) {
@@ -26,6 +29,16 @@ __global__ void commit_kernel(const Sampler::Args args) {
     return;
   }
   Sampler::commit(args, row, args.next_tokens[row], 0);
+}
+
+// Launched as the programmatic dependent of the grid before it on the stream (the decode step,
+// which calls launch_dependents() at its start): the launch overlaps that grid's end, and the
+// kernels wait for it to complete (wait_for_previous_grid) before they read anything.
+cudaLaunchAttribute programmatic() {
+  cudaLaunchAttribute a = {};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
 }
 
 }  // namespace
@@ -48,8 +61,14 @@ void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
   if (!a.logits) {
     if (!a.next_tokens) throw std::invalid_argument("sample_tokens: neither logits nor next_tokens given");
     constexpr int kRowsPerBlock = 32;
-    commit_kernel<<<(a.batch + kRowsPerBlock - 1) / kRowsPerBlock, kRowsPerBlock, 0, stream>>>(a);
-    FF_CUDA_CHECK(cudaGetLastError());
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned((a.batch + kRowsPerBlock - 1) / kRowsPerBlock));
+    config.blockDim = dim3(kRowsPerBlock);
+    config.stream = stream;
+    cudaLaunchAttribute after_step = programmatic();
+    config.attrs = &after_step;
+    config.numAttrs = 1;
+    FF_CUDA_CHECK(cudaLaunchKernelEx(&config, commit_kernel, a));
     return;
   }
   if (a.logits_stride < a.vocab) throw std::invalid_argument("sample_tokens: logits_stride is below vocab");
@@ -66,12 +85,13 @@ void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
   config.blockDim = dim3(Sampler::kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute cluster = {};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = Sampler::kClusterCtas;
-  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attrs[2] = {};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = Sampler::kClusterCtas;
+  attrs[0].val.clusterDim.y = attrs[0].val.clusterDim.z = 1;
+  attrs[1] = programmatic();
+  config.attrs = attrs;
+  config.numAttrs = 2;
   FF_CUDA_CHECK(cudaLaunchKernelEx(&config, sample_kernel, a));
 }
 
