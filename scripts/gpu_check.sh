@@ -19,6 +19,12 @@
 # "--batch 1,8 --peers none"; several sets of flags separated by ';' run one after another on the
 # same builds), then a table of engine ms per row (and generate's ms per token). bench: this tree's bench of
 # record into $OUT/h200 (BENCH_ARGS, default "--batch 1,8 --peers fast"; FLASHFORMER_COMMIT names it).
+# Bases are built once per machine, into /tmp/ff-bases/ (keyed by the tarball's contents and
+# BASE_INSTRUMENTED, default ON: compare and ncubase need the instrumented kernels, benchcmp does not).
+# A call made within ~30 s of the last one finds the machine warm, with /tmp and the installed head
+# still there, so a later call can skip `build` and reuse the bases. Stage prebuild starts the bases'
+# builds in the background and goes on (e.g. `build prebuild pytest`: the bases build while the
+# tests run); a later stage that needs them waits for them.
 # Logs go to $OUT/logs.tgz (logs-1.tgz ... for later runs in the same call; the device tool returns
 # at most 8 files), the summary to
 # $OUT/summary.txt.
@@ -45,6 +51,42 @@ step() {  # step NAME CMD...: run, log to $LOGS/NAME.log, remember failure, prin
 }
 has() { [[ " $stages " == *" $1 "* ]]; }
 
+declare -A site  # base name -> its install (build_bases)
+bases_built=  # (not ${#site[@]}: bash < 5.2 calls an empty associative array unbound under set -u)
+base_dir() {  # base_dir TARBALL: where it is built on this machine
+  echo "/tmp/ff-bases/$(sha1sum "$1" | cut -c1-16)-${BASE_INSTRUMENTED:-ON}"
+}
+build_base() {  # build_base TARBALL DIR: extract and install it into DIR/site; DIR/done or DIR/failed after
+  mkdir -p "$2" && tar xf "$1" -C "$2" &&
+    python3 -m pip install --no-build-isolation --no-deps --target "$2/site" "$2/base" \
+      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" -Ccmake.define.FLASHFORMER_INSTRUMENTED="${BASE_INSTRUMENTED:-ON}" &&
+    touch "$2/done" || { touch "$2/failed"; return 1; }
+}
+base_tars=()
+find_bases() {  # find_bases STAGE: the .carry/base*.tar files into base_tars, or exit naming the stage
+  base_tars=(.carry/base*.tar)
+  [ -f "${base_tars[0]}" ] || { echo "$1: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
+}
+build_bases() {  # every .carry/base*.tar (git archive --prefix=base/ COMMIT), built once per machine
+  [ -z "$bases_built" ] || return 0
+  bases_built=1
+  local tarball name dir
+  find_bases "$1"
+  for tarball in "${base_tars[@]}"; do
+    name=$(basename "$tarball" .tar) dir=$(base_dir "$tarball")
+    if [ -f "$dir/building" ] && [ ! -f "$dir/done" ] && [ ! -f "$dir/failed" ]; then
+      step "wait-$name" bash -c "while [ ! -f '$dir/done' ] && [ ! -f '$dir/failed' ]; do sleep 2; done; [ -f '$dir/done' ] && echo built"
+    elif [ -f "$dir/done" ]; then
+      echo "build-$name: built earlier on this machine ($dir)" | tee -a "$OUT/summary.txt"
+    else
+      rm -rf "$dir"
+      step "build-$name" build_base "$tarball" "$dir"
+    fi
+    [ -f "$dir/done" ] || { tail -n 40 "$dir/build.log" 2>/dev/null; exit 1; }
+    site[$name]=$dir/site
+  done
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$LOGS/gpu.txt" 2>&1
 [ -f .carry/cutlass/include/cute/tensor.hpp ] || { echo "missing .carry/cutlass: run scripts/carry_cutlass.sh here and carry .carry" | tee "$OUT/summary.txt"; exit 2; }
 
@@ -57,6 +99,18 @@ if has build; then
     { tail -n 60 "$LOGS/build.log"; exit 1; }
   cuobjdump --dump-resource-usage build/libflashformer_kernels.a >"$LOGS/resources.txt" 2>&1
   grep -A1 "Function.*megakernel" "$LOGS/resources.txt" | grep -o "REG:[0-9]* STACK:[0-9]* SHARED:[0-9]* LOCAL:[0-9]*" | tee -a "$OUT/summary.txt"
+fi
+if has prebuild; then
+  find_bases prebuild
+  export -f build_base
+  for tarball in "${base_tars[@]}"; do
+    dir=$(base_dir "$tarball")
+    [ -f "$dir/done" ] && continue
+    rm -rf "$dir" && mkdir -p "$dir" && touch "$dir/building"
+    # its own session, so it outlives this call's command on a warm machine
+    setsid nohup bash -c "cd '$PWD' && build_base '$tarball' '$dir'" >"$dir/build.log" 2>&1 </dev/null &
+    echo "prebuild: $(basename "$tarball" .tar) building in the background into $dir" | tee -a "$OUT/summary.txt"
+  done
 fi
 has ctest && step ctest ctest --test-dir build --output-on-failure
 # shellcheck disable=SC2086
@@ -75,21 +129,6 @@ if has profile; then
   step profile python3 benchmarks/profile_step.py --out "$LOGS" ${PROFILE_ARGS:-}
   cat "$LOGS/profile.log"
 fi
-declare -A site  # base name -> its install (build_bases)
-bases_built=  # (not ${#site[@]}: bash < 5.2 calls an empty associative array unbound under set -u)
-build_bases() {  # every .carry/base*.tar (git archive --prefix=base/ COMMIT), built once
-  [ -z "$bases_built" ] || return 0
-  bases_built=1
-  local bases=(.carry/base*.tar) tarball name dir
-  [ -f "${bases[0]}" ] || { echo "$1: missing .carry/base.tar" | tee -a "$OUT/summary.txt"; exit 2; }
-  for tarball in "${bases[@]}"; do
-    name=$(basename "$tarball" .tar) dir=$(mktemp -d)
-    tar xf "$tarball" -C "$dir"
-    step "build-$name" python3 -m pip install --no-build-isolation --no-deps --target "$dir/site" "$dir/base" \
-      -Ccmake.define.CUTLASS_DIR="$PWD/.carry/cutlass" -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON || exit 1
-    site[$name]=$dir/site
-  done
-}
 if has compare; then
   build_bases compare
   for round in $(seq "${COMPARE_ROUNDS:-2}"); do

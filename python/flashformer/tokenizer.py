@@ -71,7 +71,7 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = chat_template
         self._token_texts: dict[int, str] = {}  # token_text's, as asked for (at most the vocabulary)
-        self._token_bytes: dict[int, list[int]] = {}  # token_bytes', likewise
+        self._token_bytes: dict[int, tuple[int, ...]] = {}  # token_bytes', likewise
         self._byte_level: bool | None = None  # whether the decoder is byte-level (read when first needed)
 
     @classmethod
@@ -118,8 +118,8 @@ class Tokenizer:
         byte-fallback piece's ("<0xE2>")."""
         raw = self._token_bytes.get(token)
         if raw is None:
-            raw = self._token_bytes[token] = self._raw_bytes(token)
-        return raw
+            raw = self._token_bytes[token] = tuple(self._raw_bytes(token))
+        return list(raw)  # (a list of its own: an output's entry is the caller's to change)
 
     def _raw_bytes(self, token: int) -> list[int]:
         text = self.token_text(token)
