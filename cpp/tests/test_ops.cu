@@ -211,7 +211,7 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
       const size_t i = size_t(n) * K + k;
       if constexpr (kFp8) {
         const __half h = __float2half_rn(from_bf16_bits(x[i]) / float(1 << ff::kF16ActivationShift));
-        std::memcpy(&act[ff::act_fragment_index(n, k)], &h, 2);
+        std::memcpy(&act[ff::act_index<F>(n, k)], &h, 2);
         activation[i] = double(__half2float(h)) * (1 << ff::kF16ActivationShift);
       } else {
         act[ff::act_fragment_index(n, k)] = x[i];

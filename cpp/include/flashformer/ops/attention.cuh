@@ -489,7 +489,7 @@ struct AttentionKernel {
             o += s * src[d], l += s * src[D + 1];
           }
           if (active == 1) {  // the whole context is in this chunk: the output, no cross-SM merge
-            reinterpret_cast<uint16_t*>(p.scratch.attn_frag)[act_fragment_index(b, int64_t(kv_head * G + h) * D + d)] =
+            reinterpret_cast<uint16_t*>(p.scratch.attn_frag)[act_index<T::kWeights>(b, int64_t(kv_head * G + h) * D + d)] =
                 Activations<T::kWeights>::one(o / l);  // (the O projection's activations)
             continue;
           }
@@ -565,8 +565,8 @@ struct AttentionKernel {
       const int64_t k = int64_t(kv_head * G + pair % G) * D + d;  // dims d..d+3: two adjacent pairs
       bf16_t* out = p.scratch.attn_frag;  // (the O projection's activations)
       using A = Activations<T::kWeights>;
-      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k)) = A::pair(o.x * inv, o.y * inv);
-      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(pair / G, k)) = A::pair(o.x * inv, o.y * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(pair / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
     }
   }
 };
