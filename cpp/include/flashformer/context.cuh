@@ -26,15 +26,11 @@ __device__ inline bool owns_units(const MegakernelParams& p, int task, int sm) {
   return begin[sm + 1] > begin[sm];
 }
 
-// Row-positions per attention unit below which splitting a context across more SMs costs more
-// (in the cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
-inline constexpr int kMinUnitWork = 256;
-
 // One thread, in the kernel's prologue: the step's positions and attention chunking.
 __device__ inline void load_step_shape(const MegakernelParams& p, StepShape& s) {
   int context = 0;
   for (int b = 0; b < p.batch; ++b) context = max(context, (s.positions[b] = int(p.positions[b])) + 1);
-  const int min_chunk = max(kMinUnitWork / p.batch, 16);
+  const int min_chunk = max(p.attn_min_work / p.batch, 16);  // (kDefaultAttnMinWork unless tuned)
   s.context = context;
   s.active_chunks = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
   s.chunk_len = (context + s.active_chunks - 1) / s.active_chunks;

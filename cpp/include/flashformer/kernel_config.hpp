@@ -73,6 +73,11 @@ enum class RowOrder : int {
   kGateUp = 2,     // [gate; up] stacked: block j holds gate rows 8j..8j+7 then up rows 8j..8j+7
 };
 
+// Row-positions per attention unit below which splitting a context across more SMs costs more
+// (in the cross-SM merge) than it saves: one row's chunk is at least this / batch positions (and
+// 16). The default of MegakernelEngine::attn_min_work, a tuning knob (benchmarks/NOTES.md).
+inline constexpr int kDefaultAttnMinWork = 256;
+
 // Floats per attention partial (o[head_dim], m, l, two pad): a multiple of 4, so the chunk
 // merge reads o as float4.
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
