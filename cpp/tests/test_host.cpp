@@ -208,10 +208,12 @@ FF_TEST(task_order_is_embed_then_every_layer_then_the_lm_head) {
 FF_TEST(op_facts_are_those_the_kernel_relies_on) {
   using namespace flashformer;
   const ModelDims& d = kCompiledConfigs[kNumConfigs - 1];
-  // only the first task has nothing to wait for; attention and the LM head publish themselves
+  // only the first task has nothing to wait for; the LM head publishes itself, every other op once
+  // per CTA that owns units (attention too: its units share each kv head's merge)
   for (int op = 0; op < kNumOps; ++op) FF_CHECK(kOps[op].waits == (op != op_index<EmbedOp>));
-  FF_CHECK(kOps[op_index<AttentionOp>].signal == Signal::kItself && kOps[op_index<LmHeadOp>].signal == Signal::kItself);
-  FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == d.kv_heads);
+  for (int op = 0; op < kNumOps; ++op)
+    FF_CHECK(kOps[op].signal == (op == op_index<LmHeadOp> ? Signal::kItself : Signal::kEveryCta));
+  FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == 132);
   FF_CHECK(kOps[op_index<QkvOp>].arrivals(d, 100) == 100);
   FF_CHECK(kOps[op_index<QkvOp>].units(d, 132) * kRowBlock == d.qkv_rows());
   const WeightFormats bf16{}, fp8{WeightFormat::kFp8, WeightFormat::kBf16};

@@ -5,9 +5,10 @@
 // q/k norm (kQkNorm) this op applies the heads' RMSNorm scales to q and to the current k, and
 // appends that k to the KV cache (qkv.cuh).
 // Inside a unit the batch rows run on separate warps. With one chunk, its unit writes the O
-// projection's B fragments and signals the op itself; with more, each unit writes partial
-// (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
-// finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
+// projection's B fragments; with more, each unit writes partial (o, m, l) for the q heads of its
+// group and every batch row, and once a kv head's partials are all in, its units merge them, each
+// its share of the (row, q head) pairs. Every CTA with units then signals the op (kEveryCta).
+// Scores use exp2 (q is pre-scaled by log2 e).
 // An FP8 KV cache (T::kKv, with p.kv_scale) holds e4m3 vectors, each with an fp32
 // scale: a stage carries the positions' key bytes and after them their scales (copied from the
 // 16-byte boundary below the first), then the same for the values from the stage's middle. Keys
@@ -499,35 +500,40 @@ struct AttentionKernel {
         }
         c.sync();  // scratch is free for the next pass
       }
-      unsigned* group = p.scratch.attn_groups + layer * T::kKvHeads + kv_head;
-      if (active == 1 && !skip) {
-        // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
-        // the op at once. Every unit still counts towards the group (its epoch target).
-        if (c.tid == 0) {
-          if (chunk == 0) publish<T>(c.counter(task.index), p);
-          atomicAdd(group, 1u);
-        }
-        c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
-        continue;
-      }
-      if (c.finished_last(group, unsigned(chunks))) {  // the other chunks' partials are visible
-        if (!skip) merge_chunks(c, kv_head, active);
-        c.sync();  // the merged output is written before the signal
-        if (c.tid == 0) publish<T>(c.counter(task.index), p);
-      }
+      // Every unit counts towards its kv head's group once a step (the group's epoch target),
+      // after its partials (the pass's barrier ordered their writes before the release). With one
+      // chunk, chunk 0 wrote the head's output itself: nothing waits for the group.
+      if (c.tid == 0) signal_counter(p.scratch.attn_groups + layer * T::kKvHeads + kv_head);
+    }
+    if (active == 1 || variant_on<T>(p, kSkipAttention)) return true;
+    // The merge, shared by the kv head's units: unit `chunk` takes the head's (row, q head) pairs
+    // chunk, chunk + chunks, ... once every chunk's partials are in. Only after all of this CTA's
+    // units have counted in, so that no unit waits for one queued behind it on the same SM.
+    c.sync();  // every thread is past its last look at flags[0] (the task's wait) before thread 0 writes it
+    for (int unit = u0; unit < u1; ++unit) {
+      const int kv_head = unit / chunks, chunk = unit % chunks;
+      if (chunk >= p.batch * G) continue;  // no pair of its own
+      if (c.tid == 0)
+        c.flags[0] = !wait_counter(p.scratch.attn_groups + layer * T::kKvHeads + kv_head, p.epoch * unsigned(chunks), p,
+                                   task.index);
+      c.sync();  // the wait's outcome (and, through thread 0's acquire, the partials) for everyone
+      if (c.flags[0]) return false;
+      merge_chunks(c, kv_head, active, chunk, chunks);
+      c.sync();  // the stats scratch is free for the next unit (and the outputs written before the op's signal)
     }
     return true;
   }
 
   // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c over the active chunks, into the O
-  // projection's B fragments. First one warp per (row, head) pair finds M and the sum over its
-  // chunks (lanes over chunks); then every thread takes 4 dims of a pair and sums their chunks,
-  // all of a chunk group's loads in flight.
-  __device__ static void merge_chunks(Consumer<T>& c, int kv_head, int active) {
+  // projection's B fragments, for the (row, head) pairs first, first + step, ... of kv head
+  // `kv_head`. First one warp per pair finds M and the sum over its chunks (lanes over chunks);
+  // then every thread takes 4 dims of a pair and sums their chunks, all of a chunk group's loads
+  // in flight.
+  __device__ static void merge_chunks(Consumer<T>& c, int kv_head, int active, int first, int step) {
     const MegakernelParams& p = c.p;
-    const int chunks = p.attn_chunks, pairs = p.batch * G;
-    auto part_of = [&](int pair, int chunk) {  // pair = b * G + h
-      const int b = pair / G, head = kv_head * G + pair % G;
+    const int chunks = p.attn_chunks, pairs = (p.batch * G - first + step - 1) / step;  // (this unit's)
+    auto part_of = [&](int i, int chunk) {  // the unit's i-th pair, pair = b * G + h
+      const int pair = first + i * step, b = pair / G, head = kv_head * G + pair % G;
       return p.scratch.attn_part + ((int64_t(b) * T::kHeads + head) * chunks + chunk) * kPartStride;
     };
     float* stats = c.attn;  // [pairs][2]: M, 1 / sum; the partial slots are free by now
@@ -562,11 +568,12 @@ struct AttentionKernel {
         o.x += w * oc.x, o.y += w * oc.y, o.z += w * oc.z, o.w += w * oc.w;
       }
       const float inv = stats[2 * pair + 1];
-      const int64_t k = int64_t(kv_head * G + pair % G) * D + d;  // dims d..d+3: two adjacent pairs
+      const int bh = first + pair * step;  // (row, head) = (bh / G, bh % G)
+      const int64_t k = int64_t(kv_head * G + bh % G) * D + d;  // dims d..d+3: two adjacent pairs
       bf16_t* out = p.scratch.attn_frag;  // (the O projection's activations)
       using A = Activations<T::kWeights>;
-      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(pair / G, k)) = A::pair(o.x * inv, o.y * inv);
-      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(pair / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(bh / G, k)) = A::pair(o.x * inv, o.y * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(bh / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
     }
   }
 };
@@ -578,10 +585,9 @@ inline int attention_chunks(const ModelDims& d, int num_sms) { return std::max(1
 
 struct AttentionOp : OpDefaults {
   static constexpr const char* kName = "attention";
-  // The last chunk of each kv head to finish publishes that head's output (one arrival per kv head).
-  static constexpr Signal kSignal = Signal::kItself;
+  // Every CTA with units publishes once its units' outputs are written: a kv head's output is
+  // written by chunk 0 (one chunk) or by the head's units, each merging its share of the pairs.
   static int units(const ModelDims& d, int num_sms) { return d.kv_heads * attention_chunks(d, num_sms); }
-  static constexpr int arrivals(const ModelDims& d, int) { return d.kv_heads; }
 
 #ifdef __CUDACC__
   template <class T>
