@@ -328,7 +328,7 @@ def test_compiled_peer_runs_and_says_when_cuda_graphs_were_skipped(peer):
                              quantization="fp8" if peer == "torchao_fp8" else None)
     rows = {(1, 16): {}}
     with tqdm(disable=True) as bar:
-        problem = bench._run_gptfast(
+        problem = bench._run_compiled_peer(
             "tiny-gqa", spec, weights, [(1, 16)], rows, bench.Counts(1, 3), torch.device("cpu"), None, bar, peer
         )
     assert "skipped CUDA graphs" in problem and f"understate {bench.PEER_LABELS[peer]}" in problem

@@ -517,10 +517,10 @@ def _bench_model(model, result, device, backend_name, batches, ctxs, prompt_lens
         backend.release_weights()
     del backend, cache
     _release()
-    for peer in ("gptfast", "torchao_fp8"):  # (the compiled peers)
-        if peer in run_peers:
+    for peer in run_peers:
+        if peer != "hf_eager":  # (the compiled peers)
             args = (name, spec, weights, grid, rows, counts["gptfast"], device, generator, bar, peer)
-            _run_peer(result, name, peer, _run_gptfast, *args)
+            _run_peer(result, name, peer, _run_compiled_peer, *args)
     if "hf_eager" in run_peers:
         args = (name, spec, weights, cfg, grid, rows, ttft, counts, device, generator, bar)
         _run_peer(result, name, "hf_eager", _run_hf, *args)
@@ -584,7 +584,7 @@ def _run_peer(result: dict, model: str, peer: str, run: Callable, *args) -> None
     _release()
 
 
-def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar, peer_name="gptfast") -> str | None:
+def _run_compiled_peer(name, spec, weights, grid, rows, counts, device, generator, bar, peer_name) -> str | None:
     """A compiled peer over the grid (`peer_name`: gptfast, or torchao_fp8 on FP8 weights), under its
     Inductor settings; returns a problem to record where CUDA graphs were skipped."""
     import torch._inductor.config as inductor_config
@@ -593,7 +593,7 @@ def _run_gptfast(name, spec, weights, grid, rows, counts, device, generator, bar
     from .baselines import GptFast, TorchaoFp8
 
     label = PEER_LABELS[peer_name]
-    cls = {"gptfast": GptFast, "torchao_fp8": TorchaoFp8}[peer_name]
+    cls = {c.name: c for c in (GptFast, TorchaoFp8)}[peer_name]
     skips = counters["inductor"]["cudagraph_skips"]
     peer = cls(spec, weights, max(c for _, c in grid), compile=True)
     try:

@@ -125,8 +125,9 @@ class Tokenizer:
         text = self.token_text(token)
         piece = self._tok.id_to_token(token) if "\ufffd" in text else None
         if piece is not None:
-            if self._byte_level is None:
-                self._byte_level = _decodes_bytes(json.loads(self._tok.to_str()).get("decoder"))
+            if self._byte_level is None:  # (the decoder's own JSON, not the whole tokenizer's)
+                decoder = self._tok.decoder
+                self._byte_level = decoder is not None and _decodes_bytes(json.loads(decoder.__getstate__()))
             if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
                 return [_BYTE_LEVEL[c] for c in piece]
             byte = _BYTE_FALLBACK.fullmatch(piece)
