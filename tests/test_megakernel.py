@@ -358,24 +358,27 @@ def test_attention_split_setting_keeps_the_logits_and_bad_values_are_refused(min
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name,fp8,kv,start", [("tiny-gqa", False, "auto", 0), ("tiny-qk-norm", False, "auto", 0),
-                                               ("tiny-bias", False, "auto", 0), ("tiny-gqa", True, "auto", 0),
-                                               ("tiny-bias", True, "auto", 0), ("tiny-gqa", False, "fp8", 0),
-                                               ("tiny-qk-norm", True, "fp8", 0), ("tiny-d128", False, "fp8", 90),
-                                               ("tiny-gqa", False, "fp8", 90)])
-def test_sanitizer_smoke(name, fp8, kv, start):
+@pytest.mark.parametrize("name,fp8,kv,start,min_work", [
+    ("tiny-gqa", False, "auto", 0, None), ("tiny-qk-norm", False, "auto", 0, None), ("tiny-bias", False, "auto", 0, None),
+    ("tiny-gqa", True, "auto", 0, None), ("tiny-bias", True, "auto", 0, None), ("tiny-gqa", False, "fp8", 0, None),
+    ("tiny-qk-norm", True, "fp8", 0, None), ("tiny-d128", False, "fp8", 90, None), ("tiny-gqa", False, "fp8", 90, None),
+    ("tiny-gqa", False, "auto", 90, 32), ("tiny-d128", True, "fp8", 90, 32)])
+def test_sanitizer_smoke(name, fp8, kv, start, min_work):
     """Decode-only steps of a tiny config from position `start` of an empty cache (no prefill:
     only the kernel and a few elementwise torch ops run): scripts/gpu_check.sh runs this under
     compute-sanitizer's memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised).
     Llama's layer, then q/k norm and q/k/v biases (both with padded vocabularies); then e4m3
     layers; then an FP8 KV cache, last past one stage's positions (head_dim 128: 56 a stage; 64:
-    64)."""
+    64); last with attn_min_work 32 (chunks of 16 positions), so that each kv head's context is
+    split over several units, which merge its chunks together."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)
     max_seq = start + 16
     mk = (fp8_kv_backend(MegakernelBackend, spec, weights, 2, max_seq) if kv == "fp8"
           else megakernel(spec, weights, 2, max_seq))
+    if min_work is not None:
+        mk.engine.attn_min_work = min_work
     for step in range(start, start + 3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
