@@ -76,14 +76,17 @@ def to_fp32(w: Weights) -> Weights:
                    lm_head=embed if w.tied else w.lm_head.float(), layers=layers)
 
 
-def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int):
+def run_three(spec, weights, prompt_lens: list[int], steps: int, max_seq: int, tune: dict | None = None):
     """Teacher-forced logits of the megakernel, the bf16 reference and the fp32 reference on the
     same fresh random prompts and forced tokens. The megakernel packs `weights` in place and hands
-    them back row-major (release_weights) before the references run on them."""
+    them back row-major (release_weights) before the references run on them. `tune`: engine
+    tuning attributes set first."""
     batch = len(prompt_lens)
     prompts = [torch.randint(0, spec.vocab_size, (n,)).tolist() for n in prompt_lens]
     forced = torch.randint(0, spec.vocab_size, (steps, batch))
     mk = megakernel(spec, weights, batch, max_seq)
+    for attr, value in (tune or {}).items():
+        setattr(mk.engine, attr, value)
     mk.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
     out = {"mk": teacher_forced(mk, prompts, forced)}
     out["mk_next"] = mk.next_tokens[:batch].cpu()
@@ -333,19 +336,50 @@ def test_weight_stream_settings_change_no_result_and_bad_values_are_refused():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("name,fp8,kv", [("tiny-gqa", False, "auto"), ("tiny-qk-norm", False, "auto"),
-                                         ("tiny-bias", False, "auto"), ("tiny-gqa", True, "auto"), ("tiny-bias", True, "auto"),
-                                         ("tiny-gqa", False, "fp8"), ("tiny-qk-norm", True, "fp8")])
-def test_sanitizer_smoke(name, fp8, kv):
-    """Decode-only steps of a tiny config from an empty cache (no prefill: only the kernel and
-    a few elementwise torch ops run): scripts/gpu_check.sh runs this under compute-sanitizer's
-    memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised). Llama's layer, then
-    q/k norm and q/k/v biases (both with padded vocabularies); then e4m3 layers; then an FP8 KV cache."""
+@pytest.mark.parametrize("min_work", [1, 64, 4096])
+def test_attention_split_setting_keeps_the_logits_and_bad_values_are_refused(min_work):
+    """attn_min_work (the row-positions an attention unit takes before a context is split over
+    more SMs; a tuning knob, 256 by default): from 16 positions a chunk to one chunk a kv head,
+    the teacher-forced logits stay within the kernel's bound against fp32 (the chunks' merge only
+    orders fp32 sums otherwise). 0 is refused, naming it, and refuses nothing after."""
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=tied("tiny-gqa"), dtype=torch.bfloat16, device="cuda", std=0.1)
+    check_errors(run_three(spec, weights, RAGGED[4], steps=3, max_seq=1200, tune={"attn_min_work": min_work}))
+    mk = megakernel(spec, weights, 2, 64)
+    assert mk.engine.attn_min_work == _core.load().DEFAULT_ATTN_MIN_WORK
+    tokens, positions = torch.randint(0, spec.vocab_size, (2,), device="cuda"), torch.tensor([7, 40], device="cuda")
+    default = mk.decode(tokens, positions)
+    mk.engine.attn_min_work = 0
+    with pytest.raises(ValueError, match="attn_min_work"):
+        mk.decode(tokens, positions)
+    mk.engine.attn_min_work = _core.load().DEFAULT_ATTN_MIN_WORK
+    assert torch.equal(mk.decode(tokens, positions), default)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name,fp8,kv,start,min_work", [
+    ("tiny-gqa", False, "auto", 0, None), ("tiny-qk-norm", False, "auto", 0, None), ("tiny-bias", False, "auto", 0, None),
+    ("tiny-gqa", True, "auto", 0, None), ("tiny-bias", True, "auto", 0, None), ("tiny-gqa", False, "fp8", 0, None),
+    ("tiny-qk-norm", True, "fp8", 0, None), ("tiny-d128", False, "fp8", 90, None), ("tiny-gqa", False, "fp8", 90, None),
+    ("tiny-gqa", False, "auto", 90, 32), ("tiny-d128", True, "fp8", 90, 32)])
+def test_sanitizer_smoke(name, fp8, kv, start, min_work):
+    """Decode-only steps of a tiny config from position `start` of an empty cache (no prefill:
+    only the kernel and a few elementwise torch ops run): scripts/gpu_check.sh runs this under
+    compute-sanitizer's memcheck, racecheck and synccheck (with FLASHFORMER_WATCHDOG_MS raised).
+    Llama's layer, then q/k norm and q/k/v biases (both with padded vocabularies); then e4m3
+    layers; then an FP8 KV cache, last past one stage's positions (head_dim 128: 56 a stage; 64:
+    64); last with attn_min_work 32 (chunks of 16 positions), so that each kv head's context is
+    split over several units, which merge its chunks together."""
     spec = spec_from_dict(shape_config(name))
     weights = random_weights(spec, tied=tied(name), dtype=torch.bfloat16, device="cuda", std=0.1,
                              quantization="fp8" if fp8 else None)
-    mk = fp8_kv_backend(MegakernelBackend, spec, weights, 2, 16) if kv == "fp8" else megakernel(spec, weights, 2, 16)
-    for step in range(3):
+    max_seq = start + 16
+    mk = (fp8_kv_backend(MegakernelBackend, spec, weights, 2, max_seq) if kv == "fp8"
+          else megakernel(spec, weights, 2, max_seq))
+    if min_work is not None:
+        mk.engine.attn_min_work = min_work
+    for step in range(start, start + 3):
         tokens = torch.randint(0, spec.vocab_size, (2,), device="cuda")
         logits = mk.decode(tokens, torch.full((2,), step, device="cuda"))
         assert torch.isfinite(logits).all()

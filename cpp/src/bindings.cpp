@@ -75,6 +75,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layers"), "The decode step's tasks in order, as (op name, layer) pairs (ops.hpp).");
   m.attr("MAX_BATCH") = kMaxBatch;
   m.attr("MIN_RING_STAGES") = kMinStages;
+  m.attr("DEFAULT_ATTN_MIN_WORK") = kDefaultAttnMinWork;
   m.attr("INSTRUMENTED") = has_instrumented_kernels();
   m.attr("TRACE_LAYOUT") = py::dict(py::arg("header") = std::vector<std::string>(kTraceHeaderNames.begin(), kTraceHeaderNames.end()),
                                      py::arg("fields") = std::vector<std::string>(kTraceFieldNames.begin(), kTraceFieldNames.end()));
@@ -251,6 +252,9 @@ PYBIND11_MODULE(_C, m) {
                      "most weight-ring stages in flight (issued, not landed) per SM (0: the whole ring)")
       .def_readwrite("weight_l2_policy", &MegakernelEngine::weight_l2_policy,
                      "L2 eviction priority of the weight stream: 0 normal, 1 evict first")
+      .def_readwrite("attn_min_work", &MegakernelEngine::attn_min_work,
+                     "attention: row-positions per unit below which a context is not split over more SMs (a row's "
+                     "chunk holds at least attn_min_work / batch positions, and 16)")
       .def_property_readonly("trace_words", &MegakernelEngine::trace_words, "uint64 words of the step trace")
       .def_property(
           "trace", [](const MegakernelEngine& e) { return reinterpret_cast<std::uintptr_t>(e.instr.trace); },

@@ -180,6 +180,8 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: weight_l2_policy must be 0 (normal) or 1 (evict first), got " +
                                 std::to_string(weight_l2_policy));
   p.weight_l2_policy = weight_l2_policy;
+  if (attn_min_work < 1) throw std::invalid_argument("megakernel: attn_min_work must be >= 1, got " + std::to_string(attn_min_work));
+  p.attn_min_work = attn_min_work;
   p.union_bytes = split.union_bytes;
   FF_CUDA_CHECK(cudaSetDevice(device_));
   // Only now, past every check: a refused step must not advance the epoch, or the next step's

@@ -87,6 +87,7 @@ class MegakernelEngine {
   // Tuning (benchmarks/NOTES.md has the sweeps that chose the defaults).
   int inflight_stages_limit = 3;  // most weight stages in flight per SM (0: the whole ring)
   int weight_l2_policy = int(WeightL2Policy::kEvictFirst);  // of the weight stream
+  int attn_min_work = kDefaultAttnMinWork;  // attention: row-positions per unit before a context splits further
   // Size of the step trace (trace.hpp) for this engine's SMs and layers.
   int64_t trace_words() const { return int64_t(num_sms_) * trace_words_per_sm(schedule_.layers); }
 

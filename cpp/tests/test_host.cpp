@@ -1,7 +1,10 @@
 // Host-side tests of what the core states without a GPU.
 
+#include <algorithm>
+#include <climits>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "check.hpp"
 #include "flashformer/fragment_layout.hpp"
@@ -84,10 +87,100 @@ FF_TEST(act_lane_vector_is_the_fragment_index_of_a_lanes_b_registers) {
 }
 
 FF_TEST(act_pair_index_is_the_fragment_index_of_even_k) {
+  using flashformer::WeightFormat;
   for (int rows = 1; rows <= flashformer::kMaxBatch; ++rows)
     for (int n = 0; n < rows; ++n)
-      for (int k = 0; k < 96; k += 2)
-        FF_CHECK(flashformer::act_fragment_index(n, k, rows) == flashformer::act_pair_index(n, k, rows));
+      for (int k = 0; k < 96; k += 2) {
+        FF_CHECK(flashformer::act_fragment_index(n, k, rows) == flashformer::act_pair_index<WeightFormat::kBf16>(n, k, rows));
+        FF_CHECK(flashformer::fp8_act_fragment_index(n, k, rows) == flashformer::act_pair_index<WeightFormat::kFp8>(n, k, rows));
+      }
+}
+
+FF_TEST(fp8_act_lane_vector_is_the_fragment_index_of_a_lanes_eight_elements) {
+  for (int rows = 1; rows <= flashformer::kMaxBatch; ++rows)
+    for (int f = 0; f < 3; ++f)
+      for (int g = 0; g < rows; ++g)
+        for (int t = 0; t < 4; ++t) {
+          const int64_t first = flashformer::fp8_act_fragment_index(g, int64_t(f) * 32 + 4 * t, rows);
+          FF_CHECK(first == 8 * int64_t(flashformer::act_lane_vector(f, g, t, rows)));
+          for (int e = 0; e < 8; ++e)  // elements 0-3: k 4t.., 4-7: k 16 + 4t..
+            FF_CHECK(flashformer::fp8_act_fragment_index(g, int64_t(f) * 32 + (e / 4) * 16 + 4 * t + e % 4, rows) ==
+                     first + e);
+        }
+}
+
+FF_TEST(fp8_fragment_element_inverts_the_e4m3_fragment_index) {
+  std::set<int64_t> seen;
+  for (int lane = 0; lane < flashformer::kWarpSize; ++lane)
+    for (int i = 0; i < 16; ++i) {
+      const flashformer::FragmentElement e = flashformer::fp8_fragment_element(lane / 4, lane % 4, i);
+      FF_CHECK(e.row >= 0 && e.row < 16 && e.col >= 0 && e.col < 32);
+      FF_CHECK(flashformer::fp8_weight_fragment_index(e.row, e.col, 32) == lane * 16 + i);
+      seen.insert(int64_t(e.row) * 32 + e.col);
+    }
+  FF_CHECK(seen.size() == 16 * 32);
+}
+
+// The PTX ISA's register layouts, replayed on the host over values in their packed places: an e4m3
+// fragment's lane registers (fp8_weight_fragment_index) and its activations' (fp8_act_fragment_index)
+// must multiply to W x both as one mma.m16n8k32 (8-bit operands: register j holds A[g + 8 (j%2)][16 (j/2)
+// + 4t + i], B[16 j + 4t + i][g], i = 0..3) and as the dequantizing matmul's two mma.m16n8k16 halves
+// (16-bit: register j holds A[g + 8 (j%2)][8 (j/2) + 2t + p], B[8 j + 2t + p][g], p = 0, 1), half h
+// taking words 2h, 2h+1 of the lane (low 16 bits, then high: weight_layout.cuh's dequant_fp8_fragment)
+// and activation elements 4h..4h+3.
+FF_TEST(e4m3_fragments_and_their_activations_multiply_to_w_times_x_in_both_mma_shapes) {
+  using namespace flashformer;
+  constexpr int R = 16, N = 8, K = 96;
+  std::vector<int64_t> w(R * K), x(N * K), packed(R * K), act(N * K);
+  for (int i = 0; i < R * K; ++i) w[i] = (i * 37 + 11) % 29 - 14;
+  for (int i = 0; i < N * K; ++i) x[i] = (i * 53 + 7) % 31 - 15;
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) packed[fp8_weight_fragment_index(r, k, K)] = w[r * K + k];
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < K; ++k) act[fp8_act_fragment_index(n, k, N)] = x[n * K + k];
+  constexpr int64_t kUnset = INT64_MIN;
+  int64_t d32[R][N] = {}, d16[R][N] = {};
+  for (int f = 0; f < K / 32; ++f) {
+    int64_t a32[R][32], b32[32][N], a16[2][R][16], b16[2][16][N];
+    std::fill_n(&a32[0][0], R * 32, kUnset), std::fill_n(&b32[0][0], 32 * N, kUnset);
+    std::fill_n(&a16[0][0][0], 2 * R * 16, kUnset), std::fill_n(&b16[0][0][0], 2 * 16 * N, kUnset);
+    bool twice = false;  // (the layouts are bijections: each slot is written once)
+    auto put = [&](int64_t& slot, int64_t v) { twice |= slot != kUnset, slot = v; };
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      const int g = lane / 4, t = lane % 4;
+      const int64_t* q = &packed[(int64_t(f) * kWarpSize + lane) * 16];  // 4 registers of 4 bytes
+      const int64_t* b = &act[int64_t(act_lane_vector(f, g, t, N)) * 8];
+      for (int j = 0; j < 4; ++j)
+        for (int i = 0; i < 4; ++i) put(a32[g + 8 * (j % 2)][16 * (j / 2) + 4 * t + i], q[4 * j + i]);
+      for (int j = 0; j < 2; ++j)
+        for (int i = 0; i < 4; ++i) put(b32[16 * j + 4 * t + i][g], b[4 * j + i]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t* words = q + 8 * h;  // words 2h, 2h+1
+        // the half's registers: word 2h's low pair, word 2h+1's low pair, their high pairs
+        const int64_t* regs[4] = {words, words + 4, words + 2, words + 6};
+        for (int j = 0; j < 4; ++j)
+          for (int p = 0; p < 2; ++p) put(a16[h][g + 8 * (j % 2)][8 * (j / 2) + 2 * t + p], regs[j][p]);
+        for (int j = 0; j < 2; ++j)
+          for (int p = 0; p < 2; ++p) put(b16[h][8 * j + 2 * t + p][g], b[4 * h + 2 * j + p]);
+      }
+    }
+    FF_CHECK(!twice);
+    FF_CHECK(std::count(&a32[0][0], &a32[0][0] + R * 32, kUnset) == 0 && std::count(&b32[0][0], &b32[0][0] + 32 * N, kUnset) == 0);
+    FF_CHECK(std::count(&a16[0][0][0], &a16[0][0][0] + 2 * R * 16, kUnset) == 0 &&
+             std::count(&b16[0][0][0], &b16[0][0][0] + 2 * 16 * N, kUnset) == 0);
+    for (int r = 0; r < R; ++r)
+      for (int n = 0; n < N; ++n) {
+        for (int k = 0; k < 32; ++k) d32[r][n] += a32[r][k] * b32[k][n];
+        for (int h = 0; h < 2; ++h)
+          for (int k = 0; k < 16; ++k) d16[r][n] += a16[h][r][k] * b16[h][k][n];
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < N; ++n) {
+      int64_t expected = 0;
+      for (int k = 0; k < K; ++k) expected += w[r * K + k] * x[n * K + k];
+      FF_CHECK(d32[r][n] == expected && d16[r][n] == expected);
+    }
 }
 
 FF_TEST(task_order_is_embed_then_every_layer_then_the_lm_head) {
@@ -115,10 +208,12 @@ FF_TEST(task_order_is_embed_then_every_layer_then_the_lm_head) {
 FF_TEST(op_facts_are_those_the_kernel_relies_on) {
   using namespace flashformer;
   const ModelDims& d = kCompiledConfigs[kNumConfigs - 1];
-  // only the first task has nothing to wait for; attention and the LM head publish themselves
+  // only the first task has nothing to wait for; the LM head publishes itself, every other op once
+  // per CTA that owns units (attention too: its units share each kv head's merge)
   for (int op = 0; op < kNumOps; ++op) FF_CHECK(kOps[op].waits == (op != op_index<EmbedOp>));
-  FF_CHECK(kOps[op_index<AttentionOp>].signal == Signal::kItself && kOps[op_index<LmHeadOp>].signal == Signal::kItself);
-  FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == d.kv_heads);
+  for (int op = 0; op < kNumOps; ++op)
+    FF_CHECK(kOps[op].signal == (op == op_index<LmHeadOp> ? Signal::kItself : Signal::kEveryCta));
+  FF_CHECK(kOps[op_index<AttentionOp>].arrivals(d, 132) == 132);
   FF_CHECK(kOps[op_index<QkvOp>].arrivals(d, 100) == 100);
   FF_CHECK(kOps[op_index<QkvOp>].units(d, 132) * kRowBlock == d.qkv_rows());
   const WeightFormats bf16{}, fp8{WeightFormat::kFp8, WeightFormat::kBf16};

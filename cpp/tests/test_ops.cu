@@ -211,7 +211,7 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
       const size_t i = size_t(n) * K + k;
       if constexpr (kFp8) {
         const __half h = __float2half_rn(from_bf16_bits(x[i]) / float(1 << ff::kF16ActivationShift));
-        std::memcpy(&act[ff::act_fragment_index(n, k)], &h, 2);
+        std::memcpy(&act[ff::act_index<F>(n, k)], &h, 2);
         activation[i] = double(__half2float(h)) * (1 << ff::kF16ActivationShift);
       } else {
         act[ff::act_fragment_index(n, k)] = x[i];
@@ -271,11 +271,11 @@ double matmul_error(int row_blocks, int kblocks, int batch) {
 
 template <class T>
 __global__ void __launch_bounds__(ff::kConsumerThreads, 1)
-    merge_probe(const __grid_constant__ ff::MegakernelParams p, int kv_head, int active) {
+    merge_probe(const __grid_constant__ ff::MegakernelParams p, int kv_head, int active, int first, int step) {
   extern __shared__ __align__(128) uint8_t smem[];
   const ff::SmemRegions regions(smem, p);
   ff::Consumer<T> c(p, regions, int(threadIdx.x));
-  ff::AttentionKernel<T>::merge_chunks(c, kv_head, active);
+  ff::AttentionKernel<T>::merge_chunks(c, kv_head, active, first, step);
 }
 
 // Random partials (o, m, l) per (row, head, chunk), some chunks empty (l = 0, as a chunk past a
@@ -308,7 +308,9 @@ double merge_error(int batch, int chunks, int active, int kv_head) {
   p.union_bytes = ff::smem_split(T::kDims, batch).union_bytes;
   const int smem = ff::kMiscBytes + p.union_bytes + ff::kReduceBytes;
   FF_CUDA_CHECK(cudaFuncSetAttribute(merge_probe<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  merge_probe<T><<<1, ff::kConsumerThreads, smem>>>(p, kv_head, active);
+  // The head's (row, q head) pairs in three shares, as three of its units merge them
+  // (first = 0, 1, 2, step 3): together they write every output of the head.
+  for (int first = 0; first < 3; ++first) merge_probe<T><<<1, ff::kConsumerThreads, smem>>>(p, kv_head, active, first, 3);
   FF_CUDA_CHECK(cudaGetLastError());
   const std::vector<uint16_t> got = out.host();
   double worst = 0;

@@ -102,8 +102,8 @@ def gather_rows(packed: torch.Tensor, rows: torch.Tensor, chunk: int = 1024) -> 
 
 # --- e4m3 matrices ------------------------------------------------------------------------------
 # A packed e4m3 [rows, cols] matrix holds 16x32 tiles, row blocks outermost; lane (g, t) finds the
-# A registers of the tile's two 16x16 halves in one 16-byte vector, a register's pair in each 16
-# bits (fragment_layout.hpp's fp8_weight_fragment_index). Its row
+# tile's mma.m16n8k32 A registers in one 16-byte vector, four elements a register
+# (fragment_layout.hpp's fp8_weight_fragment_index). Its row
 # scales move with its rows: scale[r] belongs to packed row r.
 
 
@@ -114,9 +114,9 @@ def source_rows(rows: int, order: int, param: int = 0, device=None) -> torch.Ten
 
 def _fp8_split(rows: int, cols: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Row-major e4m3 [rows, cols] (rows already in packed order) split as (rb, row half, g, kf,
-    half, column half, t, e), and the permutation to fragment order (rb, kf, g, t, half, column
-    half, row half, e): a lane's registers a0..a3 of each half, a pair each."""
-    return (rows // 16, 2, 8, cols // 32, 2, 2, 4, 2), (0, 3, 2, 6, 4, 5, 1, 7)
+    column half, t, e), and the permutation to fragment order (rb, kf, g, t, column half, row half,
+    e): a lane's registers a0..a3, four elements each."""
+    return (rows // 16, 2, 8, cols // 32, 2, 4, 4), (0, 3, 2, 5, 4, 1, 6)
 
 
 def _per_channel(m: QuantizedMatrix) -> QuantizedMatrix:

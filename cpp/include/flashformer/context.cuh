@@ -26,15 +26,11 @@ __device__ inline bool owns_units(const MegakernelParams& p, int task, int sm) {
   return begin[sm + 1] > begin[sm];
 }
 
-// Row-positions per attention unit below which splitting a context across more SMs costs more
-// (in the cross-SM merge) than it saves: one row's chunk is at least kMinUnitWork / batch positions.
-inline constexpr int kMinUnitWork = 256;
-
 // One thread, in the kernel's prologue: the step's positions and attention chunking.
 __device__ inline void load_step_shape(const MegakernelParams& p, StepShape& s) {
   int context = 0;
   for (int b = 0; b < p.batch; ++b) context = max(context, (s.positions[b] = int(p.positions[b])) + 1);
-  const int min_chunk = max(kMinUnitWork / p.batch, 16);
+  const int min_chunk = max(p.attn_min_work / p.batch, 16);  // (kDefaultAttnMinWork unless tuned)
   s.context = context;
   s.active_chunks = min(p.attn_chunks, (context + min_chunk - 1) / min_chunk);
   s.chunk_len = (context + s.active_chunks - 1) / s.active_chunks;
@@ -106,9 +102,9 @@ struct Producer {
 
   // One FP8 KV-cache stage (ring.push_kv_fp8) under the same in-flight limit.
   __device__ bool stream_kv_fp8(const void* keys, const void* values, const float* key_scales, int key_scale_bytes,
-                                const float* value_scales, int value_scale_bytes, int bytes) {
+                                const float* value_scales, int value_scale_bytes, int bytes, int scale_offset) {
     if (!make_room() || !ring.push_kv_fp8(cursor, keys, values, key_scales, key_scale_bytes, value_scales,
-                                          value_scale_bytes, bytes, p, slot_wait))
+                                          value_scale_bytes, bytes, scale_offset, p, slot_wait))
       return false;
     ++in_flight;
     return true;

@@ -20,16 +20,27 @@ constexpr int64_t weight_fragment_index(int64_t row, int64_t col, int64_t K) {
 }
 
 // Byte index of e4m3 W[row][col] (K columns, a multiple of 32) in fragment order: 16x32 fragments
-// [row/16][col/32][lane = g*4 + t][16 bytes]. The lane's bytes are the A registers a0..a3 of the
-// fragment's two 16x16 halves (h = (col%32)/16), 8 bytes a half, a register's pair of elements in
-// each 16 bits (weight_layout.cuh turns each into an f16 pair with one cvt): register
-// (col%16)/8 * 2 + (row%16)/8, element col%2, as weight_fragment_index's e.
+// [row/16][col/32][lane = g*4 + t][16 bytes], g = row%8, t = (col%16)/4. The lane's bytes are the A
+// registers a0..a3 of mma.m16n8k32 on e4m3, four elements each: register (col%32)/16 * 2 +
+// (row%16)/8, element col%4. The dequantizing matmul turns each register's two 16-bit halves into
+// f16 pairs, the A registers of two m16n8k16 halves over the same k order (weight_layout.cuh), so
+// its activations follow fp8_act_fragment_index.
 constexpr int64_t fp8_weight_fragment_index(int64_t row, int64_t col, int64_t K) {
   constexpr int64_t kCols = 2 * kKBlock;
-  const int64_t r = row % kRowBlock, c = col % kCols, h = c / kKBlock, cc = c % kKBlock;
-  const int64_t lane = (r % 8) * 4 + (cc % 8) / 2;
-  const int64_t byte = h * 8 + ((cc / 8) * 2 + r / 8) * 2 + cc % 2;
+  const int64_t r = row % kRowBlock, c = col % kCols;
+  const int64_t lane = (r % 8) * 4 + (c % 16) / 4;
+  const int64_t byte = ((c / 16) * 2 + r / 8) * 4 + c % 4;
   return (((row / kRowBlock) * (K / kCols) + col / kCols) * kWarpSize + lane) * 16 + byte;
+}
+
+// Where byte i of lane (g, t) of an e4m3 fragment sits in it (row 0..15, col 0..31):
+// fp8_weight_fragment_index inverted (the pack and unpack kernels).
+struct FragmentElement {
+  int row, col;
+};
+constexpr FragmentElement fp8_fragment_element(int g, int t, int i) {
+  const int reg = i / 4;
+  return {(reg % 2) * 8 + g, (reg / 2) * 16 + 4 * t + i % 4};
 }
 
 // Element index of activation a[n][k] (batch row n of `rows`, K columns) in fragment order:
@@ -40,15 +51,34 @@ constexpr int64_t act_fragment_index(int n, int64_t k, int rows = kMaxBatch) {
   return (((k / kKBlock) * rows + n) * 4 + (c % 8) / 2) * 4 + (c / 8) * 2 + c % 2;
 }
 
-// The B registers of lane (g, t) for k block kb as one 8-byte vector: the uint2 index of
-// act_fragment_index(g, 16 kb + 2t, rows). Plain int arithmetic, so the inner loop's address is
-// one multiply-add per fragment.
-constexpr int act_lane_vector(int kb, int g, int t, int rows = kMaxBatch) {
-  return (kb * rows + g) * 4 + t;
+// Element index of activation a[n][k] for a matmul on e4m3 weights (fp8_weight_fragment_index's k
+// order): [k/32][n][t][e], t = (k%16)/4, e = (k%32)/16 * 4 + k%4: lane n*4+t's 8 elements of a 32-k
+// fragment as one vector (f16: 16 bytes), elements 0-3 the k of its A registers a0, a1, 4-7 those of
+// a2, a3 (the dequantizing matmul's halves take registers x, y and z, w of it).
+constexpr int64_t fp8_act_fragment_index(int n, int64_t k, int rows = kMaxBatch) {
+  constexpr int64_t kCols = 2 * kKBlock;
+  const int64_t c = k % kCols;
+  return (((k / kCols) * rows + n) * 4 + (c % 16) / 4) * 8 + (c / 16) * 4 + c % 4;
 }
 
-// act_fragment_index(n, k, rows) for even k (a bf16 pair's first element), in int arithmetic.
+// The activation order of a matmul on format-F weights.
+template <WeightFormat F>
+constexpr int64_t act_index(int n, int64_t k, int rows = kMaxBatch) {
+  return F == WeightFormat::kFp8 ? fp8_act_fragment_index(n, k, rows) : act_fragment_index(n, k, rows);
+}
+
+// The B registers of lane (g, t) for weight fragment f as one vector: bf16, the uint2 index of
+// act_fragment_index(g, 16 f + 2t, rows); e4m3 (f16 activations), the uint4 index of
+// fp8_act_fragment_index(g, 32 f + 4t, rows). Plain int arithmetic, so the inner loop's address is
+// one multiply-add per fragment.
+constexpr int act_lane_vector(int f, int g, int t, int rows = kMaxBatch) {
+  return (f * rows + g) * 4 + t;
+}
+
+// act_index<F>(n, k, rows) for even k (a pair's first element), in int arithmetic.
+template <WeightFormat F>
 constexpr int act_pair_index(int n, int k, int rows) {
+  if (F == WeightFormat::kFp8) return ((k >> 5) * rows + n) * 32 + ((k & 15) >> 2) * 8 + ((k >> 4) & 1) * 4 + (k & 3);
   return ((k >> 4) * rows + n) * 16 + ((k & 7) >> 1) * 4 + ((k >> 3) & 1) * 2;
 }
 

@@ -13,38 +13,46 @@
 
 namespace flashformer {
 
-// B fragments from this CTA's shared memory, `rows` (the batch) rows per k block: written by
+// A lane's B registers for one weight fragment of format F: bf16, one k block's two (8 bytes); e4m3,
+// the 32-k fragment's four f16 pairs (16 bytes: fp8_act_fragment_index).
+template <WeightFormat F>
+using ActVector = std::conditional_t<F == WeightFormat::kFp8, uint4, uint2>;
+
+// B fragments from this CTA's shared memory, `rows` (the batch) rows per fragment's k: written by
 // rmsnorm_to_fragments or copied by stage_activations.
+template <WeightFormat F>
 struct SmemActivations {
   const bf16_t* act;
   int rows;
-  __device__ uint2 load(int kb, int g, int t) const {
-    return reinterpret_cast<const uint2*>(act)[act_lane_vector(kb, g, t, rows)];
+  __device__ ActVector<F> load(int f, int g, int t) const {
+    return reinterpret_cast<const ActVector<F>*>(act)[act_lane_vector(f, g, t, rows)];
   }
 };
 
 // B fragments another op wrote to global memory this step (read through L2).
+template <WeightFormat F>
 struct GlobalActivations {
   const bf16_t* act;
-  __device__ uint2 load(int kb, int g, int t) const {
-    return __ldcg(reinterpret_cast<const uint2*>(act) + act_lane_vector(kb, g, t));
+  __device__ ActVector<F> load(int f, int g, int t) const {
+    return __ldcg(reinterpret_cast<const ActVector<F>*>(act) + act_lane_vector(f, g, t));
   }
 };
 
 // Copies the batch rows of a global fragment-ordered activation of K = kblocks * 16 into shared
 // memory (SmemActivations order): one burst of 16-byte L2 reads instead of a round trip per
 // stage. False when it does not fit; the caller then reads B from global memory.
-template <class T>
+template <class T, WeightFormat F>
 __device__ bool stage_activations(Consumer<T>& c, const bf16_t* src, int kblocks) {
   const int rows = c.p.batch;
   if (int64_t(rows) * kblocks * kKBlock * 2 > c.p.union_bytes) return false;
-  constexpr int kVecsPerRow = kKBlock * 2 / 16;  // uint4 per batch row of a k block
-  const uint4* from = reinterpret_cast<const uint4*>(src);  // [kb][kMaxBatch][kVecsPerRow]
-  uint4* to = reinterpret_cast<uint4*>(c.act);              // [kb][rows][kVecsPerRow]
-  const int n = kblocks * rows * kVecsPerRow;
+  constexpr int kVecsPerRow = 4 * int(sizeof(ActVector<F>)) / 16;  // uint4 per batch row of a fragment's k (its 4 lanes t)
+  const int frags = kblocks / fragment_kblocks(F);
+  const uint4* from = reinterpret_cast<const uint4*>(src);  // [fragment][kMaxBatch][kVecsPerRow]
+  uint4* to = reinterpret_cast<uint4*>(c.act);              // [fragment][rows][kVecsPerRow]
+  const int n = frags * rows * kVecsPerRow;
   for (int i = c.tid; i < n; i += kConsumerThreads) {
-    const int kb = i / (rows * kVecsPerRow), rest = i % (rows * kVecsPerRow);
-    to[i] = __ldcg(from + kb * kMaxBatch * kVecsPerRow + rest);
+    const int f = i / (rows * kVecsPerRow), rest = i % (rows * kVecsPerRow);
+    to[i] = __ldcg(from + f * kMaxBatch * kVecsPerRow + rest);
   }
   c.sync();  // staged before any warp loads a fragment
   return true;
@@ -71,14 +79,13 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
   }
   const int g = c.lane / 4, t = c.lane % 4;
   const bool live = g < c.p.batch;  // batch columns past the batch multiply zeros
+  using Vec = ActVector<F>;
   // B fragments of the stage starting at fragment f0 (activations never depend on the ring).
-  auto load_b = [&](int f0, uint2 (&b)[kPerWarp][kHalves]) {
+  auto load_b = [&](int f0, Vec (&b)[kPerWarp]) {
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
       const int f = f0 + c.warp + i * kConsumerWarps;
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h)
-        b[i][h] = live && f < frags ? src.load(f * kHalves + h, g, t) : make_uint2(0u, 0u);
+      b[i] = live && f < frags ? src.load(f, g, t) : Vec{};
     }
   };
   // One accumulator per fragment slot and half: the mma chains are independent, so the tensor
@@ -90,14 +97,12 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
     for (int h = 0; h < kHalves; ++h)
 #pragma unroll
       for (int j = 0; j < 4; ++j) part[i][h][j] = 0.f;
-  uint2 next[kPerWarp][kHalves];
+  Vec next[kPerWarp];
   load_b(0, next);
   for (int f0 = 0; f0 < frags; f0 += kFragmentsPerStage) {
-    uint2 b[kPerWarp][kHalves];
+    Vec b[kPerWarp];
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i)
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) b[i][h] = next[i][h];
+    for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
     load_b(f0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
     const int n = min(kFragmentsPerStage, frags - f0);
     if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
@@ -116,10 +121,10 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
       if constexpr (F == WeightFormat::kFp8) {
         uint4 lo, hi;
         dequant_fp8_fragment(a[i], lo, hi);
-        mma_fragment<F>(part[i][0], lo, b[i][0]);
-        mma_fragment<F>(part[i][1], hi, b[i][1]);
+        mma_fragment<F>(part[i][0], lo, make_uint2(b[i].x, b[i].y));
+        mma_fragment<F>(part[i][1], hi, make_uint2(b[i].z, b[i].w));
       } else {
-        mma_fragment(part[i][0], a[i], b[i][0]);
+        mma_fragment(part[i][0], a[i], b[i]);
       }
     }
   }
@@ -184,9 +189,9 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const
 template <class T, WeightFormat F, class Epilogue>
 __device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, const Matrix& m, int layer, int u0,
                                     int u1) {
-  if (stage_activations(c, act, kblocks))
-    return run_matmul<T, F, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, kblocks, m, layer, u0, u1);
-  return run_matmul<T, F, GlobalActivations, Epilogue>(c, {act}, kblocks, m, layer, u0, u1);
+  if (stage_activations<T, F>(c, act, kblocks))
+    return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, kblocks, m, layer, u0, u1);
+  return run_matmul<T, F, GlobalActivations<F>, Epilogue>(c, {act}, kblocks, m, layer, u0, u1);
 }
 
 // RMSNorm of x (norm `norm`, whose rows the task before `task` wrote: rmsnorm.cuh) into shared
@@ -195,8 +200,8 @@ template <class T, WeightFormat F, class Epilogue>
 __device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, const Matrix& m, Task task,
                                  int u0, int u1) {
   rmsnorm_to_fragments<T, F>(c, norm_weight, norm, task.index - 1);
-  return run_matmul<T, F, SmemActivations, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task.layer, u0,
-                                                     u1);
+  return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task.layer,
+                                                        u0, u1);
 }
 
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix in format F, each row block

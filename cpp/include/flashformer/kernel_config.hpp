@@ -59,6 +59,12 @@ struct WeightFormats {
   WeightFormat lm_head = WeightFormat::kBf16;
 };
 
+// The KV cache a kernel reads (KernelTraits' kKv): bf16, or e4m3 with an fp32 scale per token and kv
+// head (MegakernelParams::kv_scale). A compile-time choice, as the weights' format: with both
+// attention variants in one kernel the FP8-weight kernels spilled.
+enum class KvFormat : int { kBf16 = 0, kFp8 = 1 };
+inline constexpr int kNumKvFormats = 2;
+
 // Row orders applied while packing weights (weight_layout.cuh), so each epilogue finds related rows in one thread:
 // rows g and g+8 of a 16-row block land in the same lane's accumulators.
 enum class RowOrder : int {
@@ -67,11 +73,31 @@ enum class RowOrder : int {
   kGateUp = 2,     // [gate; up] stacked: block j holds gate rows 8j..8j+7 then up rows 8j..8j+7
 };
 
+// Row-positions per attention unit below which splitting a context across more SMs costs more
+// (in the cross-SM merge) than it saves: one row's chunk is at least this / batch positions (and
+// 16). The default of MegakernelEngine::attn_min_work, a tuning knob (benchmarks/NOTES.md).
+inline constexpr int kDefaultAttnMinWork = 256;
+
 // Floats per attention partial (o[head_dim], m, l, two pad): a multiple of 4, so the chunk
 // merge reads o as float4.
 constexpr int attn_part_stride(int head_dim) { return head_dim + 4; }
-// Positions of one batch row in a KV stage of attention: their keys, then their values.
-constexpr int attn_stage_positions(int head_dim) { return kStageBytes / 2 / (head_dim * 2); }
+// Positions attention scores at a time (one pass through a warp's scoring scratch): a bf16 KV
+// stage's, whose first half holds their keys and second half their values.
+constexpr int attn_score_positions(int head_dim) { return kStageBytes / 2 / (head_dim * 2); }
+// Bytes of n FP8 KV scales as a stage holds them: copied from the 16-byte boundary at or below the
+// first (up to 3 scales before it), in whole 16-byte units.
+constexpr int attn_fp8_scale_bytes(int n) { return (n + 3 + 3) / 4 * 16; }
+// Where a half of an FP8 KV stage holds its scales: after its positions' D-byte rows, 16-byte aligned.
+constexpr int attn_fp8_scale_offset(int head_dim, int positions) { return (positions * head_dim + 15) / 16 * 16; }
+// Positions an FP8 KV stage's half has room for with their scales: a multiple of 8 (whole score
+// tiles), so that a stage carries as many bytes as a bf16 one.
+constexpr int attn_fp8_stage_room(int head_dim) {
+  int n = kStageBytes / 2 / head_dim / 8 * 8;
+  while (attn_fp8_scale_offset(head_dim, n) + attn_fp8_scale_bytes(n) > kStageBytes / 2) n -= 8;
+  return n;
+}
+static_assert(attn_fp8_stage_room(128) == 56 && attn_fp8_stage_room(64) == 120,
+              "an FP8 KV stage of head_dim 128 has room for 56 positions, of 64 for 120 (bf16: 32, 64)");
 // q heads of a kv head rounded up to a power of two: the stride of the scoring weights.
 constexpr int attn_head_slots(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 // Floats of one consumer warp's attention slot in shared memory: its partials (o, m, l) of the
@@ -79,8 +105,18 @@ constexpr int attn_head_slots(int group) { return group <= 1 ? 1 : group <= 2 ? 
 // weights [stage positions][head slots]); a multiple of 4 (float4 loads).
 constexpr int attn_warp_floats(const ModelDims& d) {
   const int group = d.heads / d.kv_heads;
-  const int scoring = attn_head_slots(group) * (1 + attn_stage_positions(d.head_dim));
+  const int scoring = attn_head_slots(group) * (1 + attn_score_positions(d.head_dim));
   return (std::max(group * attn_part_stride(d.head_dim), scoring) + 3) / 4 * 4;
+}
+// Positions of one batch row in a KV stage of attention, all scored in one pass: bf16, their keys
+// and then (from the stage's middle) their values; e4m3 the same, each half's rows followed by
+// their scales, as many as the half has room for and the warp's slot holds the weights of (whole
+// score tiles). At head_dim 128 that is 56 (bf16: 32): the slot's partials leave room. At 64 the
+// slot holds 64 (bf16's): 120 in two passes made batch 1 slower at short contexts (NOTES).
+constexpr int attn_stage_positions(const ModelDims& d, KvFormat kv) {
+  if (kv == KvFormat::kBf16) return attn_score_positions(d.head_dim);
+  const int room = (attn_warp_floats(d) / attn_head_slots(d.heads / d.kv_heads) - 1) / 8 * 8;
+  return std::min(attn_fp8_stage_room(d.head_dim), room);
 }
 
 inline constexpr int kReduceBytes = 2 * kConsumerWarps * kWarpSize * 4 * 4;  // 16x8 fp32 tile per warp, x2
@@ -139,12 +175,6 @@ struct SmemPlan {
 // holds the timing variants, the step trace and the test hooks (MegakernelParams::instr). The
 // shipped kernel compiles every one of their branches away (kInstrumented is a constant).
 enum class Build : int { kShipped = 0, kInstrumented = 1 };
-
-// The KV cache a kernel reads (KernelTraits' kKv): bf16, or e4m3 with an fp32 scale per token and kv
-// head (MegakernelParams::kv_scale). A compile-time choice, as the weights' format: with both
-// attention variants in one kernel the FP8-weight kernels spilled.
-enum class KvFormat : int { kBf16 = 0, kFp8 = 1 };
-inline constexpr int kNumKvFormats = 2;
 
 template <int Config, Build B, WeightFormat F = WeightFormat::kBf16, KvFormat K = KvFormat::kBf16>
 struct KernelTraits : ModelTraits<Config> {

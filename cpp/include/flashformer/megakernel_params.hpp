@@ -151,6 +151,7 @@ struct MegakernelParams {
   const int* schedule;         // [tasks][num_sms + 1] unit ranges (schedule.hpp)
   int arrivals[kMaxOps];       // counter arrivals that complete a task of each op (ops.hpp order), per step
   int attn_chunks;
+  int attn_min_work;           // row-positions per attention unit before a context splits further (load_step_shape)
   int ring_stages;             // smem_split(dims, batch): the shared-memory layout of this launch
   int union_bytes;
   int inflight_stages;         // most weight stages issued and not yet landed per SM (<= ring_stages)

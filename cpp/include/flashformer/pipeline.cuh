@@ -68,16 +68,16 @@ struct WeightRing {
   }
 
   // Producer: an FP8 KV stage: `bytes` of keys at the stage's start and of values from its middle,
-  // each followed a quarter of a stage on by their scales (key_scale_bytes, value_scale_bytes:
-  // multiples of 16).
+  // each followed, scale_offset bytes into its half, by their scales (key_scale_bytes,
+  // value_scale_bytes, scale_offset: multiples of 16).
   __device__ bool push_kv_fp8(RingCursor& c, const void* keys, const void* values, const float* key_scales,
                               int key_scale_bytes, const float* value_scales, int value_scale_bytes, int bytes,
-                              const MegakernelParams& p, long long& waited) const {
+                              int scale_offset, const MegakernelParams& p, long long& waited) const {
     return fill(c, 2 * bytes + key_scale_bytes + value_scale_bytes, p, waited, [&](uint8_t* dst, uint64_t* bar) {
       cute::SM90_BULK_COPY_G2S::copy(keys, bar, dst, bytes);
-      cute::SM90_BULK_COPY_G2S::copy(key_scales, bar, dst + kStageBytes / 4, key_scale_bytes);
+      cute::SM90_BULK_COPY_G2S::copy(key_scales, bar, dst + scale_offset, key_scale_bytes);
       cute::SM90_BULK_COPY_G2S::copy(values, bar, dst + kStageBytes / 2, bytes);
-      cute::SM90_BULK_COPY_G2S::copy(value_scales, bar, dst + 3 * kStageBytes / 4, value_scale_bytes);
+      cute::SM90_BULK_COPY_G2S::copy(value_scales, bar, dst + kStageBytes / 2 + scale_offset, value_scale_bytes);
     });
   }
 

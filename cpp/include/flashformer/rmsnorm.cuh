@@ -74,9 +74,9 @@ __device__ void rmsnorm_to_fragments(Consumer<T>& c, const bf16_t* weight, int n
     const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.x));
     const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&wu.y));
     // k = 4v .. 4v+3: two adjacent pairs in fragment order
-    *reinterpret_cast<uint32_t*>(c.act + act_pair_index(b, 4 * v, p.batch)) =
+    *reinterpret_cast<uint32_t*>(c.act + act_pair_index<F>(b, 4 * v, p.batch)) =
         Activations<F>::pair(a.x * r * w01.x, a.y * r * w01.y);
-    *reinterpret_cast<uint32_t*>(c.act + act_pair_index(b, 4 * v + 2, p.batch)) =
+    *reinterpret_cast<uint32_t*>(c.act + act_pair_index<F>(b, 4 * v + 2, p.batch)) =
         Activations<F>::pair(a.z * r * w23.x, a.w * r * w23.y);
   };
   for (int j0 = c.tid; j0 < total; j0 += kInFlight * kConsumerThreads) {

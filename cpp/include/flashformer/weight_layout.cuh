@@ -1,9 +1,10 @@
 // The fragment order of weights and activations: a 16x16 bf16 weight fragment is 512 bytes
 // in which lane l (g = l/4, t = l%4) finds its four mma.m16n8k16 A registers as one 16-byte
-// vector (a 16x32 e4m3 fragment: the registers of its two 16x16 halves, one byte an element), and
+// vector (a 16x32 e4m3 fragment: its four mma.m16n8k32 A registers, one byte an element), and
 // an activation k-block is 256 bytes in which lane l finds its two B registers (batch column g)
-// as one 8-byte vector. One conflict-free shared-memory or coalesced global load per fragment; no
-// ldmatrix, no swizzle. Weights are packed once at load time.
+// as one 8-byte vector (for e4m3 weights a 32-k block of f16, 16 bytes a lane). One conflict-free
+// shared-memory or coalesced global load per fragment; no ldmatrix, no swizzle. Weights are packed
+// once at load time.
 //
 // The tensor cores multiply bf16 weights by bf16 activations, and e4m3 weights (turned into f16,
 // exactly, by one cvt per pair) by f16 activations. An activation fragment is therefore written in
@@ -75,13 +76,15 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t w) {
   return d;
 }
 
-// One lane's 16 bytes of an e4m3 fragment (fp8_weight_fragment_index: the A registers of its two
-// 16x16 halves, a register's pair in each 16 bits) as those registers in f16: the exact e4m3
-// values (the row scales come after the matmul).
+// One lane's 16 bytes of an e4m3 fragment (fp8_weight_fragment_index: the m16n8k32 A registers,
+// rows g and g+8 alternating, four k each) as the A registers of two m16n8k16 halves in f16, the
+// exact e4m3 values (the row scales come after the matmul): a half's registers are rows g, g+8 of
+// its first k pair, then of its second (the low and high 16 bits of q.x, q.y; of q.z, q.w for the
+// high half). Its B registers are x, y (z, w) of the lane's activation vector (fp8_act_fragment_index).
 __device__ __forceinline__ void dequant_fp8_fragment(const uint4& q, uint4& lo, uint4& hi) {
-  lo = make_uint4(e4m3x2_to_f16x2<false>(q.x), e4m3x2_to_f16x2<true>(q.x), e4m3x2_to_f16x2<false>(q.y),
+  lo = make_uint4(e4m3x2_to_f16x2<false>(q.x), e4m3x2_to_f16x2<false>(q.y), e4m3x2_to_f16x2<true>(q.x),
                   e4m3x2_to_f16x2<true>(q.y));
-  hi = make_uint4(e4m3x2_to_f16x2<false>(q.z), e4m3x2_to_f16x2<true>(q.z), e4m3x2_to_f16x2<false>(q.w),
+  hi = make_uint4(e4m3x2_to_f16x2<false>(q.z), e4m3x2_to_f16x2<false>(q.w), e4m3x2_to_f16x2<true>(q.z),
                   e4m3x2_to_f16x2<true>(q.w));
 }
 

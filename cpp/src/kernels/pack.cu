@@ -68,12 +68,6 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uin
   }
 }
 
-// (row, col) of byte i of lane (g, t) in e4m3 fragment (rb, kf): fp8_weight_fragment_index inverted.
-__device__ void fp8_fragment_element(int64_t rb, int64_t kf, int64_t g, int64_t t, int i, int64_t& row, int64_t& col) {
-  const int half = i / 8, reg = i % 8 / 2;
-  row = rb * kRowBlock + (reg % 2) * 8 + g;
-  col = kf * 2 * kKBlock + half * kKBlock + (reg / 2) * 8 + 2 * t + i % 2;
-}
 
 // One thread per lane vector: the 16 bytes of one lane of one 16x32 e4m3 fragment; the threads of
 // a row block's first fragment also place its row scales.
@@ -85,8 +79,8 @@ __global__ void pack_fp8_kernel(const uint8_t* __restrict__ src, const float* __
   const int64_t kf = frag % frags, rb = frag / frags, g = lane / 4, t = lane % 4;
   uint32_t words[4] = {0, 0, 0, 0};
   for (int i = 0; i < 16; ++i) {
-    int64_t row, col;
-    fp8_fragment_element(rb, kf, g, t, i, row, col);
+    const FragmentElement e = fp8_fragment_element(int(g), int(t), i);
+    const int64_t row = rb * kRowBlock + e.row, col = kf * 2 * kKBlock + e.col;
     words[i / 4] |= uint32_t(src[source_row(order, row, param) * cols + col]) << (8 * (i % 4));
   }
   dst[vec] = make_uint4(words[0], words[1], words[2], words[3]);
@@ -118,8 +112,8 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_fp8_kernel(const uint4*
     const int f = i / kWarpSize, g = i % kWarpSize / 4, t = i % 4;
 #pragma unroll
     for (int e = 0; e < 16; ++e) {
-      int64_t row, col;  // (in the row block and the span)
-      fp8_fragment_element(0, f, g, t, e, row, col);
+      const FragmentElement at = fp8_fragment_element(g, t, e);  // (in the row block)
+      const int row = at.row, col = f * 2 * kKBlock + at.col;     // (col in the span)
       const __nv_fp8_storage_t b = __nv_fp8_storage_t((words[e / 4] >> (8 * (e % 4))) & 0xFF);
       const float x = __half2float(__half(__nv_cvt_fp8_to_halfraw(b, __NV_E4M3)));
       const __nv_bfloat16 y = __float2bfloat16_rn(x * scale[rb * kRowBlock + row]);

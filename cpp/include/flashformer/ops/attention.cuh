@@ -5,15 +5,16 @@
 // q/k norm (kQkNorm) this op applies the heads' RMSNorm scales to q and to the current k, and
 // appends that k to the KV cache (qkv.cuh).
 // Inside a unit the batch rows run on separate warps. With one chunk, its unit writes the O
-// projection's B fragments and signals the op itself; with more, each unit writes partial
-// (o, m, l) for the q heads of its group and every batch row, and the last unit of a kv head to
-// finish merges them and signals. Scores use exp2 (q is pre-scaled by log2 e).
+// projection's B fragments; with more, each unit writes partial (o, m, l) for the q heads of its
+// group and every batch row, and once a kv head's partials are all in, its units merge them, each
+// its share of the (row, q head) pairs. Every CTA with units then signals the op (kEveryCta).
+// Scores use exp2 (q is pre-scaled by log2 e).
 // An FP8 KV cache (T::kKv, with p.kv_scale) holds e4m3 vectors, each with an fp32
-// scale: a stage carries the positions' key bytes and, a quarter of a stage on, their scales
-// (copied from the 16-byte boundary below the first), then the same for the values from the
-// stage's middle. Keys turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each
-// score times its key's scale; values into fp32 times theirs. The current position's k and v come
-// from scratch in fp32 (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
+// scale: a stage carries the positions' key bytes and after them their scales (copied from the
+// 16-byte boundary below the first), then the same for the values from the stage's middle. Keys
+// turn into f16 (one cvt a pair) for an f16 score mma with q in f16, each score times its key's
+// scale; values into fp32 times theirs. The current position's k and v come from scratch in fp32
+// (qkv.cuh): the warp that takes it quantizes them per vector (absmax / 448,
 // as the reference path's quantize_kv) and appends them, bytes and scales, to the cache.
 #pragma once
 
@@ -47,8 +48,10 @@ struct AttentionKernel {
   static constexpr int kDimsPerLane = D / kWarpSize;  // 2 or 4 bf16: one 4- or 8-byte load
   static constexpr int kPartStride = attn_part_stride(D);  // o[D], m, l, pad
   // A KV stage holds the keys of kStagePositions positions of one batch row, then (from the
-  // stage's middle) their values.
-  static constexpr int kStagePositions = attn_stage_positions(D);
+  // stage's middle) their values; FP8, each half's rows followed by their scales (kScaleOffset
+  // bytes into the half), up to 1.75x bf16's positions (kernel_config.hpp).
+  static constexpr int kStagePositions = attn_stage_positions(T::kDims, T::kKv);
+  static constexpr int kScaleOffset = attn_fp8_scale_offset(D, kStagePositions);
   static constexpr int kWarpFloats = attn_warp_floats(T::kDims);  // a consumer warp's slot (kernel_config.hpp)
 
   // Where the past positions of rows [b0, b0 + rows) end in the chunk ending at c1, into `ends`
@@ -92,7 +95,7 @@ struct AttentionKernel {
   __device__ static ScaleSpan scale_span(int64_t index, int n) {
     const int64_t at = index / D, first = at & ~int64_t(3);
     const int offset = int(at - first);
-    return {first, offset, (offset + n + 3) / 4 * 16};
+    return {first, offset, (offset + n + 3) / 4 * 16};  // (at most attn_fp8_scale_bytes(n))
   }
 
   // Past K and V never depend on this step: the producer streams them through the ring ahead of
@@ -114,7 +117,7 @@ struct AttentionKernel {
             const uint8_t* bytes = reinterpret_cast<const uint8_t*>(p.kv_cache);
             const ScaleSpan ks = scale_span(k, n), vs = scale_span(v, n);
             return pr.stream_kv_fp8(bytes + k, bytes + v, p.kv_scale + ks.first, ks.bytes, p.kv_scale + vs.first,
-                                    vs.bytes, n * D);
+                                    vs.bytes, n * D, kScaleOffset);
           } else {
             return pr.stream_kv(p.kv_cache + k, p.kv_cache + v, n * D * 2);
           }
@@ -413,10 +416,10 @@ struct AttentionKernel {
       if (row == r && (at - c0) / kStagePositions % per_row == first) {
         const uint8_t* stage = reinterpret_cast<const uint8_t*>(c.ring.stage(c.cursor.stage));
         KvRows kv{stage, stage + kStageBytes / 2};  // values from the stage's middle
-        if constexpr (kFp8Kv) {  // each one's scales a quarter of a stage on, from their 16-byte boundary
-          kv.key_scales = reinterpret_cast<const float*>(stage + kStageBytes / 4) +
+        if constexpr (kFp8Kv) {  // each half's scales after its rows, from their 16-byte boundary
+          kv.key_scales = reinterpret_cast<const float*>(stage + kScaleOffset) +
                           scale_span(kv_index<T>(p, layer, 0, b, kv_head, at), n).offset;
-          kv.value_scales = reinterpret_cast<const float*>(stage + 3 * kStageBytes / 4) +
+          kv.value_scales = reinterpret_cast<const float*>(stage + kStageBytes / 2 + kScaleOffset) +
                             scale_span(kv_index<T>(p, layer, 1, b, kv_head, at), n).offset;
         }
         st.add(kv, n, slots, c.lane);
@@ -487,7 +490,7 @@ struct AttentionKernel {
             o += s * src[d], l += s * src[D + 1];
           }
           if (active == 1) {  // the whole context is in this chunk: the output, no cross-SM merge
-            reinterpret_cast<uint16_t*>(p.scratch.attn_frag)[act_fragment_index(b, int64_t(kv_head * G + h) * D + d)] =
+            reinterpret_cast<uint16_t*>(p.scratch.attn_frag)[act_index<T::kWeights>(b, int64_t(kv_head * G + h) * D + d)] =
                 Activations<T::kWeights>::one(o / l);  // (the O projection's activations)
             continue;
           }
@@ -497,35 +500,40 @@ struct AttentionKernel {
         }
         c.sync();  // scratch is free for the next pass
       }
-      unsigned* group = p.scratch.attn_groups + layer * T::kKvHeads + kv_head;
-      if (active == 1 && !skip) {
-        // Chunk 0 wrote its kv head's output (the pass's barrier ordered the writes): it signals
-        // the op at once. Every unit still counts towards the group (its epoch target).
-        if (c.tid == 0) {
-          if (chunk == 0) publish<T>(c.counter(task.index), p);
-          atomicAdd(group, 1u);
-        }
-        c.sync();  // every unit ends on a barrier: thread 0 may not run ahead into the next task's flags
-        continue;
-      }
-      if (c.finished_last(group, unsigned(chunks))) {  // the other chunks' partials are visible
-        if (!skip) merge_chunks(c, kv_head, active);
-        c.sync();  // the merged output is written before the signal
-        if (c.tid == 0) publish<T>(c.counter(task.index), p);
-      }
+      // Every unit counts towards its kv head's group once a step (the group's epoch target),
+      // after its partials (the pass's barrier ordered their writes before the release). With one
+      // chunk, chunk 0 wrote the head's output itself: nothing waits for the group.
+      if (c.tid == 0) signal_counter(p.scratch.attn_groups + layer * T::kKvHeads + kv_head);
+    }
+    if (active == 1 || variant_on<T>(p, kSkipAttention)) return true;
+    // The merge, shared by the kv head's units: unit `chunk` takes the head's (row, q head) pairs
+    // chunk, chunk + chunks, ... once every chunk's partials are in. Only after all of this CTA's
+    // units have counted in, so that no unit waits for one queued behind it on the same SM.
+    c.sync();  // every thread is past its last look at flags[0] (the task's wait) before thread 0 writes it
+    for (int unit = u0; unit < u1; ++unit) {
+      const int kv_head = unit / chunks, chunk = unit % chunks;
+      if (chunk >= p.batch * G) continue;  // no pair of its own
+      if (c.tid == 0)
+        c.flags[0] = !wait_counter(p.scratch.attn_groups + layer * T::kKvHeads + kv_head, p.epoch * unsigned(chunks), p,
+                                   task.index);
+      c.sync();  // the wait's outcome (and, through thread 0's acquire, the partials) for everyone
+      if (c.flags[0]) return false;
+      merge_chunks(c, kv_head, active, chunk, chunks);
+      c.sync();  // the stats scratch is free for the next unit (and the outputs written before the op's signal)
     }
     return true;
   }
 
   // out = sum_c exp2(m_c - M) o_c / sum_c exp2(m_c - M) l_c over the active chunks, into the O
-  // projection's B fragments. First one warp per (row, head) pair finds M and the sum over its
-  // chunks (lanes over chunks); then every thread takes 4 dims of a pair and sums their chunks,
-  // all of a chunk group's loads in flight.
-  __device__ static void merge_chunks(Consumer<T>& c, int kv_head, int active) {
+  // projection's B fragments, for the (row, head) pairs first, first + step, ... of kv head
+  // `kv_head`. First one warp per pair finds M and the sum over its chunks (lanes over chunks);
+  // then every thread takes 4 dims of a pair and sums their chunks, all of a chunk group's loads
+  // in flight.
+  __device__ static void merge_chunks(Consumer<T>& c, int kv_head, int active, int first, int step) {
     const MegakernelParams& p = c.p;
-    const int chunks = p.attn_chunks, pairs = p.batch * G;
-    auto part_of = [&](int pair, int chunk) {  // pair = b * G + h
-      const int b = pair / G, head = kv_head * G + pair % G;
+    const int chunks = p.attn_chunks, pairs = (p.batch * G - first + step - 1) / step;  // (this unit's)
+    auto part_of = [&](int i, int chunk) {  // the unit's i-th pair, pair = b * G + h
+      const int pair = first + i * step, b = pair / G, head = kv_head * G + pair % G;
       return p.scratch.attn_part + ((int64_t(b) * T::kHeads + head) * chunks + chunk) * kPartStride;
     };
     float* stats = c.attn;  // [pairs][2]: M, 1 / sum; the partial slots are free by now
@@ -560,11 +568,12 @@ struct AttentionKernel {
         o.x += w * oc.x, o.y += w * oc.y, o.z += w * oc.z, o.w += w * oc.w;
       }
       const float inv = stats[2 * pair + 1];
-      const int64_t k = int64_t(kv_head * G + pair % G) * D + d;  // dims d..d+3: two adjacent pairs
+      const int bh = first + pair * step;  // (row, head) = (bh / G, bh % G)
+      const int64_t k = int64_t(kv_head * G + bh % G) * D + d;  // dims d..d+3: two adjacent pairs
       bf16_t* out = p.scratch.attn_frag;  // (the O projection's activations)
       using A = Activations<T::kWeights>;
-      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k)) = A::pair(o.x * inv, o.y * inv);
-      *reinterpret_cast<uint32_t*>(out + act_fragment_index(pair / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(bh / G, k)) = A::pair(o.x * inv, o.y * inv);
+      *reinterpret_cast<uint32_t*>(out + act_index<T::kWeights>(bh / G, k + 2)) = A::pair(o.z * inv, o.w * inv);
     }
   }
 };
@@ -576,10 +585,9 @@ inline int attention_chunks(const ModelDims& d, int num_sms) { return std::max(1
 
 struct AttentionOp : OpDefaults {
   static constexpr const char* kName = "attention";
-  // The last chunk of each kv head to finish publishes that head's output (one arrival per kv head).
-  static constexpr Signal kSignal = Signal::kItself;
+  // Every CTA with units publishes once its units' outputs are written: a kv head's output is
+  // written by chunk 0 (one chunk) or by the head's units, each merging its share of the pairs.
   static int units(const ModelDims& d, int num_sms) { return d.kv_heads * attention_chunks(d, num_sms); }
-  static constexpr int arrivals(const ModelDims& d, int) { return d.kv_heads; }
 
 #ifdef __CUDACC__
   template <class T>

@@ -23,7 +23,7 @@ struct SiluMulEpilogue {
       const int n = 2 * t + q;
       if (n >= c.p.batch) continue;
       const float gate = acc[q], up = acc[2 + q];
-      reinterpret_cast<uint16_t*>(c.p.scratch.act_frag)[act_fragment_index(n, i)] =  // (the down projection's)
+      reinterpret_cast<uint16_t*>(c.p.scratch.act_frag)[act_index<T::kWeights>(n, i)] =  // (the down projection's)
           Activations<T::kWeights>::one(gate / (1.f + __expf(-gate)) * up);
     }
   }
