@@ -68,7 +68,6 @@ __global__ void __launch_bounds__(kUnpackThreads) unpack_weight_kernel(const uin
   }
 }
 
-
 // One thread per lane vector: the 16 bytes of one lane of one 16x32 e4m3 fragment; the threads of
 // a row block's first fragment also place its row scales.
 __global__ void pack_fp8_kernel(const uint8_t* __restrict__ src, const float* __restrict__ scale, uint4* __restrict__ dst,
