@@ -175,6 +175,8 @@ def torchao_fp8_weights(weights: Weights) -> Weights:
         from torchao.quantization import Float8Tensor
     except ImportError as exc:
         raise RuntimeError("the torchao FP8 peer needs torchao >= 0.17 (pip install torchao)") from exc
+    if not any(isinstance(v, QuantizedMatrix) for layer in weights.layers for v in vars(layer).values()):
+        raise ValueError("the torchao FP8 peer needs a model with FP8 layer matrices; these are all dense")
     dtype = weights.embed.dtype
 
     def convert(m):
@@ -185,8 +187,6 @@ def torchao_fp8_weights(weights: Weights) -> Weights:
         return Float8Tensor.from_hp(m.dequantize(dtype))
 
     layers = [dataclasses.replace(layer, **{k: convert(v) for k, v in vars(layer).items()}) for layer in weights.layers]
-    if not any(isinstance(v, QuantizedMatrix) for layer in weights.layers for v in vars(layer).values()):
-        raise ValueError("the torchao FP8 peer needs a model with FP8 layer matrices; these are all dense")
     return dataclasses.replace(weights, layers=layers)
 
 
