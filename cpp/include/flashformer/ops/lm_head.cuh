@@ -117,21 +117,34 @@ struct LmHeadOp : OpDefaults {
     c.sync();  // this CTA's candidates are written
     if (!c.finished_last(c.counter(task.index), unsigned(c.p.arrivals[task.op])))
       return true;  // the last LM-head CTA picks the winners, from every CTA's candidates
-    if (c.tid < c.p.batch) {
+    // A warp per batch row, a lane per 32nd of the SMs: the candidates' loads in flight together,
+    // then a shuffle reduction (better() orders every (value, index) pair, so the order of the
+    // combination cannot change the winner).
+    for (int n = c.warp; n < c.p.batch; n += kConsumerWarps) {
       float best_v = -FLT_MAX;
       int best_i = INT_MAX;
       bool finite = true;
-      for (int s = 0; s < int(gridDim.x); ++s) {
+#pragma unroll 4
+      for (int s = c.lane; s < int(gridDim.x); s += kWarpSize) {
         if (!owns_units(c.p, task.index, s)) continue;  // this SM owns no LM-head rows
-        const float* part = c.p.scratch.argmax_part + (int64_t(c.tid) * gridDim.x + s) * 2;
+        const float* part = c.p.scratch.argmax_part + (int64_t(n) * gridDim.x + s) * 2;
         const float v = __ldcg(part);
         const int i = __float_as_int(__ldcg(part + 1));
         finite &= i != kNonFiniteIndex;
         if (better(v, i, best_v, best_i)) best_v = v, best_i = i;
       }
-      c.p.next_tokens[c.tid] = best_i;
-      // (timing variants compute garbage on purpose: only a real step is checked)
-      if (!finite && !variant_on<T>(c.p, ~0)) raise_error(c.p.scratch, StepError::kNonFiniteLogits, task.index, c.tid);
+#pragma unroll
+      for (int off = 1; off < kWarpSize; off *= 2) {
+        const float v = __shfl_xor_sync(0xffffffffu, best_v, off);
+        const int i = __shfl_xor_sync(0xffffffffu, best_i, off);
+        if (better(v, i, best_v, best_i)) best_v = v, best_i = i;
+      }
+      finite = __all_sync(0xffffffffu, finite);
+      if (c.lane == 0) {
+        c.p.next_tokens[n] = best_i;
+        // (timing variants compute garbage on purpose: only a real step is checked)
+        if (!finite && !variant_on<T>(c.p, ~0)) raise_error(c.p.scratch, StepError::kNonFiniteLogits, task.index, n);
+      }
     }
     return true;
   }
