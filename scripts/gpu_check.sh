@@ -11,7 +11,9 @@
 # PROFILE_ARGS adds arguments) and ncu (one 8-layer step of the largest default bench shape, or
 # NCU_MODEL, under Nsight Compute, exported as CSV; NCU_CASES, default 1x128; NCU_ARGS adds
 # profile_step.py arguments, e.g. "--quantization fp8 --kv-cache-dtype fp8"; ncubase: the same for
-# every .carry/base*.tar, into ncu.tgz's folder of each name, head's being head/). compare: the same
+# every .carry/base*.tar, into ncu.tgz's folder of each name, head's being head/). gencmp: generate's
+# device timeline per step (benchmarks/profile_generate.py: the step's kernel, the sampler's, the gaps;
+# GEN_ARGS) for every .carry/base*.tar and this tree, alternating, COMPARE_ROUNDS rounds. compare: the same
 # profile for other commits, alternating with this tree's, in one lease (git archive --prefix=base/
 # COMMIT > .carry/base.tar here first, or several .carry/base*.tar; COMPARE_ROUNDS, default 2; the
 # bases need this profile_step.py's API). benchcmp: `flashformer bench` (each commit's own) of every
@@ -140,6 +142,21 @@ if has compare; then
     # shellcheck disable=SC2086
     step "head-$round" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
     grep -h "^llama" "$LOGS/head-$round.log" | sed 's/^/head /'
+  done
+fi
+if has gencmp; then
+  # generate's device timeline (benchmarks/profile_generate.py, this tree's; GEN_ARGS adds arguments)
+  # for every .carry/base*.tar and this tree, alternating, COMPARE_ROUNDS rounds
+  build_bases gencmp
+  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
+    for name in "${!site[@]}"; do
+      # shellcheck disable=SC2086
+      step "gen-$name-$round" env PYTHONPATH="${site[$name]}" python3 benchmarks/profile_generate.py ${GEN_ARGS:-}
+      grep -h '^{' "$LOGS/gen-$name-$round.log" | sed "s/^/$name /"
+    done
+    # shellcheck disable=SC2086
+    step "gen-head-$round" python3 benchmarks/profile_generate.py ${GEN_ARGS:-}
+    grep -h '^{' "$LOGS/gen-head-$round.log" | sed 's/^/head /'
   done
 fi
 bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
