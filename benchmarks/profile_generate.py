@@ -92,10 +92,11 @@ def main() -> None:
     for model in args.models.split(","):
         name, spec, weights, _ = _load_model(model, device, gen, args.quantization)
         max_seq = GENERATE_PROMPT + args.new_tokens + 8
-        for batch in (int(b) for b in args.batch.split(",")):
-            cache = KVCache.allocate(spec, batch, max_seq, dtype=torch.bfloat16, device=device)
-            backend = MegakernelBackend(spec, weights, cache)
-            engine = Engine(spec, weights, cache, backend, tokenizer=None)
+        batches = [int(b) for b in args.batch.split(",")]
+        cache = KVCache.allocate(spec, max(batches), max_seq, dtype=torch.bfloat16, device=device)
+        backend = MegakernelBackend(spec, weights, cache)  # (packs the weights in place: one per model)
+        engine = Engine(spec, weights, cache, backend, tokenizer=None)
+        for batch in batches:
             prompts = torch.randint(spec.vocab_size, (batch, GENERATE_PROMPT), generator=gen, device=device).tolist()
             ctx = GENERATE_PROMPT + args.new_tokens // 2
             tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=gen)
@@ -115,8 +116,8 @@ def main() -> None:
                 row[mode] = breakdown(kernel_records(run))
             results.append(row)
             print(json.dumps(row), flush=True)
-            del engine, backend, cache
-            torch.cuda.empty_cache()
+        del engine, backend, cache, weights
+        torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
