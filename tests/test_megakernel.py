@@ -226,6 +226,29 @@ def test_greedy_256_steps_follow_the_reference(name, tmp_path):
     assert ours[:first_tie] == theirs[:first_tie]
 
 
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", TINY)
+def test_the_loop_picks_the_arg_max_of_its_own_logits(name, tmp_path):
+    """Free-running greedy through generate (the fused arg-max, the steps launched back to back with
+    the bookkeeping kernel between them) against the same kernel teacher-forced on that output with
+    its logits written: each token is the arg-max of the logits of the step that chose it (the
+    lowest index among equal maxima, as torch.argmax). No tolerance: one kernel, the same inputs."""
+    path = make_shape_checkpoint(tmp_path, shape_config(name))
+    mk = Engine.from_pretrained(path, dtype="bfloat16", device="cuda", max_seq_len=300, max_batch_size=4,
+                                progress=False)
+    assert mk.backend.name == "megakernel"
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, shape_config(name)["vocab_size"], (8 + 3 * i,), generator=gen).tolist() for i in range(3)]
+    sampling = flashformer.SamplingParams(max_tokens=200, ignore_eos=True)
+    outs = [o.token_ids for o in mk.generate(prompt_token_ids=prompts, sampling=sampling)]
+    forced = torch.tensor([o[:-1] for o in outs]).T  # [steps, rows]: what each decode step read
+    picks = teacher_forced(mk.backend, prompts, forced).argmax(-1).cpu()
+    chosen = torch.tensor([o[1:] for o in outs]).T
+    wrong = (picks != chosen).nonzero().tolist()
+    assert not wrong, f"{len(wrong)} of {chosen.numel()} tokens are not their step's arg-max; first (step, row): {wrong[:5]}"
+
+
 instrumented = pytest.mark.skipif(
     not _core.load().INSTRUMENTED, reason="needs the instrumented kernels (FLASHFORMER_INSTRUMENTED=ON, as gpu_check.sh builds)"
 )
