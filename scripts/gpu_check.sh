@@ -131,33 +131,28 @@ if has profile; then
   step profile python3 benchmarks/profile_step.py --out "$LOGS" ${PROFILE_ARGS:-}
   cat "$LOGS/profile.log"
 fi
+alternate() {  # alternate PREFIX PATTERN SCRIPT [ARGS...]: this tree's SCRIPT over every base's install and
+  # this tree's, alternating, COMPARE_ROUNDS rounds; the log lines matching PATTERN, each named
+  local prefix=$1 pattern=$2 round name
+  shift 2
+  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
+    for name in "${!site[@]}"; do
+      step "$prefix$name-$round" env PYTHONPATH="${site[$name]}" python3 "$@"
+      grep -h "$pattern" "$LOGS/$prefix$name-$round.log" | sed "s/^/$name /"
+    done
+    step "${prefix}head-$round" python3 "$@"
+    grep -h "$pattern" "$LOGS/${prefix}head-$round.log" | sed 's/^/head /'
+  done
+}
 if has compare; then
   build_bases compare
-  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    for name in "${!site[@]}"; do
-      # shellcheck disable=SC2086
-      step "$name-$round" env PYTHONPATH="${site[$name]}" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
-      grep -h "^llama" "$LOGS/$name-$round.log" | sed "s/^/$name /"
-    done
-    # shellcheck disable=SC2086
-    step "head-$round" python3 benchmarks/profile_step.py ${PROFILE_ARGS:-}
-    grep -h "^llama" "$LOGS/head-$round.log" | sed 's/^/head /'
-  done
+  # shellcheck disable=SC2086
+  alternate "" "^llama" benchmarks/profile_step.py ${PROFILE_ARGS:-}
 fi
-if has gencmp; then
-  # generate's device timeline (benchmarks/profile_generate.py, this tree's; GEN_ARGS adds arguments)
-  # for every .carry/base*.tar and this tree, alternating, COMPARE_ROUNDS rounds
+if has gencmp; then  # generate's device timeline (benchmarks/profile_generate.py; GEN_ARGS adds arguments)
   build_bases gencmp
-  for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-    for name in "${!site[@]}"; do
-      # shellcheck disable=SC2086
-      step "gen-$name-$round" env PYTHONPATH="${site[$name]}" python3 benchmarks/profile_generate.py ${GEN_ARGS:-}
-      grep -h '^{' "$LOGS/gen-$name-$round.log" | sed "s/^/$name /"
-    done
-    # shellcheck disable=SC2086
-    step "gen-head-$round" python3 benchmarks/profile_generate.py ${GEN_ARGS:-}
-    grep -h '^{' "$LOGS/gen-head-$round.log" | sed 's/^/head /'
-  done
+  # shellcheck disable=SC2086
+  alternate gen- "^{" benchmarks/profile_generate.py ${GEN_ARGS:-}
 fi
 bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
 if has benchcmp; then

@@ -239,14 +239,16 @@ def test_the_loop_picks_the_arg_max_of_its_own_logits(name, tmp_path):
                                 progress=False)
     assert mk.backend.name == "megakernel"
     gen = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, shape_config(name)["vocab_size"], (8 + 3 * i,), generator=gen).tolist() for i in range(3)]
+    vocab = shape_config(name)["vocab_size"]
+    prompts = [torch.randint(0, vocab, (8 + 3 * i,), generator=gen).tolist() for i in range(3)]
     sampling = flashformer.SamplingParams(max_tokens=200, ignore_eos=True)
     outs = [o.token_ids for o in mk.generate(prompt_token_ids=prompts, sampling=sampling)]
     forced = torch.tensor([o[:-1] for o in outs]).T  # [steps, rows]: what each decode step read
     picks = teacher_forced(mk.backend, prompts, forced).argmax(-1).cpu()
     chosen = torch.tensor([o[1:] for o in outs]).T
     wrong = (picks != chosen).nonzero().tolist()
-    assert not wrong, f"{len(wrong)} of {chosen.numel()} tokens are not their step's arg-max; first (step, row): {wrong[:5]}"
+    assert not wrong, (f"{len(wrong)} of {chosen.numel()} tokens are not their step's arg-max; "
+                       f"the first (step, row): {wrong[:5]}")
 
 
 instrumented = pytest.mark.skipif(
