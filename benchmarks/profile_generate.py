@@ -69,12 +69,9 @@ def breakdown(records, skip: int = 8) -> dict:
     if not rows:
         return {}
     out = {"steps": len(rows)}
-    for key in rows[0]:
-        if key == "after_kind":
-            out[key] = rows[0][key]
-        else:
-            values = [r[key] for r in rows if key in r]
-            out[key] = round(statistics.median(values), 2)
+    for key in dict.fromkeys(k for r in rows for k in r):  # (every key any step has, in order)
+        values = [r[key] for r in rows if key in r]
+        out[key] = statistics.mode(values) if key == "after_kind" else round(statistics.median(values), 2)
     return out
 
 
