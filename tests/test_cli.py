@@ -223,7 +223,7 @@ def interrupting_stream(after: int):
 
 def test_ctrl_c_in_generate_is_one_line(path, capsys, monkeypatch):
     monkeypatch.setattr("flashformer.engine.Engine.stream", interrupting_stream(after=3))
-    assert main(["generate", str(path), "-p", "hello", "--max-tokens", "10", *CPU]) == 130
+    assert main(["generate", str(path), "-p", "hello", "--max-tokens", "10", "--ignore-eos", *CPU]) == 130
     captured = capsys.readouterr()
     assert captured.err == "flashformer: interrupted\n"
     assert captured.out.endswith("\n") and "Traceback" not in captured.out + captured.err
