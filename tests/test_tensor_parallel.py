@@ -126,6 +126,25 @@ def test_splits_that_cannot_be_made_are_refused():
         _take(blocks, cols=(0, 64))
 
 
+def test_compiled_shards_are_the_reference_paths_splits():
+    """The megakernel's tensor-parallel shards (model_traits.hpp's kShardedConfigs) are the shapes
+    shard_spec gives one rank of their model, and whole-model lookups never see them."""
+    from flashformer.megakernel import compiled_configs, match_config, sharded_configs
+
+    whole = {c["name"]: c for c in compiled_configs()}
+    shards = sharded_configs()
+    assert {(c["model"], c["world"]) for c in shards} >= {("tiny-gqa", 2), ("llama-3.1-8b", 2), ("llama-3.1-70b", 8)}
+    for c in shards:
+        assert c["name"] == f"{c['model']}-tp{c['world']}" and c["name"] not in whole
+        spec = spec_from_dict(shape_config(c["model"]))
+        assert split_problem(spec, c["world"]) is None
+        part = shard_spec(spec, c["world"])
+        assert (c["num_heads"], c["num_kv_heads"], c["intermediate_size"], c["hidden_size"], c["vocab_size"]) == (
+            part.num_heads, part.num_kv_heads, part.intermediate_size, part.hidden_size, part.vocab_size)
+        assert match_config(part) is None  # a one-GPU engine of that shape gets no exchanging kernel
+    assert all(c["world"] == 1 and c["model"] == c["name"] for c in whole.values())
+
+
 def _same(a, b) -> bool:
     if a is None or b is None:
         return a is b

@@ -90,7 +90,9 @@ PYBIND11_MODULE(_C, m) {
         py::list out;
         for (const CompiledConfig& c : compiled_configs()) {
           py::dict d;
-          d["name"] = c.dims.name;
+          d["name"] = config_label(c.dims);
+          d["world"] = c.dims.world;  // > 1: one rank's shard of config `model` (its heads, kv heads, intermediate)
+          d["model"] = c.dims.name;
           d["hidden_size"] = c.dims.hidden;
           d["intermediate_size"] = c.dims.intermediate;
           d["num_heads"] = c.dims.heads;
@@ -224,13 +226,27 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<MegakernelEngine>(m, "MegakernelEngine")
       .def(py::init([](const std::string& config, int device, int n_layers, int max_batch, int max_seq, int weights,
-                       int lm_head) {
+                       int lm_head, int sm_count) {
              return std::make_unique<MegakernelEngine>(config, device, n_layers, max_batch, max_seq,
-                                                       WeightFormats{WeightFormat(weights), WeightFormat(lm_head)});
+                                                       WeightFormats{WeightFormat(weights), WeightFormat(lm_head)},
+                                                       sm_count);
            }),
            py::arg("config"), py::arg("device"), py::arg("n_layers"), py::arg("max_batch"), py::arg("max_seq"),
-           py::arg("weights") = 0, py::arg("lm_head") = 0,
-           "weights, lm_head: WEIGHT_FORMATS of the layers' matrices and of the LM head")
+           py::arg("weights") = 0, py::arg("lm_head") = 0, py::arg("sm_count") = 0,
+           "weights, lm_head: WEIGHT_FORMATS of the layers' matrices and of the LM head; sm_count > 0: run on at most "
+           "that many SMs (0: all)")
+      .def_property_readonly("exchange_bytes", &MegakernelEngine::exchange_bytes,
+                             "a tensor-parallel shard's exchange buffer: bytes each rank allocates, zeroed")
+      .def(
+          "set_tensor_parallel",
+          [](MegakernelEngine& e, int rank, const std::vector<std::uintptr_t>& exchange) {
+            std::vector<void*> ptrs;
+            for (std::uintptr_t v : exchange) ptrs.push_back(reinterpret_cast<void*>(v));
+            e.set_tensor_parallel(rank, ptrs);
+          },
+          py::arg("rank"), py::arg("exchange"),
+          "a shard's rank and every rank's exchange buffer (device pointers as this process maps them; its own at "
+          "index rank)")
       .def_property_readonly("weight_formats", [](const MegakernelEngine& e) {
         return py::make_tuple(int(e.formats().layers), int(e.formats().lm_head));
       })

@@ -44,8 +44,8 @@ ScratchLayout scratch_layout(const ModelDims& d, const Schedule& s) {
 const CompiledConfig& find_config(const std::string& name) {
   std::string names;
   for (const CompiledConfig& c : compiled_configs()) {
-    if (name == c.dims.name) return c;
-    names += (names.empty() ? "" : ", ") + std::string(c.dims.name);
+    if (name == config_label(c.dims)) return c;
+    names += (names.empty() ? "" : ", ") + config_label(c.dims);
   }
   throw std::invalid_argument("no compiled megakernel config named '" + name + "' (compiled: " + names + ")");
 }
@@ -53,7 +53,7 @@ const CompiledConfig& find_config(const std::string& name) {
 }  // namespace
 
 MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq,
-                                   WeightFormats formats)
+                                   WeightFormats formats, int sm_count)
     : config_(&find_config(config)), formats_(formats), device_(device), max_batch_(max_batch), max_seq_(max_seq) {
   for (WeightFormat f : {formats.layers, formats.lm_head})
     if (f != WeightFormat::kBf16 && f != WeightFormat::kFp8)
@@ -63,8 +63,12 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   if (n_layers < 1) throw std::invalid_argument("megakernel: n_layers must be >= 1");
   if (max_batch < 1) throw std::invalid_argument("megakernel: max_batch must be >= 1");
   if (max_seq < 1) throw std::invalid_argument("megakernel: max_seq must be >= 1");
+  if (sm_count < 0) throw std::invalid_argument("megakernel: sm_count must be >= 0 (0: every SM)");
+  if (config_->dims.world > 1 && (formats.layers != WeightFormat::kBf16 || formats.lm_head != WeightFormat::kBf16))
+    throw std::invalid_argument("megakernel: tensor-parallel shards (" + config + ") are compiled with bf16 weights only");
   FF_CUDA_CHECK(cudaSetDevice(device));
   FF_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+  if (sm_count > 0) num_sms_ = std::min(num_sms_, sm_count);
   int coop = 0;
   FF_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   if (!coop) throw std::runtime_error("megakernel: device does not support cooperative launches");
@@ -79,6 +83,25 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   FF_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&params_.host_status), host_words_, 0));
   recorded_words_ = checked_words_ = host_words_;
   FF_CUDA_CHECK(cudaEventCreateWithFlags(&recorded_, cudaEventDisableTiming));
+}
+
+void MegakernelEngine::set_tensor_parallel(int rank, const std::vector<void*>& exchange) {
+  const int world = config_->dims.world;
+  if (world == 1) throw std::invalid_argument("megakernel: " + config_label(config_->dims) + " is not a tensor-parallel shard");
+  if (int(exchange.size()) != world)
+    throw std::invalid_argument("megakernel: " + std::to_string(exchange.size()) + " exchange buffers given, the shard has " +
+                                std::to_string(world) + " ranks");
+  if (rank < 0 || rank >= world)
+    throw std::invalid_argument("megakernel: rank " + std::to_string(rank) + " outside 0.." + std::to_string(world - 1));
+  TensorParallel tp;
+  tp.rank = rank;
+  for (int q = 0; q < world; ++q) {
+    if (!exchange[q]) throw std::invalid_argument("megakernel: rank " + std::to_string(q) + "'s exchange buffer is null");
+    tp.partial[q] = static_cast<float*>(exchange[q]);
+    tp.ready[q] = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(exchange[q]) + exchange_partial_floats(config_->dims) * 4);
+  }
+  params_.tp = tp;
+  exchange_ = exchange[rank];
 }
 
 MegakernelEngine::~MegakernelEngine() {
@@ -147,6 +170,8 @@ void MegakernelEngine::step(const int64_t* tokens, const int64_t* positions, int
     throw std::invalid_argument("megakernel: batch " + std::to_string(batch) + " outside 1.." +
                                 std::to_string(std::min(max_batch_, kMaxBatch)));
   if (!tokens || !positions || !next_tokens) throw std::invalid_argument("megakernel: null token or position buffer");
+  if (config_->dims.world > 1 && !exchange_)
+    throw std::runtime_error("megakernel: a tensor-parallel shard steps only after set_tensor_parallel()");
   MegakernelParams& p = params_;
   p.batch = batch;
   p.tokens = tokens;
@@ -219,6 +244,8 @@ void MegakernelEngine::check_recorded() {
   // those steps).
   FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.counters, 0, layout_.counters_bytes, recorded_stream_));
   FF_CUDA_CHECK(cudaMemsetAsync(scratch_ + layout_.error, 0, kErrorWords * sizeof(int), recorded_stream_));
+  if (exchange_)  // its ready words count exchanges from epoch 1 too (every rank resets its own)
+    FF_CUDA_CHECK(cudaMemsetAsync(exchange_, 0, size_t(exchange_bytes()), recorded_stream_));
   FF_CUDA_CHECK(cudaStreamSynchronize(recorded_stream_));
   epoch_ = 0;
   const int code = err[0], task = err[1], detail = err[2], sm = err[3];
@@ -227,11 +254,17 @@ void MegakernelEngine::check_recorded() {
     throw std::runtime_error("megakernel step produced non-finite logits (NaN or inf) in batch row " +
                              std::to_string(detail) + " (found by " + task_name(task, layers) +
                              "): its tokens are invalid; the weights or the inputs hold non-finite values");
+  char ms[32];
+  std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
+  if (code == int(StepError::kPeerTimeout) && task >= 0 && task < schedule_.tasks())
+    throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(sm) + " of rank " +
+                             std::to_string(params_.tp.rank) + " waited more than " + ms + " ms for rank " +
+                             std::to_string(detail) + "'s partial sums of " + task_name(task, layers) +
+                             ", which never came (is that rank's process alive and stepping?); the step's outputs "
+                             "are invalid and this rank's engine has been reset");
   if (code != int(StepError::kDependencyTimeout) || task <= 0 || task >= schedule_.tasks())
     throw std::runtime_error("megakernel step aborted (error " + std::to_string(code) + ", task " +
                              std::to_string(task) + ")");
-  char ms[32];
-  std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
   // The waiter waits for the task before it (ops.hpp).
   throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(sm) + " waited more than " +
                            ms + " ms for " + task_name(task - 1, layers) + " (needed by " + task_name(task, layers) +

@@ -40,8 +40,9 @@ class MegakernelEngine {
  public:
   // Throws std::invalid_argument for an unknown config, bad sizes, or an e4m3 LM head beside bf16
   // layers (an FP8 kernel reads either LM head, a bf16 kernel only a bf16 one).
+  // `sm_count` > 0: run on that many SMs at most (two ranks of a shard sharing one GPU); 0: all.
   MegakernelEngine(const std::string& config, int device, int n_layers, int max_batch, int max_seq,
-                   WeightFormats formats = {});
+                   WeightFormats formats = {}, int sm_count = 0);
   ~MegakernelEngine();
   MegakernelEngine(const MegakernelEngine&) = delete;
   MegakernelEngine& operator=(const MegakernelEngine&) = delete;
@@ -50,6 +51,13 @@ class MegakernelEngine {
   const WeightFormats& formats() const { return formats_; }
   const Schedule& schedule() const { return schedule_; }
   int64_t scratch_bytes() const { return layout_.total; }
+  // A tensor-parallel shard's exchange buffer (megakernel_params.hpp's TensorParallel): the
+  // bytes each rank allocates, zeroed, for this engine's SMs.
+  int64_t exchange_bytes() const { return flashformer::exchange_bytes(config_->dims, num_sms_); }
+  // A shard's place among its ranks: this engine is rank `rank`, and exchange[q] is rank q's
+  // exchange buffer as this process reaches it (exchange[rank] its own). Every rank runs the same
+  // steps (inputs, batch, epoch) in the same order; a step before this call throws.
+  void set_tensor_parallel(int rank, const std::vector<void*>& exchange);
 
   // `scratch`: scratch_bytes() of zeroed device memory, owned by the caller for the engine's
   // lifetime. Writes the layer table and the schedule into it (synchronously).
@@ -99,6 +107,7 @@ class MegakernelEngine {
   ScratchLayout layout_;
   MegakernelParams params_{};
   uint8_t* scratch_ = nullptr;
+  void* exchange_ = nullptr;   // a shard's own exchange buffer (set_tensor_parallel)
   int* host_words_ = nullptr;  // mapped pinned [2][kStatusWords]: a step's outcome in half epoch % 2 (publish_status)
   const int* recorded_words_ = nullptr;  // the half of the step record() waits for
   const int* checked_words_ = nullptr;   // the half the last successful check read

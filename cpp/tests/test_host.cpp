@@ -235,4 +235,58 @@ FF_TEST(every_packed_layer_weight_has_its_row_order_parameter) {
     }
 }
 
+// Tensor parallelism (issue 21): the shards' shapes, and the schedule every rank of one runs.
+FF_TEST(every_sharded_config_is_its_model_split_over_its_ranks) {
+  using namespace flashformer;
+  for (int i = 0; i < kNumShardedConfigs; ++i) {
+    const ModelDims& whole = kCompiledConfigs[config_index(kShardedConfigs[i].config)];
+    const ModelDims d = kernel_dims(kNumConfigs + i);
+    const int w = kShardedConfigs[i].world;
+    FF_CHECK(d.world == w && w >= 2 && same_name(d.name, whole.name));
+    FF_CHECK(d.heads * w == whole.heads && d.kv_heads * w == whole.kv_heads && d.intermediate * w == whole.intermediate);
+    FF_CHECK(d.hidden == whole.hidden && d.head_dim == whole.head_dim && d.vocab == whole.vocab && d.features == whole.features);
+    FF_CHECK(smem_split(d, kMaxBatch).stages >= kMinStages);
+    // the layers' weights are split exactly once over the ranks; the O and down projections
+    // still write every row of the residual (their partial sums are exchanged)
+    const OpUnits part = op_units(d, 132, {}), all = op_units(whole, 132, {});
+    for (int op : {op_index<QkvOp>, op_index<OProjOp>, op_index<GateUpOp>, op_index<DownOp>})
+      FF_CHECK(int64_t(part.units[op]) * part.unit_bytes[op] * w == int64_t(all.units[op]) * all.unit_bytes[op]);
+    for (int op : {op_index<OProjOp>, op_index<DownOp>}) FF_CHECK(part.units[op] * kRowBlock == d.hidden);
+    FF_CHECK(exchange_partial_floats(d) == int64_t(kExchangeSets) * w * d.hidden * kMaxBatch);
+  }
+  for (int i = 0; i < kNumConfigs; ++i) FF_CHECK(kernel_dims(i).world == 1 && same_name(kernel_dims(i).name, kCompiledConfigs[i].name));
+}
+
+// Every rank of a shard builds its schedule from the same shape, so SM s of each owns the same row
+// blocks of the O and down projections in every layer: the exchange pairs SM s with SM s.
+FF_TEST(every_shard_schedule_is_sound_and_the_same_on_every_rank) {
+  using namespace flashformer;
+  for (int i = 0; i < kNumShardedConfigs; ++i) {
+    const ModelDims d = kernel_dims(kNumConfigs + i);
+    for (int sms : {132, 114, 66}) {
+      const Schedule s = build_schedule(d, sms, d.layers);
+      const std::vector<std::string> problems = schedule_problems(s);
+      for (const std::string& p : problems) std::printf("  %s-tp%d @ %d SMs: %s\n", d.name, d.world, sms, p.c_str());
+      FF_CHECK(problems.empty());
+      FF_CHECK(build_schedule(d, sms, d.layers).split == s.split);
+    }
+  }
+}
+
+FF_TEST(shard_problem_says_what_does_not_split) {
+  using namespace flashformer;
+  const ModelDims& llama8b = kCompiledConfigs[config_index("llama-3.1-8b")];
+  for (int w : {1, 2, 4, 8}) FF_CHECK(shard_problem(llama8b, w) == nullptr);
+  FF_CHECK(std::string(shard_problem(llama8b, 3)).find("heads") != std::string::npos);
+  FF_CHECK(std::string(shard_problem(llama8b, 16)).find("1..8") != std::string::npos);
+  FF_CHECK(std::string(shard_problem(llama8b, 0)).find("1..8") != std::string::npos);
+  FF_CHECK(std::string(shard_problem(kCompiledConfigs[config_index("qwen2.5-1.5b")], 4)).find("kv heads") != std::string::npos);
+  FF_CHECK(std::string(shard_problem(shard_dims(llama8b, 2), 2)).find("shard already") != std::string::npos);
+  ModelDims odd = llama8b;
+  odd.intermediate = 96;  // 24 rows a rank at 4 ranks: not whole k blocks of 16
+  FF_CHECK(std::string(shard_problem(odd, 4)).find("multiple of 16") != std::string::npos);
+  odd.intermediate = 100;
+  FF_CHECK(std::string(shard_problem(odd, 8)).find("intermediate size must divide") != std::string::npos);
+}
+
 int main() { return fftest::run_all(); }

@@ -37,8 +37,14 @@ _MATCHED_FIELDS = _SHAPE_FIELDS + _FEATURE_FIELDS
 
 
 def compiled_configs() -> list[dict]:
-    """The compiled megakernel configs (name, shape and features of each)."""
-    return list(_core.load().configs())
+    """The compiled megakernel configs (name, shape and features of each), whole models only."""
+    return [c for c in _core.load().configs() if c["world"] == 1]
+
+
+def sharded_configs() -> list[dict]:
+    """The compiled tensor-parallel shards: one rank's shape of config `model` split over `world`
+    ranks (issue 21; named `<model>-tp<world>`, bf16 weights only)."""
+    return [c for c in _core.load().configs() if c["world"] > 1]
 
 
 # The kernel's name of each per-layer weight (compiled core: configs()[i]["layer_weights"], the

@@ -155,14 +155,15 @@ __device__ void reduce_row_block(Consumer<T>& c, AccTile& acc) {
     }
 }
 
-// Epilogue interface: `Epilogue e(c, layer)`; on warp 0, e.prefetch(rb) before the row block's
+// Epilogue interface: `Epilogue e(c, task)`; on warp 0, e.prefetch(rb) before the row block's
 // weights stream (loads whatever row_block will read, so no global round trip follows the
 // reduction) and e.row_block(rb, acc) after it; e.finish() on all consumer threads after the
 // last row block (before the op's signal). Matrix m in format F: e4m3 rows are scaled (m.scale)
 // before the epilogue sees them.
 template <class T, WeightFormat F, class Source, class Epilogue>
-__device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const Matrix& m, int layer, int u0, int u1) {
-  Epilogue epi(c, layer);
+__device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const Matrix& m, const Task& task, int u0,
+                           int u1) {
+  Epilogue epi(c, task);
   for (int rb = u0; rb < u1; ++rb) {
     AccTile acc;
     float scale[2];  // warp 0, e4m3: the scales of rows g and g + 8
@@ -187,11 +188,11 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const
 // Matmul whose B operand another op wrote to global memory this step: staged into shared memory
 // when it fits, read from L2 (a stage ahead) when it does not.
 template <class T, WeightFormat F, class Epilogue>
-__device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, const Matrix& m, int layer, int u0,
-                                    int u1) {
+__device__ bool run_matmul_global_b(Consumer<T>& c, const bf16_t* act, int kblocks, const Matrix& m, const Task& task,
+                                    int u0, int u1) {
   if (stage_activations<T, F>(c, act, kblocks))
-    return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, kblocks, m, layer, u0, u1);
-  return run_matmul<T, F, GlobalActivations<F>, Epilogue>(c, {act}, kblocks, m, layer, u0, u1);
+    return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, kblocks, m, task, u0, u1);
+  return run_matmul<T, F, GlobalActivations<F>, Epilogue>(c, {act}, kblocks, m, task, u0, u1);
 }
 
 // RMSNorm of x (norm `norm`, whose rows the task before `task` wrote: rmsnorm.cuh) into shared
@@ -200,8 +201,8 @@ template <class T, WeightFormat F, class Epilogue>
 __device__ bool norm_then_matmul(Consumer<T>& c, const bf16_t* norm_weight, int norm, const Matrix& m, Task task,
                                  int u0, int u1) {
   rmsnorm_to_fragments<T, F>(c, norm_weight, norm, task.index - 1);
-  return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task.layer,
-                                                        u0, u1);
+  return run_matmul<T, F, SmemActivations<F>, Epilogue>(c, {c.act, c.p.batch}, T::kHidden / kKBlock, m, task, u0,
+                                                        u1);
 }
 
 // Streams row blocks [u0, u1) of a fragment-ordered (rows, K) matrix in format F, each row block

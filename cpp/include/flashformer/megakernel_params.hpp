@@ -96,6 +96,7 @@ enum class StepError : int {
   kNone = 0,
   kDependencyTimeout = 1,  // detail: the SM that gave up waiting
   kNonFiniteLogits = 2,    // detail: the batch row
+  kPeerTimeout = 3,        // detail: the tensor-parallel rank whose partial sums never came
 };
 inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, task, detail, SM
 // Words of a step's outcome in MegakernelParams::host_status: its error words, then its arg-max tokens.
@@ -121,6 +122,28 @@ struct Scratch {
   unsigned* attn_groups;   // [layers][kv_heads]: attention's last-chunk counters (after the task counters)
   unsigned* exits;         // CTAs out of the step (after attention's counters): the last one writes host_status
   int* error;              // [kErrorWords]: StepError, task, detail, SM
+};
+
+// Tensor parallelism (kWorld > 1, model_traits.hpp): the O and down projections' partial row
+// blocks go to every rank, which sums them (residual.cuh). Each rank owns one exchange buffer,
+// which every rank writes into through its peer mapping (CUDA IPC over NVLink, or the same GPU):
+//   partial [kExchangeSets][world][hidden / 16][32 lanes] float4: rank src's 16x8 tile of a row
+//           block of the O (set 0) or down (set 1) projection, in accumulator order (AccTile)
+//   ready   [kExchangeSets][world][num_sms]: how many exchanges of the set rank src's SM s has
+//           written (set s of layer l in step epoch e is exchange (e - 1) * layers + l + 1)
+// All ranks run the same schedule, so SM s of every rank owns the same row blocks, and SM s waits
+// only for the SMs s of the other ranks. The buffer starts zeroed, with the counters.
+inline constexpr int kExchangeSets = 2;
+constexpr int64_t exchange_partial_floats(const ModelDims& d) {
+  return int64_t(kExchangeSets) * d.world * (d.hidden / kRowBlock) * kWarpSize * 4;
+}
+constexpr int64_t exchange_bytes(const ModelDims& d, int num_sms) {
+  return exchange_partial_floats(d) * 4 + int64_t(kExchangeSets) * d.world * num_sms * 4;
+}
+struct TensorParallel {
+  int rank = 0;
+  float* partial[kMaxWorld] = {};    // rank q's exchange buffer as this rank reaches it (its own: local)
+  unsigned* ready[kMaxWorld] = {};   // the ready words of that buffer (after its partials)
 };
 
 struct MegakernelParams {
@@ -159,6 +182,7 @@ struct MegakernelParams {
   unsigned epoch;              // 1-based step count: counter targets are epoch * arrivals
   unsigned long long timeout_ns;  // a dependency wait longer than this aborts the step
   Instrumentation instr;       // read by the instrumented build only
+  TensorParallel tp;           // read by the kernels of shards (kWorld > 1) only
 };
 
 }  // namespace flashformer

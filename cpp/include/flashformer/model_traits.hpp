@@ -1,7 +1,8 @@
 // The compiled megakernel configs: one line each in kCompiledConfigs, the one list everything
 // enumerates (CMake generates a translation unit per line, Python reads them through
-// flashformer._C.configs()). Layer count, RMSNorm epsilon, RoPE tables and batch size are run
-// time; everything that sizes a loop or a buffer is here.
+// flashformer._C.configs()), and the tensor-parallel shards of some of them (kShardedConfigs).
+// Layer count, RMSNorm epsilon, RoPE tables and batch size are run time; everything that sizes a
+// loop or a buffer is here.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,8 @@ enum Feature : unsigned {
 // `tied` describe the published model (benchmarks build its random-weight twin from them); the
 // kernel itself takes any layer count and either LM head. `vocab` is the model's; the LM head
 // is padded with zero rows to a multiple of 16 (padded_vocab) that never reach the logits.
+// `world` > 1: the shape of one rank's shard of model `name` split over `world` ranks
+// (shard_dims: its heads, kv heads and intermediate rows; hidden and vocab whole).
 struct ModelDims {
   const char* name;
   const char* family;
@@ -32,6 +35,7 @@ struct ModelDims {
   int layers;
   bool tied;
   unsigned features;
+  int world = 1;
   constexpr bool has(Feature f) const { return (features & f) != 0; }
   constexpr int padded_vocab() const { return (vocab + kRowBlock - 1) / kRowBlock * kRowBlock; }
   constexpr int q_rows() const { return heads * head_dim; }
@@ -40,7 +44,7 @@ struct ModelDims {
 };
 
 // The one list of compiled configs. Adding a config of an existing architecture is one line here.
-// Keep one config per line, each line starting with {"name", : CMakeLists.txt reads the names.
+// Keep one config per line, each line starting with {"name", "family", : CMakeLists.txt reads the names.
 // (Shapes as the published config.json files give them.)
 inline constexpr ModelDims kCompiledConfigs[] = {
     // name             family     hidden  inter heads kv  dim   vocab layers  tied   features
@@ -65,12 +69,76 @@ inline constexpr int kNumConfigs = int(sizeof(kCompiledConfigs) / sizeof(kCompil
 
 constexpr bool same_name(const char* a, const char* b) { return *a == *b && (*a == 0 || same_name(a + 1, b + 1)); }
 
-// Compile-time traits of config `Config` (an index into kCompiledConfigs). A shape the kernel
+// Tensor parallelism (Megatron's splits, as flashformer.tensor_parallel does them on the reference
+// path): rank r of `world` holds q heads r*H/world.., their kv heads, intermediate rows
+// r*I/world.. of gate and of up, and the matching columns of the O and down projections; the
+// embeddings, norms and LM head are whole on every rank. The O and down projections' partial sums
+// are exchanged between the ranks in the kernel (residual.cuh), so every rank holds the same
+// residual stream, bit for bit, and picks the same tokens.
+inline constexpr int kMaxWorld = 8;
+
+// Why config `d` cannot be split over `world` ranks into a shard the kernel runs, or nullptr.
+constexpr const char* shard_problem(const ModelDims& d, int world) {
+  if (world < 1 || world > kMaxWorld) return "the tensor-parallel size must be 1..8";
+  if (d.world != 1) return "the config is a shard already";
+  if (d.heads % world || d.kv_heads % world) return "the heads and kv heads must divide by the tensor-parallel size";
+  if (d.intermediate % world) return "the intermediate size must divide by the tensor-parallel size";
+  if ((d.intermediate / world) % kKBlock) return "a rank's intermediate rows must be a multiple of 16 (the down projection's k blocks)";
+  return nullptr;
+}
+
+// The shape one rank of `world` computes (all ranks' are the same).
+constexpr ModelDims shard_dims(const ModelDims& d, int world) {
+  ModelDims s = d;
+  s.heads = d.heads / world, s.kv_heads = d.kv_heads / world, s.intermediate = d.intermediate / world;
+  s.world = world;
+  return s;
+}
+
+// The tensor-parallel shards compiled (bf16 weights and KV cache only), one per line, each line
+// starting with {"config name", world}: CMakeLists.txt reads them.
+struct ShardedConfig {
+  const char* config;  // a name in kCompiledConfigs
+  int world;
+};
+inline constexpr ShardedConfig kShardedConfigs[] = {
+    {"tiny-gqa", 2},
+    {"llama-3.1-8b", 2},
+    {"llama-3.1-8b", 4},
+    {"llama-3.1-70b", 4},
+    {"llama-3.1-70b", 8},
+};
+inline constexpr int kNumShardedConfigs = int(sizeof(kShardedConfigs) / sizeof(kShardedConfigs[0]));
+
+constexpr int config_index(const char* name) {
+  for (int i = 0; i < kNumConfigs; ++i)
+    if (same_name(kCompiledConfigs[i].name, name)) return i;
+  return -1;
+}
+
+// Every kernel's shape: the kCompiledConfigs, then the shard of each kShardedConfigs entry.
+inline constexpr int kNumKernelConfigs = kNumConfigs + kNumShardedConfigs;
+constexpr ModelDims kernel_dims(int config) {
+  if (config < kNumConfigs) return kCompiledConfigs[config];
+  const ShardedConfig& s = kShardedConfigs[config - kNumConfigs];
+  return shard_dims(kCompiledConfigs[config_index(s.config)], s.world);
+}
+
+constexpr bool sharded_configs_are_sound() {
+  for (const ShardedConfig& s : kShardedConfigs)
+    if (config_index(s.config) < 0 || s.world < 2 || shard_problem(kCompiledConfigs[config_index(s.config)], s.world))
+      return false;
+  return true;
+}
+static_assert(sharded_configs_are_sound(), "every kShardedConfigs entry names a config that splits over its world >= 2");
+
+// Compile-time traits of kernel config `Config` (an index into kernel_dims). A shape the kernel
 // cannot run fails here, in that config's translation unit, saying why.
 template <int Config>
 struct ModelTraits {
-  static_assert(0 <= Config && Config < kNumConfigs, "no such compiled config");
-  static constexpr ModelDims kDims = kCompiledConfigs[Config];
+  static_assert(0 <= Config && Config < kNumKernelConfigs, "no such compiled config");
+  static constexpr ModelDims kDims = kernel_dims(Config);
+  static constexpr int kWorld = kDims.world;  // ranks the model is split over (residual.cuh exchanges)
   static constexpr int kHidden = kDims.hidden;
   static constexpr int kIntermediate = kDims.intermediate;
   static constexpr int kHeads = kDims.heads;
@@ -86,6 +154,7 @@ struct ModelTraits {
   static constexpr int kQkvRows = kDims.qkv_rows();
   static constexpr int kGateUpRows = 2 * kIntermediate;
 
+  static_assert(1 <= kWorld && kWorld <= kMaxWorld, "a model splits over 1..kMaxWorld ranks");
   static_assert(kHeads % kKvHeads == 0, "q heads must be a multiple of kv heads");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "attention maps head_dim onto a warp: 64 or 128");
   static_assert((kHeadDim / 2) % 8 == 0, "a 16-row block holds 8 RoPE pairs of one head");

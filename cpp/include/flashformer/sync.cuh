@@ -101,6 +101,36 @@ __device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned t
   }
 }
 
+// Tensor parallelism's hand-offs between GPUs (residual.cuh): the same pattern at system scope,
+// whose loads and fences order peer memory too (another GPU's writes over NVLink).
+__device__ __forceinline__ unsigned load_acquire_sys(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_release_sys(unsigned* p, unsigned v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// One thread: spin until *ready (a word another rank writes) reaches target (wrap-safe). False when
+// the step is aborted, by this wait timing out (StepError::kPeerTimeout, naming `peer`) or by
+// another SM; a lost rank thus fails every rank's step instead of hanging it.
+__device__ __forceinline__ bool wait_peer(const unsigned* ready, unsigned target, const MegakernelParams& p, int task,
+                                          int peer) {
+  const uint64_t start = global_ns();
+  for (unsigned spins = 0;; ++spins) {
+    if (int(load_acquire_sys(ready) - target) >= 0) return true;
+    if ((spins & 63) == 63) {
+      if (step_aborted(p.scratch)) return false;
+      if (global_ns() - start > p.timeout_ns) {
+        raise_error(p.scratch, StepError::kPeerTimeout, task, peer);
+        return false;
+      }
+    }
+  }
+}
+
 // One thread, after a barrier that ordered its CTA's output writes before it: publish them
 // (the fence is cumulative over the writes the barrier ordered before it). Returns the old value.
 __device__ __forceinline__ unsigned signal_counter(unsigned* counter) {

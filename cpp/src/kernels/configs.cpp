@@ -2,8 +2,8 @@
 
 #include <utility>
 
-#ifndef FLASHFORMER_CONFIG_COUNT
-#error "CMakeLists.txt defines FLASHFORMER_CONFIG_COUNT: the configs it generated kernels for"
+#if !defined(FLASHFORMER_CONFIG_COUNT) || !defined(FLASHFORMER_SHARD_COUNT)
+#error "CMakeLists.txt defines FLASHFORMER_CONFIG_COUNT and FLASHFORMER_SHARD_COUNT: the configs and shards it generated kernels for"
 #endif
 #ifndef FLASHFORMER_INSTRUMENTED
 #define FLASHFORMER_INSTRUMENTED 0
@@ -14,11 +14,21 @@ namespace {
 
 static_assert(FLASHFORMER_CONFIG_COUNT == kNumConfigs,
               "CMakeLists.txt found another number of config lines in model_traits.hpp than kCompiledConfigs "
-              "holds: keep one config per line, each starting with {\"name\",");
+              "holds: keep one config per line, each starting with {\"name\", \"family\",");
+static_assert(FLASHFORMER_SHARD_COUNT == kNumShardedConfigs,
+              "CMakeLists.txt found another number of shard lines in model_traits.hpp than kShardedConfigs "
+              "holds: keep one shard per line, each starting with {\"name\", world},");
+
+// Whether CMake generated kernel config Config's kernel in formats F and K: every format of a
+// compiled config, bf16 alone of a shard (CMakeLists.txt).
+template <int Config, WeightFormat F, KvFormat K>
+constexpr bool generated() {
+  return Config < kNumConfigs || (F == WeightFormat::kBf16 && K == KvFormat::kBf16);
+}
 
 template <int Config, Build B, WeightFormat F, KvFormat K>
 KernelLaunch launch_of() {
-  if constexpr (B == Build::kShipped || FLASHFORMER_INSTRUMENTED)
+  if constexpr ((B == Build::kShipped || FLASHFORMER_INSTRUMENTED) && generated<Config, F, K>())
     return kernel_launch<Config, B, F, K>();
   else
     return {};
@@ -40,7 +50,7 @@ void fill_launches(KernelLaunch (&out)[kNumWeightFormats][kNumKvFormats]) {
 
 template <int Config>
 CompiledConfig compiled_config() {
-  CompiledConfig c{kCompiledConfigs[Config], {}, {}};
+  CompiledConfig c{kernel_dims(Config), {}, {}};
   fill_launches<Config, Build::kShipped>(c.shipped);
   fill_launches<Config, Build::kInstrumented>(c.instrumented);
   return c;
@@ -54,7 +64,7 @@ std::vector<CompiledConfig> all_configs(std::index_sequence<I...>) {
 }  // namespace
 
 const std::vector<CompiledConfig>& compiled_configs() {
-  static const std::vector<CompiledConfig> configs = all_configs(std::make_index_sequence<kNumConfigs>{});
+  static const std::vector<CompiledConfig> configs = all_configs(std::make_index_sequence<kNumKernelConfigs>{});
   return configs;
 }
 

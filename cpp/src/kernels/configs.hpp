@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <string>
 #include <vector>
 
 #include "flashformer/kernel_config.hpp"
@@ -30,8 +31,15 @@ struct CompiledConfig {
 template <int Config, Build B, WeightFormat F, KvFormat K>
 KernelLaunch kernel_launch();
 
-// Every compiled config, in kCompiledConfigs order.
+// Every kernel config: the compiled configs in kCompiledConfigs order, then the shards of
+// kShardedConfigs (model_traits.hpp's kernel_dims); a shard has bf16 launches only.
 const std::vector<CompiledConfig>& compiled_configs();
+
+// A kernel config's name: its model's, and "-tp<world>" for a shard ("llama-3.1-8b-tp2"; CMake
+// names the shards' translation units the same way).
+inline std::string config_label(const ModelDims& d) {
+  return d.world == 1 ? std::string(d.name) : std::string(d.name) + "-tp" + std::to_string(d.world);
+}
 
 // Whether this build holds the instrumented kernels (timing variants, step trace, test hooks).
 bool has_instrumented_kernels();

@@ -26,7 +26,7 @@ struct DownOp : OpDefaults {
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
     return run_matmul_global_b<T, T::kWeights, ResidualEpilogue<T, 2>>(c, c.p.scratch.act_frag,
                                                                       T::kIntermediate / kKBlock,
-                                                                      c.p.layers[task.layer].down, task.layer, u0, u1);
+                                                                      c.p.layers[task.layer].down, task, u0, u1);
   }
 #endif
 };

@@ -13,7 +13,7 @@ namespace flashformer {
 template <class T>
 struct SiluMulEpilogue {
   Consumer<T>& c;
-  __device__ SiluMulEpilogue(Consumer<T>& c_, int) : c(c_) {}
+  __device__ SiluMulEpilogue(Consumer<T>& c_, const Task&) : c(c_) {}
   __device__ void prefetch(int) {}  // reads nothing
   __device__ void row_block(int rb, const AccTile& acc) {
     const int g = c.lane / 4, t = c.lane % 4;

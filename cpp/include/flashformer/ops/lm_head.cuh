@@ -30,7 +30,7 @@ struct LmHeadEpilogue {
   float best_v[2] = {-FLT_MAX, -FLT_MAX};  // warp 0: batch columns 2t and 2t+1
   int best_i[2] = {INT_MAX, INT_MAX};
   bool finite[2] = {true, true};           // every logit of the column seen so far is finite
-  __device__ LmHeadEpilogue(Consumer<T>& c_, int) : c(c_) {}
+  __device__ LmHeadEpilogue(Consumer<T>& c_, const Task&) : c(c_) {}
   __device__ void prefetch(int) {}  // reads nothing
 
   __device__ void row_block(int rb, const AccTile& acc) {

@@ -25,7 +25,7 @@ struct OProjOp : OpDefaults {
   template <class T>
   __device__ static bool consume(Consumer<T>& c, Task task, int u0, int u1) {
     return run_matmul_global_b<T, T::kWeights, ResidualEpilogue<T, 1>>(c, c.p.scratch.attn_frag, T::kQRows / kKBlock,
-                                                                      c.p.layers[task.layer].o, task.layer, u0, u1);
+                                                                      c.p.layers[task.layer].o, task, u0, u1);
   }
 #endif
 };

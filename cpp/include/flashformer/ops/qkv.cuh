@@ -26,7 +26,7 @@ struct QkvEpilogue {
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
   float bias[2] = {0.f, 0.f};     // kQkvBias: the biases of rows g and g+8 (dims i and i + D/2)
   float norm_w[2] = {1.f, 1.f};   // kQkNorm: the q or k norm's weights of dims i and i + D/2
-  __device__ QkvEpilogue(Consumer<T>& c_, int layer_) : c(c_), layer(layer_) {
+  __device__ QkvEpilogue(Consumer<T>& c_, const Task& task) : c(c_), layer(task.layer) {
     if (c.warp != 0) return;
 #pragma unroll
     for (int q = 0; q < 2; ++q)
