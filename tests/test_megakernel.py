@@ -562,3 +562,76 @@ def test_prefills_fused_kernels_round_as_the_reference_does():
     ulp = ref.float().abs().clamp(min=1e-30) * 2**-7
     assert fused.shape == ref.shape and ((fused.float() - ref.float()).abs() <= ulp).all()
     assert (fused == ref).float().mean() > 0.99
+
+
+# Tensor parallelism on one GPU (issue 21): two ranks of a shard, each a megakernel on half the SMs
+# and its own stream, exchanging the O and down projections' partial sums between the kernels.
+
+def decode_from_zero(backend, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [steps, B, vocab] fp32 of tokens [steps, B], decoded from position 0."""
+    device = backend.kv_cache.device
+    return torch.stack([backend.decode(tokens[s].to(device), torch.full((tokens.shape[1],), s, device=device))
+                        for s in range(tokens.shape[0])])
+
+
+def shard_ranks(spec, weights, world: int, batch: int, max_seq: int):
+    from flashformer.tensor_parallel import shard_spec, shard_weights
+
+    part = shard_spec(spec, world)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count // world
+    ranks = []
+    for r in range(world):
+        w = clone_weights(shard_weights(spec, weights, r, world))  # (each rank packs its own in place)
+        ranks.append(MegakernelBackend(part, w, kv_cache(part, w, batch, max_seq), shard=f"tiny-gqa-tp{world}",
+                                       sm_count=sms))
+    for r, b in enumerate(ranks):
+        b.connect(r, [x.exchange for x in ranks])
+        b.logits.fill_(float("nan"))  # poisoned: an unwritten logit fails
+    return ranks
+
+
+@pytest.mark.gpu
+@gpu
+def test_two_ranks_of_a_shard_on_one_gpu_decode_as_the_whole_model():
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    batch, steps, max_seq = 2, 24, 64
+    tokens = torch.randint(0, spec.vocab_size, (steps, batch))
+    ranks = shard_ranks(spec, weights, 2, batch, max_seq)
+    streams = [torch.cuda.Stream() for _ in ranks]
+    got, inputs = [[] for _ in ranks], []  # (inputs: alive until the side streams are done with them)
+    for s in range(steps):
+        pos = torch.full((batch,), s, dtype=torch.int64, device="cuda")
+        step_tokens = tokens[s].cuda()
+        inputs += [pos, step_tokens]
+        for r, b in enumerate(ranks):  # both launched before either step is waited for
+            streams[r].wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(streams[r]):
+                logits, _ = b.decode_step(step_tokens, pos)
+                got[r].append(logits.clone())
+    for b in ranks:
+        b.synchronize()
+    torch.cuda.synchronize()
+    tp = [torch.stack(g) for g in got]
+    assert torch.equal(tp[0], tp[1]), "the ranks' residual streams differ"
+    fp32 = decode_from_zero(reference(spec, to_fp32(weights), batch, max_seq), tokens)
+    bf16 = decode_from_zero(reference(spec, weights, batch, max_seq), tokens)
+    whole = decode_from_zero(megakernel(spec, clone_weights(weights), batch, max_seq), tokens)
+    tp_err, ref_err, whole_err = rel_l2(tp[0], fp32), rel_l2(bf16, fp32), rel_l2(whole, fp32)
+    print(f"rel-L2 vs fp32: 2 ranks {tp_err:.2e}, whole megakernel {whole_err:.2e}, bf16 reference {ref_err:.2e}")
+    assert tp_err <= 2 * ref_err, f"2-rank megakernel rel-L2 {tp_err:.2e} vs bf16 reference {ref_err:.2e}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_rank_whose_peer_never_steps_raises_instead_of_hanging():
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    ranks = shard_ranks(spec, weights, 2, 1, 16)
+    ranks[0].engine.timeout_ms = 200.0
+    ranks[0].decode_step(torch.tensor([3], device="cuda"), torch.tensor([0], device="cuda"))  # rank 1 never steps
+    with pytest.raises(RuntimeError, match="waited more than 200 ms for rank 1's partial sums of o_proj of layer 0"):
+        ranks[0].synchronize()
+    ranks[0].decode_step(torch.tensor([3], device="cuda"), torch.tensor([0], device="cuda"))  # reset: fails alike
+    with pytest.raises(RuntimeError, match="for rank 1's partial sums"):
+        ranks[0].synchronize()

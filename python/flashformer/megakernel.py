@@ -112,11 +112,13 @@ def no_match_reason(spec: ModelSpec) -> str:
 
 
 def unavailable_reason(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int, *, quantization: str | None = None
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, max_batch_size: int, *, quantization: str | None = None,
+    shard: str | None = None,
 ) -> str | None:
     """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
     weights' format as loaded ("fp8", or None for dense weights in `dtype`). (The KV cache's format
-    never is a reason: the kernel reads bf16 and FP8 caches.)"""
+    never is a reason: the kernel reads bf16 and FP8 caches.) `shard`: `spec` is one rank's part,
+    to run on that sharded config (sharded_configs())."""
     q = spec.quantization
     if quantization == "fp8" and q is not None and q.strategy == "block":
         return (
@@ -135,6 +137,14 @@ def unavailable_reason(
     max_batch = _core.load().MAX_BATCH
     if max_batch_size > max_batch:
         return f"it decodes at most {max_batch} rows, and max_batch_size is {max_batch_size}"
+    if shard is not None:
+        c = next((c for c in sharded_configs() if c["name"] == shard), None)
+        if c is None:
+            return f"no compiled shard named {shard!r} (compiled: {', '.join(c['name'] for c in sharded_configs())})"
+        if quantization == "fp8":
+            return "shards are compiled with bf16 weights only"
+        differs = [f"{f}={getattr(spec, f)} (the shard's: {c[f]})" for f in _MATCHED_FIELDS if getattr(spec, f) != c[f]]
+        return f"this rank's part is not {shard}'s shape: {', '.join(differs)}" if differs else None
     if match_config(spec) is None:
         return no_match_reason(spec)
     return None
@@ -292,10 +302,16 @@ class MegakernelBackend:
     name = "megakernel"
     checks_logits = True  # a step with non-finite logits raises (the kernel checks beside its arg-max)
 
-    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache):
+    def __init__(self, spec: ModelSpec, weights: Weights, cache: KVCache, *, shard: str | None = None,
+                 sm_count: int = 0):
+        """`shard`: `spec` and `weights` are one tensor-parallel rank's part (tensor_parallel.shard_spec,
+        shard_weights), decoded by that sharded config's kernel, which exchanges the O and down
+        projections' partial sums with the other ranks' kernels: connect() them before the first
+        step, and step every rank alike. `sm_count` > 0: the kernel runs on that many SMs (two ranks
+        sharing one GPU)."""
         device = weights.embed.device
         reason = unavailable_reason(spec, device, weights.dtype, cache.max_batch_size,
-                                    quantization="fp8" if weights.quantized else None)
+                                    quantization="fp8" if weights.quantized else None, shard=shard)
         if reason:
             raise RuntimeError(f"the megakernel backend cannot run this model: {reason}")
         try:
@@ -303,14 +319,17 @@ class MegakernelBackend:
         except ValueError as e:
             raise RuntimeError(f"the megakernel backend cannot run this model: {e}") from None
         C = _core.load()
-        config = config_named(match_config(spec))
-        self.device, self.cache, self.spec = device, cache, spec
+        config = next(c for c in sharded_configs() if c["name"] == shard) if shard else config_named(match_config(spec))
+        self.device, self.cache, self.spec, self.shard = device, cache, spec, shard
         self.layer_weights = config["layer_weights"]
         formats = C.WEIGHT_FORMATS
         self.engine = C.MegakernelEngine(config["name"], _device_index(device), spec.num_layers, cache.max_batch_size,
-                                         cache.max_seq_len, weights=formats[self.weight_format], lm_head=formats["bf16"])
+                                         cache.max_seq_len, weights=formats[self.weight_format], lm_head=formats["bf16"],
+                                         sm_count=sm_count)
         self.engine.timeout_ms = float(os.environ.get("FLASHFORMER_WATCHDOG_MS", self.engine.timeout_ms))
         self.scratch = torch.zeros(self.engine.scratch_bytes, dtype=torch.uint8, device=device)  # counters start at 0
+        # a shard's exchange buffer, which the other ranks' kernels write into (zeroed: no exchange yet)
+        self.exchange = torch.zeros(self.engine.exchange_bytes, dtype=torch.uint8, device=device) if shard else None
         pad_lm_head(weights, config["padded_vocab_size"])
         pack_in_place(weights, self.layer_weights)
         self.weights = weights  # keep every pointer the kernel reads alive
@@ -346,6 +365,14 @@ class MegakernelBackend:
             else:
                 out[f["name"]] = w.data_ptr()
         return out
+
+    def connect(self, rank: int, exchanges: list[torch.Tensor]) -> None:
+        """A shard's place among its ranks: this backend is rank `rank` and exchanges[q] is rank q's
+        `exchange` buffer as this process reaches it (the same process and GPU, or a CUDA IPC
+        mapping of another GPU's over NVLink)."""
+        if self.shard is None:
+            raise RuntimeError("connect: this backend decodes a whole model, not a tensor-parallel shard")
+        self._live_engine().set_tensor_parallel(rank, [t.data_ptr() for t in exchanges])
 
     def release_weights(self) -> Weights:
         """Hand the weights back in row-major order (in place, one matrix at a time), e.g. to run
@@ -394,6 +421,9 @@ class MegakernelBackend:
     @torch.inference_mode()
     def prefill(self, prompts: list[torch.Tensor], rows: list[int] | None = None) -> torch.Tensor:
         self._live_engine()
+        if self.shard:
+            raise RuntimeError(f"a tensor-parallel shard ({self.shard}) does not prefill yet: its reference prefill "
+                               "would need the ranks' partial sums (decode the prompt token by token instead)")
         return prefill_logits(self.prefill_model, prompts, rows)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -76,8 +76,9 @@ struct ResidualEpilogue {
     bool ok = true;
     if (c.lane < kWorld && c.lane != tp.rank)  // lane q waits for rank q's SM `me`
       ok = wait_peer(tp.ready[tp.rank] + (kSet * kWorld + c.lane) * gridDim.x + me, count, c.p, task.index, c.lane);
+    __syncwarp();         // orders the waiting lanes' acquires before every lane's reads
+    fence_acq_rel_sys();  // (and makes them this lane's: it reads other GPUs' writes)
     if (!__all_sync(0xffffffffu, ok)) return false;
-    fence_acq_rel_sys();  // every lane reads what the waiting lanes acquired
     for (int rb = first_rb; rb < end_rb; ++rb) {
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
