@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 
 
@@ -16,3 +18,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Tests draw their random weights, prompts and checkpoints from torch's global generator. Seeded
+# per module (before its module-scoped fixtures, such as a checkpoint) and per test, from their
+# names, each test sees the same draws whichever tests ran before it, and however many draws they
+# made: a run's failures repeat when the test runs alone.
+def _seed(name: str) -> None:
+    import torch
+
+    torch.manual_seed(zlib.crc32(name.encode()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seed_module(request):
+    _seed(request.module.__name__)
+
+
+@pytest.fixture(autouse=True)
+def _seed_test(request):
+    _seed(request.node.nodeid)

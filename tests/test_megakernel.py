@@ -630,7 +630,7 @@ def test_a_rank_whose_peer_never_steps_raises_instead_of_hanging():
     ranks = shard_ranks(spec, weights, 2, 1, 16)
     ranks[0].engine.timeout_ms = 200.0
     ranks[0].decode_step(torch.tensor([3], device="cuda"), torch.tensor([0], device="cuda"))  # rank 1 never steps
-    with pytest.raises(RuntimeError, match="waited more than 200 ms for rank 1's partial sums of o_proj of layer 0"):
+    with pytest.raises(RuntimeError, match="waited more than 100 ms for rank 1's partial sums of o_proj of layer 0"):
         ranks[0].synchronize()
     ranks[0].decode_step(torch.tensor([3], device="cuda"), torch.tensor([0], device="cuda"))  # reset: fails alike
     with pytest.raises(RuntimeError, match="for rank 1's partial sums"):

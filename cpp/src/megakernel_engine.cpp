@@ -256,9 +256,11 @@ void MegakernelEngine::check_recorded() {
                              "): its tokens are invalid; the weights or the inputs hold non-finite values");
   char ms[32];
   std::snprintf(ms, sizeof(ms), "%g", timeout_ms);
+  char peer_ms[32];
+  std::snprintf(peer_ms, sizeof(peer_ms), "%g", timeout_ms / kPeerTimeoutShare);
   if (code == int(StepError::kPeerTimeout) && task >= 0 && task < schedule_.tasks())
     throw std::runtime_error(std::string("megakernel step aborted: SM ") + std::to_string(sm) + " of rank " +
-                             std::to_string(params_.tp.rank) + " waited more than " + ms + " ms for rank " +
+                             std::to_string(params_.tp.rank) + " waited more than " + peer_ms + " ms for rank " +
                              std::to_string(detail) + "'s partial sums of " + task_name(task, layers) +
                              ", which never came (is that rank's process alive and stepping?); the step's outputs "
                              "are invalid and this rank's engine has been reset");

@@ -87,7 +87,7 @@ class MegakernelEngine {
     return std::vector<int>(checked_words_ + kErrorWords, checked_words_ + kErrorWords + checked_batch_);
   }
 
-  double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step
+  double timeout_ms = 5000.0;  // a dependency wait longer than this aborts the step (a wait for another rank: half)
   // Timing variants, the step trace and test hooks: a step with any of them set runs the
   // instrumented build of the kernel (std::invalid_argument where this build has none).
   Instrumentation instr;

@@ -98,6 +98,8 @@ enum class StepError : int {
   kNonFiniteLogits = 2,    // detail: the batch row
   kPeerTimeout = 3,        // detail: the tensor-parallel rank whose partial sums never came
 };
+// A wait for another rank gives up after the watchdog (timeout_ns) over this (sync.cuh's wait_peer).
+inline constexpr int kPeerTimeoutShare = 2;
 inline constexpr int kErrorWords = 4;  // Scratch::error: StepError, task, detail, SM
 // Words of a step's outcome in MegakernelParams::host_status: its error words, then its arg-max tokens.
 inline constexpr int kStatusWords = kErrorWords + kMaxBatch;

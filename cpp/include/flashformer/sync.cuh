@@ -115,7 +115,9 @@ __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_re
 
 // One thread: spin until *ready (a word another rank writes) reaches target (wrap-safe). False when
 // the step is aborted, by this wait timing out (StepError::kPeerTimeout, naming `peer`) or by
-// another SM; a lost rank thus fails every rank's step instead of hanging it.
+// another SM; a lost rank thus fails every rank's step instead of hanging it. It gives up after
+// half the watchdog (kPeerTimeoutShare), so that a lost rank's error is this wait's, and not that
+// of a wait for the task whose exchange this is (they start within microseconds of each other).
 __device__ __forceinline__ bool wait_peer(const unsigned* ready, unsigned target, const MegakernelParams& p, int task,
                                           int peer) {
   const uint64_t start = global_ns();
@@ -123,7 +125,7 @@ __device__ __forceinline__ bool wait_peer(const unsigned* ready, unsigned target
     if (int(load_acquire_sys(ready) - target) >= 0) return true;
     if ((spins & 63) == 63) {
       if (step_aborted(p.scratch)) return false;
-      if (global_ns() - start > p.timeout_ns) {
+      if (global_ns() - start > p.timeout_ns / kPeerTimeoutShare) {
         raise_error(p.scratch, StepError::kPeerTimeout, task, peer);
         return false;
       }
