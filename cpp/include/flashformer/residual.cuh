@@ -28,12 +28,13 @@ struct ResidualEpilogue {
   }
   // Rows of x are owned by one CTA per op, so reading them before the row block is safe; they
   // were written by other CTAs earlier in the step: read through L2.
-  __device__ void prefetch(int rb) {
-    if constexpr (kWorld == 1) {
+  __device__ void load_old(int rb) {
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
-        if (2 * (c.lane % 4) + q < c.p.batch) old[q] = __ldcg(x_of(rb, q)), old[2 + q] = __ldcg(x_of(rb, q) + 8);
-    }
+    for (int q = 0; q < 2; ++q)
+      if (2 * (c.lane % 4) + q < c.p.batch) old[q] = __ldcg(x_of(rb, q)), old[2 + q] = __ldcg(x_of(rb, q) + 8);
+  }
+  __device__ void prefetch(int rb) {
+    if constexpr (kWorld == 1) load_old(rb);  // (a shard's are read once the ranks' sums are in)
   }
   // x += acc for the lane's (row, batch) pairs; their squares into sq.
   __device__ void add(int rb, const AccTile& acc) {
@@ -86,9 +87,7 @@ struct ResidualEpilogue {
         const float4 v = __ldcg(partial(tp.rank, q, rb));
         acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
       }
-#pragma unroll
-      for (int q = 0; q < 2; ++q)
-        if (2 * (c.lane % 4) + q < c.p.batch) old[q] = __ldcg(x_of(rb, q)), old[2 + q] = __ldcg(x_of(rb, q) + 8);
+      load_old(rb);
       add(rb, acc);
     }
     return true;
