@@ -148,7 +148,7 @@ int64_t pack_fp8_mismatches(int64_t rows, int64_t cols, ff::RowOrder order, int6
 template <class T>
 struct ProbeEpilogue {
   ff::Consumer<T>& c;
-  __device__ ProbeEpilogue(ff::Consumer<T>& c_, int) : c(c_) {}
+  __device__ ProbeEpilogue(ff::Consumer<T>& c_, const ff::Task&) : c(c_) {}
   __device__ void prefetch(int) {}
   __device__ void row_block(int rb, const ff::AccTile& acc) {
     const int g = c.lane / 4, t = c.lane % 4;
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(ff::kThreads, 1)
   }
   if (ff::warp_role(warp) != ff::WarpRole::kConsumer) return;
   ff::Consumer<T> c(p, regions, int(threadIdx.x));
-  ff::run_matmul_global_b<T, F, ProbeEpilogue<T>>(c, act, kblocks, w, 0, 0, row_blocks);
+  ff::run_matmul_global_b<T, F, ProbeEpilogue<T>>(c, act, kblocks, w, ff::Task{0, 0, 0}, 0, row_blocks);
 }
 
 // Largest error of the probe's results against a double-precision product of the same bf16 (or
