@@ -83,26 +83,8 @@ __device__ __forceinline__ bool spin_until(Ready&& ready, const MegakernelParams
 // acquire pattern needs.
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-// One thread: spin until *counter reaches target (wrap-safe). False when the step is aborted,
-// by this wait timing out or by another SM. (Polling with ld.acquire measured ~1% faster than
-// relaxed polls and one fence after: benchmarks/NOTES.md.)
-__device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,
-                                             int task) {
-  const uint64_t start = global_ns();
-  for (unsigned spins = 0;; ++spins) {
-    if (int(load_acquire(counter) - target) >= 0) return true;  // acquire: the producers' writes are visible
-    if ((spins & 63) == 63) {
-      if (step_aborted(p.scratch)) return false;
-      if (global_ns() - start > p.timeout_ns) {
-        raise_error(p.scratch, StepError::kDependencyTimeout, task, int(blockIdx.x));
-        return false;
-      }
-    }
-  }
-}
-
-// Tensor parallelism's hand-offs between GPUs (residual.cuh): the same pattern at system scope,
-// whose loads and fences order peer memory too (another GPU's writes over NVLink).
+// System scope (tensor parallelism's hand-offs between GPUs, residual.cuh): the loads and fences
+// order peer memory too (another GPU's writes over NVLink).
 __device__ __forceinline__ unsigned load_acquire_sys(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -113,24 +95,39 @@ __device__ __forceinline__ void store_release_sys(unsigned* p, unsigned v) {
 }
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
-// One thread: spin until *ready (a word another rank writes) reaches target (wrap-safe). False when
-// the step is aborted, by this wait timing out (StepError::kPeerTimeout, naming `peer`) or by
-// another SM; a lost rank thus fails every rank's step instead of hanging it. It gives up after
-// half the watchdog (kPeerTimeoutShare), so that a lost rank's error is this wait's, and not that
-// of a wait for the task whose exchange this is (they start within microseconds of each other).
-__device__ __forceinline__ bool wait_peer(const unsigned* ready, unsigned target, const MegakernelParams& p, int task,
-                                          int peer) {
+// One thread: spin until load(word) reaches target (wrap-safe; load acquires, so the writer's
+// writes before it are visible). False when the step is aborted: by this wait outlasting the
+// watchdog over kShare (it raises `code` with `task` and `detail`) or by another SM.
+template <int kShare, class Load>
+__device__ __forceinline__ bool wait_word(Load load, const unsigned* word, unsigned target, const MegakernelParams& p,
+                                          StepError code, int task, int detail) {
   const uint64_t start = global_ns();
   for (unsigned spins = 0;; ++spins) {
-    if (int(load_acquire_sys(ready) - target) >= 0) return true;
+    if (int(load(word) - target) >= 0) return true;
     if ((spins & 63) == 63) {
       if (step_aborted(p.scratch)) return false;
-      if (global_ns() - start > p.timeout_ns / kPeerTimeoutShare) {
-        raise_error(p.scratch, StepError::kPeerTimeout, task, peer);
+      if (global_ns() - start > p.timeout_ns / kShare) {
+        raise_error(p.scratch, code, task, detail);
         return false;
       }
     }
   }
+}
+
+// One thread: wait for *counter (this GPU's) to reach target, within the watchdog. (Polling with
+// ld.acquire measured ~1% faster than relaxed polls and one fence after: benchmarks/NOTES.md.)
+__device__ __forceinline__ bool wait_counter(const unsigned* counter, unsigned target, const MegakernelParams& p,
+                                             int task) {
+  return wait_word<1>(load_acquire, counter, target, p, StepError::kDependencyTimeout, task, int(blockIdx.x));
+}
+
+// One thread: wait for *ready (a word rank `peer` writes) to reach target; a lost rank thus fails
+// every rank's step instead of hanging it. Within half the watchdog (kPeerTimeoutShare), so that a
+// lost rank's error is this wait's, and not that of a wait for the task whose exchange this is
+// (they start within microseconds of each other).
+__device__ __forceinline__ bool wait_peer(const unsigned* ready, unsigned target, const MegakernelParams& p, int task,
+                                          int peer) {
+  return wait_word<kPeerTimeoutShare>(load_acquire_sys, ready, target, p, StepError::kPeerTimeout, task, peer);
 }
 
 // One thread, after a barrier that ordered its CTA's output writes before it: publish them
