@@ -616,9 +616,7 @@ def test_two_ranks_of_a_shard_on_one_gpu_decode_as_the_whole_model():
     assert torch.equal(tp[0], tp[1]), "the ranks' residual streams differ"
     fp32 = decode_from_zero(reference(spec, to_fp32(weights), batch, max_seq), tokens)
     bf16 = decode_from_zero(reference(spec, weights, batch, max_seq), tokens)
-    whole = decode_from_zero(megakernel(spec, clone_weights(weights), batch, max_seq), tokens)
-    tp_err, ref_err, whole_err = rel_l2(tp[0], fp32), rel_l2(bf16, fp32), rel_l2(whole, fp32)
-    print(f"rel-L2 vs fp32: 2 ranks {tp_err:.2e}, whole megakernel {whole_err:.2e}, bf16 reference {ref_err:.2e}")
+    tp_err, ref_err = rel_l2(tp[0], fp32), rel_l2(bf16, fp32)
     assert tp_err <= 2 * ref_err, f"2-rank megakernel rel-L2 {tp_err:.2e} vs bf16 reference {ref_err:.2e}"
 
 

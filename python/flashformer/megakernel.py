@@ -63,7 +63,8 @@ LAYER_FIELDS = {
 
 
 def config_named(name: str) -> dict:
-    for c in compiled_configs():
+    """A compiled config or shard (sharded_configs()) by name."""
+    for c in _core.load().configs():
         if c["name"] == name:
             return c
     raise ValueError(f"no compiled megakernel config named {name!r} (compiled: {config_names()})")
@@ -319,7 +320,7 @@ class MegakernelBackend:
         except ValueError as e:
             raise RuntimeError(f"the megakernel backend cannot run this model: {e}") from None
         C = _core.load()
-        config = next(c for c in sharded_configs() if c["name"] == shard) if shard else config_named(match_config(spec))
+        config = config_named(shard or match_config(spec))
         self.device, self.cache, self.spec, self.shard = device, cache, spec, shard
         self.layer_weights = config["layer_weights"]
         formats = C.WEIGHT_FORMATS
