@@ -622,6 +622,19 @@ def test_two_ranks_of_a_shard_on_one_gpu_decode_as_the_whole_model():
 
 @pytest.mark.gpu
 @gpu
+def test_a_shard_refuses_an_fp8_kv_cache_it_has_no_kernel_for():
+    from flashformer.tensor_parallel import shard_spec, shard_weights
+
+    spec = spec_from_dict(shape_config("tiny-gqa"))
+    weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)
+    part = shard_spec(spec, 2)
+    with pytest.raises(ValueError, match="tiny-gqa-tp2 has no kernel for an FP8 KV cache"):
+        fp8_kv_backend(lambda s, w, c: MegakernelBackend(s, w, c, shard="tiny-gqa-tp2"), part,
+                       shard_weights(spec, weights, 0, 2), 1, 16)
+
+
+@pytest.mark.gpu
+@gpu
 def test_a_rank_whose_peer_never_steps_raises_instead_of_hanging():
     spec = spec_from_dict(shape_config("tiny-gqa"))
     weights = random_weights(spec, tied=False, dtype=torch.bfloat16, device="cuda", std=0.1)

@@ -76,7 +76,8 @@ MegakernelEngine::MegakernelEngine(const std::string& config, int device, int n_
   const std::vector<std::string> problems = schedule_problems(schedule_);
   if (!problems.empty()) throw std::runtime_error("megakernel: unsound schedule: " + problems.front());
   layout_ = scratch_layout(config_->dims, schedule_);
-  for (const KernelLaunch& k : config_->shipped[int(formats.layers)]) k.prepare();  // (either KV format: bind() picks)
+  for (const KernelLaunch& k : config_->shipped[int(formats.layers)])  // (either KV format: bind() picks; a shard has one)
+    if (k) k.prepare();
   // mapped: the kernel's last CTA out writes each step's outcome there (publish_status)
   FF_CUDA_CHECK(cudaHostAlloc(&host_words_, 2 * kStatusWords * sizeof(int), cudaHostAllocMapped));
   std::fill_n(host_words_, 2 * kStatusWords, 0);
@@ -142,6 +143,10 @@ void MegakernelEngine::bind(void* scratch, const ModelPointers& model) {
   p.rope_sin = model.rope_sin;
   p.rms_eps = model.rms_eps;
   p.kv_cache = model.kv_cache;
+  if (model.kv_scale && !config_->shipped[int(formats_.layers)][int(KvFormat::kFp8)])
+    throw std::invalid_argument("megakernel: " + config_label(config_->dims) +
+                                " has no kernel for an FP8 KV cache (tensor-parallel shards are compiled with a bf16 cache "
+                                "only)");
   p.kv_scale = model.kv_scale;
   p.max_batch = max_batch_;
   p.max_seq = max_seq_;

@@ -118,8 +118,9 @@ def unavailable_reason(
 ) -> str | None:
     """Why the megakernel cannot decode this model here, or None when it can. `quantization`: the
     weights' format as loaded ("fp8", or None for dense weights in `dtype`). (The KV cache's format
-    never is a reason: the kernel reads bf16 and FP8 caches.) `shard`: `spec` is one rank's part,
-    to run on that sharded config (sharded_configs())."""
+    is not a reason here: the kernel reads bf16 and FP8 caches, but a shard's kernel only bf16 ones,
+    which the engine's bind checks.) `shard`: `spec` is one rank's part, to run on that sharded
+    config (sharded_configs())."""
     q = spec.quantization
     if quantization == "fp8" and q is not None and q.strategy == "block":
         return (
