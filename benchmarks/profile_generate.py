@@ -1,7 +1,8 @@
 """Where generate's time per token goes beside the bare decode step (issue 18): the device's
 timeline of Engine.generate (torch.profiler's kernel records) split into the decode step's kernel,
 the sampler's (or the greedy bookkeeping's) kernel and the idle gaps between them, per step, for
-the bare step launched back to back and for generate greedy and sampled, at batch 1 and 8.
+the bare step launched back to back (without logits, and with them written: `bare_logits`, what the
+write costs without a sampler after it) and for generate greedy and sampled, at batch 1 and 8.
 
     python benchmarks/profile_generate.py [--models llama-3.2-1b] [--batch 1,8] [--new-tokens 128]
         [--json out.json]
@@ -98,14 +99,14 @@ def main() -> None:
             ctx = GENERATE_PROMPT + args.new_tokens // 2
             tokens = torch.randint(spec.vocab_size, (batch,), device=device, generator=gen)
             positions = torch.full((batch,), ctx, dtype=torch.long, device=device)
-            bare = partial(backend.decode_step, tokens, positions, want_logits=False)
+            row = {"model": name, "batch": batch}
+            for label, want_logits in (("bare", False), ("bare_logits", True)):
+                def bare_run(n=args.new_tokens, want_logits=want_logits):
+                    for _ in range(n):
+                        backend.decode_step(tokens, positions, want_logits=want_logits)
 
-            def bare_run(n=args.new_tokens):
-                for _ in range(n):
-                    bare()
-
-            bare_run(16)
-            row = {"model": name, "batch": batch, "bare": breakdown(kernel_records(bare_run))}
+                bare_run(16)
+                row[label] = breakdown(kernel_records(bare_run))
             for mode, kwargs in GENERATE_MODES.items():
                 params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, seed=0, **kwargs)
                 engine.generate(prompt_token_ids=prompts, sampling=params)  # warm-up

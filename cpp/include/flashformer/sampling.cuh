@@ -15,7 +15,10 @@
 // draw j among the kept tokens above a pivot; j is in the nucleus exactly when the kept mass
 // strictly above z_j is below top_p x the kept mass, and is then a draw from the nucleus; else no
 // token at or below z_j is in it: raise the pivot past z_j and draw again with fresh noise (the
-// next round). Greedy rows (temperature below kGreedyBelow) take the arg-max of the penalized
+// next round). A row without min-p or top-k keeps every token, so its first draw needs no max:
+// it is taken in the load pass, as the arg-max of l / T - log E (the log of exp(z) / E, less the
+// constant max l / T), reduced with the max in one cluster reduction; one more pass then sums the
+// kept mass and the mass above z_j together. Greedy rows (temperature below kGreedyBelow) take the arg-max of the penalized
 // logits (the lowest index among equal maxima, as torch.argmax).
 //
 // Then the row's bookkeeping (commit): count the token (penalties), end the row on a stop token,
@@ -28,6 +31,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #include <cooperative_groups.h>
@@ -55,6 +59,9 @@ struct Sampler {
   // at most 1.7e7 exp(z) and the top token's (z = 0, always kept) at least 0.06: a token whose z is
   // below -kNoiseReach cannot outscore it, so its noise is skipped.
   static constexpr float kNoiseReach = 20.f;
+  // In the log domain (the load pass's draw, score l / T - log E): -log E < -log(6e-8) < 16.7, so a
+  // token whose l / T is kLogNoiseReach below a score already seen cannot take it over.
+  static constexpr float kLogNoiseReach = 17.f;
   // Odd multipliers below 2^31, so that Python's int64 replica of mix() never overflows.
   static constexpr uint32_t kHashMul0 = 0x2c1b3c6dU;
   static constexpr uint32_t kHashMul1 = 0x297a2d39U;
@@ -139,36 +146,73 @@ struct Sampler {
   static constexpr size_t slice_bytes(int vocab) { return size_t(slice_len(vocab)) * sizeof(float); }
 
 #ifdef __CUDACC__
-  // Each CTA's part of a cluster-wide reduction: an arg-max (the largest value, the lowest index
-  // among equals), a sum and flag bits, combined together.
+  // The larger value wins, the lower index among equals (torch.argmax's choice).
+  __device__ static bool wins(float v, int i, float other_v, int other_i) {
+    return v > other_v || (v == other_v && i < other_i);
+  }
+  // Each CTA's part of a cluster-wide reduction: an arg-max, a sum and flag bits, combined together.
   struct Partial {
     float value;
     int index;
     float sum;
     int flags;
+    __device__ static Partial identity() { return Partial{-INFINITY, INT_MAX, 0.f, 0}; }
+    __device__ static Partial combine(const Partial& a, const Partial& b) {
+      const bool a_wins = wins(a.value, a.index, b.value, b.index);
+      return Partial{a_wins ? a.value : b.value, a_wins ? a.index : b.index, a.sum + b.sum, a.flags | b.flags};
+    }
   };
+  // The load pass's reduction of a row that draws there: the row's max (top), its first draw (the
+  // largest score, its token and that token's logit) and the flags.
+  struct TopAndDraw {
+    Partial top;
+    float score;
+    int drawn;
+    float drawn_logit;
+    __device__ static TopAndDraw identity() { return TopAndDraw{Partial::identity(), -INFINITY, INT_MAX, 0.f}; }
+    __device__ static TopAndDraw combine(const TopAndDraw& a, const TopAndDraw& b) {
+      const bool a_wins = wins(a.score, a.drawn, b.score, b.drawn);
+      return TopAndDraw{Partial::combine(a.top, b.top), a_wins ? a.score : b.score, a_wins ? a.drawn : b.drawn,
+                        a_wins ? a.drawn_logit : b.drawn_logit};
+    }
+  };
+  // Two sums (the kept mass and the mass above a draw's z).
+  struct Masses {
+    float kept, above;
+    __device__ static Masses identity() { return Masses{0.f, 0.f}; }
+    __device__ static Masses combine(const Masses& a, const Masses& b) { return Masses{a.kept + b.kept, a.above + b.above}; }
+  };
+  // The largest partial: what SharedStorage's reduction slots are sized for.
+  static constexpr size_t kPartialBytes = sizeof(TopAndDraw);
+  static_assert(sizeof(Partial) <= kPartialBytes && sizeof(Masses) <= kPartialBytes);
 
   struct SharedStorage {
     unsigned hist[2][kBins];  // this CTA's radix histogram, double-buffered across levels
-    Partial slot[2];          // this CTA's part of the current reduction, double-buffered
-    Partial warp[kWarps];     // block-reduction scratch
-    unsigned bins[kBins];     // the cluster's histogram of the current level
-    Partial result;           // a reduction's result, broadcast inside the CTA
-    unsigned select[3];       // radix select: the chosen prefix, the rank left, the chosen bin's count
+    // (one partial type per reduction, each slot sized for the largest)
+    alignas(16) unsigned char slot[2][kPartialBytes];  // this CTA's part of the current reduction, double-buffered
+    alignas(16) unsigned char warp[kWarps][kPartialBytes];  // block-reduction scratch
+    unsigned bins[kBins];                                // the cluster's histogram of the current level
+    alignas(16) unsigned char result[kPartialBytes];     // a reduction's result, broadcast inside the CTA
+    unsigned select[3];  // radix select: the chosen prefix, the rank left, the chosen bin's count
   };
 
-  __device__ static Partial identity() { return Partial{-INFINITY, INT_MAX, 0.f, 0}; }
-  __device__ static Partial combine(const Partial& a, const Partial& b) {
-    const bool a_wins = a.value > b.value || (a.value == b.value && a.index < b.index);
-    return Partial{a_wins ? a.value : b.value, a_wins ? a.index : b.index, a.sum + b.sum, a.flags | b.flags};
-  }
-  __device__ static Partial warp_reduce(Partial p) {
+  // A partial (32-bit words) from lane `lane ^ o`.
+  template <class P>
+  __device__ static P shfl_xor(const P& p, int o) {
+    static_assert(sizeof(P) % 4 == 0);
+    constexpr int kWords = int(sizeof(P) / 4);
+    uint32_t w[kWords];
+    memcpy(w, &p, sizeof(P));
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const Partial q{__shfl_xor_sync(0xffffffffu, p.value, o), __shfl_xor_sync(0xffffffffu, p.index, o),
-                      __shfl_xor_sync(0xffffffffu, p.sum, o), __shfl_xor_sync(0xffffffffu, p.flags, o)};
-      p = combine(p, q);
-    }
+    for (int k = 0; k < kWords; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], o);
+    P q;
+    memcpy(&q, w, sizeof(P));
+    return q;
+  }
+  template <class P>
+  __device__ static P warp_reduce(P p) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) p = P::combine(p, shfl_xor(p, o));
     return p;
   }
 
@@ -198,6 +242,11 @@ struct Sampler {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(z * 1.4426950408889634f));
     return y;
   }
+  __device__ static float fast_log(float x) {  // log x for the race's E (one MUFU)
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return 0.6931471805599453f * y;
+  }
   __device__ static float fast_rcp(float x) {
     float y;
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -207,27 +256,29 @@ struct Sampler {
   // The reduction of every thread's `p` over the row's cluster; every thread gets the result.
   // `phase` picks the slot buffer: a CTA rewrites its slot of phase k + 2 only after the barrier
   // of phase k + 1, which every CTA reaches after reading the slots of phase k.
-  __device__ static Partial cluster_reduce(Partial p, SharedStorage& s, int& phase) {
+  template <class P>
+  __device__ static P cluster_reduce(P p, SharedStorage& s, int& phase) {
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const auto at = [](unsigned char* bytes) { return reinterpret_cast<P*>(bytes); };
     p = warp_reduce(p);
-    if (lane == 0) s.warp[warp] = p;
+    if (lane == 0) *at(s.warp[warp]) = p;
     __syncthreads();  // the warps' partials are in s.warp
     if (warp == 0) {
-      Partial q = lane < kWarps ? s.warp[lane] : identity();
+      P q = lane < kWarps ? *at(s.warp[lane]) : P::identity();
       q = warp_reduce(q);
-      if (lane == 0) s.slot[phase & 1] = q;
+      if (lane == 0) *at(s.slot[phase & 1]) = q;
     }
     cluster.sync();  // every CTA's slot is written and visible to the cluster (release/acquire)
     if (warp == 0) {
-      Partial q = lane < kClusterCtas ? *cluster.map_shared_rank(&s.slot[phase & 1], lane) : identity();
+      P q = lane < kClusterCtas ? *cluster.map_shared_rank(at(s.slot[phase & 1]), lane) : P::identity();
       q = warp_reduce(q);
-      if (lane == 0) s.result = q;
+      if (lane == 0) *at(s.result) = q;
     }
     __syncthreads();  // s.result is written
     ++phase;
-    return s.result;
+    return *at(s.result);
   }
 
   // The key of the k-th largest z of the row (k >= 1): a radix select, 8 bits a level from the
@@ -322,27 +373,17 @@ struct Sampler {
     a.records[row] = rec;
   }
 
-  // The whole sampler for the row of this cluster. `slice`: slice_len(vocab) floats of shared memory.
-  __device__ static void run(const Args& a, float* slice, SharedStorage& s) {
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    const int row = blockIdx.x / kClusterCtas;
-    const int rank = int(cluster.block_rank());
-    if (a.status[row] != kNone) {  // uniform over the cluster: no barrier is skipped by part of it
-      if (rank == 0 && threadIdx.x == 0) a.records[row] = Record{-1, a.status[row], kIdle};
-      return;
-    }
-    const Row& r = a.rows[row];
-    const uint32_t step = uint32_t(a.generated[row]);  // (read before any barrier: rank 0 commits after the last)
-    const int len = slice_len(a.vocab), first = rank * len;
-    const int n = max(0, min(len, a.vocab - first));
-    int phase = 0;
-
-    // Load the slice, apply the penalties; the row's max and arg-max, and whether all is finite.
+  // Loads this CTA's slice of row `row` into shared memory with the penalties applied. Returns its
+  // part of the row's max, arg-max and finiteness and, when kDraw, of the first round's draw over
+  // every token: the largest x / T - log E (x the penalized logit, E the race's exponential under
+  // `key`), its token and x.
+  template <bool kDraw>
+  __device__ static TopAndDraw load_slice(const Args& a, const Row& r, int row, int first, int n, float* slice,
+                                          uint32_t key, float inv_temperature) {
     const float* logits = a.logits + int64_t(row) * a.logits_stride + first;
     const int32_t* counts = r.penalized ? a.output_counts + int64_t(row) * a.vocab + first : nullptr;
     const uint8_t* prompt = r.penalized ? a.prompt_mask + int64_t(row) * a.vocab + first : nullptr;
-    Partial p = identity();
+    TopAndDraw p = TopAndDraw::identity();
     for (int base = 0; base < n; base += kThreads * kLoadUnroll) {
       float v[kLoadUnroll];
       int c[kLoadUnroll];
@@ -360,7 +401,7 @@ struct Sampler {
         if (i >= n) continue;
         float x = v[u];
         if (!isfinite(x)) {
-          p.flags |= kNonFinite;
+          p.top.flags |= kNonFinite;
           x = -INFINITY;
         }
         if (counts) {  // (intrinsics: no fused multiply-add, the same rounding as the torch reference)
@@ -370,17 +411,55 @@ struct Sampler {
           x = __fsub_rn(x, c[u] > 0 ? r.presence_penalty : 0.f);
         }
         slice[i] = x;
-        p = combine(p, Partial{x, first + i, 0.f, 0});
+        p.top = Partial::combine(p.top, Partial{x, first + i, 0.f, 0});
+        if constexpr (kDraw) {  // (a thread visits its tokens in increasing index: only a larger score takes over)
+          const float y = x * inv_temperature;
+          if (y + kLogNoiseReach > p.score) {  // (else its score cannot exceed p.score: -log E < kLogNoiseReach)
+            const float score = y - fast_log(race_noise(key, first + i));
+            if (score > p.score) p.score = score, p.drawn = first + i, p.drawn_logit = x;
+          }
+        }
       }
     }
-    const Partial top = cluster_reduce(p, s, phase);
+    return p;
+  }
+
+  // The whole sampler for the row of this cluster. `slice`: slice_len(vocab) floats of shared memory.
+  __device__ static void run(const Args& a, float* slice, SharedStorage& s) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    const int row = blockIdx.x / kClusterCtas;
+    const int rank = int(cluster.block_rank());
+    if (a.status[row] != kNone) {  // uniform over the cluster: no barrier is skipped by part of it
+      if (rank == 0 && threadIdx.x == 0) a.records[row] = Record{-1, a.status[row], kIdle};
+      return;
+    }
+    const Row& r = a.rows[row];
+    const uint32_t step = uint32_t(a.generated[row]);  // (read before any barrier: rank 0 commits after the last)
+    const int len = slice_len(a.vocab), first = rank * len;
+    const int n = max(0, min(len, a.vocab - first));
+    int phase = 0;
+    const bool sampled = r.temperature >= kGreedyBelow;
+    const bool top_k = r.top_k > 0 && r.top_k < a.vocab;
+    // Every token kept (no min-p, no top-k): the first round draws in the load pass.
+    const bool early = sampled && !top_k && !(r.min_p > 0.f);
+
+    // Load the slice, apply the penalties; the row's max and arg-max, whether all is finite, and
+    // an early row's first draw.
+    TopAndDraw loaded = TopAndDraw::identity();
+    if (early)
+      loaded = cluster_reduce(load_slice<true>(a, r, row, first, n, slice, noise_key(r.seed_lo, r.seed_hi, step, 0u),
+                                               1.f / r.temperature),
+                              s, phase);
+    else
+      loaded.top = cluster_reduce(load_slice<false>(a, r, row, first, n, slice, 0u, 0.f).top, s, phase);
+    const Partial top = loaded.top;
     int token = top.index == INT_MAX ? 0 : top.index;
 
-    if (!(top.flags & kNonFinite) && r.temperature >= kGreedyBelow) {
+    if (!(top.flags & kNonFinite) && sampled) {
       // z = (l - max l) / T into the slice: a pass of its own before top-k's select, else in the
-      // first round's draw.
+      // first round's draw (an early row: in the pass of its masses).
       const auto scaled = [&](int i) { return __fdiv_rn(__fsub_rn(slice[i], top.value), r.temperature); };
-      const bool top_k = r.top_k > 0 && r.top_k < a.vocab;
       unsigned low = 0;  // kept: key_of(z) >= low
       if (r.min_p > 0.f) low = key_of(logf(r.min_p));
       if (top_k) {
@@ -390,7 +469,30 @@ struct Sampler {
       const bool nucleus = r.top_p < 1.f;
       unsigned pivot = low;  // this round draws among the keys >= pivot
       float kept_mass = 0.f;
-      for (int round = 0; round < kMaxRounds; ++round) {
+      int round = 0;
+      if (early) {  // round 0 is drawn: j
+        token = loaded.drawn == INT_MAX ? top.index : loaded.drawn;
+        round = kMaxRounds;  // done, unless the nucleus rejects j
+        if (nucleus) {  // the kept mass and the mass strictly above z_j, in one pass
+          const unsigned kj = key_of(__fdiv_rn(__fsub_rn(loaded.drawn_logit, top.value), r.temperature));
+          Masses m = Masses::identity();
+          for (int i = threadIdx.x; i < n; i += kThreads) {
+            const float z = scaled(i);
+            slice[i] = z;
+            const float e = fast_exp(z);
+            m.kept += e;
+            if (key_of(z) > kj) m.above += e;
+          }
+          const Masses total = cluster_reduce(m, s, phase);
+          if (!(total.above < __fmul_rn(r.top_p, total.kept))) {  // rejected: the rounds go on from round 1
+            kept_mass = total.kept;
+            pivot = kj + 1;
+            token = top.index;
+            round = 1;
+          }
+        }
+      }
+      for (; round < kMaxRounds; ++round) {
         const uint32_t key = noise_key(r.seed_lo, r.seed_hi, step, uint32_t(round));
         const bool first_round = round == 0;
         // The draw (a thread visits its tokens in increasing index, so a strictly larger score is
