@@ -138,7 +138,6 @@ template <class T>
 __global__ void __launch_bounds__(kThreads, 1) megakernel(const __grid_constant__ MegakernelParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   const SmemRegions regions(smem, p);  // misc | ring | union | reduce: see smem_split()
-  launch_dependents();  // the sampler's launch may overlap this step; it waits for the step's end
 
   if (threadIdx.x == 0) regions.ring<T>(p).init(), load_step_shape(p, *regions.shape);
   __syncthreads();  // barriers initialized and the step's shape loaded before any role touches them

@@ -14,14 +14,6 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-// Programmatic dependent launch (the sampler after a decode step): a grid launched with
-// cudaLaunchAttributeProgrammaticStreamSerialization may start as soon as every CTA of the grid
-// before it has called launch_dependents() or exited, so its launch overlaps that grid's end; it
-// reads and writes nothing that grid touches before wait_for_previous_grid(), which returns once
-// that grid has completed and its writes are visible.
-__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void wait_for_previous_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
 __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");

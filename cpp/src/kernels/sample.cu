@@ -5,23 +5,23 @@
 
 #include "cuda_check.hpp"
 #include "flashformer/sampling.cuh"
-#include "flashformer/sync.cuh"
 #include "kernels/launch.hpp"
 
 namespace flashformer {
 namespace {
 
 // (the cluster's size is a launch attribute: 16 CTAs is above the portable 8, which __cluster_dims__ refuses.
-// Two CTAs an SM, so that a cluster fits in 8 SMs of a GPC)
+// Two CTAs an SM, so that a cluster fits in 8 SMs of a GPC.) Both kernels are plain launches after the
+// decode step: launched as its programmatic dependents, their CTAs took the SMs the step's first CTAs
+// left and waited there, and the step ended later by more than the launch latency that hid
+// (benchmarks/NOTES.md, issue 18).
 __global__ void __launch_bounds__(Sampler::kThreads, 2) sample_kernel(const Sampler::Args args) {
   extern __shared__ float slice[];  // (slice_len(vocab)) this CTA's part of its row
   __shared__ Sampler::SharedStorage storage;
-  wait_for_previous_grid();  // the decode step's logits (launched as its programmatic dependent)
   Sampler::run(args, slice, storage);
 }
 
 __global__ void commit_kernel(const Sampler::Args args) {
-  wait_for_previous_grid();  // the decode step's arg-max and state
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= args.batch) return;
   if (args.status[row] != Sampler::kNone) {
@@ -29,16 +29,6 @@ __global__ void commit_kernel(const Sampler::Args args) {
     return;
   }
   Sampler::commit(args, row, args.next_tokens[row], 0);
-}
-
-// Launched as the programmatic dependent of the grid before it on the stream (the decode step,
-// which calls launch_dependents() at its start): the launch overlaps that grid's end, and the
-// kernels wait for it to complete (wait_for_previous_grid) before they read anything.
-cudaLaunchAttribute programmatic() {
-  cudaLaunchAttribute a = {};
-  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  a.val.programmaticStreamSerializationAllowed = 1;
-  return a;
 }
 
 }  // namespace
@@ -65,9 +55,6 @@ void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
     config.gridDim = dim3(unsigned((a.batch + kRowsPerBlock - 1) / kRowsPerBlock));
     config.blockDim = dim3(kRowsPerBlock);
     config.stream = stream;
-    cudaLaunchAttribute after_step = programmatic();
-    config.attrs = &after_step;
-    config.numAttrs = 1;
     FF_CUDA_CHECK(cudaLaunchKernelEx(&config, commit_kernel, a));
     return;
   }
@@ -85,13 +72,12 @@ void sample_tokens(const Sampler::Args& a, int device, cudaStream_t stream) {
   config.blockDim = dim3(Sampler::kThreads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attrs[2] = {};
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = Sampler::kClusterCtas;
-  attrs[0].val.clusterDim.y = attrs[0].val.clusterDim.z = 1;
-  attrs[1] = programmatic();
-  config.attrs = attrs;
-  config.numAttrs = 2;
+  cudaLaunchAttribute cluster = {};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = Sampler::kClusterCtas;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
   FF_CUDA_CHECK(cudaLaunchKernelEx(&config, sample_kernel, a));
 }
 

@@ -1,4 +1,6 @@
-// Final RMSNorm + LM head with a fused arg-max: logits optionally written out, each CTA reduces
+// Final RMSNorm + LM head with a fused arg-max: logits optionally written out (with an L2
+// evict-last hint: the sampler reads them next, and the next step overwrites them in L2 instead
+// of the weight stream pushing them out to HBM a sector at a time), each CTA reduces
 // its rows to a (value, index) per batch row, and the last CTA to finish picks the winner. The
 // LM head's zero rows past the vocabulary (padded_vocab) are multiplied but never logits. A
 // non-finite logit anywhere in a row fails the step (StepError::kNonFiniteLogits) instead of
@@ -24,6 +26,12 @@ __device__ __forceinline__ bool better(float v, int i, float best_v, int best_i)
 // A CTA's candidate index for a row in which it saw a non-finite logit.
 inline constexpr int kNonFiniteIndex = -1;
 
+// A store that L2 keeps before anything of normal or evict-first priority.
+__device__ __forceinline__ void store_evict_last(float* p, float v) {
+  const uint64_t policy = uint64_t(cute::TMA::CacheHintSm90::EVICT_LAST);
+  asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(p), "f"(v), "l"(policy) : "memory");
+}
+
 template <class T>
 struct LmHeadEpilogue {
   Consumer<T>& c;
@@ -44,7 +52,7 @@ struct LmHeadEpilogue {
         const int row = rb * kRowBlock + g + 8 * h;
         if (T::kPaddedVocab != T::kVocab && row >= T::kVocab) continue;  // a padding row: not a logit
         const float v = acc[2 * h + q];
-        if (c.p.logits) c.p.logits[int64_t(n) * T::kVocab + row] = v;
+        if (c.p.logits) store_evict_last(c.p.logits + int64_t(n) * T::kVocab + row, v);
         finite[q] &= isfinite(v);
         if (better(v, row, best_v[q], best_i[q])) best_v[q] = v, best_i[q] = row;
       }
