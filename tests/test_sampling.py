@@ -379,8 +379,10 @@ def test_the_batch_sampler_steps_as_sample_rows_draws(vocab, kwargs):
 @pytest.mark.parametrize("vocab", [128256, 151936])
 @pytest.mark.parametrize("kwargs", FILTERS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
 def test_kernel_matches_the_torch_sampler_at_real_vocabularies(vocab, kwargs):
-    """The same noise and the same arithmetic: the same tokens, but where fp32 sums of a different
-    order move a token across the top-p boundary (rare)."""
+    """The same noise and the same draws: the same tokens, but where fp32 sums of a different order
+    move a token across the top-p boundary, or the kernel's fast exp and log (its first draw of a row
+    that keeps every token compares l / T - log E instead of exp(z) / E) reorder two near-equal
+    scores (both rare)."""
     if not _core.cuda_available():
         pytest.skip("needs a Hopper GPU")
     agree, total = _agreement_with_sample_rows("cuda", vocab, kwargs)

@@ -18,8 +18,8 @@
 // next round). A row without min-p or top-k keeps every token, so its first draw needs no max:
 // it is taken in the load pass, as the arg-max of l / T - log E (the log of exp(z) / E, less the
 // constant max l / T), reduced with the max in one cluster reduction; one more pass then sums the
-// kept mass and the mass above z_j together. Greedy rows (temperature below kGreedyBelow) take the arg-max of the penalized
-// logits (the lowest index among equal maxima, as torch.argmax).
+// kept mass and the mass above z_j together. Greedy rows (temperature below kGreedyBelow) take
+// the arg-max of the penalized logits (the lowest index among equal maxima, as torch.argmax).
 //
 // Then the row's bookkeeping (commit): count the token (penalties), end the row on a stop token,
 // max_tokens or a full cache, else feed the token and its position to the next decode step
@@ -180,7 +180,9 @@ struct Sampler {
   struct Masses {
     float kept, above;
     __device__ static Masses identity() { return Masses{0.f, 0.f}; }
-    __device__ static Masses combine(const Masses& a, const Masses& b) { return Masses{a.kept + b.kept, a.above + b.above}; }
+    __device__ static Masses combine(const Masses& a, const Masses& b) {
+      return Masses{a.kept + b.kept, a.above + b.above};
+    }
   };
   // The largest partial: what SharedStorage's reduction slots are sized for.
   static constexpr size_t kPartialBytes = sizeof(TopAndDraw);
