@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -45,6 +46,7 @@ def dump(args) -> dict[str, torch.Tensor]:
         else:
             kv.uniform_(-1, 1, generator=gen)
         for batch in batches:
+            start = time.perf_counter()
             tokens = torch.randint(0, spec.vocab_size, (args.steps, batch), device="cuda", generator=gen)
             for s in range(args.steps):
                 positions = torch.full((batch,), args.ctx + s, dtype=torch.long, device="cuda")
@@ -52,7 +54,10 @@ def dump(args) -> dict[str, torch.Tensor]:
                 key = f"{model}/b{batch}/step{s}"
                 out[key + "/logits"] = logits.detach().cpu().clone()
                 out[key + "/argmax"] = next_tokens.detach().cpu().clone()
-        mk.synchronize()
+            mk.synchronize()
+            # (as it goes: a step that never ends shows where, under a caller's timeout)
+            print(f"{model}{':' + args.quantization if args.quantization else ''} batch {batch}: {args.steps} steps "
+                  f"in {time.perf_counter() - start:.2f} s", flush=True)
         del mk, w, cache
         torch.cuda.empty_cache()
     return out

@@ -19,7 +19,10 @@
 # bases need this profile_step.py's API). benchcmp: `flashformer bench` (each commit's own) of every
 # .carry/base*.tar and of this tree, alternating, COMPARE_ROUNDS rounds (BENCH_ARGS, default
 # "--batch 1,8 --peers none"; several sets of flags separated by ';' run one after another on the
-# same builds), then a table of engine ms per row (and generate's ms per token). bench: this tree's bench of
+# same builds), then a table of engine ms per row (and generate's ms per token). dumpcmp: benchmarks/dump_logits.py
+# under every .carry/base*.tar and this tree, each base's logits compared with this tree's value for value (DUMP_ARGS:
+# sets of dump flags separated by ';', default one bf16 and one FP8 set; each dump under a 150 s timeout, so a
+# step that never ends is reported, not waited for). bench: this tree's bench of
 # record into $OUT/h200 (BENCH_ARGS, default "--batch 1,8 --peers fast"; FLASHFORMER_COMMIT names it).
 # Bases are built once per machine, into /tmp/ff-bases/ (keyed by the tarball's contents and
 # BASE_INSTRUMENTED, default ON: compare and ncubase need the instrumented kernels, benchcmp does not).
@@ -153,6 +156,21 @@ if has gencmp; then  # generate's device timeline (benchmarks/profile_generate.p
   build_bases gencmp
   # shellcheck disable=SC2086
   alternate gen- "^{" benchmarks/profile_generate.py ${GEN_ARGS:-}
+fi
+if has dumpcmp; then
+  build_bases dumpcmp
+  IFS=';' read -ra dump_sets <<<"${DUMP_ARGS:---batch 1,8;--models llama-3.2-1b,llama-3.1-8b --quantization fp8}"
+  for k in "${!dump_sets[@]}"; do
+    # shellcheck disable=SC2086
+    step "dump-head.$k" timeout 150 python3 benchmarks/dump_logits.py --out "$LOGS/dump-head.$k.pt" ${dump_sets[$k]}
+    for name in "${!site[@]}"; do
+      # shellcheck disable=SC2086
+      step "dump-$name.$k" env PYTHONPATH="${site[$name]}" timeout 150 python3 benchmarks/dump_logits.py \
+        --out "$LOGS/dump-$name.$k.pt" ${dump_sets[$k]}
+      step "dumpcmp-$name.$k" python3 benchmarks/dump_logits.py --compare "$LOGS/dump-$name.$k.pt" "$LOGS/dump-head.$k.pt"
+    done
+  done
+  rm -f "$LOGS"/dump-*.pt  # (the logs say what differed)
 fi
 bench_cli=(python3 -c 'import sys; from flashformer.cli import main; sys.exit(main(sys.argv[1:]))' bench --no-progress)
 if has benchcmp; then
