@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from flashformer.bench import WEIGHT_STD, random_past_, shape_config
+from flashformer.bench import WEIGHT_STD, shape_config
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
@@ -40,7 +40,11 @@ def dump(args) -> dict[str, torch.Tensor]:
         cache = KVCache.allocate(spec, max(batches), args.ctx + args.steps + 8, dtype=w.embed.dtype, device="cuda",
                                  kv_cache_dtype=args.kv_cache_dtype)
         mk = MegakernelBackend(spec, w, cache)
-        random_past_(mk.kv_cache, gen)
+        kv = mk.kv_cache
+        if kv.element_size() == 1:  # (FP8 has no uniform_: drawn in bf16, then rounded; the scales stay 1)
+            kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
+        else:
+            kv.uniform_(-1, 1, generator=gen)
         for batch in batches:
             start = time.perf_counter()
             tokens = torch.randint(0, spec.vocab_size, (args.steps, batch), device="cuda", generator=gen)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from flashformer import _core
-from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, git_commit, random_past_, shape_config, step_bytes
+from flashformer.bench import DEFAULT_MODELS, WEIGHT_STD, git_commit, shape_config, step_bytes
 from flashformer.config import spec_from_dict
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
@@ -249,7 +249,11 @@ def main() -> int:
         cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda",
                                  kv_cache_dtype=args.kv_cache_dtype)
         mk = MegakernelBackend(spec, w, cache)
-        random_past_(mk.kv_cache, gen)
+        kv = mk.kv_cache
+        if kv.element_size() == 1:  # (FP8 has no uniform_: drawn in bf16, then rounded; the scales stay 1)
+            kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
+        else:
+            kv.uniform_(-1, 1, generator=gen)
         label = model + (f":{args.quantization}" if args.quantization else "")
         label += f":kv-{args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""
         rows = result["models"].setdefault(label, {})

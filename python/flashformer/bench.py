@@ -258,16 +258,6 @@ def _load_model(model: str, device: torch.device, generator, quantization: str |
     return model, spec, weights, cfg
 
 
-def random_past_(kv: torch.Tensor, generator) -> None:
-    """Fill a KV cache (the backend's tensor) with uniform(-1, 1) past positions, for timing and
-    comparing steps at a context without a prefill. FP8 has no uniform_: drawn in bf16, then rounded
-    (its scales stay 1)."""
-    if kv.element_size() == 1:
-        kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device=kv.device).uniform_(-1, 1, generator=generator))
-    else:
-        kv.uniform_(-1, 1, generator=generator)
-
-
 def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
