@@ -19,11 +19,8 @@ import time
 
 import torch
 
-from flashformer.bench import WEIGHT_STD, shape_config
-from flashformer.config import spec_from_dict
-from flashformer.megakernel import MegakernelBackend
-from flashformer.reference import KVCache
-from flashformer.weights import random_weights
+from flashformer.bench import shape_config
+from profile_step import random_model  # (beside this script)
 
 
 def dump(args) -> dict[str, torch.Tensor]:
@@ -31,20 +28,9 @@ def dump(args) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     batches = [int(b) for b in args.batch.split(",")]
     for model in args.models.split(","):
-        cfg = shape_config(model)
-        if args.layers:
-            cfg["num_hidden_layers"] = min(args.layers, cfg["num_hidden_layers"])
-        spec = spec_from_dict(cfg)
-        w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen,
-                           quantization=args.quantization)
-        cache = KVCache.allocate(spec, max(batches), args.ctx + args.steps + 8, dtype=w.embed.dtype, device="cuda",
-                                 kv_cache_dtype=args.kv_cache_dtype)
-        mk = MegakernelBackend(spec, w, cache)
-        kv = mk.kv_cache
-        if kv.element_size() == 1:  # (FP8 has no uniform_: drawn in bf16, then rounded; the scales stay 1)
-            kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
-        else:
-            kv.uniform_(-1, 1, generator=gen)
+        layers = min(args.layers, shape_config(model)["num_hidden_layers"]) if args.layers else None
+        spec, w, cache, mk = random_model(model, layers, args.quantization, max(batches), args.ctx + args.steps + 8,
+                                          args.kv_cache_dtype, gen)
         for batch in batches:
             start = time.perf_counter()
             tokens = torch.randint(0, spec.vocab_size, (args.steps, batch), device="cuda", generator=gen)

@@ -39,6 +39,28 @@ from flashformer.weights import random_weights
 
 
 
+def random_model(model: str, layers: int | None, quantization: str | None, max_batch: int, max_seq: int,
+                 kv_cache_dtype: str, gen: torch.Generator):
+    """(spec, weights, cache, backend) of shape `model` on random weights (`layers` of them if given),
+    the megakernel's KV cache filled with uniform(-1, 1) past positions (FP8 has no uniform_: drawn in
+    bf16, then rounded; the scales stay 1), all drawn from `gen`. (Also dump_logits.py's.)"""
+    cfg = shape_config(model)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    spec = spec_from_dict(cfg)
+    w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen,
+                       quantization=quantization)
+    cache = KVCache.allocate(spec, max_batch, max_seq, dtype=w.embed.dtype, device="cuda",
+                             kv_cache_dtype=kv_cache_dtype)
+    mk = MegakernelBackend(spec, w, cache)
+    kv = mk.kv_cache
+    if kv.element_size() == 1:
+        kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
+    else:
+        kv.uniform_(-1, 1, generator=gen)
+    return spec, w, cache, mk
+
+
 def launch(mk: MegakernelBackend, batch: int, stream: int) -> None:
     """One step launched from the backend's own input buffers (filled by the caller)."""
     mk.engine.step(mk.tokens.data_ptr(), mk.positions.data_ptr(), mk.next_tokens.data_ptr(), mk.logits.data_ptr(),
@@ -239,21 +261,9 @@ def main() -> int:
     result = {"commit": git_commit(), "device": torch.cuda.get_device_name(), "models": {}}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in args.models.split(","):
-        cfg = shape_config(model)
-        if args.layers:
-            cfg["num_hidden_layers"] = args.layers
-        spec = spec_from_dict(cfg)
-        w = random_weights(spec, tied=cfg["tie_word_embeddings"], device="cuda", std=WEIGHT_STD, generator=gen,
-                           quantization=args.quantization)
         max_ctx = max(ctx for _, ctx in cases)
-        cache = KVCache.allocate(spec, max(b for b, _ in cases), max_ctx + 8, dtype=w.embed.dtype, device="cuda",
-                                 kv_cache_dtype=args.kv_cache_dtype)
-        mk = MegakernelBackend(spec, w, cache)
-        kv = mk.kv_cache
-        if kv.element_size() == 1:  # (FP8 has no uniform_: drawn in bf16, then rounded; the scales stay 1)
-            kv.copy_(torch.empty(kv.shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1, generator=gen))
-        else:
-            kv.uniform_(-1, 1, generator=gen)
+        spec, w, cache, mk = random_model(model, args.layers, args.quantization, max(b for b, _ in cases), max_ctx + 8,
+                                          args.kv_cache_dtype, gen)
         label = model + (f":{args.quantization}" if args.quantization else "")
         label += f":kv-{args.kv_cache_dtype}" if args.kv_cache_dtype != "auto" else ""
         rows = result["models"].setdefault(label, {})

@@ -20,6 +20,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """benchmark_script(name): benchmarks/<name>.py imported as a module (the scripts are not a package;
+    their folder goes on sys.path, as running one puts it, for the scripts they import)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 # Tests draw their random weights, prompts and checkpoints from torch's global generator. Seeded
 # per module (before its module-scoped fixtures, such as a checkpoint) and per test, from their
 # names, each test sees the same draws whichever tests ran before it, and however many draws they

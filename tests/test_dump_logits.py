@@ -3,21 +3,13 @@ differs (a float by one ulp, an arg-max, a missing entry) fails and is named."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "dump_logits.py"
-
 
 @pytest.fixture(scope="module")
-def dump_logits():
-    spec = importlib.util.spec_from_file_location("dump_logits", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def dump_logits(benchmark_script):
+    return benchmark_script("dump_logits")
 
 
 def dumps(tmp_path, a: dict, b: dict) -> tuple[str, str]:

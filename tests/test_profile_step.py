@@ -4,23 +4,15 @@ out in milliseconds, and SMs without units of a task are left out of its means."
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from flashformer import _core
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
-
 
 @pytest.fixture(scope="module")
-def profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def profile_step(benchmark_script):
+    return benchmark_script("profile_step")
 
 
 def synthetic_trace(layers: int, sms: int, idle_sm_task: int) -> np.ndarray:
