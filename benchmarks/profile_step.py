@@ -38,7 +38,6 @@ from flashformer.reference import KVCache
 from flashformer.weights import random_weights
 
 
-
 def random_model(model: str, layers: int | None, quantization: str | None, max_batch: int, max_seq: int,
                  kv_cache_dtype: str, gen: torch.Generator):
     """(spec, weights, cache, backend) of shape `model` on random weights (`layers` of them if given),
