@@ -22,6 +22,7 @@ using ActVector = std::conditional_t<F == WeightFormat::kFp8, uint4, uint2>;
 // rmsnorm_to_fragments or copied by stage_activations.
 template <WeightFormat F>
 struct SmemActivations {
+  static constexpr bool kLoadAhead = false;  // (a shared-memory load: issued beside the stage's own)
   const bf16_t* act;
   int rows;
   __device__ ActVector<F> load(int f, int g, int t) const {
@@ -32,6 +33,7 @@ struct SmemActivations {
 // B fragments another op wrote to global memory this step (read through L2).
 template <WeightFormat F>
 struct GlobalActivations {
+  static constexpr bool kLoadAhead = true;  // loaded a stage ahead: an L2 round trip
   const bf16_t* act;
   __device__ ActVector<F> load(int f, int g, int t) const {
     return __ldcg(reinterpret_cast<const ActVector<F>*>(act) + act_lane_vector(f, g, t));
@@ -97,13 +99,17 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
     for (int h = 0; h < kHalves; ++h)
 #pragma unroll
       for (int j = 0; j < 4; ++j) part[i][h][j] = 0.f;
+  // B from L2 is loaded a stage ahead (next), from shared memory beside the stage's A fragments:
+  // a copy of every register a stage fewer.
   Vec next[kPerWarp];
-  load_b(0, next);
+  if constexpr (Source::kLoadAhead) load_b(0, next);
   for (int f0 = 0; f0 < frags; f0 += kFragmentsPerStage) {
     Vec b[kPerWarp];
+    if constexpr (Source::kLoadAhead) {
 #pragma unroll
-    for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
-    load_b(f0 + kFragmentsPerStage, next);  // one stage ahead: hides the L2 latency of global B
+      for (int i = 0; i < kPerWarp; ++i) b[i] = next[i];
+      load_b(f0 + kFragmentsPerStage, next);
+    }
     const int n = min(kFragmentsPerStage, frags - f0);
     if (!c.ring.wait_full(c.cursor, c.p, c.data_wait)) return false;
     const uint4* stage = c.ring.stage(c.cursor.stage);  // (fragments, 32 lanes) x 16 bytes
@@ -116,6 +122,7 @@ __device__ bool gemv_row_block(Consumer<T>& c, const Source& src, int kblocks, A
       a[i] = f < n ? stage[f * kWarpSize + c.lane] : make_uint4(0u, 0u, 0u, 0u);
     }
     c.ring.release(c.cursor);
+    if constexpr (!Source::kLoadAhead) load_b(f0, b);  // (the dequantization of A hides their latency)
 #pragma unroll
     for (int i = 0; i < kPerWarp; ++i) {
       if constexpr (F == WeightFormat::kFp8) {
@@ -155,29 +162,43 @@ __device__ void reduce_row_block(Consumer<T>& c, AccTile& acc) {
     }
 }
 
+// Fetches the line at p into L2: no register is written, nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Epilogue interface: `Epilogue e(c, task)`; on warp 0, e.prefetch(rb) before the row block's
-// weights stream (loads whatever row_block will read, so no global round trip follows the
-// reduction) and e.row_block(rb, acc) after it; e.finish() on all consumer threads after the
-// last row block (before the op's signal). Matrix m in format F: e4m3 rows are scaled (m.scale)
-// before the epilogue sees them.
+// weights stream (issues the loads of whatever row_block will read, and uses none of them, so
+// that their global round trips pass behind the row block's stream instead of holding warp 0 at
+// its start while the other warps wait for it at the reduction) and e.row_block(rb, acc) after
+// it; e.finish() on all consumer threads after the last row block (before the op's signal).
+// Matrix m in format F: e4m3 rows are scaled (m.scale) before the epilogue sees them.
 template <class T, WeightFormat F, class Source, class Epilogue>
 __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const Matrix& m, const Task& task, int u0,
                            int u1) {
   Epilogue epi(c, task);
+  // Warp 0, e4m3: the row scales. Each row block's are loaded before its stream and first used after
+  // it, and the next row block's are fetched into L2 meanwhile, so the loads' round trips pass behind
+  // the stream instead of holding warp 0 at the row block's start (while the other warps wait for it
+  // at the reduction). The pointer is read once: m lives in global memory, and inside the loop it
+  // would be read again, an L2 round trip the scales' loads would wait for.
+  const float* const scales = F == WeightFormat::kFp8 ? m.scale : nullptr;
   for (int rb = u0; rb < u1; ++rb) {
     AccTile acc;
-    float scale[2];  // warp 0, e4m3: the scales of rows g and g + 8
+    float scale[2];  // warp 0, e4m3: the scales of rows g and g + 8, as loaded
     if (c.warp == 0) {
       epi.prefetch(rb);
       if constexpr (F == WeightFormat::kFp8) {
-        const float* s = m.scale + rb * kRowBlock + c.lane / 4;  // (times the activations' 2^shift)
-        scale[0] = __ldg(s) * Activations<F>::kUnscale, scale[1] = __ldg(s + 8) * Activations<F>::kUnscale;
+        const float* s = scales + rb * kRowBlock + c.lane / 4;
+        scale[0] = __ldg(s), scale[1] = __ldg(s + 8);
+        if (c.lane == 0 && rb + 1 < u1) prefetch_l2(scales + (rb + 1) * kRowBlock);  // (16 floats: one line)
       }
     }
     if (!gemv_row_block<T, F>(c, src, kblocks, acc)) return false;
     if (!variant_on<T>(c.p, kSkipMath | kSkipReduce)) reduce_row_block(c, acc);
     if (c.warp == 0 && !variant_on<T>(c.p, kSkipEpilogue)) {
-      if constexpr (F == WeightFormat::kFp8) acc[0] *= scale[0], acc[1] *= scale[0], acc[2] *= scale[1], acc[3] *= scale[1];
+      if constexpr (F == WeightFormat::kFp8) {
+        const float s0 = scale[0] * Activations<F>::kUnscale, s1 = scale[1] * Activations<F>::kUnscale;  // (times the activations' 2^shift)
+        acc[0] *= s0, acc[1] *= s0, acc[2] *= s1, acc[3] *= s1;
+      }
       epi.row_block(rb, acc);
     }
   }

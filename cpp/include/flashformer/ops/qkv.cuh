@@ -24,8 +24,9 @@ struct QkvEpilogue {
   int layer;
   int pos[2] = {0, 0};  // warp 0 (the epilogue's warp): positions of this lane's batch columns 2t, 2t+1
   float cs[2], sn[2];   // their RoPE cos/sin at the row block's frequency, loaded by prefetch
-  float bias[2] = {0.f, 0.f};     // kQkvBias: the biases of rows g and g+8 (dims i and i + D/2)
-  float norm_w[2] = {1.f, 1.f};   // kQkNorm: the q or k norm's weights of dims i and i + D/2
+  // (as loaded: prefetch uses none of its loads, gemv.cuh)
+  bf16_t bias[2];    // kQkvBias: the biases of rows g and g+8 (dims i and i + D/2)
+  bf16_t norm_w[2];  // kQkNorm: the q or k norm's weights of dims i and i + D/2 (a head past them: unread)
   __device__ QkvEpilogue(Consumer<T>& c_, const Task& task) : c(c_), layer(task.layer) {
     if (c.warp != 0) return;
 #pragma unroll
@@ -42,12 +43,12 @@ struct QkvEpilogue {
     const LayerWeights& w = c.p.layers[layer];
     if constexpr (T::kQkvBias) {  // rows in the checkpoint's order: head by head, dims in order
       const bf16_t* b = w.qkv_bias + head * D + i;
-      bias[0] = __bfloat162float(b[0]), bias[1] = __bfloat162float(b[D / 2]);
+      bias[0] = b[0], bias[1] = b[D / 2];
     }
     if constexpr (T::kQkNorm)
       if (head < kNormedHeads) {
         const bf16_t* nw = (head < T::kHeads ? w.q_norm : w.k_norm) + i;
-        norm_w[0] = __bfloat162float(nw[0]), norm_w[1] = __bfloat162float(nw[D / 2]);
+        norm_w[0] = nw[0], norm_w[1] = nw[D / 2];
       }
   }
 
@@ -64,12 +65,12 @@ struct QkvEpilogue {
       const int n = 2 * t + q;
       if (n >= p.batch) continue;
       float lo = acc[q], hi = acc[2 + q];  // dims i and i + D/2
-      if constexpr (T::kQkvBias) lo += bias[0], hi += bias[1];
+      if constexpr (T::kQkvBias) lo += __bfloat162float(bias[0]), hi += __bfloat162float(bias[1]);
       if (T::kQkNorm && head < kNormedHeads) {
         // RMSNorm then RoPE = its scale (a scalar per head, applied by attention) times RoPE of
         // the weighted rows: the rotation is linear, so the scale can come last.
         sq[q] = lo * lo + hi * hi;
-        lo *= norm_w[0], hi *= norm_w[1];
+        lo *= __bfloat162float(norm_w[0]), hi *= __bfloat162float(norm_w[1]);
       }
       const float rlo = lo * cs[q] - hi * sn[q], rhi = hi * cs[q] + lo * sn[q];
       if (head < T::kHeads) {
