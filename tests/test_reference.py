@@ -21,6 +21,7 @@ from checkpoints import (
     random_prompt,
     rel_l2,
 )
+from flashformer import reference
 from flashformer.engine import Engine
 from flashformer.reference import rope_inv_freq
 from flashformer.sampling import SamplingParams
@@ -64,6 +65,27 @@ def test_teacher_forced_prefill_matches_hf(case):
     tokens = random_prompt(random.randint(20, 60))
     hidden = engine.backend.model.forward(torch.tensor([tokens]), torch.zeros(1, dtype=torch.long))
     assert max_rel_err(engine.backend.model.logits(hidden)[0], hf_logits(model, tokens)) <= FP32_TOL
+
+
+def test_long_fp32_prompts_attend_in_blocks_of_queries(case, monkeypatch):
+    """An fp32 prompt longer than FP32_QUERY_BLOCK attends a block of queries at a time (SDPA's math
+    path holds a block's scores, not the prompt's): every position's logits are HF's, from position 0
+    (the causal case) and after a cached prefix (the explicit mask)."""
+    _, model, engine, _ = case
+    tokens = random_prompt(random.randint(40, 60))
+    ref = hf_logits(model, tokens)
+    block, queries = 7, []
+    monkeypatch.setattr(reference, "FP32_QUERY_BLOCK", block)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: queries.append(q.shape[2]) or sdpa(q, *a, **kw))
+    m = engine.backend.model
+    hidden = m.forward(torch.tensor([tokens]), torch.zeros(1, dtype=torch.long))
+    assert max_rel_err(m.logits(hidden)[0], ref) <= FP32_TOL
+    hidden = m.forward(torch.tensor([tokens[10:]]), torch.tensor([10]))  # positions 0-9 cached above
+    assert max_rel_err(m.logits(hidden)[0], ref[10:]) <= FP32_TOL
+    blocks = -(-len(tokens) // block) + -(-(len(tokens) - 10) // block)
+    assert max(queries) <= block and len(queries) == m.spec.num_layers * blocks
 
 
 def test_teacher_forced_decode_matches_hf(case):

@@ -30,6 +30,8 @@ from .config import ModelSpec, RopeSpec
 from .quantization import FP8_DTYPE, QuantizedMatrix, quantize_per_channel
 from .weights import LAYER_MATRICES, LayerWeights, Weights
 
+FP32_QUERY_BLOCK = 1024  # queries an attention call of an fp32 prompt (Transformer._attention)
+
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     """Inverse frequencies [head_dim / 2] in fp32, computed exactly as HF transformers does."""
@@ -260,7 +262,18 @@ class Transformer:
         else:
             attn = dict(attn_mask=mask[:, None])
         gqa = spec.num_heads != spec.num_kv_heads
-        out = F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, enable_gqa=gqa, **attn)
+
+        def attend(q, attn):
+            return F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, enable_gqa=gqa, **attn)
+
+        if x.dtype == torch.float32 and T > FP32_QUERY_BLOCK:
+            # No fused attention kernel takes fp32 here, and SDPA's math path holds the scores and their
+            # softmax (B x heads x T x length each: 8.6 GB for an 8K prompt of 32 heads), so a long fp32
+            # prompt attends in blocks of queries (the same sums, row by row)
+            blocks = [slice(a, a + FP32_QUERY_BLOCK) for a in range(0, T, FP32_QUERY_BLOCK)]
+            out = torch.cat([attend(q[:, :, b], dict(attn_mask=mask[:, None, b])) for b in blocks], dim=2)
+        else:
+            out = attend(q, attn)
         return F.linear(out.transpose(1, 2).reshape(B, T, spec.q_size), layer.wo, layer.bo)
 
     def _mlp(self, layer: LayerWeights, x: torch.Tensor) -> torch.Tensor:
