@@ -267,9 +267,9 @@ class Transformer:
             return F.scaled_dot_product_attention(q, keys, values, scale=spec.head_dim**-0.5, enable_gqa=gqa, **attn)
 
         if x.dtype == torch.float32 and T > FP32_QUERY_BLOCK:
-            # No fused attention kernel takes fp32 here, and SDPA's math path holds the scores and their
-            # softmax (B x heads x T x length each: 8.6 GB for an 8K prompt of 32 heads), so a long fp32
-            # prompt attends in blocks of queries (the same sums, row by row)
+            # On CUDA no fused attention kernel takes fp32 with GQA, and SDPA's math path holds the scores
+            # and their softmax (B x heads x T x length each: 8.6 GB for an 8K prompt of 32 heads), so a
+            # long fp32 prompt attends in blocks of queries (the same sums, row by row)
             blocks = [slice(a, a + FP32_QUERY_BLOCK) for a in range(0, T, FP32_QUERY_BLOCK)]
             out = torch.cat([attend(q[:, :, b], dict(attn_mask=mask[:, None, b])) for b in blocks], dim=2)
         else:

@@ -196,7 +196,8 @@ __device__ bool run_matmul(Consumer<T>& c, const Source& src, int kblocks, const
     if (!variant_on<T>(c.p, kSkipMath | kSkipReduce)) reduce_row_block(c, acc);
     if (c.warp == 0 && !variant_on<T>(c.p, kSkipEpilogue)) {
       if constexpr (F == WeightFormat::kFp8) {
-        const float s0 = scale[0] * Activations<F>::kUnscale, s1 = scale[1] * Activations<F>::kUnscale;  // (times the activations' 2^shift)
+        // (times the activations' 2^shift)
+        const float s0 = scale[0] * Activations<F>::kUnscale, s1 = scale[1] * Activations<F>::kUnscale;
         acc[0] *= s0, acc[1] *= s0, acc[2] *= s1, acc[3] *= s1;
       }
       epi.row_block(rb, acc);
