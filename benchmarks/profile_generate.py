@@ -4,8 +4,15 @@ the sampler's (or the greedy bookkeeping's) kernel and the idle gaps between the
 the bare step launched back to back (without logits, and with them written: `bare_logits`, what the
 write costs without a sampler after it) and for generate greedy and sampled, at batch 1 and 8.
 
+Beside the medians, each run's per-step mean, 90th percentile and maximum (step start to step
+start): a mean above the median says that some steps waited longer than the rest (the host's pauses
+show up so, which a median hides and generate's mean time per token does not). With --trace
+(instrumented build) each run's steps are traced and the last step's start time of each CTA (one an
+SM) is summarized: how far apart the SMs began that step, and which CTAs began last (a reading to
+test: after a sampler, those on the SMs that held its CTAs).
+
     python benchmarks/profile_generate.py [--models llama-3.2-1b] [--batch 1,8] [--new-tokens 128]
-        [--json out.json]
+        [--trace] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from flashformer import _core
 from flashformer.bench import GENERATE_MODES, GENERATE_PROMPT, _load_model
 from flashformer.engine import Engine
 from flashformer.megakernel import MegakernelBackend
@@ -73,7 +82,36 @@ def breakdown(records, skip: int = 8) -> dict:
     for key in dict.fromkeys(k for r in rows for k in r):  # (every key any step has, in order)
         values = [r[key] for r in rows if key in r]
         out[key] = statistics.mode(values) if key == "after_kind" else round(statistics.median(values), 2)
+    per_step = np.array([r["per_step_us"] for r in rows])
+    out.update(per_step_mean_us=round(float(per_step.mean()), 2),
+               per_step_p90_us=round(float(np.percentile(per_step, 90)), 2),
+               per_step_max_us=round(float(per_step.max()), 2))
     return out
+
+
+def last_step_starts(backend: MegakernelBackend, fn) -> dict:
+    """fn run with the step trace on (instrumented build; every traced step overwrites the buffer,
+    so it ends holding the last step's): start_spread of that step."""
+    e = backend.engine
+    buf = torch.zeros(e.trace_words, dtype=torch.int64, device=backend.device)
+    e.trace = buf.data_ptr()
+    try:
+        fn()
+        raw = buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)  # (the copy waits for fn's steps)
+    finally:
+        e.trace = 0
+    return start_spread(raw)
+
+
+def start_spread(raw: np.ndarray, late: int = 8) -> dict:
+    """A step trace ([CTAs, words], trace.hpp; a CTA an SM): each CTA's start relative to the first
+    one's, as their median and spread, and the `late` CTAs (blockIdx) that started last with their
+    delays (us)."""
+    start = raw[:, _core.load().TRACE_LAYOUT["header"].index("start_ns")].astype(np.float64)
+    rel = (start - start.min()) / 1e3
+    order = np.argsort(-rel, kind="stable")[:late]
+    return {"start_p50_us": round(float(np.median(rel)), 2), "start_spread_us": round(float(rel.max()), 2),
+            "late_ctas": [int(i) for i in order], "late_us": [round(float(rel[i]), 2) for i in order]}
 
 
 def main() -> None:
@@ -82,8 +120,12 @@ def main() -> None:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--trace", action="store_true", help="also the last step's start of each CTA (instrumented build)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.trace and not _core.load().INSTRUMENTED:
+        ap.error("--trace needs the instrumented kernels: build with -Ccmake.define.FLASHFORMER_INSTRUMENTED=ON "
+                 "(scripts/gpu_check.sh does)")
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     results = []
@@ -107,11 +149,15 @@ def main() -> None:
 
                 bare_run(16)
                 row[label] = breakdown(kernel_records(bare_run))
+                if args.trace:
+                    row[label]["last_step"] = last_step_starts(backend, bare_run)
             for mode, kwargs in GENERATE_MODES.items():
                 params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, seed=0, **kwargs)
                 engine.generate(prompt_token_ids=prompts, sampling=params)  # warm-up
                 run = partial(engine.generate, prompt_token_ids=prompts, sampling=params)
                 row[mode] = breakdown(kernel_records(run))
+                if args.trace:
+                    row[mode]["last_step"] = last_step_starts(backend, run)
             results.append(row)
             print(json.dumps(row), flush=True)
         del engine, backend, cache, weights
