@@ -33,6 +33,7 @@ from flashformer.engine import Engine
 from flashformer.megakernel import MegakernelBackend
 from flashformer.reference import KVCache
 from flashformer.sampling import SamplingParams
+from profile_step import traced  # (beside this script)
 
 
 def kernel_records(fn) -> list[tuple[str, float, float]]:
@@ -89,24 +90,10 @@ def breakdown(records, skip: int = 8) -> dict:
     return out
 
 
-def last_step_starts(backend: MegakernelBackend, fn) -> dict:
-    """fn run with the step trace on (instrumented build; every traced step overwrites the buffer,
-    so it ends holding the last step's): start_spread of that step."""
-    e = backend.engine
-    buf = torch.zeros(e.trace_words, dtype=torch.int64, device=backend.device)
-    e.trace = buf.data_ptr()
-    try:
-        fn()
-        raw = buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)  # (the copy waits for fn's steps)
-    finally:
-        e.trace = 0
-    return start_spread(raw)
-
-
 def start_spread(raw: np.ndarray, late: int = 8) -> dict:
-    """A step trace ([CTAs, words], trace.hpp; a CTA an SM): each CTA's start relative to the first
-    one's, as their median and spread, and the `late` CTAs (blockIdx) that started last with their
-    delays (us)."""
+    """A step trace ([CTAs, words]: trace.hpp, profile_step.traced; a CTA an SM): each CTA's
+    start relative to the first one's, as their median and spread, and the `late` CTAs (blockIdx)
+    that started last with their delays (us)."""
     start = raw[:, _core.load().TRACE_LAYOUT["header"].index("start_ns")].astype(np.float64)
     rel = (start - start.min()) / 1e3
     order = np.argsort(-rel, kind="stable")[:late]
@@ -150,14 +137,14 @@ def main() -> None:
                 bare_run(16)
                 row[label] = breakdown(kernel_records(bare_run))
                 if args.trace:
-                    row[label]["last_step"] = last_step_starts(backend, bare_run)
+                    row[label]["last_step"] = start_spread(traced(backend, bare_run))
             for mode, kwargs in GENERATE_MODES.items():
                 params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, seed=0, **kwargs)
                 engine.generate(prompt_token_ids=prompts, sampling=params)  # warm-up
                 run = partial(engine.generate, prompt_token_ids=prompts, sampling=params)
                 row[mode] = breakdown(kernel_records(run))
                 if args.trace:
-                    row[mode]["last_step"] = last_step_starts(backend, run)
+                    row[mode]["last_step"] = start_spread(traced(backend, run))
             results.append(row)
             print(json.dumps(row), flush=True)
         del engine, backend, cache, weights

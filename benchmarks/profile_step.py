@@ -118,19 +118,30 @@ def task_ops(layers: int) -> list[tuple[str, int]]:
     return [tuple(t) for t in _core.load().step_tasks(layers)]
 
 
-def take_trace(mk: MegakernelBackend, batch: int, variant: int = 0) -> np.ndarray:
-    """One traced step (under timing variant `variant`): [sms, header + tasks * fields] uint64."""
-    e, stream = mk.engine, torch.cuda.current_stream().cuda_stream
+def traced(mk: MegakernelBackend, fn, variant: int = 0) -> np.ndarray:
+    """fn() with the step trace on (under timing variant `variant`); every traced step overwrites
+    the buffer, so it holds the last one's: [sms, header + tasks * fields] uint64."""
+    e = mk.engine
     buf = torch.zeros(e.trace_words, dtype=torch.int64, device=mk.device)
     e.trace = buf.data_ptr()
     e.timing_variant = variant
     try:
-        launch(mk, batch, stream)
-        e.check(stream)
+        fn()
+        return buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)  # (the copy waits for fn's steps)
     finally:
         e.trace = 0
         e.timing_variant = 0
-    return buf.view(e.num_sms, -1).cpu().numpy().view(np.uint64)
+
+
+def take_trace(mk: MegakernelBackend, batch: int, variant: int = 0) -> np.ndarray:
+    """One traced step (under timing variant `variant`): [sms, header + tasks * fields] uint64."""
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def step():
+        launch(mk, batch, stream)
+        mk.engine.check(stream)
+
+    return traced(mk, step, variant)
 
 
 def summarize_trace(raw: np.ndarray, layers: int) -> dict:

@@ -54,3 +54,28 @@ def test_summary_of_a_synthetic_trace(profile_step):
             assert d[key] == pytest.approx(ms * d["tasks"], rel=1e-6), (name, key)
         assert d["lead"] == pytest.approx(600e-6, rel=1e-6)  # producer 500 ns before the start, + 100 ns wait
     assert "attention" in profile_step.format_trace(s)
+
+
+def test_traced_hands_the_buffer_to_the_engine_and_takes_it_back(profile_step):
+    """traced(): the engine writes into the buffer it was given (here the fake's fn, on the CPU);
+    the last write comes back as [sms, words] uint64, and trace and timing variant are off after,
+    also when fn raises."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import torch
+
+    engine = SimpleNamespace(trace_words=6, num_sms=2, trace=0, timing_variant=0)
+    mk = SimpleNamespace(engine=engine, device=torch.device("cpu"))
+
+    def steps():
+        assert engine.timing_variant == 5
+        for value in (1, 7):  # two steps: the second overwrites the first
+            (ctypes.c_int64 * 6).from_address(engine.trace)[:] = [value * 10 + i for i in range(6)]
+
+    raw = profile_step.traced(mk, steps, variant=5)
+    assert raw.dtype == np.uint64 and raw.tolist() == [[70, 71, 72], [73, 74, 75]]
+    assert engine.trace == 0 and engine.timing_variant == 0
+    with pytest.raises(RuntimeError):
+        profile_step.traced(mk, lambda: (_ for _ in ()).throw(RuntimeError("step failed")), variant=3)
+    assert engine.trace == 0 and engine.timing_variant == 0
